@@ -1,0 +1,9 @@
+//! MBCAS: market-based CPU allocation for Kubernetes pods.
+//!
+//! The library holds every part of the daemon; `main.rs` only parses the command
+//! line and calls into it. See `DESIGN.md` at the repository root for the
+//! architecture and the contracts between the modules.
+#![deny(unsafe_code)]
+
+pub mod cli;
+pub mod units;

@@ -1,0 +1,28 @@
+//! Developer tasks: `cargo xtask <command>`. Each command lives in its own module.
+
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "xtask", about = "MBCAS developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install, only where missing, every tool the build and the tests need.
+    Setup(setup::Options),
+    /// Run setup, then every test tier (unit, kernel, control plane).
+    Test(test::Options),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Setup(opts) => setup::run(&opts),
+        Command::Test(opts) => test::run(&opts),
+    }
+}

@@ -1,0 +1,99 @@
+//! `cargo xtask setup`: idempotent bootstrap of a fresh machine.
+//!
+//! Each step first checks whether its tool is already there and does nothing if
+//! so; only missing pieces are installed. Versions are pinned here and nowhere else.
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+/// The nightly toolchain that builds the eBPF crate (LLVM 22, matches bpf-linker).
+pub const EBPF_TOOLCHAIN: &str = "nightly-2026-08-01";
+/// bpf-linker release built against Debian's LLVM 22.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const DEBIAN_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
+
+#[derive(Debug, clap::Args)]
+pub struct Options {}
+
+pub fn run(_opts: &Options) -> anyhow::Result<()> {
+    debian_packages()?;
+    ebpf_toolchain()?;
+    bpf_linker()?;
+    eprintln!("setup: everything is installed");
+    Ok(())
+}
+
+/// Runs a command, failing with its name when it does not succeed.
+pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("failed to start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its stdout, or `None` when it cannot run or fails.
+pub fn output_of(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn debian_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| {
+            output_of(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+                .is_none_or(|s| !s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        eprintln!("setup: Debian packages present ({})", DEBIAN_PACKAGES.join(" "));
+        return Ok(());
+    }
+    eprintln!("setup: installing Debian packages {}", missing.join(" "));
+    run_cmd(Command::new("apt-get").arg("update").arg("-q"))?;
+    run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn ebpf_toolchain() -> anyhow::Result<()> {
+    let installed = output_of(
+        Command::new("rustup").args(["component", "list", "--installed", "--toolchain", EBPF_TOOLCHAIN]),
+    );
+    if installed.as_deref().is_some_and(|s| s.lines().any(|l| l.starts_with("rust-src"))) {
+        eprintln!("setup: {EBPF_TOOLCHAIN} with rust-src present");
+        return Ok(());
+    }
+    eprintln!("setup: installing {EBPF_TOOLCHAIN} with rust-src");
+    run_cmd(Command::new("rustup").args([
+        "toolchain",
+        "install",
+        EBPF_TOOLCHAIN,
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
+    ]))
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let version = output_of(Command::new("bpf-linker").arg("--version"));
+    if version.as_deref().is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
+        eprintln!("setup: bpf-linker {BPF_LINKER_VERSION} present");
+        return Ok(());
+    }
+    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
+    run_cmd(
+        Command::new("cargo")
+            .args(["install", "bpf-linker", "--locked", "--force", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", LLVM_PREFIX),
+    )
+}
