@@ -3,18 +3,39 @@
 
 use clap::{Parser, Subcommand};
 
-/// Exit code for invalid configuration or input (sysexits EX_USAGE).
-pub const EXIT_USAGE: i32 = 64;
+use crate::telemetry::LogFormat;
+
+/// Exit code for invalid configuration (sysexits EX_USAGE).
+pub const EXIT_USAGE: u8 = 64;
 
 #[derive(Debug, Parser)]
-#[command(name = "mbcas", version, about = "Market-based CPU allocation for Kubernetes pods")]
+#[command(
+    name = "mbcas",
+    version,
+    about = "Market-based CPU allocation for Kubernetes pods"
+)]
 pub struct Cli {
+    /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or `target=level,…`).
+    #[arg(long, global = true, env = "MBCAS_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// Log line format on stderr.
+    #[arg(
+        long,
+        global = true,
+        env = "MBCAS_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Print the version and exit.
+    Version,
+}
 
 #[cfg(test)]
 mod tests {
@@ -25,5 +46,13 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_flags_parse() {
+        let cli = Cli::try_parse_from(["mbcas", "--log-format", "json", "version"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cli.log_format, LogFormat::Json);
+        assert_eq!(cli.log_level, "info");
     }
 }

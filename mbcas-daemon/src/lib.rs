@@ -6,4 +6,5 @@
 #![deny(unsafe_code)]
 
 pub mod cli;
+pub mod telemetry;
 pub mod units;

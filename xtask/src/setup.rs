@@ -12,7 +12,12 @@ pub const EBPF_TOOLCHAIN: &str = "nightly-2026-08-01";
 /// bpf-linker release built against Debian's LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
-const DEBIAN_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
+const DEBIAN_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+];
 
 #[derive(Debug, clap::Args)]
 pub struct Options {}
@@ -27,7 +32,9 @@ pub fn run(_opts: &Options) -> anyhow::Result<()> {
 
 /// Runs a command, failing with its name when it does not succeed.
 pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd.status().with_context(|| format!("failed to start {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("failed to start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
@@ -37,7 +44,9 @@ pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
 /// Runs a command and returns its stdout, or `None` when it cannot run or fails.
 pub fn output_of(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn debian_packages() -> anyhow::Result<()> {
@@ -50,7 +59,10 @@ fn debian_packages() -> anyhow::Result<()> {
         })
         .collect();
     if missing.is_empty() {
-        eprintln!("setup: Debian packages present ({})", DEBIAN_PACKAGES.join(" "));
+        eprintln!(
+            "setup: Debian packages present ({})",
+            DEBIAN_PACKAGES.join(" ")
+        );
         return Ok(());
     }
     eprintln!("setup: installing Debian packages {}", missing.join(" "));
@@ -64,10 +76,17 @@ fn debian_packages() -> anyhow::Result<()> {
 }
 
 fn ebpf_toolchain() -> anyhow::Result<()> {
-    let installed = output_of(
-        Command::new("rustup").args(["component", "list", "--installed", "--toolchain", EBPF_TOOLCHAIN]),
-    );
-    if installed.as_deref().is_some_and(|s| s.lines().any(|l| l.starts_with("rust-src"))) {
+    let installed = output_of(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        EBPF_TOOLCHAIN,
+    ]));
+    if installed
+        .as_deref()
+        .is_some_and(|s| s.lines().any(|l| l.starts_with("rust-src")))
+    {
         eprintln!("setup: {EBPF_TOOLCHAIN} with rust-src present");
         return Ok(());
     }
@@ -85,14 +104,24 @@ fn ebpf_toolchain() -> anyhow::Result<()> {
 
 fn bpf_linker() -> anyhow::Result<()> {
     let version = output_of(Command::new("bpf-linker").arg("--version"));
-    if version.as_deref().is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
+    if version
+        .as_deref()
+        .is_some_and(|v| v.contains(BPF_LINKER_VERSION))
+    {
         eprintln!("setup: bpf-linker {BPF_LINKER_VERSION} present");
         return Ok(());
     }
     eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
     run_cmd(
         Command::new("cargo")
-            .args(["install", "bpf-linker", "--locked", "--force", "--version", BPF_LINKER_VERSION])
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--force",
+                "--version",
+                BPF_LINKER_VERSION,
+            ])
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", LLVM_PREFIX),
     )
