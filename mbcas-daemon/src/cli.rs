@@ -35,6 +35,8 @@ pub struct Cli {
 pub enum Command {
     /// Print the version and exit.
     Version,
+    /// Clear the market on JSON input (stdin or --input) and print the allocation as JSON.
+    Solve(crate::solve::SolveArgs),
 }
 
 #[cfg(test)]

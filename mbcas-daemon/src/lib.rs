@@ -6,5 +6,9 @@
 #![deny(unsafe_code)]
 
 pub mod cli;
+pub mod demand;
+pub mod market;
+pub mod policy;
+pub mod solve;
 pub mod telemetry;
 pub mod units;

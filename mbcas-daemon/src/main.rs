@@ -19,6 +19,7 @@ fn main() -> ExitCode {
             println!("mbcas {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Solve(args) => run_solve(&args),
     };
     match result {
         Ok(code) => code,
@@ -26,5 +27,21 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn run_solve(args: &mbcas::solve::SolveArgs) -> anyhow::Result<ExitCode> {
+    use mbcas::solve;
+    let out = solve::read_input(args).and_then(|text| solve::solve(&text));
+    match out {
+        Ok(out) => {
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) if e.is_invalid_input() => {
+            eprintln!("error: invalid input: {e}");
+            Ok(ExitCode::from(solve::EXIT_INVALID_INPUT))
+        }
+        Err(e) => Err(e.into()),
     }
 }

@@ -11,6 +11,6 @@ pub struct Options {}
 
 pub fn run(_opts: &Options) -> anyhow::Result<()> {
     setup::run(&setup::Options {})?;
-    run_cmd(Command::new("cargo").args(["test", "--workspace", "--all-targets"]))?;
+    run_cmd(Command::new("cargo").args(["test", "--all-targets"]))?;
     Ok(())
 }

@@ -1,0 +1,266 @@
+//! The demand model: from a window of kernel counters to a need in millicores (pure).
+//!
+//! ## Model
+//!
+//! Over a window of length `T` the kernel reports the CPU time a consumer used
+//! (`usage`), how many CFS periods elapsed and how many of them ended throttled
+//! (`nr_periods`, `nr_throttled`), and the time its run queues spent throttled
+//! (`throttled`). `throttled` is summed over the group's per-CPU run queues: a
+//! run queue is throttled only while it has runnable work the quota cut off, so
+//! `throttled` measures runnable-but-not-running time caused by the limit.
+//!
+//! 1. **Raw demand** `d = (usage + throttled) / T` (in cores, reported in
+//!    millicores). Without throttling this is plain usage; with throttling it is an
+//!    *upper* estimate of the unconstrained demand: a throttled thread might have
+//!    slept for part of the time it was held back. Raising the limit then
+//!    *discovers* the true demand: usage rises, throttling falls, and the estimate
+//!    falls to it. Where the kernel gives pressure (cgroup v2 `cpu.pressure`
+//!    `some`) and the window was throttled, the larger of `throttled` and the
+//!    pressure stall time is used, since each bounds the held-back runnable time
+//!    from below.
+//! 2. **Smoothing**, fast up and slow down: `e ← e + α·(d − e)` with
+//!    `α = α_up` (default 0.3) when `d > e`, else `α_down` (default 0.1). The first
+//!    sample sets `e = d`. A load step up reaches 90 % of its new level in
+//!    ln(0.1)/ln(0.7) ≈ 6.5 samples; a step down takes ≈ 22 samples: decreases
+//!    are slow and reversible.
+//! 3. **Need** `n = e·(1 + headroom)` (default headroom 20 %), rounded up to a
+//!    whole millicore: a limit at `n` leaves room for the noise around `e` without
+//!    throttling.
+//!
+//! Windows of zero length, or counters that went backwards (a cgroup recreated
+//! under the same id, a counter reset), are rejected by [`Sample::new`] and leave
+//! the estimate unchanged.
+//!
+//! Multi-container pods: the pod's need is the sum of its containers' needs
+//! ([`pod_need`]); the pod's allocation goes back to containers with
+//! [`crate::market::split_to_containers`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::units::MilliCpu;
+
+const NS_PER_S: f64 = 1e9;
+
+/// Parameters of the demand model.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DemandConfig {
+    /// Smoothing factor when demand rises, in (0, 1].
+    pub alpha_up: f64,
+    /// Smoothing factor when demand falls, in (0, 1].
+    pub alpha_down: f64,
+    /// Fraction added on top of the smoothed demand, ≥ 0.
+    pub headroom: f64,
+}
+
+impl Default for DemandConfig {
+    fn default() -> Self {
+        Self {
+            alpha_up: 0.3,
+            alpha_down: 0.1,
+            headroom: 0.2,
+        }
+    }
+}
+
+impl DemandConfig {
+    pub fn validate(&self) -> Result<(), DemandError> {
+        for (name, v) in [("alpha_up", self.alpha_up), ("alpha_down", self.alpha_down)] {
+            if !(v.is_finite() && v > 0.0 && v <= 1.0) {
+                return Err(DemandError::InvalidConfig {
+                    field: name,
+                    value: v,
+                    expected: "in (0, 1]",
+                });
+            }
+        }
+        if !(self.headroom.is_finite() && self.headroom >= 0.0) {
+            return Err(DemandError::InvalidConfig {
+                field: "headroom",
+                value: self.headroom,
+                expected: "a finite number ≥ 0",
+            });
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DemandError {
+    #[error("demand model: {field} = {value} must be {expected}")]
+    InvalidConfig {
+        field: &'static str,
+        value: f64,
+        expected: &'static str,
+    },
+    #[error("sample window is empty")]
+    EmptyWindow,
+    #[error("{counter} went backwards ({before} → {after}): counters were reset")]
+    CounterReset {
+        counter: &'static str,
+        before: u64,
+        after: u64,
+    },
+}
+
+/// Cumulative counters of one consumer at one instant, as the kernel reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Monotonic time of the reading, in nanoseconds from any fixed origin.
+    pub at_ns: u64,
+    pub usage_ns: u64,
+    pub throttled_ns: u64,
+    pub nr_periods: u64,
+    pub nr_throttled: u64,
+    /// Total `some` stall time from `cpu.pressure`, when the kernel gives it.
+    pub psi_some_ns: Option<u64>,
+}
+
+/// Counter deltas over one window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    pub window_ns: u64,
+    pub usage_ns: u64,
+    pub throttled_ns: u64,
+    pub nr_periods: u64,
+    pub nr_throttled: u64,
+    pub psi_some_ns: Option<u64>,
+}
+
+impl Sample {
+    /// The deltas between two readings of the same consumer.
+    pub fn new(before: &Counters, after: &Counters) -> Result<Self, DemandError> {
+        fn delta(counter: &'static str, before: u64, after: u64) -> Result<u64, DemandError> {
+            after.checked_sub(before).ok_or(DemandError::CounterReset {
+                counter,
+                before,
+                after,
+            })
+        }
+        let window_ns = delta("time", before.at_ns, after.at_ns)?;
+        if window_ns == 0 {
+            return Err(DemandError::EmptyWindow);
+        }
+        let psi_some_ns = match (before.psi_some_ns, after.psi_some_ns) {
+            (Some(b), Some(a)) => Some(delta("cpu.pressure some", b, a)?),
+            _ => None,
+        };
+        Ok(Self {
+            window_ns,
+            usage_ns: delta("usage", before.usage_ns, after.usage_ns)?,
+            throttled_ns: delta("throttled_time", before.throttled_ns, after.throttled_ns)?,
+            nr_periods: delta("nr_periods", before.nr_periods, after.nr_periods)?,
+            nr_throttled: delta("nr_throttled", before.nr_throttled, after.nr_throttled)?,
+            psi_some_ns,
+        })
+    }
+
+    /// Fraction of CFS periods in the window that ended throttled (0 without periods).
+    pub fn throttled_ratio(&self) -> f64 {
+        if self.nr_periods == 0 {
+            0.0
+        } else {
+            self.nr_throttled as f64 / self.nr_periods as f64
+        }
+    }
+
+    /// CPU used over the window, in millicores.
+    pub fn usage_millicores(&self) -> f64 {
+        self.usage_ns as f64 / self.window_ns as f64 * 1000.0
+    }
+
+    /// Raw unconstrained demand over the window, in millicores (step 1 of the model).
+    pub fn raw_demand_millicores(&self) -> f64 {
+        let mut held_back = self.throttled_ns;
+        if self.nr_throttled > 0
+            && let Some(psi) = self.psi_some_ns
+        {
+            held_back = held_back.max(psi);
+        }
+        (self.usage_ns.saturating_add(held_back)) as f64 / self.window_ns as f64 * 1000.0
+    }
+
+    pub fn window_secs(&self) -> f64 {
+        self.window_ns as f64 / NS_PER_S
+    }
+}
+
+/// What the model concluded from the samples so far.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DemandEstimate {
+    /// Raw demand of the last window, in millicores.
+    pub raw: f64,
+    /// Smoothed demand, in millicores.
+    pub smoothed: f64,
+    /// Smoothed demand plus headroom: what the pod should get.
+    pub need: MilliCpu,
+    /// Usage of the last window, in millicores.
+    pub usage: f64,
+    pub throttled_ratio: f64,
+    /// Samples folded in so far.
+    pub samples: u32,
+}
+
+/// Per-consumer state of the demand model.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DemandEstimator {
+    smoothed: Option<f64>,
+    samples: u32,
+}
+
+impl DemandEstimator {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Folds one window in and returns the new estimate.
+    pub fn update(&mut self, sample: &Sample, cfg: &DemandConfig) -> DemandEstimate {
+        let raw = sample.raw_demand_millicores();
+        let smoothed = match self.smoothed {
+            None => raw,
+            Some(e) => {
+                let alpha = if raw > e {
+                    cfg.alpha_up
+                } else {
+                    cfg.alpha_down
+                };
+                e + alpha * (raw - e)
+            }
+        };
+        self.smoothed = Some(smoothed);
+        self.samples = self.samples.saturating_add(1);
+        DemandEstimate {
+            raw,
+            smoothed,
+            need: need_of(smoothed, cfg),
+            usage: sample.usage_millicores(),
+            throttled_ratio: sample.throttled_ratio(),
+            samples: self.samples,
+        }
+    }
+
+    /// The current smoothed demand, if any sample was seen.
+    pub fn smoothed(&self) -> Option<f64> {
+        self.smoothed
+    }
+
+    pub fn samples(&self) -> u32 {
+        self.samples
+    }
+}
+
+fn need_of(smoothed: f64, cfg: &DemandConfig) -> MilliCpu {
+    let n = (smoothed * (1.0 + cfg.headroom)).ceil();
+    if n.is_finite() && n > 0.0 {
+        MilliCpu(n as u64)
+    } else {
+        MilliCpu(0)
+    }
+}
+
+/// A multi-container pod's need: the sum of its containers' needs.
+pub fn pod_need(container_needs: &[MilliCpu]) -> MilliCpu {
+    MilliCpu(container_needs.iter().map(|n| n.0).sum())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,372 @@
+use super::*;
+use crate::{
+    demand::{DemandConfig, DemandEstimator, Sample},
+    market::{Bid, MarketInput, Surplus, clear},
+};
+
+fn s(secs: u64) -> Duration {
+    Duration::from_secs(secs)
+}
+
+fn view(key: &str, current: u64, proposed: u64, throttled: f64, samples: u32) -> PodView {
+    PodView {
+        key: key.into(),
+        current: MilliCpu(current),
+        original: MilliCpu(current),
+        floor: MilliCpu(100),
+        proposed: MilliCpu(proposed),
+        throttled_ratio: throttled,
+        samples,
+        exclusion: None,
+    }
+}
+
+fn one(p: &mut Policy, now: Duration, v: PodView) -> Decision {
+    p.decide(now, MilliCpu(1_000_000), &[v]).remove(0)
+}
+
+#[test]
+fn hysteresis_blocks_small_changes() {
+    let mut p = Policy::new(PolicyConfig::default());
+    let d = one(&mut p, s(0), view("a", 1000, 1080, 0.0, 10));
+    assert!(!d.changed());
+    assert_eq!(d.reason, Reason::Hysteresis);
+    let d = one(&mut p, s(0), view("a", 1000, 1000, 0.0, 10));
+    assert_eq!(d.reason, Reason::Unchanged);
+}
+
+#[test]
+fn max_steps_bound_changes() {
+    let mut p = Policy::new(PolicyConfig::default());
+    let up = one(&mut p, s(0), view("a", 200, 2000, 1.0, 10));
+    assert_eq!((up.to, up.reason), (MilliCpu(300), Reason::MaxStepUp));
+    let mut p = Policy::new(PolicyConfig::default());
+    let down = one(&mut p, s(0), view("b", 2000, 200, 0.0, 10));
+    assert_eq!(
+        (down.to, down.reason),
+        (MilliCpu(1000), Reason::MaxStepDown)
+    );
+    let mut p = Policy::new(PolicyConfig::default());
+    let inc = one(&mut p, s(0), view("c", 1000, 1400, 0.5, 10));
+    assert_eq!(
+        (inc.to, inc.reason),
+        (MilliCpu(1400), Reason::IncreaseThrottled)
+    );
+}
+
+#[test]
+fn cooldown_after_decrease_but_throttled_increase_goes_through() {
+    let mut p = Policy::new(PolicyConfig::default());
+    let d = one(&mut p, s(100), view("a", 1000, 800, 0.0, 10));
+    assert_eq!((d.to, d.reason), (MilliCpu(800), Reason::Decrease));
+    // Another decrease 10 s later waits.
+    let d = one(&mut p, s(110), view("a", 800, 600, 0.0, 10));
+    assert_eq!(d.reason, Reason::Cooldown);
+    assert!(!d.changed());
+    // A non-throttled increase (surplus) waits too.
+    let d = one(&mut p, s(115), view("a", 800, 1000, 0.0, 10));
+    assert_eq!(d.reason, Reason::Cooldown);
+    // After the cooldown the decrease goes.
+    let d = one(&mut p, s(131), view("a", 800, 600, 0.0, 10));
+    assert_eq!((d.to, d.reason), (MilliCpu(600), Reason::Decrease));
+    // A throttled pod's increase is never delayed (and it is not a rollback: the
+    // proposal is above the previous limit only by the market's say).
+    let d = one(&mut p, s(200), view("a", 600, 700, 0.9, 10));
+    assert_eq!((d.to, d.reason), (MilliCpu(700), Reason::IncreaseThrottled));
+}
+
+#[test]
+fn rollback_fires_exactly_on_throttling_within_cooldown() {
+    let mut p = Policy::new(PolicyConfig::default());
+    // Decrease at t=0.
+    let d = one(&mut p, s(0), view("a", 1000, 700, 0.0, 10));
+    assert_eq!(d.to, MilliCpu(700));
+    // Not throttled within the cooldown: no rollback.
+    let d = one(&mut p, s(5), view("a", 700, 700, 0.0, 10));
+    assert_eq!(d.reason, Reason::Unchanged);
+    // Throttling below the threshold: no rollback.
+    let d = one(&mut p, s(6), view("a", 700, 700, 0.04, 10));
+    assert_eq!(d.reason, Reason::Unchanged);
+    // Throttled within the cooldown: back to 1000 m, cooldown doubled.
+    let d = one(&mut p, s(10), view("a", 700, 700, 0.5, 10));
+    assert_eq!((d.to, d.reason), (MilliCpu(1000), Reason::Rollback));
+    assert_eq!(p.cooldown_of(&"a".into()), s(60));
+    // The next decrease has to wait the doubled cooldown from the rollback.
+    let d = one(&mut p, s(50), view("a", 1000, 700, 0.0, 10));
+    assert_eq!(d.reason, Reason::Cooldown);
+    let d = one(&mut p, s(71), view("a", 1000, 700, 0.0, 10));
+    assert_eq!(d.reason, Reason::Decrease);
+    // Throttling after the (doubled) cooldown is over is not a rollback...
+    let d = one(&mut p, s(71 + 61), view("a", 700, 800, 0.5, 10));
+    assert_eq!(d.reason, Reason::IncreaseThrottled);
+    // ...and the surviving decrease reset the cooldown.
+    assert_eq!(p.cooldown_of(&"a".into()), s(30));
+}
+
+#[test]
+fn rollback_cooldown_is_capped() {
+    let cfg = PolicyConfig {
+        max_cooldown: s(100),
+        ..PolicyConfig::default()
+    };
+    let mut p = Policy::new(cfg);
+    let mut now = 0;
+    for _ in 0..5 {
+        let cd = p.cooldown_of(&"a".into()).as_secs();
+        now += cd + 1;
+        let d = one(&mut p, s(now), view("a", 1000, 700, 0.0, 10));
+        assert_eq!(d.reason, Reason::Decrease, "at {now}");
+        let d = one(&mut p, s(now + 1), view("a", 700, 700, 1.0, 10));
+        assert_eq!(d.reason, Reason::Rollback);
+    }
+    assert_eq!(p.cooldown_of(&"a".into()), s(100));
+}
+
+#[test]
+fn warm_up_keeps_original_limit() {
+    let mut p = Policy::new(PolicyConfig::default());
+    let d = one(&mut p, s(0), view("a", 1000, 400, 0.0, 2));
+    assert_eq!((d.to, d.reason), (MilliCpu(1000), Reason::WarmUp));
+    let d = one(&mut p, s(1), view("a", 1000, 400, 0.0, 5));
+    assert_eq!((d.to, d.reason), (MilliCpu(500), Reason::MaxStepDown));
+}
+
+#[test]
+fn throttled_pods_are_not_decreased() {
+    let mut p = Policy::new(PolicyConfig::default());
+    let d = one(&mut p, s(0), view("a", 1000, 500, 0.3, 10));
+    assert_eq!((d.to, d.reason), (MilliCpu(1000), Reason::ThrottledHold));
+}
+
+#[test]
+fn exclusions_are_never_changed() {
+    let mut p = Policy::new(PolicyConfig::default());
+    for (e, r) in [
+        (Exclusion::Guaranteed, Reason::ExcludedGuaranteed),
+        (Exclusion::OptedOut, Reason::ExcludedOptedOut),
+        (Exclusion::Namespace, Reason::ExcludedNamespace),
+        (Exclusion::NoLimit, Reason::ExcludedNoLimit),
+    ] {
+        let mut v = view("x", 500, 2000, 1.0, 10);
+        v.exclusion = Some(e);
+        let d = one(&mut p, s(0), v);
+        assert_eq!((d.changed(), d.reason), (false, r));
+    }
+}
+
+#[test]
+fn below_floor_is_lifted_even_within_hysteresis() {
+    let mut p = Policy::new(PolicyConfig::default());
+    let mut v = view("a", 95, 100, 0.0, 10);
+    v.floor = MilliCpu(100);
+    let d = one(&mut p, s(0), v);
+    assert_eq!((d.to, d.reason), (MilliCpu(100), Reason::BelowFloor));
+}
+
+#[test]
+fn increases_are_scaled_to_fit_capacity() {
+    let mut p = Policy::new(PolicyConfig::default());
+    // b's decrease is step-limited (2000 → 1000 instead of 500), so only 300 m of
+    // the 400 m a wants to add is free on a 2300 m node.
+    let ds = p.decide(
+        s(0),
+        MilliCpu(2300),
+        &[
+            view("a", 1000, 1400, 1.0, 10),
+            view("b", 2000, 500, 0.0, 10),
+        ],
+    );
+    assert_eq!(ds[1].to, MilliCpu(1000));
+    assert_eq!(
+        (ds[0].to, ds[0].reason),
+        (MilliCpu(1300), Reason::CapacityLimited)
+    );
+    // When everything fits, nothing is scaled.
+    let mut p = Policy::new(PolicyConfig::default());
+    let ds = p.decide(
+        s(0),
+        MilliCpu(2500),
+        &[
+            view("a", 1000, 1400, 1.0, 10),
+            view("b", 2000, 500, 0.0, 10),
+        ],
+    );
+    assert_eq!(
+        (ds[0].to, ds[0].reason),
+        (MilliCpu(1400), Reason::IncreaseThrottled)
+    );
+}
+
+#[test]
+fn reason_codes_are_unique_snake_case() {
+    let codes: std::collections::HashSet<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+    assert_eq!(codes.len(), Reason::ALL.len());
+    for c in codes {
+        assert!(
+            c.chars().all(|ch| ch.is_ascii_lowercase() || ch == '_'),
+            "{c}"
+        );
+    }
+    let json = serde_json::to_string(&Reason::IncreaseThrottled).unwrap_or_default();
+    assert_eq!(json, "\"increase_throttled\"");
+}
+
+#[test]
+fn config_validation() {
+    assert!(PolicyConfig::default().validate().is_ok());
+    let e = PolicyConfig {
+        max_step_up: 0.9,
+        ..PolicyConfig::default()
+    }
+    .validate();
+    assert!(
+        e.err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+            .contains("max_step_up")
+    );
+    assert!(
+        PolicyConfig {
+            max_cooldown: s(1),
+            ..PolicyConfig::default()
+        }
+        .validate()
+        .is_err()
+    );
+    assert!(
+        PolicyConfig {
+            hysteresis: 1.0,
+            ..PolicyConfig::default()
+        }
+        .validate()
+        .is_err()
+    );
+}
+
+#[test]
+fn node_capacity_subtracts_reserve_and_excluded() {
+    assert_eq!(
+        node_capacity(MilliCpu(4000), 0.1, MilliCpu(500)),
+        MilliCpu(3100)
+    );
+    assert_eq!(
+        node_capacity(MilliCpu(1000), 0.1, MilliCpu(5000)),
+        MilliCpu(0)
+    );
+}
+
+/// The whole decision chain in a closed loop over a simple CFS: each second, a pod
+/// uses min(demand, limit) and is throttled by the rest.
+fn closed_loop(demands: &[f64], capacity: u64, secs: u64) -> Vec<Vec<(u64, MilliCpu)>> {
+    let dcfg = DemandConfig::default();
+    let mut policy = Policy::new(PolicyConfig::default());
+    let mut est: Vec<DemandEstimator> = demands.iter().map(|_| DemandEstimator::new()).collect();
+    let mut limits: Vec<MilliCpu> = demands.iter().map(|_| MilliCpu(200)).collect();
+    let mut changes: Vec<Vec<(u64, MilliCpu)>> = demands.iter().map(|_| Vec::new()).collect();
+    for t in 1..=secs {
+        let mut bids = Vec::new();
+        let mut ratios = Vec::new();
+        let mut samples = Vec::new();
+        for (i, &d) in demands.iter().enumerate() {
+            let l = limits[i].0 as f64;
+            let throttled = d > l;
+            let sample = Sample {
+                window_ns: 1_000_000_000,
+                usage_ns: (d.min(l) * 1e6) as u64,
+                throttled_ns: if throttled { ((d - l) * 1e6) as u64 } else { 0 },
+                nr_periods: 10,
+                nr_throttled: if throttled { 10 } else { 0 },
+                psi_some_ns: None,
+            };
+            let e = est[i].update(&sample, &dcfg);
+            bids.push(Bid {
+                key: PodKey(format!("p{i}")),
+                weight: 100.0,
+                floor: MilliCpu(100),
+                cap: MilliCpu(capacity),
+                need: e.need,
+            });
+            ratios.push(e.throttled_ratio);
+            samples.push(e.samples);
+        }
+        let outcome = clear(&MarketInput {
+            capacity: MilliCpu(capacity),
+            surplus: Surplus::Hold,
+            bids,
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        let views: Vec<PodView> = outcome
+            .allocations
+            .iter()
+            .enumerate()
+            .map(|(i, a)| PodView {
+                key: a.key.clone(),
+                current: limits[i],
+                original: MilliCpu(200),
+                floor: MilliCpu(100),
+                proposed: a.amount,
+                throttled_ratio: ratios[i],
+                samples: samples[i],
+                exclusion: None,
+            })
+            .collect();
+        for (i, d) in policy
+            .decide(Duration::from_secs(t), MilliCpu(capacity), &views)
+            .into_iter()
+            .enumerate()
+        {
+            if d.changed() {
+                limits[i] = d.to;
+                changes[i].push((t, d.to));
+            }
+        }
+    }
+    changes
+}
+
+#[test]
+fn constant_load_converges_then_stays_put() {
+    let demands = [300.0, 700.0, 1500.0];
+    let changes = closed_loop(&demands, 4000, 600);
+    for (i, c) in changes.iter().enumerate() {
+        let last = c.last().map(|x| x.1.0 as f64).unwrap_or(200.0);
+        // Converged near demand × (1 + headroom), never below demand.
+        assert!(
+            last >= demands[i] && last <= demands[i] * 1.35,
+            "pod {i}: {c:?}"
+        );
+        // After convergence (2 min), at most one change per pod per minute.
+        for minute in 2..10 {
+            let n = c
+                .iter()
+                .filter(|(t, _)| *t > minute * 60 && *t <= (minute + 1) * 60)
+                .count();
+            assert!(
+                n <= 1,
+                "pod {i} changed {n} times in minute {minute}: {c:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn contended_loop_shares_fairly_without_flapping() {
+    // Demand 3000 m on 2000 m: equal weights → about 667 m each for the two big
+    // pods after the small one is served.
+    let demands = [300.0, 1350.0, 1350.0];
+    let changes = closed_loop(&demands, 2000, 600);
+    let finals: Vec<u64> = changes
+        .iter()
+        .map(|c| c.last().map(|x| x.1.0).unwrap_or(200))
+        .collect();
+    assert!(finals.iter().sum::<u64>() <= 2000, "{finals:?}");
+    assert!(finals[0] >= 300, "small pod served: {finals:?}");
+    assert!(
+        finals[1].abs_diff(finals[2]) <= 20,
+        "equal weights share equally: {finals:?}"
+    );
+    for c in &changes {
+        let late = c.iter().filter(|(t, _)| *t > 180).count();
+        assert!(late <= 7, "no flapping after convergence: {c:?}");
+    }
+}
