@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod demand;
 pub mod market;
+pub mod metrics;
 pub mod policy;
 pub mod solve;
 pub mod telemetry;

@@ -1,0 +1,446 @@
+//! The daemon's Prometheus metrics (OpenMetrics text, served on `/metrics`).
+//!
+//! One [`Metrics`] value holds every metric; it is cheap to clone (each metric
+//! is reference-counted) and is handed to every task that records something.
+//! All names carry the `mbcas_` prefix. Label sets are typed and bounded:
+//!
+//! | metric | type | labels |
+//! | --- | --- | --- |
+//! | `mbcas_build_info` | info | `version` |
+//! | `mbcas_pod_demand_cores` | gauge | `namespace`, `pod` |
+//! | `mbcas_pod_need_cores` | gauge | `namespace`, `pod` |
+//! | `mbcas_pod_allocation_cores` | gauge | `namespace`, `pod` |
+//! | `mbcas_pod_throttled_ratio` | gauge | `namespace`, `pod` |
+//! | `mbcas_market_clearing_price` | gauge | – |
+//! | `mbcas_market_capacity_cores` | gauge | – |
+//! | `mbcas_market_overcommitted` | gauge (0/1) | – |
+//! | `mbcas_decisions_total` | counter | `reason` (a [`crate::policy::Reason`] code) |
+//! | `mbcas_resizes_total` | counter | `result` (a fixed code) |
+//! | `mbcas_resize_latency_seconds` | histogram | – |
+//! | `mbcas_ebpf_events_total` | counter | – |
+//! | `mbcas_ebpf_drops_total` | counter | – |
+//! | `mbcas_ebpf_program_run_time_seconds_total` | counter | `program` |
+//! | `mbcas_ebpf_program_runs_total` | counter | `program` |
+//! | `mbcas_sensor_mode` | gauge (1 for the active mode) | `mode` |
+//! | `mbcas_loop_duration_seconds` | histogram | – |
+//!
+//! Per-pod series exist only for pods the daemon currently manages: call
+//! [`Metrics::remove_pod`] when a pod goes, so the node's series count stays
+//! bounded by its pod count. Every other label value is a `&'static str` code
+//! chosen by the program (never `Debug` output or error text), so cardinality is
+//! fixed at compile time.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex, atomic::AtomicU64},
+    time::{Duration, Instant},
+};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+        info::Info,
+    },
+    registry::{Registry, Unit},
+};
+
+use crate::units::MilliCpu;
+
+/// The OpenMetrics content type `/metrics` is served with.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Labels of the per-pod series. In local mode `namespace` is empty and `pod` is
+/// the consumer cgroup's name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PodLabels {
+    pub namespace: String,
+    pub pod: String,
+}
+
+impl PodLabels {
+    pub fn new(namespace: impl Into<String>, pod: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            pod: pod.into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProgramLabels {
+    program: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabels {
+    mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+type F64Gauge = Gauge<f64, AtomicU64>;
+type F64Counter = Counter<f64, AtomicU64>;
+
+/// Every metric of the daemon. Clone it freely: clones share the series.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    pod_demand: Family<PodLabels, F64Gauge>,
+    pod_need: Family<PodLabels, F64Gauge>,
+    pod_allocation: Family<PodLabels, F64Gauge>,
+    pod_throttled_ratio: Family<PodLabels, F64Gauge>,
+    clearing_price: F64Gauge,
+    capacity: F64Gauge,
+    overcommitted: Gauge,
+    decisions: Family<ReasonLabels, Counter>,
+    resizes: Family<ResultLabels, Counter>,
+    resize_latency: Histogram,
+    ebpf_events: Counter,
+    ebpf_drops: Counter,
+    ebpf_run_time: Family<ProgramLabels, F64Counter>,
+    ebpf_runs: Family<ProgramLabels, Counter>,
+    /// Last cumulative (run time ns, run count) seen per program, to turn the
+    /// kernel's absolute `bpf_stats` values into counter increments.
+    ebpf_last: Arc<Mutex<HashMap<&'static str, (u64, u64)>>>,
+    sensor_mode: Family<ModeLabels, Gauge>,
+    /// Modes that have a series (to zero them when the mode changes).
+    modes: Arc<Mutex<HashSet<&'static str>>>,
+    /// Pods that have series (Family has no key iterator).
+    pods: Arc<Mutex<HashSet<PodLabels>>>,
+    loop_duration: Histogram,
+}
+
+/// Locks a mutex, carrying on through poisoning: the guarded sets stay valid
+/// whatever a panicking holder did.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn millicores_to_cores(m: MilliCpu) -> f64 {
+    m.get() as f64 / 1000.0
+}
+
+impl Metrics {
+    /// Creates every metric in a fresh registry with the `mbcas` prefix.
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("mbcas");
+        let m = Self {
+            registry: Arc::new(Registry::default()),
+            pod_demand: Family::default(),
+            pod_need: Family::default(),
+            pod_allocation: Family::default(),
+            pod_throttled_ratio: Family::default(),
+            clearing_price: F64Gauge::default(),
+            capacity: F64Gauge::default(),
+            overcommitted: Gauge::default(),
+            decisions: Family::default(),
+            resizes: Family::default(),
+            // 10 ms … ≈ 82 s: a PATCH to the kubelet's report takes ~1 s normally.
+            resize_latency: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
+            ebpf_events: Counter::default(),
+            ebpf_drops: Counter::default(),
+            ebpf_run_time: Family::default(),
+            ebpf_runs: Family::default(),
+            ebpf_last: Arc::default(),
+            sensor_mode: Family::default(),
+            modes: Arc::default(),
+            pods: Arc::default(),
+            // 100 µs … ≈ 3.3 s: one decision pass over a node's pods.
+            loop_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+        };
+        r.register(
+            "build",
+            "Version of the running mbcas daemon",
+            Info::new(BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            }),
+        );
+        r.register(
+            "pod_demand_cores",
+            "Smoothed CPU demand of a managed pod, in cores",
+            m.pod_demand.clone(),
+        );
+        r.register(
+            "pod_need_cores",
+            "CPU need (demand plus headroom) of a managed pod, in cores",
+            m.pod_need.clone(),
+        );
+        r.register(
+            "pod_allocation_cores",
+            "CPU limit MBCAS allocated to a managed pod, in cores",
+            m.pod_allocation.clone(),
+        );
+        r.register(
+            "pod_throttled_ratio",
+            "Fraction of CFS periods in the last window in which the pod was throttled",
+            m.pod_throttled_ratio.clone(),
+        );
+        r.register(
+            "market_clearing_price",
+            "Clearing level of the last market run, in millicores per unit of weight (0 when nothing is scarce)",
+            m.clearing_price.clone(),
+        );
+        r.register(
+            "market_capacity_cores",
+            "CPU capacity the market could hand out in the last run, in cores",
+            m.capacity.clone(),
+        );
+        r.register(
+            "market_overcommitted",
+            "1 when the pods' floors exceeded the capacity in the last market run",
+            m.overcommitted.clone(),
+        );
+        r.register(
+            "decisions",
+            "Stability-policy decisions, by reason code",
+            m.decisions.clone(),
+        );
+        r.register("resizes", "Pod resizes, by result", m.resizes.clone());
+        r.register_with_unit(
+            "resize_latency",
+            "Time from the resize PATCH until the kubelet reports the new limit applied",
+            Unit::Seconds,
+            m.resize_latency.clone(),
+        );
+        r.register(
+            "ebpf_events",
+            "Throttle events read from the eBPF ring buffer",
+            m.ebpf_events.clone(),
+        );
+        r.register(
+            "ebpf_drops",
+            "Throttle events the eBPF programs could not emit (ring buffer full)",
+            m.ebpf_drops.clone(),
+        );
+        r.register_with_unit(
+            "ebpf_program_run_time",
+            "Kernel CPU time spent in each eBPF program (bpf_stats)",
+            Unit::Seconds,
+            m.ebpf_run_time.clone(),
+        );
+        r.register(
+            "ebpf_program_runs",
+            "Invocations of each eBPF program (bpf_stats)",
+            m.ebpf_runs.clone(),
+        );
+        r.register(
+            "sensor_mode",
+            "1 for the sensor mode in use, 0 for modes used before",
+            m.sensor_mode.clone(),
+        );
+        r.register_with_unit(
+            "loop_duration",
+            "Duration of one decision pass (sample, demand, market, policy, actuation)",
+            Unit::Seconds,
+            m.loop_duration.clone(),
+        );
+        Self {
+            registry: Arc::new(r),
+            ..m
+        }
+    }
+
+    /// Records one pod's demand estimate: smoothed demand and need, in millicores.
+    pub fn set_pod_demand(&self, pod: &PodLabels, demand_millicores: f64, need: MilliCpu) {
+        self.track(pod);
+        self.pod_demand
+            .get_or_create(pod)
+            .set(demand_millicores / 1000.0);
+        self.pod_need
+            .get_or_create(pod)
+            .set(millicores_to_cores(need));
+    }
+
+    /// Records the CPU limit a pod has now.
+    pub fn set_pod_allocation(&self, pod: &PodLabels, limit: MilliCpu) {
+        self.track(pod);
+        self.pod_allocation
+            .get_or_create(pod)
+            .set(millicores_to_cores(limit));
+    }
+
+    /// Records the fraction of throttled periods in the pod's last window.
+    pub fn set_pod_throttled_ratio(&self, pod: &PodLabels, ratio: f64) {
+        self.track(pod);
+        self.pod_throttled_ratio.get_or_create(pod).set(ratio);
+    }
+
+    /// Removes every series of a pod that is gone. Returns whether it had any.
+    pub fn remove_pod(&self, pod: &PodLabels) -> bool {
+        lock(&self.pods).remove(pod);
+        let mut any = false;
+        for family in [
+            &self.pod_demand,
+            &self.pod_need,
+            &self.pod_allocation,
+            &self.pod_throttled_ratio,
+        ] {
+            any |= family.remove(pod);
+        }
+        any
+    }
+
+    /// Keeps the series of the given pods and removes those of every other pod.
+    pub fn retain_pods<'a>(&self, live: impl IntoIterator<Item = &'a PodLabels>) {
+        let live: HashSet<&PodLabels> = live.into_iter().collect();
+        let stale: Vec<PodLabels> = lock(&self.pods)
+            .iter()
+            .filter(|p| !live.contains(p))
+            .cloned()
+            .collect();
+        for pod in &stale {
+            self.remove_pod(pod);
+        }
+    }
+
+    /// How many pods currently have series.
+    pub fn pod_count(&self) -> usize {
+        lock(&self.pods).len()
+    }
+
+    fn track(&self, pod: &PodLabels) {
+        let mut pods = lock(&self.pods);
+        if !pods.contains(pod) {
+            pods.insert(pod.clone());
+        }
+    }
+
+    /// Records the outcome of one market run.
+    pub fn set_market(&self, price: f64, capacity: MilliCpu, overcommitted: bool) {
+        self.clearing_price.set(price);
+        self.capacity.set(millicores_to_cores(capacity));
+        self.overcommitted.set(i64::from(overcommitted));
+    }
+
+    /// Counts one policy decision; `reason` is a [`crate::policy::Reason`] code.
+    pub fn inc_decision(&self, reason: &'static str) {
+        self.decisions.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// Counts one resize by its result code (`applied`, `failed`, `conflict`, …).
+    pub fn inc_resize(&self, result: &'static str) {
+        self.resizes.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Records the time from a resize PATCH until the kubelet reported it applied.
+    pub fn observe_resize_latency(&self, latency: Duration) {
+        self.resize_latency.observe(latency.as_secs_f64());
+    }
+
+    /// Adds throttle events read from the ring buffer.
+    pub fn add_ebpf_events(&self, n: u64) {
+        self.ebpf_events.inc_by(n);
+    }
+
+    /// Adds events the kernel side could not emit.
+    pub fn add_ebpf_drops(&self, n: u64) {
+        self.ebpf_drops.inc_by(n);
+    }
+
+    /// Records a program's cumulative `bpf_stats` (run time in ns, run count) as
+    /// read from the kernel. Counters advance by the difference to the last
+    /// reading; a reading below the last one (program reloaded) starts over.
+    pub fn set_ebpf_program_stats(&self, program: &'static str, run_time_ns: u64, runs: u64) {
+        let (d_time, d_runs) = {
+            let mut last = lock(&self.ebpf_last);
+            let prev = last.insert(program, (run_time_ns, runs));
+            match prev {
+                Some((t, n)) if run_time_ns >= t && runs >= n => (run_time_ns - t, runs - n),
+                _ => (run_time_ns, runs),
+            }
+        };
+        let labels = ProgramLabels { program };
+        self.ebpf_run_time
+            .get_or_create(&labels)
+            .inc_by(d_time as f64 / 1e9);
+        self.ebpf_runs.get_or_create(&labels).inc_by(d_runs);
+    }
+
+    /// Marks `mode` (e.g. `ebpf`, `poll`) as the sensor mode in use: its series is
+    /// 1, every mode set before is 0.
+    pub fn set_sensor_mode(&self, mode: &'static str) {
+        let mut modes = lock(&self.modes);
+        for old in modes.iter().copied().filter(|&m| m != mode) {
+            self.sensor_mode
+                .get_or_create(&ModeLabels { mode: old })
+                .set(0);
+        }
+        modes.insert(mode);
+        self.sensor_mode.get_or_create(&ModeLabels { mode }).set(1);
+    }
+
+    /// Starts timing one decision pass; the duration is recorded when the
+    /// returned guard is dropped (also on early return or error).
+    pub fn loop_timer(&self) -> LoopTimer {
+        LoopTimer {
+            histogram: self.loop_duration.clone(),
+            start: Instant::now(),
+        }
+    }
+
+    /// Encodes every metric as OpenMetrics text (ending in `# EOF`).
+    pub fn encode(&self) -> Result<String, MetricsError> {
+        let mut out = String::with_capacity(4096);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .map_err(|_| MetricsError::Encode)?;
+        Ok(out)
+    }
+}
+
+/// Records a decision pass's duration into `mbcas_loop_duration_seconds` when
+/// dropped.
+#[must_use = "the duration is recorded when the timer is dropped"]
+pub struct LoopTimer {
+    histogram: Histogram,
+    start: Instant,
+}
+
+impl Drop for LoopTimer {
+    fn drop(&mut self) {
+        self.histogram.observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MetricsError {
+    #[error("failed to encode the metrics registry as OpenMetrics text")]
+    Encode,
+}
+
+#[cfg(test)]
+pub(crate) mod openmetrics;
+
+#[cfg(test)]
+mod tests;

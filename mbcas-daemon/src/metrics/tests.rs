@@ -1,0 +1,233 @@
+use std::time::Duration;
+
+use super::{openmetrics, *};
+use crate::policy::Reason;
+
+fn scrape(m: &Metrics) -> openmetrics::Exposition {
+    let text = m.encode().unwrap_or_else(|e| panic!("{e}"));
+    openmetrics::parse(&text).unwrap_or_else(|e| panic!("{e}\n---\n{text}"))
+}
+
+fn populated() -> Metrics {
+    let m = Metrics::new();
+    let a = PodLabels::new("default", "web-1");
+    let b = PodLabels::new("shop", "cart \"eu\"\\1");
+    m.set_pod_demand(&a, 420.0, MilliCpu(510));
+    m.set_pod_allocation(&a, MilliCpu(600));
+    m.set_pod_throttled_ratio(&a, 0.25);
+    m.set_pod_demand(&b, 1500.0, MilliCpu(1800));
+    m.set_pod_allocation(&b, MilliCpu(2000));
+    m.set_pod_throttled_ratio(&b, 0.0);
+    m.set_market(3.5, MilliCpu(3600), false);
+    for r in [Reason::Increase, Reason::Increase, Reason::Hysteresis] {
+        m.inc_decision(r.as_str());
+    }
+    m.inc_resize("applied");
+    m.inc_resize("failed");
+    m.observe_resize_latency(Duration::from_millis(800));
+    m.observe_resize_latency(Duration::from_millis(30));
+    m.add_ebpf_events(7);
+    m.add_ebpf_drops(1);
+    m.set_ebpf_program_stats("sched_switch", 2_000_000_000, 1000);
+    m.set_sensor_mode("ebpf");
+    drop(m.loop_timer());
+    m
+}
+
+#[test]
+fn encoded_output_is_strict_openmetrics_with_every_metric() {
+    let m = populated();
+    let e = scrape(&m);
+    for (name, kind) in [
+        ("mbcas_build", "info"),
+        ("mbcas_pod_demand_cores", "gauge"),
+        ("mbcas_pod_need_cores", "gauge"),
+        ("mbcas_pod_allocation_cores", "gauge"),
+        ("mbcas_pod_throttled_ratio", "gauge"),
+        ("mbcas_market_clearing_price", "gauge"),
+        ("mbcas_market_capacity_cores", "gauge"),
+        ("mbcas_market_overcommitted", "gauge"),
+        ("mbcas_decisions", "counter"),
+        ("mbcas_resizes", "counter"),
+        ("mbcas_resize_latency_seconds", "histogram"),
+        ("mbcas_ebpf_events", "counter"),
+        ("mbcas_ebpf_drops", "counter"),
+        ("mbcas_ebpf_program_run_time_seconds", "counter"),
+        ("mbcas_ebpf_program_runs", "counter"),
+        ("mbcas_sensor_mode", "gauge"),
+        ("mbcas_loop_duration_seconds", "histogram"),
+    ] {
+        let f = e.family(name).unwrap_or_else(|| panic!("{name} missing"));
+        assert_eq!(f.kind, kind, "{name}");
+        assert!(
+            f.help.as_deref().is_some_and(|h| !h.is_empty()),
+            "{name} has no help"
+        );
+    }
+    let web = [("namespace", "default"), ("pod", "web-1")];
+    assert_eq!(e.value("mbcas_pod_demand_cores", &web), Some(0.42));
+    assert_eq!(e.value("mbcas_pod_need_cores", &web), Some(0.51));
+    assert_eq!(e.value("mbcas_pod_allocation_cores", &web), Some(0.6));
+    assert_eq!(e.value("mbcas_pod_throttled_ratio", &web), Some(0.25));
+    // Label values with quotes and backslashes survive escaping.
+    let cart = [("namespace", "shop"), ("pod", "cart \"eu\"\\1")];
+    assert_eq!(e.value("mbcas_pod_allocation_cores", &cart), Some(2.0));
+    assert_eq!(e.value("mbcas_market_clearing_price", &[]), Some(3.5));
+    assert_eq!(e.value("mbcas_market_capacity_cores", &[]), Some(3.6));
+    assert_eq!(e.value("mbcas_market_overcommitted", &[]), Some(0.0));
+    assert_eq!(
+        e.value("mbcas_decisions_total", &[("reason", "increase")]),
+        Some(2.0)
+    );
+    assert_eq!(
+        e.value("mbcas_decisions_total", &[("reason", "hysteresis")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        e.value("mbcas_resizes_total", &[("result", "failed")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        e.value("mbcas_resize_latency_seconds_count", &[]),
+        Some(2.0)
+    );
+    assert_eq!(
+        e.value("mbcas_resize_latency_seconds_bucket", &[("le", "0.04")]),
+        Some(1.0)
+    );
+    assert_eq!(e.value("mbcas_ebpf_events_total", &[]), Some(7.0));
+    assert_eq!(e.value("mbcas_ebpf_drops_total", &[]), Some(1.0));
+    assert_eq!(
+        e.value(
+            "mbcas_ebpf_program_run_time_seconds_total",
+            &[("program", "sched_switch")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(e.value("mbcas_sensor_mode", &[("mode", "ebpf")]), Some(1.0));
+    assert_eq!(e.value("mbcas_loop_duration_seconds_count", &[]), Some(1.0));
+    assert_eq!(
+        e.value(
+            "mbcas_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn removed_pods_disappear_from_every_family() {
+    let m = populated();
+    let a = PodLabels::new("default", "web-1");
+    let b = PodLabels::new("shop", "cart \"eu\"\\1");
+    assert_eq!(m.pod_count(), 2);
+    assert!(m.remove_pod(&a));
+    assert!(!m.remove_pod(&a), "second removal finds nothing");
+    let e = scrape(&m);
+    for name in [
+        "mbcas_pod_demand_cores",
+        "mbcas_pod_need_cores",
+        "mbcas_pod_allocation_cores",
+        "mbcas_pod_throttled_ratio",
+    ] {
+        assert_eq!(e.value(name, &[("pod", "web-1")]), None, "{name}");
+        assert!(
+            e.value(name, &[("pod", "cart \"eu\"\\1")]).is_some(),
+            "{name}"
+        );
+    }
+    let text = m.encode().unwrap_or_else(|e| panic!("{e}"));
+    assert!(!text.contains("web-1"), "{text}");
+
+    // retain_pods drops every pod not listed.
+    let c = PodLabels::new("shop", "api");
+    m.set_pod_allocation(&c, MilliCpu(100));
+    m.retain_pods([&c]);
+    assert_eq!(m.pod_count(), 1);
+    let e = scrape(&m);
+    assert_eq!(e.samples("mbcas_pod_allocation_cores").count(), 1);
+    assert_eq!(
+        e.value("mbcas_pod_allocation_cores", &[("pod", "api")]),
+        Some(0.1)
+    );
+    assert_eq!(e.value("mbcas_pod_demand_cores", &b_labels(&b)), None);
+}
+
+fn b_labels(p: &PodLabels) -> [(&str, &str); 2] {
+    [("namespace", p.namespace.as_str()), ("pod", p.pod.as_str())]
+}
+
+#[test]
+fn sensor_mode_switch_zeroes_the_old_mode() {
+    let m = Metrics::new();
+    m.set_sensor_mode("ebpf");
+    m.set_sensor_mode("poll");
+    let e = scrape(&m);
+    assert_eq!(e.value("mbcas_sensor_mode", &[("mode", "ebpf")]), Some(0.0));
+    assert_eq!(e.value("mbcas_sensor_mode", &[("mode", "poll")]), Some(1.0));
+    assert_eq!(e.samples("mbcas_sensor_mode").count(), 2);
+}
+
+#[test]
+fn program_stats_advance_by_difference_and_survive_reload() {
+    let m = Metrics::new();
+    m.set_ebpf_program_stats("hrtimer", 1_000_000_000, 10);
+    m.set_ebpf_program_stats("hrtimer", 1_500_000_000, 15);
+    let e = scrape(&m);
+    let p = [("program", "hrtimer")];
+    assert_eq!(
+        e.value("mbcas_ebpf_program_run_time_seconds_total", &p),
+        Some(1.5)
+    );
+    assert_eq!(e.value("mbcas_ebpf_program_runs_total", &p), Some(15.0));
+    // Program reloaded: kernel counters restart from a small value.
+    m.set_ebpf_program_stats("hrtimer", 250_000_000, 2);
+    let e = scrape(&m);
+    assert_eq!(
+        e.value("mbcas_ebpf_program_run_time_seconds_total", &p),
+        Some(1.75)
+    );
+    assert_eq!(e.value("mbcas_ebpf_program_runs_total", &p), Some(17.0));
+}
+
+#[test]
+fn loop_timer_records_on_drop_including_early_exit() {
+    fn pass(m: &Metrics, fail: bool) -> Result<(), ()> {
+        let _t = m.loop_timer();
+        if fail {
+            return Err(());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        Ok(())
+    }
+    let m = Metrics::new();
+    assert!(pass(&m, false).is_ok());
+    assert!(pass(&m, true).is_err());
+    let e = scrape(&m);
+    assert_eq!(e.value("mbcas_loop_duration_seconds_count", &[]), Some(2.0));
+    let sum = e
+        .value("mbcas_loop_duration_seconds_sum", &[])
+        .unwrap_or(0.0);
+    assert!(sum >= 0.002, "sum {sum}");
+}
+
+#[test]
+fn every_policy_reason_is_a_valid_label_value() {
+    let m = Metrics::new();
+    for r in Reason::ALL {
+        m.inc_decision(r.as_str());
+    }
+    let e = scrape(&m);
+    assert_eq!(
+        e.samples("mbcas_decisions_total").count(),
+        Reason::ALL.len()
+    );
+}
+
+#[test]
+fn clones_share_series() {
+    let m = Metrics::new();
+    let c = m.clone();
+    c.add_ebpf_events(3);
+    assert_eq!(scrape(&m).value("mbcas_ebpf_events_total", &[]), Some(3.0));
+}
