@@ -1,2 +1,211 @@
-//! Types shared by the kernel side (`mbcas-ebpf`) and user space (`mbcas-daemon`).
+//! Types and names shared by the kernel side (`mbcas-ebpf`) and user space
+//! (`mbcas-daemon`). Everything here is `#[repr(C)]`, `Copy`, integers only, with
+//! explicit padding and compile-time size checks, so both sides agree on layout.
+//!
+//! Every record is keyed by the *throttled group's* cgroup id
+//! (`task_group → css.cgroup → kn → id`, equal to the inode of the cgroup
+//! directory on v1 and v2), never by the cgroup of whatever task happens to run.
 #![no_std]
+
+use core::mem::size_of;
+
+/// Ring buffer carrying [`ThrottleEvent`]s to user space.
+pub const EVENTS_MAP: &str = "MBCAS_EVENTS";
+/// Per-cgroup bandwidth snapshot: `u64` cgroup id → [`CgroupBandwidth`].
+pub const CGROUPS_MAP: &str = "MBCAS_CGROUPS";
+/// Throttle episodes in progress: `u32` pid → [`TaskThrottle`].
+pub const TASKS_MAP: &str = "MBCAS_TASKS";
+/// Per-CPU counters of the programs themselves, indexed by `STAT_*`.
+pub const STATS_MAP: &str = "MBCAS_STATS";
+
+/// `tp_btf/hrtimer_expire_exit`, filtered on the CFS period timer.
+pub const PROG_PERIOD_TIMER: &str = "mbcas_period_timer";
+/// `tp_btf/sched_switch`: task-based throttle episodes (needs `task_struct.throttled`).
+pub const PROG_SCHED_SWITCH: &str = "mbcas_sched_switch";
+
+/// Byte size of the ring buffer (a power of two, multiple of the page size).
+pub const EVENTS_BYTES: u32 = 512 * 1024;
+/// Capacity of the per-cgroup map (LRU: the least recently updated cgroup goes first).
+pub const MAX_CGROUPS: u32 = 16 * 1024;
+/// Capacity of the per-task map (LRU).
+pub const MAX_TASKS: u32 = 64 * 1024;
+
+/// Load-time globals (`EbpfLoader::override_global`). Offsets are in bytes and come
+/// from the running kernel's BTF; sizes are the counters' byte widths (4 or 8).
+pub mod globals {
+    /// Address of `sched_cfs_period_timer` (from `/proc/kallsyms`).
+    pub const PERIOD_TIMER_FN: &str = "MBCAS_PERIOD_TIMER_FN";
+    pub const OFF_HRTIMER_FUNCTION: &str = "MBCAS_OFF_HRTIMER_FUNCTION";
+    pub const OFF_CFSB_PERIOD_TIMER: &str = "MBCAS_OFF_CFSB_PERIOD_TIMER";
+    pub const OFF_CFSB_NR_PERIODS: &str = "MBCAS_OFF_CFSB_NR_PERIODS";
+    pub const OFF_CFSB_NR_THROTTLED: &str = "MBCAS_OFF_CFSB_NR_THROTTLED";
+    pub const OFF_CFSB_THROTTLED_TIME: &str = "MBCAS_OFF_CFSB_THROTTLED_TIME";
+    pub const SIZE_CFSB_NR_PERIODS: &str = "MBCAS_SIZE_CFSB_NR_PERIODS";
+    pub const SIZE_CFSB_NR_THROTTLED: &str = "MBCAS_SIZE_CFSB_NR_THROTTLED";
+    pub const OFF_TG_CFS_BANDWIDTH: &str = "MBCAS_OFF_TG_CFS_BANDWIDTH";
+    pub const OFF_TG_CSS: &str = "MBCAS_OFF_TG_CSS";
+    pub const OFF_CSS_CGROUP: &str = "MBCAS_OFF_CSS_CGROUP";
+    pub const OFF_CGROUP_KN: &str = "MBCAS_OFF_CGROUP_KN";
+    pub const OFF_KN_ID: &str = "MBCAS_OFF_KN_ID";
+    pub const OFF_TASK_THROTTLED: &str = "MBCAS_OFF_TASK_THROTTLED";
+    pub const OFF_TASK_TG: &str = "MBCAS_OFF_TASK_TG";
+    pub const OFF_TASK_PID: &str = "MBCAS_OFF_TASK_PID";
+    /// Non-zero: emit aya-log debug lines from the programs (off the hot path by default).
+    pub const DEBUG: &str = "MBCAS_DEBUG";
+}
+
+/// A period ended with the group throttled (a throttling edge or still throttled).
+pub const EVENT_PERIOD_THROTTLED: u32 = 1;
+/// The first period after throttling in which the group was not throttled.
+pub const EVENT_PERIOD_UNTHROTTLED: u32 = 2;
+/// A task of a throttled group ran again; `duration_ns` is how long it was held.
+pub const EVENT_TASK_EPISODE: u32 = 3;
+
+/// Stat slots in [`STATS_MAP`].
+pub const STAT_PERIOD_TIMERS: u32 = 0;
+pub const STAT_EVENTS: u32 = 1;
+pub const STAT_RINGBUF_DROPS: u32 = 2;
+pub const STAT_READ_ERRORS: u32 = 3;
+pub const STAT_EPISODES: u32 = 4;
+pub const STAT_MAP_ERRORS: u32 = 5;
+pub const STAT_SLOTS: u32 = 8;
+
+/// One record in the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThrottleEvent {
+    /// `EVENT_*`.
+    pub kind: u32,
+    /// Task id for `EVENT_TASK_EPISODE`, else 0.
+    pub pid: u32,
+    pub cgroup_id: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the event was made.
+    pub ts_ns: u64,
+    /// The group's cumulative counters (as in `cpu.stat`) at that time; for
+    /// `EVENT_TASK_EPISODE` the last values seen by the period timer.
+    pub nr_periods: u64,
+    pub nr_throttled: u64,
+    pub throttled_ns: u64,
+    /// Episode length for `EVENT_TASK_EPISODE`, else 0.
+    pub duration_ns: u64,
+}
+
+/// The kernel's view of one bandwidth-limited group, updated every period.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupBandwidth {
+    pub nr_periods: u64,
+    pub nr_throttled: u64,
+    pub throttled_ns: u64,
+    /// `bpf_ktime_get_ns()` of the last update.
+    pub updated_ns: u64,
+    /// Task throttle episodes that ended, and their total length.
+    pub episodes: u64,
+    pub episode_ns: u64,
+    /// Ring-buffer events emitted for this group.
+    pub events: u64,
+    /// 1 while the last period ended throttled.
+    pub throttling: u32,
+    pub _pad: u32,
+}
+
+/// A task switched out throttled, waiting to run again.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskThrottle {
+    pub start_ns: u64,
+    pub cgroup_id: u64,
+}
+
+const _: () = assert!(size_of::<ThrottleEvent>() == 56);
+const _: () = assert!(size_of::<CgroupBandwidth>() == 64);
+const _: () = assert!(size_of::<TaskThrottle>() == 16);
+
+#[cfg(feature = "user")]
+mod pod {
+    #![allow(unsafe_code)]
+    // SAFETY: all three are #[repr(C)] structs of plain integers with explicit
+    // padding fields, so every bit pattern is valid and there are no holes.
+    unsafe impl aya::Pod for super::ThrottleEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CgroupBandwidth {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TaskThrottle {}
+}
+
+impl ThrottleEvent {
+    /// Decodes an event from ring-buffer bytes; `None` if the record is too short.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < size_of::<Self>() {
+            return None;
+        }
+        let u32_at =
+            |o: usize| u32::from_ne_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+        let u64_at = |o: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&bytes[o..o + 8]);
+            u64::from_ne_bytes(b)
+        };
+        Some(Self {
+            kind: u32_at(0),
+            pid: u32_at(4),
+            cgroup_id: u64_at(8),
+            ts_ns: u64_at(16),
+            nr_periods: u64_at(24),
+            nr_throttled: u64_at(32),
+            throttled_ns: u64_at(40),
+            duration_ns: u64_at(48),
+        })
+    }
+
+    /// The bytes the kernel writes for this event (native endianness).
+    pub fn to_bytes(&self) -> [u8; 56] {
+        let mut out = [0u8; 56];
+        out[0..4].copy_from_slice(&self.kind.to_ne_bytes());
+        out[4..8].copy_from_slice(&self.pid.to_ne_bytes());
+        for (i, v) in [
+            self.cgroup_id,
+            self.ts_ns,
+            self.nr_periods,
+            self.nr_throttled,
+            self.throttled_ns,
+            self.duration_ns,
+        ]
+        .iter()
+        .enumerate()
+        {
+            out[8 + i * 8..16 + i * 8].copy_from_slice(&v.to_ne_bytes());
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::offset_of;
+
+    #[test]
+    fn layout_is_what_the_kernel_writes() {
+        assert_eq!(offset_of!(ThrottleEvent, cgroup_id), 8);
+        assert_eq!(offset_of!(ThrottleEvent, duration_ns), 48);
+        assert_eq!(offset_of!(CgroupBandwidth, throttling), 56);
+        assert_eq!(core::mem::align_of::<ThrottleEvent>(), 8);
+    }
+
+    #[test]
+    fn event_round_trips_through_bytes() {
+        let e = ThrottleEvent {
+            kind: EVENT_TASK_EPISODE,
+            pid: 42,
+            cgroup_id: 0x1234_5678_9abc,
+            ts_ns: 7,
+            nr_periods: 100,
+            nr_throttled: 99,
+            throttled_ns: 7_910_000_000,
+            duration_ns: 80_000_000,
+        };
+        assert_eq!(ThrottleEvent::from_bytes(&e.to_bytes()), Some(e));
+        assert_eq!(ThrottleEvent::from_bytes(&e.to_bytes()[..55]), None);
+    }
+}

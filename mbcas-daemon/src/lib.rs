@@ -10,6 +10,8 @@ pub mod demand;
 pub mod market;
 pub mod metrics;
 pub mod policy;
+pub mod sense;
+pub mod sensor;
 pub mod solve;
 pub mod telemetry;
 pub mod units;

@@ -20,6 +20,7 @@ fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }
         Command::Solve(args) => run_solve(&args),
+        Command::Sense(args) => run_sense(&args, &cli.log_level),
     };
     match result {
         Ok(code) => code,
@@ -44,4 +45,23 @@ fn run_solve(args: &mbcas::solve::SolveArgs) -> anyhow::Result<ExitCode> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+fn run_sense(args: &mbcas::sense::SenseArgs, log_level: &str) -> anyhow::Result<ExitCode> {
+    use mbcas::sense;
+    let debug = log_level.contains("debug") || log_level.contains("trace");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let report = rt.block_on(sense::sense(args, debug))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", sense::render_table(&report));
+    }
+    if report.cgroups.is_empty() {
+        eprintln!("error: no cgroup could be measured");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
 }

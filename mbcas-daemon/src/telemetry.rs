@@ -1,5 +1,7 @@
 //! Logging set-up: `tracing` with a text or JSON formatter on stderr.
 
+use std::io::IsTerminal as _;
+
 use clap::ValueEnum;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
@@ -24,7 +26,11 @@ pub fn init(level: &str, format: LogFormat) -> Result<(), TelemetryError> {
     let registry = tracing_subscriber::registry().with(filter);
     let res = match format {
         LogFormat::Text => registry
-            .with(fmt::layer().with_writer(std::io::stderr))
+            .with(
+                fmt::layer()
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_writer(std::io::stderr),
+            )
             .try_init(),
         LogFormat::Json => registry
             .with(fmt::layer().json().with_writer(std::io::stderr))

@@ -1,5 +1,6 @@
 //! Developer tasks: `cargo xtask <command>`. Each command lives in its own module.
 
+mod build_ebpf;
 mod setup;
 mod test;
 
@@ -16,6 +17,8 @@ struct Cli {
 enum Command {
     /// Install, only where missing, every tool the build and the tests need.
     Setup(setup::Options),
+    /// Build the eBPF programs (through mbcas-daemon's build script) and show the object.
+    BuildEbpf(build_ebpf::Options),
     /// Run setup, then every test tier (unit, kernel, control plane).
     Test(test::Options),
 }
@@ -23,6 +26,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Setup(opts) => setup::run(&opts),
+        Command::BuildEbpf(opts) => build_ebpf::run(&opts),
         Command::Test(opts) => test::run(&opts),
     }
 }

@@ -1,0 +1,227 @@
+//! `mbcas sense`: watch cgroups for a while and print what the sensor saw.
+//!
+//! For each cgroup: path, id (inode), periods, throttled periods, throttled time,
+//! throttle events received and CPU usage over the window, and which sensor
+//! produced them. Cgroups that do not exist, are not CPU cgroups, or vanish
+//! mid-window are reported as skipped with the reason; the others are measured.
+
+use std::{collections::HashMap, path::PathBuf, time::Duration};
+
+use serde::Serialize;
+
+use crate::{
+    sensor::{
+        CgroupDir, Sensor, SensorError, SensorKind, SensorMode, ebpf::KernelStats, error_chain,
+    },
+    units::CgroupId,
+};
+
+#[derive(Debug, clap::Args)]
+pub struct SenseArgs {
+    /// A cgroup directory to watch (repeatable): on v1 the `cpu` hierarchy's
+    /// directory, e.g. /sys/fs/cgroup/cpu/mygroup; on v2 /sys/fs/cgroup/mygroup.
+    #[arg(long = "cgroup", value_name = "DIR", required = true)]
+    pub cgroups: Vec<PathBuf>,
+    /// Length of the window, in seconds.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    pub duration: Duration,
+    /// Which sensor to use.
+    #[arg(long, value_enum, default_value_t)]
+    pub sensor: SensorMode,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+        return Err(format!("{s}: must be > 0 and ≤ 86400 seconds"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+#[derive(Debug, Serialize)]
+pub struct SenseReport {
+    pub sensor: SensorKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback_reason: Option<String>,
+    pub window_s: f64,
+    pub cgroups: Vec<CgroupReport>,
+    pub skipped: Vec<Skipped>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelStats>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CgroupReport {
+    pub path: PathBuf,
+    pub id: CgroupId,
+    pub nr_periods: u64,
+    pub nr_throttled: u64,
+    pub throttled_ns: u64,
+    pub events: u64,
+    pub usage_ns: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Skipped {
+    pub path: PathBuf,
+    pub error: String,
+}
+
+/// Runs the window. Needs a tokio runtime.
+pub async fn sense(args: &SenseArgs, debug_log: bool) -> Result<SenseReport, SensorError> {
+    let mut sensor = Sensor::start(args.sensor, debug_log)?;
+    let mut skipped = Vec::new();
+    let mut watched = Vec::new();
+    for path in &args.cgroups {
+        match CgroupDir::open(path)
+            .map_err(SensorError::from)
+            .and_then(|d| Ok((sensor.read(&d)?, d)))
+        {
+            Ok((before, dir)) => watched.push((dir, before)),
+            Err(e) => skipped.push(Skipped {
+                path: path.clone(),
+                error: error_chain(&e),
+            }),
+        }
+    }
+    let ids: Vec<u64> = watched.iter().map(|(d, _)| d.id.0).collect();
+    let counter = sensor.take_events().map(|mut rx| {
+        tokio::spawn(async move {
+            let mut counts: HashMap<u64, u64> = HashMap::new();
+            while let Some(ev) = rx.recv().await {
+                if ids.contains(&ev.cgroup_id) {
+                    *counts.entry(ev.cgroup_id).or_default() += 1;
+                }
+            }
+            counts
+        })
+    });
+    tokio::time::sleep(args.duration).await;
+    let mut cgroups = Vec::new();
+    let mut finals = Vec::new();
+    for (dir, before) in watched {
+        match sensor.read(&dir) {
+            Ok(after) => finals.push((dir, before, after)),
+            Err(e) => skipped.push(Skipped {
+                path: dir.path.clone(),
+                error: format!("vanished mid-window: {}", error_chain(&e)),
+            }),
+        }
+    }
+    let kernel = sensor.kernel_stats();
+    let kind = sensor.kind();
+    let fallback_reason = sensor.fallback_reason().map(str::to_owned);
+    // Dropping the sensor detaches the programs and closes the event stream.
+    drop(sensor);
+    let counts = match counter {
+        Some(h) => h.await.unwrap_or_default(),
+        None => HashMap::new(),
+    };
+    for (dir, before, after) in finals {
+        cgroups.push(CgroupReport {
+            id: dir.id,
+            nr_periods: after.nr_periods.saturating_sub(before.nr_periods),
+            nr_throttled: after.nr_throttled.saturating_sub(before.nr_throttled),
+            throttled_ns: after.throttled_ns.saturating_sub(before.throttled_ns),
+            events: counts.get(&dir.id.0).copied().unwrap_or(0),
+            usage_ns: after
+                .usage_ns
+                .zip(before.usage_ns)
+                .map(|(a, b)| a.saturating_sub(b)),
+            path: dir.path,
+        });
+    }
+    Ok(SenseReport {
+        sensor: kind,
+        fallback_reason,
+        window_s: args.duration.as_secs_f64(),
+        cgroups,
+        skipped,
+        kernel,
+    })
+}
+
+/// The human-readable table.
+pub fn render_table(r: &SenseReport) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "sensor: {} (window {:.1} s)",
+        r.sensor.as_str(),
+        r.window_s
+    );
+    if let Some(why) = &r.fallback_reason {
+        let _ = writeln!(s, "note: eBPF unavailable, polled cpu.stat instead: {why}");
+    }
+    let _ = writeln!(
+        s,
+        "{:<48} {:>12} {:>9} {:>10} {:>15} {:>7} {:>15}",
+        "cgroup", "id", "periods", "throttled", "throttled_ns", "events", "usage_ns"
+    );
+    for c in &r.cgroups {
+        let usage = c.usage_ns.map_or_else(|| "-".to_owned(), |u| u.to_string());
+        let _ = writeln!(
+            s,
+            "{:<48} {:>12} {:>9} {:>10} {:>15} {:>7} {:>15}",
+            c.path.display(),
+            c.id,
+            c.nr_periods,
+            c.nr_throttled,
+            c.throttled_ns,
+            c.events,
+            usage
+        );
+    }
+    for k in &r.skipped {
+        let _ = writeln!(s, "skipped {}: {}", k.path.display(), k.error);
+    }
+    if let Some(k) = &r.kernel {
+        let _ = writeln!(
+            s,
+            "kernel: {} events, {} ring-buffer drops, {} user drops, {} read errors, {} period timers",
+            k.events, k.ringbuf_drops, k.user_drops, k.read_errors, k.period_timers
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use crate::cli::{Cli, Command};
+
+    #[test]
+    fn flags_parse() {
+        let cli = Cli::try_parse_from([
+            "mbcas",
+            "sense",
+            "--cgroup",
+            "/a",
+            "--cgroup",
+            "/b",
+            "--duration",
+            "2.5",
+            "--sensor",
+            "poll",
+            "--json",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let Command::Sense(a) = cli.command else {
+            panic!("not sense")
+        };
+        assert_eq!(a.cgroups.len(), 2);
+        assert_eq!(a.duration.as_millis(), 2500);
+        assert!(a.json);
+        assert!(
+            Cli::try_parse_from(["mbcas", "sense", "--cgroup", "/a", "--duration", "0"]).is_err()
+        );
+        assert!(Cli::try_parse_from(["mbcas", "sense", "--duration", "1"]).is_err());
+    }
+}

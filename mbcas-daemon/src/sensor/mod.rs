@@ -1,0 +1,340 @@
+//! The throttle sensor: what the kernel says about each cgroup's CPU bandwidth.
+//!
+//! Three sources behind one [`Sensor`]:
+//! * **eBPF** ([`ebpf`]): programs on `tp_btf/hrtimer_expire_exit` (CFS period
+//!   timer) and `tp_btf/sched_switch` keep a per-cgroup snapshot of the bandwidth
+//!   counters in a map and send [`ThrottleEvent`]s through a ring buffer on
+//!   throttling edges and while throttled. Events wake the decision loop.
+//! * **poll** ([`cgroupfs`]): the same counters read from `cpu.stat`; no events.
+//! * **fake** ([`FakeHandle`]): counters and events set by tests.
+//!
+//! `SensorMode::Auto` tries eBPF and falls back to polling, saying why in the log
+//! and in [`Sensor::fallback_reason`]. Usage (CPU time) always comes from the
+//! cgroup filesystem (`cpu.stat usage_usec` on v2, `cpuacct.usage` on v1).
+//!
+//! Consumers see plain data only: [`CgroupCounters`] (cumulative, per cgroup) and
+//! [`ThrottleEvent`]s from [`Sensor::take_events`].
+
+pub mod btf;
+pub mod cgroupfs;
+pub mod ebpf;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+pub use cgroupfs::{CgroupDir, CgroupFsError, CpuCounters};
+pub use mbcas_common::ThrottleEvent;
+use tokio::sync::mpsc;
+
+use crate::units::CgroupId;
+
+/// Capacity of the event channel between the ring-buffer reader and the consumer.
+pub const EVENT_CHANNEL: usize = 16 * 1024;
+
+/// Which sensor to use (the `--sensor` flag).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SensorMode {
+    /// eBPF; fail if it cannot be loaded.
+    Ebpf,
+    /// Poll `cpu.stat`.
+    Poll,
+    /// eBPF when possible, else poll.
+    #[default]
+    Auto,
+}
+
+/// The source that actually produces the numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SensorKind {
+    Ebpf,
+    Poll,
+    Fake,
+}
+
+impl SensorKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Ebpf => "ebpf",
+            Self::Poll => "poll",
+            Self::Fake => "fake",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SensorError {
+    #[error("eBPF sensor unavailable")]
+    Ebpf(#[from] ebpf::EbpfError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupFsError),
+}
+
+impl SensorError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Ebpf(e) => e.kind(),
+            Self::Cgroup(e) => e.kind(),
+        }
+    }
+}
+
+/// Cumulative counters of one cgroup and the source they came from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CgroupCounters {
+    pub id: CgroupId,
+    pub nr_periods: u64,
+    pub nr_throttled: u64,
+    pub throttled_ns: u64,
+    pub usage_ns: Option<u64>,
+    /// Ended task throttle episodes seen by eBPF (0 for other sources).
+    pub episodes: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+struct FakeState {
+    counters: HashMap<CgroupId, CpuCounters>,
+}
+
+/// Drives a fake sensor from a test.
+#[derive(Clone)]
+pub struct FakeHandle {
+    state: Arc<Mutex<FakeState>>,
+    tx: mpsc::Sender<ThrottleEvent>,
+}
+
+impl FakeHandle {
+    /// Sets the cumulative counters the sensor reports for `id`.
+    pub fn set(&self, id: CgroupId, c: CpuCounters) {
+        if let Ok(mut s) = self.state.lock() {
+            s.counters.insert(id, c);
+        }
+    }
+
+    /// Sends an event as if the kernel had.
+    pub async fn emit(&self, ev: ThrottleEvent) -> bool {
+        self.tx.send(ev).await.is_ok()
+    }
+}
+
+enum Source {
+    Ebpf(Box<ebpf::EbpfSensor>),
+    Poll,
+    Fake(Arc<Mutex<FakeState>>),
+}
+
+pub struct Sensor {
+    source: Source,
+    events: Option<mpsc::Receiver<ThrottleEvent>>,
+    fallback_reason: Option<String>,
+}
+
+impl Sensor {
+    /// Starts the sensor. eBPF needs a tokio runtime (the ring buffer is polled
+    /// with `AsyncFd`).
+    pub fn start(mode: SensorMode, debug_log: bool) -> Result<Self, SensorError> {
+        if mode == SensorMode::Poll {
+            return Ok(Self {
+                source: Source::Poll,
+                events: None,
+                fallback_reason: None,
+            });
+        }
+        let (tx, rx) = mpsc::channel(EVENT_CHANNEL);
+        match ebpf::EbpfSensor::start(tx, debug_log) {
+            Ok(s) => {
+                tracing::info!(programs = ?s.programs, "eBPF throttle sensor attached");
+                Ok(Self {
+                    source: Source::Ebpf(Box::new(s)),
+                    events: Some(rx),
+                    fallback_reason: None,
+                })
+            }
+            Err(e) if mode == SensorMode::Auto => {
+                let reason = error_chain(&e);
+                tracing::warn!(reason = %reason, "eBPF sensor unavailable; falling back to polling cpu.stat");
+                Ok(Self {
+                    source: Source::Poll,
+                    events: None,
+                    fallback_reason: Some(reason),
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A sensor whose numbers and events come from the returned handle.
+    pub fn fake() -> (Self, FakeHandle) {
+        let state = Arc::new(Mutex::new(FakeState::default()));
+        let (tx, rx) = mpsc::channel(EVENT_CHANNEL);
+        let handle = FakeHandle {
+            state: Arc::clone(&state),
+            tx,
+        };
+        (
+            Self {
+                source: Source::Fake(state),
+                events: Some(rx),
+                fallback_reason: None,
+            },
+            handle,
+        )
+    }
+
+    pub fn kind(&self) -> SensorKind {
+        match self.source {
+            Source::Ebpf(_) => SensorKind::Ebpf,
+            Source::Poll => SensorKind::Poll,
+            Source::Fake(_) => SensorKind::Fake,
+        }
+    }
+
+    /// Why `auto` did not get eBPF, if it did not.
+    pub fn fallback_reason(&self) -> Option<&str> {
+        self.fallback_reason.as_deref()
+    }
+
+    /// The event stream (once); `None` for the poll source.
+    pub fn take_events(&mut self) -> Option<mpsc::Receiver<ThrottleEvent>> {
+        self.events.take()
+    }
+
+    /// The cgroup's cumulative counters from this sensor. Usage comes from the
+    /// cgroup filesystem; with eBPF the bandwidth counters come from the kernel
+    /// programs' last per-period snapshot (falling back to `cpu.stat` for groups
+    /// the programs have not seen yet, e.g. without a quota).
+    pub fn read(&self, dir: &CgroupDir) -> Result<CgroupCounters, SensorError> {
+        match &self.source {
+            Source::Fake(state) => {
+                let c = state
+                    .lock()
+                    .ok()
+                    .and_then(|s| s.counters.get(&dir.id).copied())
+                    .unwrap_or_default();
+                Ok(counters(dir.id, c, 0))
+            }
+            Source::Poll => Ok(counters(dir.id, dir.read()?, 0)),
+            Source::Ebpf(s) => {
+                let file = dir.read()?;
+                Ok(match s.bandwidth(dir.id) {
+                    Some(b) => CgroupCounters {
+                        id: dir.id,
+                        nr_periods: b.nr_periods,
+                        nr_throttled: b.nr_throttled,
+                        throttled_ns: b.throttled_ns,
+                        usage_ns: file.usage_ns,
+                        episodes: b.episodes,
+                    },
+                    None => counters(dir.id, file, 0),
+                })
+            }
+        }
+    }
+
+    /// The kernel programs' own counters, with eBPF.
+    pub fn kernel_stats(&self) -> Option<ebpf::KernelStats> {
+        match &self.source {
+            Source::Ebpf(s) => Some(s.stats()),
+            _ => None,
+        }
+    }
+
+    /// Per-program run time, with eBPF (needs `kernel.bpf_stats_enabled=1`).
+    pub fn program_costs(&self) -> Vec<ebpf::ProgramCost> {
+        match &self.source {
+            Source::Ebpf(s) => s.costs(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+fn counters(id: CgroupId, c: CpuCounters, episodes: u64) -> CgroupCounters {
+    CgroupCounters {
+        id,
+        nr_periods: c.nr_periods,
+        nr_throttled: c.nr_throttled,
+        throttled_ns: c.throttled_ns,
+        usage_ns: c.usage_ns,
+        episodes,
+    }
+}
+
+/// An error and its causes on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn fake_sensor_reports_what_it_is_told() {
+        let (mut sensor, handle) = Sensor::fake();
+        assert_eq!(sensor.kind(), SensorKind::Fake);
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(
+            tmp.path().join("cpu.stat"),
+            "nr_periods 0\nnr_throttled 0\nthrottled_time 0\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let dir = CgroupDir::open(tmp.path()).unwrap_or_else(|e| panic!("{e}"));
+        handle.set(
+            dir.id,
+            CpuCounters {
+                nr_periods: 10,
+                nr_throttled: 4,
+                throttled_ns: 5,
+                usage_ns: Some(6),
+            },
+        );
+        let c = sensor.read(&dir).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((c.nr_periods, c.nr_throttled, c.usage_ns), (10, 4, Some(6)));
+        let mut rx = sensor.take_events().unwrap_or_else(|| panic!("events"));
+        assert!(
+            handle
+                .emit(ThrottleEvent {
+                    cgroup_id: dir.id.0,
+                    ..Default::default()
+                })
+                .await
+        );
+        assert_eq!(rx.recv().await.map(|e| e.cgroup_id), Some(dir.id.0));
+    }
+
+    #[test]
+    fn poll_source_reads_files() {
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(
+            tmp.path().join("cpu.stat"),
+            "usage_usec 10\nnr_periods 3\nnr_throttled 2\nthrottled_usec 1\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(tmp.path().join("cpu.max"), "max 100000\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let sensor = Sensor::start(SensorMode::Poll, false).unwrap_or_else(|e| panic!("{e}"));
+        let dir = CgroupDir::open(tmp.path()).unwrap_or_else(|e| panic!("{e}"));
+        let c = sensor.read(&dir).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (c.nr_throttled, c.throttled_ns, c.usage_ns),
+            (2, 1000, Some(10_000))
+        );
+        assert!(sensor.take_events_is_none());
+    }
+
+    impl Sensor {
+        fn take_events_is_none(&self) -> bool {
+            self.events.is_none()
+        }
+    }
+}

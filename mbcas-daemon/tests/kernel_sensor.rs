@@ -1,0 +1,197 @@
+//! Kernel tier: the eBPF sensor on the real kernel, against `cpu.stat`.
+//! Runs as root on this machine (CI included); elsewhere it skips loudly.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestCgroup, close, kernel_lock, kernel_tier_available};
+use mbcas::sensor::{CgroupDir, Sensor, SensorKind, SensorMode, ThrottleEvent};
+use tokio::sync::mpsc::Receiver;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("tokio runtime: {e}"))
+}
+
+fn drain(rx: &mut Receiver<ThrottleEvent>, id: u64) -> usize {
+    let mut n = 0;
+    while let Ok(ev) = rx.try_recv() {
+        if ev.cgroup_id == id {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Runs `burners` spinning threads under a `limit` and compares the eBPF sensor
+/// with cpu.stat and with the poll sensor over the same window.
+async fn compare(tag: &str, limit: u64, burners: usize) {
+    let mut cg = TestCgroup::new(tag);
+    cg.set_limit(Some(limit));
+    let mut ebpf = Sensor::start(SensorMode::Ebpf, false)
+        .unwrap_or_else(|e| panic!("eBPF sensor must load here: {e:#?}"));
+    assert_eq!(ebpf.kind(), SensorKind::Ebpf);
+    let poll = Sensor::start(SensorMode::Poll, false).unwrap_or_else(|e| panic!("{e}"));
+    let mut rx = ebpf
+        .take_events()
+        .unwrap_or_else(|| panic!("eBPF sensor has events"));
+    for _ in 0..burners {
+        cg.spin();
+    }
+    let dir = CgroupDir::open(&cg.path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(dir.id.0, cg.inode(), "cgroup id is the directory's inode");
+
+    // Let the period timer see the group and throttling start.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drain(&mut rx, dir.id.0);
+    let e0 = ebpf.read(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let p0 = poll.read(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let s0 = cg.cpu_stat();
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let e1 = ebpf.read(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let p1 = poll.read(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let s1 = cg.cpu_stat();
+    let window = t0.elapsed();
+    let events = drain(&mut rx, dir.id.0);
+
+    let (ep, et, etime) = (
+        e1.nr_periods - e0.nr_periods,
+        e1.nr_throttled - e0.nr_throttled,
+        e1.throttled_ns - e0.throttled_ns,
+    );
+    let (sp, st, stime) = (s1.0 - s0.0, s1.1 - s0.1, s1.2 - s0.2);
+    eprintln!(
+        "{tag}: window {window:?}: ebpf periods {ep} throttled {et} time {etime} ns, events {events}; cpu.stat periods {sp} throttled {st} time {stime} ns"
+    );
+    assert!(
+        st >= 50,
+        "{tag}: the group must be throttled in most periods (cpu.stat {st})"
+    );
+    assert!(
+        close(et, st, 5.0, 1),
+        "{tag}: throttled periods eBPF {et} vs cpu.stat {st}"
+    );
+    assert!(
+        close(ep, sp, 5.0, 1),
+        "{tag}: periods eBPF {ep} vs cpu.stat {sp}"
+    );
+    assert!(
+        close(etime, stime, 5.0, 20_000_000),
+        "{tag}: throttled time eBPF {etime} vs cpu.stat {stime}"
+    );
+    // The poll source reads cpu.stat itself.
+    assert!(close(p1.nr_throttled - p0.nr_throttled, st, 2.0, 1));
+    assert!(
+        events as u64 >= et / 2,
+        "{tag}: events arrive while throttled: {events} for {et} throttled periods"
+    );
+    let usage = p1
+        .usage_ns
+        .zip(p0.usage_ns)
+        .map(|(a, b)| a - b)
+        .unwrap_or(0);
+    let expect = window.as_nanos() as f64 * limit as f64 / 1000.0;
+    assert!(
+        (usage as f64 - expect).abs() < expect * 0.15,
+        "{tag}: usage {usage} ns vs quota {expect:.0} ns"
+    );
+
+    // Lift the quota: events stop.
+    cg.set_limit(None);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drain(&mut rx, dir.id.0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = drain(&mut rx, dir.id.0);
+    assert_eq!(after, 0, "{tag}: no events once the quota is lifted");
+    let stats = ebpf.kernel_stats().unwrap_or_default();
+    assert_eq!(stats.ringbuf_drops, 0, "{stats:?}");
+    assert_eq!(stats.user_drops, 0, "{stats:?}");
+}
+
+#[test]
+fn ebpf_matches_cpu_stat_one_thread_at_20_percent() {
+    let _g = kernel_lock();
+    if !kernel_tier_available() {
+        return;
+    }
+    runtime().block_on(compare("s1x20", 200, 1));
+}
+
+#[test]
+fn ebpf_matches_cpu_stat_two_threads_at_50_percent() {
+    let _g = kernel_lock();
+    if !kernel_tier_available() {
+        return;
+    }
+    runtime().block_on(compare("s2x50", 500, 2));
+}
+
+#[test]
+fn sense_reports_vanished_and_missing_cgroups() {
+    let _g = kernel_lock();
+    if !kernel_tier_available() {
+        return;
+    }
+    let mut keep = TestCgroup::new("sense-keep");
+    keep.set_limit(Some(100));
+    keep.spin();
+    let mut gone = TestCgroup::new("sense-gone");
+    gone.set_limit(Some(100));
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_mbcas"))
+        .args([
+            "sense",
+            "--json",
+            "--duration",
+            "3",
+            "--sensor",
+            "auto",
+            "--cgroup",
+        ])
+        .arg(&keep.path)
+        .arg("--cgroup")
+        .arg(&gone.path)
+        .args(["--cgroup", "/sys/fs/cgroup/cpu/mbcas-does-not-exist"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(Duration::from_millis(1500));
+    // Remove one cgroup mid-window.
+    gone.kill_burners();
+    std::fs::remove_dir(&gone.path).unwrap_or_else(|e| panic!("rmdir: {e}"));
+    if let Some(a) = &gone.acct {
+        let _ = std::fs::remove_dir(a);
+    }
+    let out = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "sense failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(v["sensor"], "ebpf");
+    let cgroups = v["cgroups"].as_array().cloned().unwrap_or_default();
+    assert_eq!(cgroups.len(), 1, "{stdout}");
+    assert_eq!(cgroups[0]["id"], keep.inode());
+    assert!(
+        cgroups[0]["nr_throttled"].as_u64().unwrap_or(0) >= 20,
+        "{stdout}"
+    );
+    assert!(cgroups[0]["usage_ns"].as_u64().is_some(), "{stdout}");
+    let skipped = v["skipped"].to_string();
+    assert!(
+        skipped.contains("vanished") && skipped.contains("sense-gone"),
+        "{skipped}"
+    );
+    assert!(
+        skipped.contains("mbcas-does-not-exist") && skipped.contains("no such cgroup"),
+        "{skipped}"
+    );
+}
