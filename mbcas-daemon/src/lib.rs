@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod demand;
+pub mod http;
 pub mod market;
 pub mod metrics;
 pub mod policy;
