@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 
 pub mod cli;
+pub mod config;
 pub mod demand;
 pub mod http;
 pub mod market;

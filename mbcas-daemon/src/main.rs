@@ -9,7 +9,20 @@ use clap::Parser as _;
 use mbcas::cli::{Cli, Command};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Usage errors (unknown flag, unparsable value, bad env fallback) exit 64
+    // like every other configuration error; --help and --version exit 0.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() {
+                mbcas::cli::EXIT_USAGE
+            } else {
+                0
+            };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
     if let Err(e) = mbcas::telemetry::init(&cli.log_level, cli.log_format) {
         eprintln!("error: {e}");
         return ExitCode::from(mbcas::cli::EXIT_USAGE);
