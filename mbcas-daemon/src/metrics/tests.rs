@@ -231,3 +231,57 @@ fn clones_share_series() {
     c.add_ebpf_events(3);
     assert_eq!(scrape(&m).value("mbcas_ebpf_events_total", &[]), Some(3.0));
 }
+
+/// The Grafana dashboard queries only metrics this module exposes.
+#[test]
+fn dashboard_queries_only_exposed_metrics() {
+    let text = include_str!("../../../deploy/grafana/mbcas-dashboard.json");
+    let dash: serde_json::Value =
+        serde_json::from_str(text).unwrap_or_else(|e| panic!("dashboard JSON: {e}"));
+    let e = scrape(&populated());
+    let exposed: std::collections::HashSet<&str> = e
+        .families
+        .iter()
+        .flat_map(|f| &f.samples)
+        .map(|s| s.name.as_str())
+        .collect();
+    let panels = dash["panels"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no panels"));
+    let mut used = std::collections::BTreeSet::new();
+    let mut exprs = 0;
+    for p in panels {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"]
+                .as_str()
+                .unwrap_or_else(|| panic!("target without expr in {}", p["title"]));
+            assert!(expr.contains("mbcas_"), "{expr}");
+            exprs += 1;
+        }
+    }
+    // Panel queries and template variables alike.
+    let mut rest = text;
+    while let Some(i) = rest.find("mbcas_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        used.insert(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    assert!(exprs >= 15, "only {exprs} queries");
+    for name in &used {
+        assert!(
+            exposed.contains(name.as_str()),
+            "dashboard uses unknown metric {name}"
+        );
+    }
+    // And every metric family is on the dashboard somewhere.
+    for f in &e.families {
+        assert!(
+            used.iter().any(|u| u.starts_with(&f.name)),
+            "{} is not on the dashboard",
+            f.name
+        );
+    }
+}

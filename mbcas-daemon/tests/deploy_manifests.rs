@@ -1,0 +1,226 @@
+//! `deploy/` stays true: every YAML parses, the Kubernetes objects deserialize
+//! into their API types, and the DaemonSet has what the daemon needs.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::Namespace};
+use serde_json::Value;
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let entries = std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    for entry in entries {
+        let path = entry.unwrap_or_else(|e| panic!("{e}")).path();
+        if path.is_dir() {
+            yaml_files(&path, out);
+        } else if path.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+            out.push(path);
+        }
+    }
+}
+
+/// Every document of every YAML file under deploy/, by file name.
+fn documents() -> BTreeMap<String, Vec<Value>> {
+    let mut files = Vec::new();
+    yaml_files(&deploy_dir(), &mut files);
+    files.sort();
+    files
+        .iter()
+        .map(|path| {
+            let text =
+                std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let docs: Vec<Value> = serde_saphyr::from_multiple(&text)
+                .unwrap_or_else(|e| panic!("{} is not valid YAML: {e}", path.display()));
+            let rel = path
+                .strip_prefix(deploy_dir())
+                .unwrap_or(path)
+                .display()
+                .to_string();
+            (rel, docs)
+        })
+        .collect()
+}
+
+fn one<'a>(docs: &'a BTreeMap<String, Vec<Value>>, file: &str) -> &'a Value {
+    match docs.get(file).map(Vec::as_slice) {
+        Some([doc]) => doc,
+        other => panic!("{file}: expected one document, got {other:?}"),
+    }
+}
+
+#[test]
+fn every_yaml_parses_and_names_its_kind() {
+    let docs = documents();
+    for name in ["namespace.yaml", "daemonset.yaml", "kind-config.yaml"] {
+        assert!(docs.contains_key(name), "deploy/{name} missing");
+    }
+    for (file, list) in &docs {
+        assert!(!list.is_empty(), "{file} has no document");
+        for doc in list {
+            for field in ["apiVersion", "kind"] {
+                assert!(
+                    doc[field].as_str().is_some_and(|s| !s.is_empty()),
+                    "{file}: a document without {field}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn daemonset_runs_in_the_namespace_with_host_access_and_probes() {
+    let docs = documents();
+    let ns: Namespace = serde_json::from_value(one(&docs, "namespace.yaml").clone())
+        .unwrap_or_else(|e| panic!("namespace.yaml: {e}"));
+    let ns_name = ns.metadata.name.unwrap_or_default();
+    assert_eq!(ns_name, "mbcas-system");
+
+    let ds: DaemonSet = serde_json::from_value(one(&docs, "daemonset.yaml").clone())
+        .unwrap_or_else(|e| panic!("daemonset.yaml is not a DaemonSet: {e}"));
+    assert_eq!(ds.metadata.namespace.as_deref(), Some(ns_name.as_str()));
+    let spec = ds.spec.unwrap_or_else(|| panic!("no spec"));
+    let pod = spec.template.spec.unwrap_or_else(|| panic!("no pod spec"));
+    let labels = spec
+        .template
+        .metadata
+        .and_then(|m| m.labels)
+        .unwrap_or_default();
+    for (k, v) in spec.selector.match_labels.unwrap_or_default() {
+        assert_eq!(
+            labels.get(&k),
+            Some(&v),
+            "selector {k}={v} does not match the template"
+        );
+    }
+    assert!(
+        pod.tolerations
+            .unwrap_or_default()
+            .iter()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()),
+        "must tolerate every taint to run on every node"
+    );
+    assert!(pod.service_account_name.is_some_and(|s| !s.is_empty()));
+
+    let [c] = pod.containers.as_slice() else {
+        panic!("expected one container");
+    };
+    let env: BTreeMap<&str, _> = c
+        .env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.as_str(), e))
+        .collect();
+    let node_name = env
+        .get("MBCAS_NODE_NAME")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.field_ref.as_ref())
+        .map(|f| f.field_path.as_str());
+    assert_eq!(
+        node_name,
+        Some("spec.nodeName"),
+        "node name from the downward API"
+    );
+    let args = c.args.clone().unwrap_or_default();
+    assert!(
+        args.windows(2)
+            .any(|w| w[0] == "--node-name" && w[1] == "$(MBCAS_NODE_NAME)"),
+        "{args:?}"
+    );
+    assert!(
+        args.windows(2)
+            .any(|w| w[0] == "--mode" && w[1] == "kubernetes")
+    );
+
+    let port = c
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("metrics"))
+        .unwrap_or_else(|| panic!("no metrics port"));
+    let addr = env
+        .get("MBCAS_METRICS_ADDR")
+        .and_then(|e| e.value.clone())
+        .unwrap_or_else(|| "0.0.0.0:9090".into());
+    assert!(
+        addr.ends_with(&format!(":{}", port.container_port)),
+        "{addr}"
+    );
+    for (probe, path) in [
+        (&c.liveness_probe, "/healthz"),
+        (&c.readiness_probe, "/readyz"),
+    ] {
+        let get = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .unwrap_or_else(|| panic!("no {path} probe"));
+        assert_eq!(get.path.as_deref(), Some(path));
+    }
+    let res = c
+        .resources
+        .as_ref()
+        .unwrap_or_else(|| panic!("no resources"));
+    assert!(
+        res.requests
+            .as_ref()
+            .is_some_and(|r| r.contains_key("cpu") && r.contains_key("memory"))
+    );
+    assert!(
+        res.limits
+            .as_ref()
+            .is_some_and(|r| r.contains_key("memory"))
+    );
+
+    let volumes: BTreeMap<String, String> = pod
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| Some((v.name.clone(), v.host_path.as_ref()?.path.clone())))
+        .collect();
+    let mounts: BTreeMap<String, String> = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| (m.mount_path.clone(), m.name.clone()))
+        .collect();
+    for host in ["/sys/fs/cgroup", "/sys/kernel/btf", "/sys/fs/bpf"] {
+        let vol = mounts
+            .get(host)
+            .unwrap_or_else(|| panic!("{host} not mounted"));
+        assert_eq!(volumes.get(vol).map(String::as_str), Some(host), "{host}");
+    }
+    let sc = c
+        .security_context
+        .as_ref()
+        .unwrap_or_else(|| panic!("no securityContext"));
+    assert_eq!(
+        sc.privileged,
+        Some(true),
+        "privileged (see the comment in daemonset.yaml)"
+    );
+}
+
+#[test]
+fn kind_config_pins_a_node_image_with_in_place_resize() {
+    let docs = documents();
+    let cfg = one(&docs, "kind-config.yaml");
+    assert_eq!(cfg["kind"], "Cluster");
+    let nodes = cfg["nodes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no nodes"));
+    assert!(nodes.iter().any(|n| n["role"] == "control-plane"));
+    for n in nodes {
+        let image = n["image"]
+            .as_str()
+            .unwrap_or_else(|| panic!("node without image"));
+        assert!(
+            image.starts_with("kindest/node:v1.35."),
+            "{image}: in-place resize needs Kubernetes 1.35"
+        );
+    }
+}
