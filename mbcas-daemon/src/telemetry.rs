@@ -1,9 +1,14 @@
 //! Logging set-up: `tracing` with a text or JSON formatter on stderr.
+//!
+//! Records from the `log` crate are bridged into `tracing` (tracing-subscriber's
+//! `tracing-log` feature installs a `LogTracer` when the subscriber is set). This
+//! is how the eBPF programs' aya-log lines, which `aya_log::EbpfLogger` emits
+//! through `log`, reach the same formatter and filter as the rest of the daemon.
 
 use std::io::IsTerminal as _;
 
 use clap::ValueEnum;
-use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+use tracing_subscriber::{EnvFilter, fmt, fmt::MakeWriter, prelude::*};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -15,6 +20,14 @@ pub enum LogFormat {
 /// Installs the global subscriber. `level` is an `EnvFilter` directive such as
 /// `info` or `mbcas=debug`; `RUST_LOG`, when set, wins.
 pub fn init(level: &str, format: LogFormat) -> Result<(), TelemetryError> {
+    init_with_writer(level, format, std::io::stderr)
+}
+
+/// [`init`] with another destination than stderr (tests capture the output).
+pub fn init_with_writer<W>(level: &str, format: LogFormat, writer: W) -> Result<(), TelemetryError>
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
     let filter = match std::env::var("RUST_LOG") {
         Ok(s) if !s.is_empty() => EnvFilter::try_new(s),
         _ => EnvFilter::try_new(level),
@@ -33,7 +46,7 @@ pub fn init(level: &str, format: LogFormat) -> Result<(), TelemetryError> {
             )
             .try_init(),
         LogFormat::Json => registry
-            .with(fmt::layer().json().with_writer(std::io::stderr))
+            .with(fmt::layer().json().with_writer(writer))
             .try_init(),
     };
     res.map_err(|e| TelemetryError::Install(e.to_string()))

@@ -224,3 +224,51 @@ fn kind_config_pins_a_node_image_with_in_place_resize() {
         );
     }
 }
+
+/// Files a kustomization (recursively) lists as resources.
+fn kustomized(dir: &Path, out: &mut Vec<PathBuf>) {
+    let path = dir.join("kustomization.yaml");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let k: Value =
+        serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(k["kind"], "Kustomization", "{}", path.display());
+    for r in k["resources"].as_array().into_iter().flatten() {
+        let r = r
+            .as_str()
+            .unwrap_or_else(|| panic!("{}: non-string resource", path.display()));
+        let p = dir.join(r);
+        if p.is_dir() {
+            kustomized(&p, out);
+        } else {
+            assert!(
+                p.is_file(),
+                "{}: resource {r} does not exist",
+                path.display()
+            );
+            out.push(p.canonicalize().unwrap_or_else(|e| panic!("{r}: {e}")));
+        }
+    }
+}
+
+#[test]
+fn kustomization_lists_every_manifest() {
+    let dir = deploy_dir();
+    let mut listed = Vec::new();
+    kustomized(&dir, &mut listed);
+    let mut files = Vec::new();
+    yaml_files(&dir, &mut files);
+    for f in files {
+        let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name == "kustomization.yaml" || name == "kind-config.yaml" {
+            continue;
+        }
+        let f = f
+            .canonicalize()
+            .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        assert!(
+            listed.contains(&f),
+            "{} is not in deploy/kustomization.yaml",
+            f.display()
+        );
+    }
+}

@@ -1,6 +1,7 @@
 //! Developer tasks: `cargo xtask <command>`. Each command lives in its own module.
 
 mod build_ebpf;
+mod kind;
 mod setup;
 mod test;
 
@@ -21,6 +22,13 @@ enum Command {
     BuildEbpf(build_ebpf::Options),
     /// Run setup, then every test tier (unit, kernel, control plane).
     Test(test::Options),
+    /// Create a Kind cluster (deploy/kind-config.yaml), build and load the image, deploy MBCAS.
+    /// Needs Docker, kind and kubectl.
+    KindUp(kind::Options),
+    /// On the Kind cluster: check that MBCAS raises a throttled pod's CPU limit in place.
+    KindE2e(kind::Options),
+    /// Delete the Kind cluster.
+    KindDown(kind::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -28,5 +36,8 @@ fn main() -> anyhow::Result<()> {
         Command::Setup(opts) => setup::run(&opts),
         Command::BuildEbpf(opts) => build_ebpf::run(&opts),
         Command::Test(opts) => test::run(&opts),
+        Command::KindUp(opts) => kind::up(&opts),
+        Command::KindE2e(opts) => kind::e2e(&opts),
+        Command::KindDown(opts) => kind::down(&opts),
     }
 }

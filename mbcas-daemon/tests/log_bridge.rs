@@ -1,0 +1,58 @@
+//! `log` records (what aya-log's `EbpfLogger` emits for the eBPF programs) reach
+//! the daemon's tracing subscriber: formatted, filtered, in JSON when asked.
+//! Its own test binary: it installs the process-global subscriber.
+
+use std::{
+    io::Write,
+    sync::{Arc, Mutex},
+};
+
+use mbcas::telemetry::{LogFormat, init_with_writer};
+
+#[derive(Clone, Default)]
+struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Buffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Buffer {
+    type Writer = Buffer;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+#[test]
+fn log_crate_records_are_bridged_into_tracing_json() {
+    let buf = Buffer::default();
+    init_with_writer("info,mbcas_ebpf=debug", LogFormat::Json, buf.clone())
+        .unwrap_or_else(|e| panic!("{e}"));
+    log::debug!(target: "mbcas_ebpf", "period timer for cgroup {} throttled", 4242);
+    log::trace!(target: "mbcas_ebpf", "filtered out");
+    log::debug!(target: "other", "filtered out too");
+    let text = String::from_utf8(buf.0.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    assert_eq!(
+        lines[0]["fields"]["message"],
+        "period timer for cgroup 4242 throttled"
+    );
+    assert_eq!(lines[0]["target"], "mbcas_ebpf");
+    assert_eq!(lines[0]["level"], "DEBUG");
+    // A second subscriber cannot be installed: said, not panicked.
+    assert!(init_with_writer("info", LogFormat::Text, Buffer::default()).is_err());
+}
