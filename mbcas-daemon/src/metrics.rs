@@ -18,7 +18,7 @@
 //! | `mbcas_resizes_total` | counter | `result` (a fixed code) |
 //! | `mbcas_resize_latency_seconds` | histogram | – |
 //! | `mbcas_ebpf_events_total` | counter | – |
-//! | `mbcas_ebpf_drops_total` | counter | – |
+//! | `mbcas_ebpf_drops_total` | counter | `stage` (`ringbuf`: kernel side full, `channel`: reader's consumer too slow) |
 //! | `mbcas_ebpf_program_run_time_seconds_total` | counter | `program` |
 //! | `mbcas_ebpf_program_runs_total` | counter | `program` |
 //! | `mbcas_sensor_mode` | gauge (1 for the active mode) | `mode` |
@@ -48,7 +48,17 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::units::MilliCpu;
+use mbcas_common::{PROG_PERIOD_TIMER, PROG_SCHED_SWITCH};
+
+use crate::{
+    sensor::ebpf::{KernelStats, ProgramCost},
+    units::MilliCpu,
+};
+
+/// `stage` of events lost because the kernel's ring buffer was full.
+pub const DROP_RINGBUF: &str = "ringbuf";
+/// `stage` of events lost because the daemon's consumer did not keep up.
+pub const DROP_CHANNEL: &str = "channel";
 
 /// The OpenMetrics content type `/metrics` is served with.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -86,6 +96,11 @@ struct ProgramLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabels {
+    stage: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModeLabels {
     mode: &'static str,
 }
@@ -113,7 +128,9 @@ pub struct Metrics {
     resizes: Family<ResultLabels, Counter>,
     resize_latency: Histogram,
     ebpf_events: Counter,
-    ebpf_drops: Counter,
+    ebpf_drops: Family<StageLabels, Counter>,
+    /// Last cumulative (events, ring-buffer drops, channel drops) of the sensor.
+    kernel_last: Arc<Mutex<(u64, u64, u64)>>,
     ebpf_run_time: Family<ProgramLabels, F64Counter>,
     ebpf_runs: Family<ProgramLabels, Counter>,
     /// Last cumulative (run time ns, run count) seen per program, to turn the
@@ -170,7 +187,8 @@ impl Metrics {
             // 10 ms … ≈ 82 s: a PATCH to the kubelet's report takes ~1 s normally.
             resize_latency: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
             ebpf_events: Counter::default(),
-            ebpf_drops: Counter::default(),
+            ebpf_drops: Family::default(),
+            kernel_last: Arc::default(),
             ebpf_run_time: Family::default(),
             ebpf_runs: Family::default(),
             ebpf_last: Arc::default(),
@@ -241,7 +259,7 @@ impl Metrics {
         );
         r.register(
             "ebpf_drops",
-            "Throttle events the eBPF programs could not emit (ring buffer full)",
+            "Throttle events lost: ring buffer full (stage=ringbuf) or consumer too slow (stage=channel)",
             m.ebpf_drops.clone(),
         );
         r.register_with_unit(
@@ -364,9 +382,45 @@ impl Metrics {
         self.ebpf_events.inc_by(n);
     }
 
-    /// Adds events the kernel side could not emit.
-    pub fn add_ebpf_drops(&self, n: u64) {
-        self.ebpf_drops.inc_by(n);
+    /// Adds lost events; `stage` is [`DROP_RINGBUF`] or [`DROP_CHANNEL`].
+    pub fn add_ebpf_drops(&self, stage: &'static str, n: u64) {
+        self.ebpf_drops
+            .get_or_create(&StageLabels { stage })
+            .inc_by(n);
+    }
+
+    /// Records the sensor's cumulative kernel counters; the counters advance by
+    /// the difference to the previous call (a smaller value, after the sensor
+    /// was restarted, counts from zero).
+    pub fn observe_kernel_stats(&self, stats: &KernelStats) {
+        let now = (stats.events, stats.ringbuf_drops, stats.user_drops);
+        let prev = std::mem::replace(&mut *lock(&self.kernel_last), now);
+        let delta = |n: u64, p: u64| if n >= p { n - p } else { n };
+        self.add_ebpf_events(delta(now.0, prev.0));
+        self.add_ebpf_drops(DROP_RINGBUF, delta(now.1, prev.1));
+        self.add_ebpf_drops(DROP_CHANNEL, delta(now.2, prev.2));
+    }
+
+    /// Records each attached program's cumulative `bpf_stats`. Names other than
+    /// the programs `mbcas-common` defines are counted under `other`, so the
+    /// label stays bounded.
+    pub fn observe_program_costs(&self, costs: &[ProgramCost]) {
+        let mut other = (0, 0);
+        for c in costs {
+            match [PROG_PERIOD_TIMER, PROG_SCHED_SWITCH]
+                .into_iter()
+                .find(|&p| p == c.name)
+            {
+                Some(p) => self.set_ebpf_program_stats(p, c.run_time_ns, c.run_count),
+                None => {
+                    other.0 += c.run_time_ns;
+                    other.1 += c.run_count;
+                }
+            }
+        }
+        if other != (0, 0) {
+            self.set_ebpf_program_stats("other", other.0, other.1);
+        }
     }
 
     /// Records a program's cumulative `bpf_stats` (run time in ns, run count) as

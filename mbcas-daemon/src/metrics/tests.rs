@@ -27,7 +27,7 @@ fn populated() -> Metrics {
     m.observe_resize_latency(Duration::from_millis(800));
     m.observe_resize_latency(Duration::from_millis(30));
     m.add_ebpf_events(7);
-    m.add_ebpf_drops(1);
+    m.add_ebpf_drops(DROP_RINGBUF, 1);
     m.set_ebpf_program_stats("sched_switch", 2_000_000_000, 1000);
     m.set_sensor_mode("ebpf");
     drop(m.loop_timer());
@@ -96,7 +96,10 @@ fn encoded_output_is_strict_openmetrics_with_every_metric() {
         Some(1.0)
     );
     assert_eq!(e.value("mbcas_ebpf_events_total", &[]), Some(7.0));
-    assert_eq!(e.value("mbcas_ebpf_drops_total", &[]), Some(1.0));
+    assert_eq!(
+        e.value("mbcas_ebpf_drops_total", &[("stage", "ringbuf")]),
+        Some(1.0)
+    );
     assert_eq!(
         e.value(
             "mbcas_ebpf_program_run_time_seconds_total",
@@ -284,4 +287,49 @@ fn dashboard_queries_only_exposed_metrics() {
             f.name
         );
     }
+}
+
+#[test]
+fn sensor_stats_advance_counters_by_difference() {
+    let m = Metrics::new();
+    let stats = |events, ringbuf_drops, user_drops| KernelStats {
+        period_timers: 0,
+        events,
+        ringbuf_drops,
+        read_errors: 0,
+        episodes: 0,
+        map_errors: 0,
+        user_drops,
+    };
+    m.observe_kernel_stats(&stats(10, 1, 0));
+    m.observe_kernel_stats(&stats(25, 1, 2));
+    let e = scrape(&m);
+    assert_eq!(e.value("mbcas_ebpf_events_total", &[]), Some(25.0));
+    assert_eq!(
+        e.value("mbcas_ebpf_drops_total", &[("stage", "ringbuf")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        e.value("mbcas_ebpf_drops_total", &[("stage", "channel")]),
+        Some(2.0)
+    );
+    // Sensor restarted: its counters start from zero again.
+    m.observe_kernel_stats(&stats(4, 0, 0));
+    assert_eq!(scrape(&m).value("mbcas_ebpf_events_total", &[]), Some(29.0));
+
+    let cost = |name: &str, run_time_ns, run_count| ProgramCost {
+        name: name.to_owned(),
+        run_count,
+        run_time_ns,
+    };
+    m.observe_program_costs(&[
+        cost(PROG_PERIOD_TIMER, 1_000_000, 1000),
+        cost("something_else", 500_000, 10),
+        cost("another", 500_000, 10),
+    ]);
+    let e = scrape(&m);
+    let runs = |p| e.value("mbcas_ebpf_program_runs_total", &[("program", p)]);
+    assert_eq!(runs(PROG_PERIOD_TIMER), Some(1000.0));
+    assert_eq!(runs("other"), Some(20.0));
+    assert_eq!(e.samples("mbcas_ebpf_program_runs_total").count(), 2);
 }
