@@ -5,9 +5,12 @@
 //! architecture and the contracts between the modules.
 #![deny(unsafe_code)]
 
+pub mod burn;
+pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod demand;
+pub mod engine;
 pub mod http;
 pub mod market;
 pub mod metrics;

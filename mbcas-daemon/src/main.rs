@@ -33,6 +33,11 @@ fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }
         Command::Solve(args) => run_solve(&args),
+        Command::Burn(args) => {
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            mbcas::burn::burn(&args, stop);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Sense(args) => run_sense(&args, &cli.log_level),
     };
     match result {

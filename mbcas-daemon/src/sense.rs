@@ -11,7 +11,9 @@ use serde::Serialize;
 
 use crate::{
     sensor::{
-        CgroupDir, Sensor, SensorError, SensorKind, SensorMode, ebpf::KernelStats, error_chain,
+        CgroupDir, Sensor, SensorError, SensorKind, SensorMode,
+        ebpf::{KernelStats, ProgramCost},
+        error_chain,
     },
     units::CgroupId,
 };
@@ -53,6 +55,70 @@ pub struct SenseReport {
     pub skipped: Vec<Skipped>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel: Option<KernelStats>,
+    /// Per-program run counts and time (eBPF; run time needs `kernel.bpf_stats_enabled=1`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub programs: Vec<ProgramCost>,
+    /// Delay from the kernel making an event to this process receiving it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_latency_us: Option<Latency>,
+    /// This process's own cost over its life.
+    pub resources: Resources,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Latency {
+    pub n: usize,
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Latency {
+    fn of(mut v: Vec<u64>) -> Option<Self> {
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_unstable();
+        let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0;
+        Some(Self {
+            n: v.len(),
+            p50: q(0.5),
+            p99: q(0.99),
+            max: q(1.0),
+        })
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Resources {
+    /// User + system CPU time, in seconds.
+    pub cpu_s: f64,
+    /// Peak resident set size, in KiB.
+    pub max_rss_kib: u64,
+}
+
+impl Resources {
+    pub fn of_self() -> Self {
+        use nix::sys::{resource, time::TimeValLike as _};
+        match resource::getrusage(resource::UsageWho::RUSAGE_SELF) {
+            Ok(u) => Self {
+                cpu_s: (u.user_time().num_microseconds() + u.system_time().num_microseconds())
+                    as f64
+                    / 1e6,
+                max_rss_kib: u64::try_from(u.max_rss()).unwrap_or(0),
+            },
+            Err(_) => Self::default(),
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` reads.
+fn monotonic_ns() -> Option<u64> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
+    u64::try_from(t.tv_sec())
+        .ok()?
+        .checked_mul(1_000_000_000)?
+        .checked_add(u64::try_from(t.tv_nsec()).ok()?)
 }
 
 #[derive(Debug, Serialize)]
@@ -93,12 +159,16 @@ pub async fn sense(args: &SenseArgs, debug_log: bool) -> Result<SenseReport, Sen
     let counter = sensor.take_events().map(|mut rx| {
         tokio::spawn(async move {
             let mut counts: HashMap<u64, u64> = HashMap::new();
+            let mut latencies = Vec::new();
             while let Some(ev) = rx.recv().await {
+                if let Some(now) = monotonic_ns() {
+                    latencies.push(now.saturating_sub(ev.ts_ns));
+                }
                 if ids.contains(&ev.cgroup_id) {
                     *counts.entry(ev.cgroup_id).or_default() += 1;
                 }
             }
-            counts
+            (counts, latencies)
         })
     });
     tokio::time::sleep(args.duration).await;
@@ -114,13 +184,14 @@ pub async fn sense(args: &SenseArgs, debug_log: bool) -> Result<SenseReport, Sen
         }
     }
     let kernel = sensor.kernel_stats();
+    let programs = sensor.program_costs();
     let kind = sensor.kind();
     let fallback_reason = sensor.fallback_reason().map(str::to_owned);
     // Dropping the sensor detaches the programs and closes the event stream.
     drop(sensor);
-    let counts = match counter {
+    let (counts, latencies) = match counter {
         Some(h) => h.await.unwrap_or_default(),
-        None => HashMap::new(),
+        None => (HashMap::new(), Vec::new()),
     };
     for (dir, before, after) in finals {
         cgroups.push(CgroupReport {
@@ -143,6 +214,9 @@ pub async fn sense(args: &SenseArgs, debug_log: bool) -> Result<SenseReport, Sen
         cgroups,
         skipped,
         kernel,
+        programs,
+        event_latency_us: Latency::of(latencies),
+        resources: Resources::of_self(),
     })
 }
 
@@ -180,6 +254,25 @@ pub fn render_table(r: &SenseReport) -> String {
     }
     for k in &r.skipped {
         let _ = writeln!(s, "skipped {}: {}", k.path.display(), k.error);
+    }
+    for p in &r.programs {
+        let per_call = if p.run_count > 0 {
+            p.run_time_ns as f64 / p.run_count as f64
+        } else {
+            0.0
+        };
+        let _ = writeln!(
+            s,
+            "program {}: {} calls, {:.0} ns/call",
+            p.name, p.run_count, per_call
+        );
+    }
+    if let Some(l) = &r.event_latency_us {
+        let _ = writeln!(
+            s,
+            "event latency: p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs over {} events",
+            l.p50, l.p99, l.max, l.n
+        );
     }
     if let Some(k) = &r.kernel {
         let _ = writeln!(

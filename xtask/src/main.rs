@@ -1,5 +1,6 @@
 //! Developer tasks: `cargo xtask <command>`. Each command lives in its own module.
 
+mod bench_sensor;
 mod build_ebpf;
 mod kind;
 mod setup;
@@ -18,6 +19,8 @@ struct Cli {
 enum Command {
     /// Install, only where missing, every tool the build and the tests need.
     Setup(setup::Options),
+    /// Measure the eBPF sensor: per-program cost, events, drops, latency, own CPU/RSS (root).
+    BenchSensor(bench_sensor::Options),
     /// Build the eBPF programs (through mbcas-daemon's build script) and show the object.
     BuildEbpf(build_ebpf::Options),
     /// Run setup, then every test tier (unit, kernel, control plane).
@@ -35,6 +38,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Setup(opts) => setup::run(&opts),
         Command::BuildEbpf(opts) => build_ebpf::run(&opts),
+        Command::BenchSensor(opts) => bench_sensor::run(&opts),
         Command::Test(opts) => test::run(&opts),
         Command::KindUp(opts) => kind::up(&opts),
         Command::KindE2e(opts) => kind::e2e(&opts),

@@ -1,0 +1,311 @@
+//! One decision round: counters → demand → market → policy (pure).
+//!
+//! The same [`Engine`] drives local mode, the Kubernetes daemon and the
+//! simulator: callers read counters and current limits however they can, call
+//! [`Engine::step`] with the time, and actuate the changed decisions.
+
+use std::{collections::HashMap, time::Duration};
+
+use serde::Serialize;
+
+use crate::{
+    demand::{Counters, DemandConfig, DemandEstimate, DemandEstimator, Sample},
+    market::{self, Bid, Bound, MarketInput, Surplus},
+    policy::{Decision, Exclusion, PodView, Policy, PolicyConfig, Reason},
+    units::{MilliCpu, PodKey},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EngineConfig {
+    pub demand: DemandConfig,
+    pub policy: PolicyConfig,
+    pub surplus: Surplus,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            demand: DemandConfig::default(),
+            policy: PolicyConfig::default(),
+            surplus: Surplus::Distribute,
+        }
+    }
+}
+
+/// What the caller knows about one consumer this round.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConsumerInput {
+    pub key: PodKey,
+    pub counters: Counters,
+    /// The limit in effect now.
+    pub current: MilliCpu,
+    /// The limit when MBCAS first saw the consumer.
+    pub original: MilliCpu,
+    pub weight: f64,
+    pub floor: MilliCpu,
+    pub cap: MilliCpu,
+    pub exclusion: Option<Exclusion>,
+}
+
+/// The outcome for one consumer.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Row {
+    pub key: PodKey,
+    /// `None` on the first sight (no window yet) or when counters went backwards.
+    pub estimate: Option<DemandEstimate>,
+    pub need: MilliCpu,
+    pub allocation: MilliCpu,
+    pub bound: Option<Bound>,
+    pub from: MilliCpu,
+    pub to: MilliCpu,
+    pub reason: Reason,
+}
+
+impl Row {
+    pub fn changed(&self) -> bool {
+        self.from != self.to
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StepOutcome {
+    pub price: f64,
+    pub overcommitted: bool,
+    pub capacity: MilliCpu,
+    pub rows: Vec<Row>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Market(#[from] market::MarketError),
+}
+
+#[derive(Debug, Default)]
+struct Memory {
+    estimator: DemandEstimator,
+    last: Option<Counters>,
+    last_estimate: Option<DemandEstimate>,
+}
+
+pub struct Engine {
+    cfg: EngineConfig,
+    policy: Policy,
+    memory: HashMap<PodKey, Memory>,
+}
+
+impl Engine {
+    pub fn new(cfg: EngineConfig) -> Self {
+        Self {
+            cfg,
+            policy: Policy::new(cfg.policy),
+            memory: HashMap::new(),
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// Runs one round. Consumers absent from `inputs` are forgotten.
+    pub fn step(
+        &mut self,
+        now: Duration,
+        capacity: MilliCpu,
+        inputs: &[ConsumerInput],
+    ) -> Result<StepOutcome, EngineError> {
+        self.memory
+            .retain(|k, _| inputs.iter().any(|i| &i.key == k));
+        self.policy.retain(inputs.iter().map(|i| &i.key));
+        let mut estimates = Vec::with_capacity(inputs.len());
+        for inp in inputs {
+            let mem = self.memory.entry(inp.key.clone()).or_default();
+            let est = match mem.last.map(|prev| Sample::new(&prev, &inp.counters)) {
+                Some(Ok(sample)) => Some(mem.estimator.update(&sample, &self.cfg.demand)),
+                Some(Err(e)) => {
+                    tracing::debug!(consumer = %inp.key, error = %e, "counters not usable this round");
+                    None
+                }
+                None => None,
+            };
+            mem.last = Some(inp.counters);
+            if est.is_some() {
+                mem.last_estimate = est;
+            }
+            estimates.push(est.or(mem.last_estimate));
+        }
+        // Excluded consumers keep their limits and do not bid.
+        let bidders: Vec<usize> = (0..inputs.len())
+            .filter(|&i| inputs[i].exclusion.is_none())
+            .collect();
+        let bids: Vec<Bid> = bidders
+            .iter()
+            .map(|&i| {
+                let inp = &inputs[i];
+                let need = estimates[i].map_or(inp.current, |e| e.need);
+                let floor = inp.floor.min(inp.cap);
+                Bid {
+                    key: inp.key.clone(),
+                    weight: inp.weight,
+                    floor,
+                    cap: inp.cap,
+                    need,
+                }
+            })
+            .collect();
+        let outcome = market::clear(&MarketInput {
+            capacity,
+            surplus: self.cfg.surplus,
+            bids,
+        })?;
+        let mut alloc: Vec<Option<(MilliCpu, Bound)>> = vec![None; inputs.len()];
+        for (&i, a) in bidders.iter().zip(&outcome.allocations) {
+            alloc[i] = Some((a.amount, a.bound));
+        }
+        let views: Vec<PodView> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, inp)| PodView {
+                key: inp.key.clone(),
+                current: inp.current,
+                original: inp.original,
+                floor: inp.floor,
+                proposed: alloc[i].map_or(inp.current, |a| a.0),
+                throttled_ratio: estimates[i].map_or(0.0, |e| e.throttled_ratio),
+                samples: estimates[i].map_or(0, |e| e.samples),
+                exclusion: inp.exclusion,
+            })
+            .collect();
+        // Before the first full window nothing is known: hold.
+        let mut decisions: Vec<Decision> = self.policy.decide(now, capacity, &views);
+        for (i, d) in decisions.iter_mut().enumerate() {
+            if estimates[i].is_none() && d.changed() && d.reason != Reason::BelowFloor {
+                d.to = d.from;
+                d.reason = Reason::WarmUp;
+            }
+        }
+        let rows = inputs
+            .iter()
+            .zip(decisions)
+            .enumerate()
+            .map(|(i, (inp, d))| Row {
+                key: inp.key.clone(),
+                estimate: estimates[i],
+                need: estimates[i].map_or(inp.current, |e| e.need),
+                allocation: alloc[i].map_or(inp.current, |a| a.0),
+                bound: alloc[i].map(|a| a.1),
+                from: d.from,
+                to: d.to,
+                reason: d.reason,
+            })
+            .collect();
+        Ok(StepOutcome {
+            price: outcome.price,
+            overcommitted: outcome.overcommitted,
+            capacity,
+            rows,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(key: &str, c: Counters, current: u64) -> ConsumerInput {
+        ConsumerInput {
+            key: key.into(),
+            counters: c,
+            current: MilliCpu(current),
+            original: MilliCpu(200),
+            weight: 100.0,
+            floor: MilliCpu(100),
+            cap: MilliCpu(2000),
+            exclusion: None,
+        }
+    }
+
+    fn counters(
+        t_s: u64,
+        usage_ms: u64,
+        throttled_ms: u64,
+        periods: u64,
+        throttled: u64,
+    ) -> Counters {
+        Counters {
+            at_ns: t_s * 1_000_000_000,
+            usage_ns: usage_ms * 1_000_000,
+            throttled_ns: throttled_ms * 1_000_000,
+            nr_periods: periods,
+            nr_throttled: throttled,
+            psi_some_ns: None,
+        }
+    }
+
+    #[test]
+    fn throttled_consumer_gets_more_after_the_first_window() {
+        let mut e = Engine::new(EngineConfig::default());
+        let first = e.step(
+            Duration::from_secs(0),
+            MilliCpu(2000),
+            &[input("a", counters(0, 0, 0, 0, 0), 200)],
+        );
+        let first = first.unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            !first.rows[0].changed(),
+            "nothing is known before the first window"
+        );
+        // One second at the 200 m quota, held back 800 ms: demand 1000 m.
+        let second = e
+            .step(
+                Duration::from_secs(1),
+                MilliCpu(2000),
+                &[input("a", counters(1, 200, 800, 10, 10), 200)],
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        let r = &second.rows[0];
+        assert_eq!(r.need, MilliCpu(1200));
+        assert!(
+            r.changed() && r.to == MilliCpu(300),
+            "step-limited increase: {r:?}"
+        );
+        assert_eq!(r.reason, Reason::MaxStepUp);
+    }
+
+    #[test]
+    fn excluded_consumers_do_not_bid_and_keep_limits() {
+        let mut e = Engine::new(EngineConfig::default());
+        let mut x = input("x", counters(0, 0, 0, 0, 0), 500);
+        x.exclusion = Some(Exclusion::Guaranteed);
+        let out = e
+            .step(Duration::ZERO, MilliCpu(1000), &[x])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(out.rows[0].reason, Reason::ExcludedGuaranteed);
+        assert_eq!(out.rows[0].bound, None);
+    }
+
+    #[test]
+    fn counter_reset_keeps_the_last_estimate() {
+        let mut e = Engine::new(EngineConfig::default());
+        let _ = e.step(
+            Duration::ZERO,
+            MilliCpu(2000),
+            &[input("a", counters(0, 0, 0, 0, 0), 500)],
+        );
+        let ok = e.step(
+            Duration::from_secs(1),
+            MilliCpu(2000),
+            &[input("a", counters(1, 300, 0, 10, 0), 500)],
+        );
+        let need = ok.map(|o| o.rows[0].need).unwrap_or_default();
+        // Counters went backwards (the cgroup was recreated): no new sample.
+        let reset = e
+            .step(
+                Duration::from_secs(2),
+                MilliCpu(2000),
+                &[input("a", counters(2, 10, 0, 1, 0), 500)],
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(reset.rows[0].need, need);
+    }
+}
