@@ -37,6 +37,8 @@ pub enum Command {
     Version,
     /// Clear the market on JSON input (stdin or --input) and print the allocation as JSON.
     Solve(crate::solve::SolveArgs),
+    /// Run the allocation loop (local mode over plain cgroups, or the Kubernetes node daemon).
+    Run(Box<crate::run::RunArgs>),
     /// Generate CPU load (for demos and tests).
     Burn(crate::burn::BurnArgs),
     /// Watch cgroups for a while and print the throttling the sensor saw.

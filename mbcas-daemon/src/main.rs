@@ -33,6 +33,7 @@ fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }
         Command::Solve(args) => run_solve(&args),
+        Command::Run(args) => run(&args, &cli.log_level),
         Command::Burn(args) => {
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             mbcas::burn::burn(&args, stop);
@@ -82,4 +83,71 @@ fn run_sense(args: &mbcas::sense::SenseArgs, log_level: &str) -> anyhow::Result<
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn run(args: &mbcas::run::RunArgs, log_level: &str) -> anyhow::Result<ExitCode> {
+    use mbcas::{local::LocalLoop, run::Mode};
+    let cfg = match args.decision.validate() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return Ok(ExitCode::from(e.exit_code()));
+        }
+    };
+    match args.mode {
+        Mode::Kubernetes => {
+            eprintln!(
+                "error: --mode kubernetes is not available in this build yet (see the open Kubernetes issues); use --mode local"
+            );
+            Ok(ExitCode::from(mbcas::cli::EXIT_USAGE))
+        }
+        Mode::Local => {
+            let debug = log_level.contains("debug") || log_level.contains("trace");
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let lp = match LocalLoop::new(&args.local, cfg, debug) {
+                    Ok(lp) => lp,
+                    Err(
+                        e @ (mbcas::local::LocalError::NoRoot
+                        | mbcas::local::LocalError::BadRoot { .. }
+                        | mbcas::local::LocalError::ZeroCapacity),
+                    ) => {
+                        eprintln!("error: {e}");
+                        return Ok(ExitCode::from(mbcas::cli::EXIT_USAGE));
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                let shutdown = tokio_util::sync::CancellationToken::new();
+                let signals = shutdown.clone();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    signals.cancel();
+                });
+                let stats = lp.run(shutdown).await?;
+                tracing::info!(?stats, "local mode stopped");
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut i), Ok(mut t)) => {
+            tokio::select! {
+                _ = i.recv() => {}
+                _ = t.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

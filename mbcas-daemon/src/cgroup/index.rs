@@ -103,7 +103,7 @@ impl CgroupIndex {
                 kubernetes::parse(rel).map(|pc| (*id, pc))
             })
             .collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v.sort_by_key(|a| a.0);
         v
     }
 }
