@@ -78,6 +78,7 @@ fn bench_tick(c: &mut Criterion) {
                 original: MilliCpu(500),
                 floor: MilliCpu(100),
                 proposed: MilliCpu(520 + (i as u64 % 7) * 40),
+                need: MilliCpu(600),
                 throttled_ratio: 0.2,
                 samples: 10,
                 exclusion: None,

@@ -171,6 +171,7 @@ impl Engine {
                 original: inp.original,
                 floor: inp.floor,
                 proposed: alloc[i].map_or(inp.current, |a| a.0),
+                need: estimates[i].map_or(inp.current, |e| e.need),
                 throttled_ratio: estimates[i].map_or(0.0, |e| e.throttled_ratio),
                 samples: estimates[i].map_or(0, |e| e.samples),
                 exclusion: inp.exclusion,

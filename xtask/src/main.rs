@@ -1,7 +1,9 @@
 //! Developer tasks: `cargo xtask <command>`. Each command lives in its own module.
 
+mod bench_local;
 mod bench_sensor;
 mod build_ebpf;
+mod demo;
 mod kind;
 mod setup;
 mod test;
@@ -19,8 +21,12 @@ struct Cli {
 enum Command {
     /// Install, only where missing, every tool the build and the tests need.
     Setup(setup::Options),
+    /// Measure local mode: overhead with 100 consumers and reaction time (root).
+    BenchLocal(bench_local::Options),
     /// Measure the eBPF sensor: per-program cost, events, drops, latency, own CPU/RSS (root).
     BenchSensor(bench_sensor::Options),
+    /// Static limits vs MBCAS on the same loads, live, with charts and a summary (root).
+    Demo(demo::Options),
     /// Build the eBPF programs (through mbcas-daemon's build script) and show the object.
     BuildEbpf(build_ebpf::Options),
     /// Run setup, then every test tier (unit, kernel, control plane).
@@ -38,7 +44,9 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Setup(opts) => setup::run(&opts),
         Command::BuildEbpf(opts) => build_ebpf::run(&opts),
+        Command::Demo(opts) => demo::run(&opts),
         Command::BenchSensor(opts) => bench_sensor::run(&opts),
+        Command::BenchLocal(opts) => bench_local::run(&opts),
         Command::Test(opts) => test::run(&opts),
         Command::KindUp(opts) => kind::up(&opts),
         Command::KindE2e(opts) => kind::e2e(&opts),

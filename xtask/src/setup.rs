@@ -12,11 +12,13 @@ pub const EBPF_TOOLCHAIN: &str = "nightly-2026-08-01";
 /// bpf-linker release built against Debian's LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// LLVM for bpf-linker; `fonts-dejavu-core` gives the demo's charts their text.
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
+    "fonts-dejavu-core",
 ];
 
 #[derive(Debug, clap::Args)]

@@ -16,7 +16,8 @@
 //! 4. **Increases** go through at once for a throttled pod; for a pod that is not
 //!    throttled (surplus being spread) they wait out the cooldown after a decrease.
 //!    One change raises a limit by at most ×`max_step_up` (1.5).
-//! 5. **Decreases** never happen while the pod is throttled, within the cooldown
+//! 5. **Decreases** never happen while the pod is throttled (unless the market
+//!    gives it less than it needs: its fair share under contention), within the cooldown
 //!    (default 30 s) after the pod's last change, or during warm-up (the first
 //!    `warmup_samples` = 5 samples) below the limit the pod started with. One change
 //!    lowers a limit by at most ×`max_step_down` (0.5).
@@ -220,6 +221,8 @@ pub struct PodView {
     pub floor: MilliCpu,
     /// The market's allocation.
     pub proposed: MilliCpu,
+    /// What the pod's demand model says it needs (the market's input).
+    pub need: MilliCpu,
     /// Fraction of CFS periods throttled in the last window.
     pub throttled_ratio: f64,
     /// Demand samples seen for this pod.
@@ -379,8 +382,10 @@ impl Policy {
                 go(v.proposed, reason)
             };
         }
-        // A decrease.
-        if throttled {
+        // A decrease. A throttled pod is not decreased on account of its own
+        // demand estimate (it is wrong while the pod is held back); it is when the
+        // market gives it less than it needs (its fair share under contention).
+        if throttled && v.proposed >= v.need {
             return keep(Reason::ThrottledHold);
         }
         if in_cooldown_after_change {

@@ -15,6 +15,7 @@ fn view(key: &str, current: u64, proposed: u64, throttled: f64, samples: u32) ->
         original: MilliCpu(current),
         floor: MilliCpu(100),
         proposed: MilliCpu(proposed),
+        need: MilliCpu(proposed),
         throttled_ratio: throttled,
         samples,
         exclusion: None,
@@ -136,6 +137,16 @@ fn throttled_pods_are_not_decreased() {
     let mut p = Policy::new(PolicyConfig::default());
     let d = one(&mut p, s(0), view("a", 1000, 500, 0.3, 10));
     assert_eq!((d.to, d.reason), (MilliCpu(1000), Reason::ThrottledHold));
+}
+
+#[test]
+fn throttled_pods_above_their_fair_share_are_decreased() {
+    let mut p = Policy::new(PolicyConfig::default());
+    // Needs 2000 m, throttled, but the market gives it 500 m under contention.
+    let mut v = view("noisy", 700, 500, 1.0, 10);
+    v.need = MilliCpu(2000);
+    let d = one(&mut p, s(0), v);
+    assert_eq!((d.to, d.reason), (MilliCpu(500), Reason::Decrease));
 }
 
 #[test]
@@ -289,6 +300,7 @@ fn closed_loop(demands: &[f64], capacity: u64, secs: u64) -> Vec<Vec<(u64, Milli
             ratios.push(e.throttled_ratio);
             samples.push(e.samples);
         }
+        let needs: Vec<MilliCpu> = bids.iter().map(|b| b.need).collect();
         let outcome = clear(&MarketInput {
             capacity: MilliCpu(capacity),
             surplus: Surplus::Hold,
@@ -305,6 +317,7 @@ fn closed_loop(demands: &[f64], capacity: u64, secs: u64) -> Vec<Vec<(u64, Milli
                 original: MilliCpu(200),
                 floor: MilliCpu(100),
                 proposed: a.amount,
+                need: needs[i],
                 throttled_ratio: ratios[i],
                 samples: samples[i],
                 exclusion: None,

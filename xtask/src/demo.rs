@@ -1,0 +1,683 @@
+//! `cargo xtask demo`: static limits versus MBCAS on the same loads, on this machine.
+//!
+//! Creates a cgroup tree with four consumers of different weights and load
+//! shapes — `web` (bursty, wants more than its starting limit), `api` (steady),
+//! `noisy` (a noisy neighbour that wants two cores) and `batch` (light) — all
+//! starting at 300 m. Phase 1 keeps those limits; phase 2 runs
+//! `mbcas run --mode local` over the same tree with freshly started loads. Each
+//! second it shows a live table and records usage, limit and throttling from the
+//! kernel's own counters; at the end it writes a PNG chart per phase, a summary
+//! table, and (with `--json-out`) the summary as JSON. Every cgroup and process
+//! it made is removed on exit, on failure and on Ctrl-C. Needs root.
+
+use std::{
+    io::IsTerminal as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde::Serialize;
+
+use crate::setup::run_cmd;
+
+#[derive(Debug, clap::Args)]
+pub struct Options {
+    /// Total length in seconds (half static limits, half MBCAS). MBCAS lowers
+    /// limits slowly (30 s cooldown by default), so give it a minute or two.
+    #[arg(long, default_value_t = 120)]
+    pub duration: u64,
+    /// Write the summary as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub json_out: Option<PathBuf>,
+    /// Where the charts and the summary table go.
+    #[arg(long, value_name = "DIR", default_value = "target/demo")]
+    pub report_dir: PathBuf,
+}
+
+struct Spec {
+    name: &'static str,
+    shares: u64,
+    burn: &'static [&'static str],
+    /// Nominal demand in millicores at time t (seconds since the phase began).
+    demand: fn(f64) -> f64,
+    load: &'static str,
+}
+
+const START_LIMIT_M: u64 = 300;
+const CAPACITY_M: u64 = 2000;
+
+const SPECS: [Spec; 4] = [
+    Spec {
+        name: "web",
+        shares: 2048,
+        burn: &["--threads", "1", "--pattern", "square:3000/2000"],
+        demand: |t| if t % 5.0 < 3.0 { 1000.0 } else { 0.0 },
+        load: "bursty: 1 core for 3 s, idle 2 s",
+    },
+    Spec {
+        name: "api",
+        shares: 1024,
+        burn: &["--threads", "1", "--percent", "60"],
+        demand: |_| 600.0,
+        load: "steady 600 m",
+    },
+    Spec {
+        name: "noisy",
+        shares: 512,
+        burn: &["--threads", "2"],
+        demand: |_| 2000.0,
+        load: "noisy neighbour: 2 cores",
+    },
+    Spec {
+        name: "batch",
+        shares: 1024,
+        burn: &["--threads", "1", "--percent", "20"],
+        demand: |_| 200.0,
+        load: "light 200 m",
+    },
+];
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: i32) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Everything the demo created; dropped in reverse order, also on error.
+struct Tree {
+    cpu_root: PathBuf,
+    acct_root: Option<PathBuf>,
+    v2: bool,
+    children: Vec<Child>,
+}
+
+impl Tree {
+    fn new() -> anyhow::Result<Self> {
+        let name = format!("mbcas-demo-{}", std::process::id());
+        let (cpu, acct, v2) = if Path::new("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists() {
+            let a = Path::new("/sys/fs/cgroup/cpuacct");
+            let sep = a.join("cpuacct.usage").exists()
+                && !Path::new("/sys/fs/cgroup/cpu/cpuacct.usage").exists();
+            (
+                PathBuf::from("/sys/fs/cgroup/cpu"),
+                sep.then(|| a.to_owned()),
+                false,
+            )
+        } else if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            (PathBuf::from("/sys/fs/cgroup"), None, true)
+        } else {
+            bail!("no cgroup cpu controller found");
+        };
+        let t = Self {
+            cpu_root: cpu.join(&name),
+            acct_root: acct.map(|a| a.join(&name)),
+            v2,
+            children: Vec::new(),
+        };
+        for d in std::iter::once(&t.cpu_root).chain(t.acct_root.iter()) {
+            std::fs::create_dir(d)
+                .with_context(|| format!("mkdir {} (the demo needs root)", d.display()))?;
+        }
+        if v2 {
+            let _ = std::fs::write(t.cpu_root.join("cgroup.subtree_control"), "+cpu");
+        }
+        for s in &SPECS {
+            for d in std::iter::once(t.cpu_root.join(s.name))
+                .chain(t.acct_root.iter().map(|a| a.join(s.name)))
+            {
+                std::fs::create_dir(&d).with_context(|| format!("mkdir {}", d.display()))?;
+            }
+            let dir = t.cpu_root.join(s.name);
+            if v2 {
+                std::fs::write(dir.join("cpu.weight"), (s.shares * 100 / 1024).to_string())?;
+            } else {
+                std::fs::write(dir.join("cpu.shares"), s.shares.to_string())?;
+            }
+        }
+        Ok(t)
+    }
+
+    fn set_limits(&self, m: u64) -> anyhow::Result<()> {
+        for s in &SPECS {
+            let dir = self.cpu_root.join(s.name);
+            if self.v2 {
+                std::fs::write(dir.join("cpu.max"), format!("{} 100000", m * 100))?;
+            } else {
+                std::fs::write(dir.join("cpu.cfs_period_us"), "100000")?;
+                std::fs::write(dir.join("cpu.cfs_quota_us"), (m * 100).to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn start_loads(&mut self, bin: &Path) -> anyhow::Result<()> {
+        for s in &SPECS {
+            let child = Command::new(bin)
+                .arg("burn")
+                .args(s.burn)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()?;
+            let pid = child.id().to_string();
+            self.children.push(child);
+            std::fs::write(self.cpu_root.join(s.name).join("cgroup.procs"), &pid)?;
+            if let Some(a) = &self.acct_root {
+                std::fs::write(a.join(s.name).join("cgroup.procs"), &pid)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn stop_children(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.children.clear();
+    }
+
+    /// (usage ns, nr_periods, nr_throttled, limit m) of one consumer.
+    fn read(&self, name: &str) -> anyhow::Result<(u64, u64, u64, u64)> {
+        let dir = self.cpu_root.join(name);
+        let stat = std::fs::read_to_string(dir.join("cpu.stat"))?;
+        let get = |k: &str| {
+            stat.lines()
+                .find_map(|l| l.strip_prefix(k)?.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let (usage, limit) = if self.v2 {
+            let max = std::fs::read_to_string(dir.join("cpu.max"))?;
+            let q = max
+                .split_whitespace()
+                .next()
+                .and_then(|q| q.parse::<u64>().ok())
+                .map_or(CAPACITY_M, |q| q / 100);
+            (get("usage_usec ") * 1000, q)
+        } else {
+            let acct = self
+                .acct_root
+                .as_ref()
+                .map_or_else(|| dir.clone(), |a| a.join(name));
+            let u = std::fs::read_to_string(acct.join("cpuacct.usage"))?
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0);
+            let q = std::fs::read_to_string(dir.join("cpu.cfs_quota_us"))?
+                .trim()
+                .parse::<i64>()
+                .unwrap_or(-1);
+            (u, u64::try_from(q).map_or(CAPACITY_M, |q| q / 100))
+        };
+        Ok((usage, get("nr_periods "), get("nr_throttled "), limit))
+    }
+}
+
+impl Drop for Tree {
+    fn drop(&mut self) {
+        self.stop_children();
+        for root in std::iter::once(&self.cpu_root).chain(self.acct_root.iter()) {
+            for s in &SPECS {
+                remove_dir(&root.join(s.name));
+            }
+            remove_dir(root);
+        }
+    }
+}
+
+fn remove_dir(p: &Path) {
+    for _ in 0..100 {
+        if !p.exists() || std::fs::remove_dir(p).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("demo: could not remove {}", p.display());
+}
+
+/// One consumer at one second.
+#[derive(Clone, Debug, Serialize)]
+struct Point {
+    t: f64,
+    demand_m: f64,
+    usage_m: f64,
+    limit_m: u64,
+    throttled: f64,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct PhaseSummary {
+    throttled_ratio: f64,
+    unmet_core_seconds: f64,
+    changes: u64,
+    /// Jain index of usage/weight among consumers that wanted more than they got.
+    fairness_jain: f64,
+    used_core_seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct ConsumerSummary {
+    name: &'static str,
+    load: &'static str,
+    weight_share: f64,
+    static_share: f64,
+    mbcas_share: f64,
+    static_throttled_ratio: f64,
+    mbcas_throttled_ratio: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Summary {
+    #[serde(rename = "static")]
+    static_: PhaseSummary,
+    mbcas: PhaseSummary,
+    consumers: Vec<ConsumerSummary>,
+}
+
+struct Phase {
+    series: Vec<Vec<Point>>,
+    periods: Vec<u64>,
+    throttled: Vec<u64>,
+    changes: u64,
+}
+
+fn run_phase(
+    tree: &Tree,
+    label: &str,
+    secs: u64,
+    mut daemon: Option<&mut Child>,
+    report: Option<&Path>,
+) -> anyhow::Result<Phase> {
+    let mut prev: Vec<(u64, u64, u64, u64)> = SPECS
+        .iter()
+        .map(|s| tree.read(s.name))
+        .collect::<anyhow::Result<_>>()?;
+    let first: Vec<(u64, u64, u64, u64)> = prev.clone();
+    let mut series = vec![Vec::new(); SPECS.len()];
+    let mut changes = 0;
+    let t0 = Instant::now();
+    let tty = std::io::stdout().is_terminal();
+    for tick in 1..=secs {
+        let target = t0 + Duration::from_secs(tick);
+        while Instant::now() < target {
+            if STOP.load(Ordering::SeqCst) {
+                bail!("interrupted");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let now: Vec<(u64, u64, u64, u64)> = SPECS
+            .iter()
+            .map(|s| tree.read(s.name))
+            .collect::<anyhow::Result<_>>()?;
+        let t = t0.elapsed().as_secs_f64();
+        let reasons = report.map(last_reasons).unwrap_or_default();
+        if tty {
+            print!("\x1b[2J\x1b[H");
+        }
+        println!("[{label}] t={t:>5.1}s  capacity {CAPACITY_M} m");
+        println!(
+            "{:<8} {:>6} {:>9} {:>9} {:>9} {:>10}  {}",
+            "consumer", "weight", "demand m", "usage m", "limit m", "throttled", "decision"
+        );
+        for (i, s) in SPECS.iter().enumerate() {
+            let (u0, p0, n0, l0) = prev[i];
+            let (u1, p1, n1, l1) = now[i];
+            let usage_m = (u1.saturating_sub(u0)) as f64 / 1e6;
+            let dp = p1.saturating_sub(p0);
+            let thr = if dp == 0 {
+                0.0
+            } else {
+                n1.saturating_sub(n0) as f64 / dp as f64
+            };
+            if l1 != l0 {
+                changes += 1;
+            }
+            let demand = (s.demand)(t - 0.5);
+            series[i].push(Point {
+                t,
+                demand_m: demand,
+                usage_m,
+                limit_m: l1,
+                throttled: thr,
+            });
+            let reason = reasons
+                .iter()
+                .find(|(n, _)| n == s.name)
+                .map_or("static", |(_, r)| r.as_str());
+            println!(
+                "{:<8} {:>6} {:>9.0} {:>9.0} {:>9} {:>9.0}%  {}",
+                s.name,
+                s.shares,
+                demand,
+                usage_m,
+                l1,
+                thr * 100.0,
+                reason
+            );
+        }
+        prev = now;
+        if let Some(d) = daemon.as_deref_mut()
+            && let Ok(Some(status)) = d.try_wait()
+        {
+            bail!("mbcas run exited early: {status}");
+        }
+    }
+    let last = prev;
+    Ok(Phase {
+        series,
+        periods: (0..SPECS.len())
+            .map(|i| last[i].1.saturating_sub(first[i].1))
+            .collect(),
+        throttled: (0..SPECS.len())
+            .map(|i| last[i].2.saturating_sub(first[i].2))
+            .collect(),
+        changes,
+    })
+}
+
+/// The decision reason of each consumer in the loop's last round report.
+fn last_reasons(path: &Path) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let Some(line) = text.lines().last() else {
+        return Vec::new();
+    };
+    let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+    v["consumers"]
+        .as_array()
+        .map(|cs| {
+            cs.iter()
+                .map(|c| {
+                    (
+                        c["name"].as_str().unwrap_or("").to_owned(),
+                        c["reason"].as_str().unwrap_or("").to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn summarise(p: &Phase) -> PhaseSummary {
+    let periods: u64 = p.periods.iter().sum();
+    let throttled: u64 = p.throttled.iter().sum();
+    let mut unmet = 0.0;
+    let mut used = 0.0;
+    let mut jain_terms = Vec::new();
+    for (i, s) in SPECS.iter().enumerate() {
+        for pt in &p.series[i] {
+            unmet += (pt.demand_m - pt.usage_m).max(0.0) / 1000.0;
+            used += pt.usage_m / 1000.0;
+        }
+        let n = p.series[i].len().max(1) as f64;
+        let (d, u) = p.series[i]
+            .iter()
+            .fold((0.0, 0.0), |a, pt| (a.0 + pt.demand_m, a.1 + pt.usage_m));
+        // Contending: on average it wanted clearly more than it got.
+        if d / n > u / n * 1.1 {
+            jain_terms.push(u / n / s.shares as f64);
+        }
+    }
+    let jain = if jain_terms.is_empty() {
+        1.0
+    } else {
+        let s: f64 = jain_terms.iter().sum();
+        let s2: f64 = jain_terms.iter().map(|x| x * x).sum();
+        s * s / (jain_terms.len() as f64 * s2)
+    };
+    PhaseSummary {
+        throttled_ratio: if periods == 0 {
+            0.0
+        } else {
+            throttled as f64 / periods as f64
+        },
+        unmet_core_seconds: unmet,
+        changes: p.changes,
+        fairness_jain: jain,
+        used_core_seconds: used,
+    }
+}
+
+fn chart(path: &Path, title: &str, p: &Phase) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let root = BitMapBackend::new(path, (1200, 900)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let root = root
+        .titled(title, ("sans-serif", 26))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let areas = root.split_evenly((2, 2));
+    let tmax = p
+        .series
+        .iter()
+        .flat_map(|s| s.last().map(|x| x.t))
+        .fold(1.0, f64::max);
+    for (i, area) in areas.iter().enumerate() {
+        let s = &SPECS[i];
+        let mut c = ChartBuilder::on(area)
+            .caption(
+                format!("{} (weight {}, {})", s.name, s.shares, s.load),
+                ("sans-serif", 16),
+            )
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(50)
+            .right_y_label_area_size(45)
+            .build_cartesian_2d(0.0..tmax, 0.0..2200.0)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .set_secondary_coord(0.0..tmax, 0.0..100.0);
+        c.configure_mesh()
+            .x_desc("s")
+            .y_desc("millicores")
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        c.configure_secondary_axes()
+            .y_desc("throttled %")
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let pts = &p.series[i];
+        c.draw_series(LineSeries::new(
+            pts.iter().map(|x| (x.t, x.demand_m)),
+            BLACK.mix(0.4),
+        ))
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .label("demand")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.4)));
+        c.draw_series(LineSeries::new(
+            pts.iter().map(|x| (x.t, x.limit_m as f64)),
+            BLUE.stroke_width(2),
+        ))
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .label("limit")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+        c.draw_series(LineSeries::new(
+            pts.iter().map(|x| (x.t, x.usage_m)),
+            GREEN.stroke_width(2),
+        ))
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .label("usage")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN));
+        c.draw_secondary_series(LineSeries::new(
+            pts.iter().map(|x| (x.t, x.throttled * 100.0)),
+            RED.mix(0.7),
+        ))
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .label("throttled %")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+        c.configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+fn register_font() -> anyhow::Result<()> {
+    let path = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+    let bytes = std::fs::read(path).with_context(|| {
+        format!("read {path} (Debian package fonts-dejavu-core; `cargo xtask setup` installs it)")
+    })?;
+    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+    plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, bytes)
+        .map_err(|_| anyhow::anyhow!("{path} is not a usable font"))
+}
+
+pub fn run(opts: &Options) -> anyhow::Result<()> {
+    if opts.duration < 10 {
+        bail!("--duration must be at least 10 seconds");
+    }
+    crate::setup::run(&crate::setup::Options {})?;
+    run_cmd(Command::new("cargo").args([
+        "build",
+        "--quiet",
+        "--package",
+        "mbcas-daemon",
+        "--bin",
+        "mbcas",
+    ]))?;
+    let bin =
+        PathBuf::from(std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into()))
+            .join("debug/mbcas");
+    register_font()?;
+    std::fs::create_dir_all(&opts.report_dir)
+        .with_context(|| format!("mkdir {}", opts.report_dir.display()))?;
+    for sig in [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGTERM,
+    ] {
+        #[allow(unsafe_code)]
+        // SAFETY: `on_signal` is async-signal-safe: it only stores to an AtomicBool.
+        let _ = unsafe {
+            nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::Handler(on_signal))
+        };
+    }
+
+    let half = opts.duration / 2;
+    let mut tree = Tree::new()?;
+    tree.set_limits(START_LIMIT_M)?;
+    tree.start_loads(&bin)?;
+    let stat = run_phase(&tree, "static limits", half, None, None)?;
+    tree.stop_children();
+    tree.set_limits(START_LIMIT_M)?;
+
+    let report = opts.report_dir.join("mbcas-rounds.jsonl");
+    let _ = std::fs::remove_file(&report);
+    tree.start_loads(&bin)?;
+    let mut daemon = Command::new(&bin)
+        .args([
+            "--log-level",
+            "warn",
+            "run",
+            "--mode",
+            "local",
+            "--node-reserve",
+            "0",
+            "--capacity-millicores",
+        ])
+        .arg(CAPACITY_M.to_string())
+        .arg("--local-root")
+        .arg(&tree.cpu_root)
+        .arg("--report-jsonl")
+        .arg(&report)
+        .stdin(Stdio::null())
+        .spawn()
+        .context("start mbcas run --mode local")?;
+    let result = run_phase(&tree, "MBCAS", half, Some(&mut daemon), Some(&report));
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(daemon.id()).unwrap_or(0));
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+    let _ = daemon.wait();
+    let mb = result?;
+    tree.stop_children();
+
+    chart(
+        &opts.report_dir.join("static.png"),
+        "Static limits (300 m each)",
+        &stat,
+    )?;
+    chart(
+        &opts.report_dir.join("mbcas.png"),
+        "MBCAS (local mode)",
+        &mb,
+    )?;
+    let (s, m) = (summarise(&stat), summarise(&mb));
+    let total_w: u64 = SPECS.iter().map(|s| s.shares).sum();
+    let share = |p: &Phase, i: usize| {
+        let all: f64 = p.series.iter().flatten().map(|x| x.usage_m).sum();
+        p.series[i].iter().map(|x| x.usage_m).sum::<f64>() / all.max(1.0)
+    };
+    let ratio = |p: &Phase, i: usize| {
+        if p.periods[i] == 0 {
+            0.0
+        } else {
+            p.throttled[i] as f64 / p.periods[i] as f64
+        }
+    };
+    let consumers = SPECS
+        .iter()
+        .enumerate()
+        .map(|(i, sp)| ConsumerSummary {
+            name: sp.name,
+            load: sp.load,
+            weight_share: sp.shares as f64 / total_w as f64,
+            static_share: share(&stat, i),
+            mbcas_share: share(&mb, i),
+            static_throttled_ratio: ratio(&stat, i),
+            mbcas_throttled_ratio: ratio(&mb, i),
+        })
+        .collect::<Vec<_>>();
+    let mut table = String::new();
+    table.push_str("| | static limits | MBCAS |\n|---|---|---|\n");
+    table.push_str(&format!(
+        "| throttled-period ratio | {:.3} | {:.3} |\n",
+        s.throttled_ratio, m.throttled_ratio
+    ));
+    table.push_str(&format!(
+        "| unmet demand (core·s) | {:.1} | {:.1} |\n",
+        s.unmet_core_seconds, m.unmet_core_seconds
+    ));
+    table.push_str(&format!(
+        "| CPU used (core·s) | {:.1} | {:.1} |\n",
+        s.used_core_seconds, m.used_core_seconds
+    ));
+    table.push_str(&format!(
+        "| fairness under contention (Jain, usage/weight) | {:.3} | {:.3} |\n",
+        s.fairness_jain, m.fairness_jain
+    ));
+    table.push_str(&format!(
+        "| limit changes | {} | {} |\n\n",
+        s.changes, m.changes
+    ));
+    table.push_str("| consumer | load | weight share | static share | MBCAS share | static throttled | MBCAS throttled |\n|---|---|---|---|---|---|---|\n");
+    for c in &consumers {
+        table.push_str(&format!(
+            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+            c.name,
+            c.load,
+            c.weight_share,
+            c.static_share,
+            c.mbcas_share,
+            c.static_throttled_ratio,
+            c.mbcas_throttled_ratio
+        ));
+    }
+    std::fs::write(opts.report_dir.join("summary.md"), &table)?;
+    println!("\n{table}");
+    println!(
+        "charts: {} and {}",
+        opts.report_dir.join("static.png").display(),
+        opts.report_dir.join("mbcas.png").display()
+    );
+    let summary = Summary {
+        static_: s,
+        mbcas: m,
+        consumers,
+    };
+    if let Some(out) = &opts.json_out {
+        std::fs::write(out, serde_json::to_string_pretty(&summary)?)
+            .with_context(|| format!("write {}", out.display()))?;
+        println!("summary JSON: {}", out.display());
+    }
+    Ok(())
+}
