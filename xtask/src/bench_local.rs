@@ -28,6 +28,9 @@ pub struct Options {
     pub trials: u32,
 }
 
+/// A consumer's `cpu` directory and, on hybrid v1, its `cpuacct` peer.
+type ConsumerDirs = (PathBuf, Option<PathBuf>);
+
 struct Guard {
     dirs: Vec<PathBuf>,
     children: Vec<Child>,
@@ -73,7 +76,7 @@ impl Guard {
         tag: &str,
         n: usize,
         quota_m: u64,
-    ) -> anyhow::Result<(PathBuf, Vec<(PathBuf, Option<PathBuf>)>)> {
+    ) -> anyhow::Result<(PathBuf, Vec<ConsumerDirs>)> {
         let (cpu, acct) = roots()?;
         let name = format!("mbcas-bench-{tag}-{}", std::process::id());
         let root = self.mkdir(cpu.join(&name))?;

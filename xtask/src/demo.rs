@@ -317,10 +317,7 @@ fn run_phase(
             print!("\x1b[2J\x1b[H");
         }
         println!("[{label}] t={t:>5.1}s  capacity {CAPACITY_M} m");
-        println!(
-            "{:<8} {:>6} {:>9} {:>9} {:>9} {:>10}  {}",
-            "consumer", "weight", "demand m", "usage m", "limit m", "throttled", "decision"
-        );
+        println!("consumer weight  demand m   usage m   limit m  throttled  decision");
         for (i, s) in SPECS.iter().enumerate() {
             let (u0, p0, n0, l0) = prev[i];
             let (u1, p1, n1, l1) = now[i];
