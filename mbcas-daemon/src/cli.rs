@@ -39,6 +39,8 @@ pub enum Command {
     Solve(crate::solve::SolveArgs),
     /// Run the allocation loop (local mode over plain cgroups, or the Kubernetes node daemon).
     Run(Box<crate::run::RunArgs>),
+    /// Compare MBCAS with other policies on a scenario, in a closed-loop simulation.
+    Simulate(crate::sim::SimulateArgs),
     /// Generate CPU load (for demos and tests).
     Burn(crate::burn::BurnArgs),
     /// Watch cgroups for a while and print the throttling the sensor saw.

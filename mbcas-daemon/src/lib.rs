@@ -19,6 +19,7 @@ pub mod policy;
 pub mod run;
 pub mod sense;
 pub mod sensor;
+pub mod sim;
 pub mod solve;
 pub mod telemetry;
 pub mod units;

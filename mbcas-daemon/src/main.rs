@@ -33,6 +33,14 @@ fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }
         Command::Solve(args) => run_solve(&args),
+        Command::Simulate(args) => match mbcas::sim::cmd::run(&args) {
+            Ok(code) => Ok(code),
+            Err(e @ mbcas::sim::cmd::SimulateError::Scenario(_)) => {
+                eprintln!("error: {e}");
+                Ok(ExitCode::from(2))
+            }
+            Err(e) => Err(e.into()),
+        },
         Command::Run(args) => run(&args, &cli.log_level),
         Command::Burn(args) => {
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -1,0 +1,306 @@
+//! Scenario files: nodes, pods and their demand over time (JSON).
+//!
+//! ```json
+//! {"name": "steady-mix", "duration_s": 600,
+//!  "decision_interval_s": 1, "actuation_delay_s": 1,
+//!  "nodes": [{"name": "node", "count": 1, "capacity_m": 4000, "reserve": 0.1,
+//!    "pods": [{"name": "web", "count": 2, "request_m": 250, "limit_m": 500,
+//!              "demand": {"kind": "steady", "m": 400}, "noise": 0.1}]}]}
+//! ```
+//! Demand kinds: `steady {m}`, `step {from_m, to_m, at_s}`,
+//! `square {on_m, off_m, on_s, off_s, phase_s?}`, `diurnal {mean_m, amplitude_m, period_s}`,
+//! `start {m, at_s}` (idle until `at_s`). `noise` (0–1) multiplies demand by a
+//! seeded random factor in [1 − noise, 1 + noise], redrawn every second.
+//! `limit_m` absent means no limit; `weight` defaults to the request.
+//! Errors name the field path and the line.
+
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    pub duration_s: f64,
+    #[serde(default = "one")]
+    pub decision_interval_s: f64,
+    #[serde(default = "one")]
+    pub actuation_delay_s: f64,
+    pub nodes: Vec<NodeSpec>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn one_u() -> u32 {
+    1
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    pub name: String,
+    #[serde(default = "one_u")]
+    pub count: u32,
+    pub capacity_m: u64,
+    #[serde(default)]
+    pub reserve: f64,
+    pub pods: Vec<PodSpec>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PodSpec {
+    pub name: String,
+    #[serde(default = "one_u")]
+    pub count: u32,
+    pub request_m: u64,
+    #[serde(default)]
+    pub limit_m: Option<u64>,
+    #[serde(default)]
+    pub weight: Option<f64>,
+    pub demand: Demand,
+    #[serde(default)]
+    pub noise: f64,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Demand {
+    Steady {
+        m: f64,
+    },
+    Step {
+        from_m: f64,
+        to_m: f64,
+        at_s: f64,
+    },
+    Square {
+        on_m: f64,
+        off_m: f64,
+        on_s: f64,
+        off_s: f64,
+        #[serde(default)]
+        phase_s: f64,
+    },
+    Diurnal {
+        mean_m: f64,
+        amplitude_m: f64,
+        period_s: f64,
+    },
+    Start {
+        m: f64,
+        at_s: f64,
+    },
+}
+
+impl Demand {
+    /// Demand in millicores at time `t` (seconds), before noise.
+    pub fn at(&self, t: f64) -> f64 {
+        match *self {
+            Self::Steady { m } => m,
+            Self::Step { from_m, to_m, at_s } => {
+                if t < at_s {
+                    from_m
+                } else {
+                    to_m
+                }
+            }
+            Self::Square {
+                on_m,
+                off_m,
+                on_s,
+                off_s,
+                phase_s,
+            } => {
+                let cycle = (on_s + off_s).max(1e-9);
+                if (t + phase_s).rem_euclid(cycle) < on_s {
+                    on_m
+                } else {
+                    off_m
+                }
+            }
+            Self::Diurnal {
+                mean_m,
+                amplitude_m,
+                period_s,
+            } => (mean_m
+                + amplitude_m * (2.0 * std::f64::consts::PI * t / period_s.max(1e-9)).sin())
+            .max(0.0),
+            Self::Start { m, at_s } => {
+                if t < at_s {
+                    0.0
+                } else {
+                    m
+                }
+            }
+        }
+    }
+
+    /// Times at which the demand steps (for time-to-adapt).
+    pub fn steps(&self, duration_s: f64) -> Vec<f64> {
+        match *self {
+            Self::Step { at_s, .. } | Self::Start { at_s, .. } if at_s < duration_s => vec![at_s],
+            _ => Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    #[error("cannot read scenario {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: line {line}, column {column}: field `{field}`: {message}")]
+    Parse {
+        path: String,
+        line: usize,
+        column: usize,
+        field: String,
+        message: String,
+    },
+    #[error("{path}: field `{field}`: {message}")]
+    Invalid {
+        path: String,
+        field: String,
+        message: String,
+    },
+}
+
+impl Scenario {
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ScenarioError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates scenario text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ScenarioError> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let s: Self = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            ScenarioError::Parse {
+                path: origin.to_owned(),
+                line: inner.line(),
+                column: inner.column(),
+                field,
+                message: inner
+                    .to_string()
+                    .split(" at line")
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+            }
+        })?;
+        s.validate(origin)?;
+        Ok(s)
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ScenarioError> {
+        let bad = |field: String, message: &str| {
+            Err(ScenarioError::Invalid {
+                path: origin.to_owned(),
+                field,
+                message: message.to_owned(),
+            })
+        };
+        if !(self.duration_s.is_finite() && self.duration_s > 0.0) {
+            return bad("duration_s".into(), "must be > 0");
+        }
+        if !(self.decision_interval_s >= 0.1 && self.decision_interval_s.is_finite()) {
+            return bad("decision_interval_s".into(), "must be ≥ 0.1");
+        }
+        if !(self.actuation_delay_s >= 0.0 && self.actuation_delay_s.is_finite()) {
+            return bad("actuation_delay_s".into(), "must be ≥ 0");
+        }
+        if self.nodes.is_empty() {
+            return bad("nodes".into(), "must list at least one node");
+        }
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.capacity_m == 0 {
+                return bad(format!("nodes[{i}].capacity_m"), "must be > 0");
+            }
+            if !(0.0..1.0).contains(&n.reserve) {
+                return bad(format!("nodes[{i}].reserve"), "must be in [0, 1)");
+            }
+            for (j, p) in n.pods.iter().enumerate() {
+                let f = |k: &str| format!("nodes[{i}].pods[{j}].{k}");
+                if p.limit_m.is_some_and(|l| l < p.request_m) {
+                    return bad(f("limit_m"), "must be ≥ request_m");
+                }
+                if p.weight.is_some_and(|w| !(w.is_finite() && w > 0.0)) {
+                    return bad(f("weight"), "must be > 0");
+                }
+                if p.request_m == 0 && p.weight.is_none() {
+                    return bad(f("request_m"), "must be > 0 (or give a weight)");
+                }
+                if !(0.0..=1.0).contains(&p.noise) {
+                    return bad(f("noise"), "must be in [0, 1]");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OK: &str = r#"{"name": "t", "duration_s": 10,
+      "nodes": [{"name": "n", "capacity_m": 1000,
+        "pods": [{"name": "p", "request_m": 100, "limit_m": 200, "demand": {"kind": "step", "from_m": 100, "to_m": 900, "at_s": 5}}]}]}"#;
+
+    #[test]
+    fn parses_and_evaluates_demand() {
+        let s = Scenario::parse(OK, "ok.json").unwrap_or_else(|e| panic!("{e}"));
+        let d = &s.nodes[0].pods[0].demand;
+        assert_eq!((d.at(1.0), d.at(6.0)), (100.0, 900.0));
+        assert_eq!(d.steps(10.0), vec![5.0]);
+        let sq = Demand::Square {
+            on_m: 1000.0,
+            off_m: 0.0,
+            on_s: 1.0,
+            off_s: 2.0,
+            phase_s: 0.0,
+        };
+        assert_eq!((sq.at(0.5), sq.at(1.5), sq.at(3.2)), (1000.0, 0.0, 1000.0));
+    }
+
+    #[test]
+    fn errors_name_field_and_line() {
+        let bad = OK.replace("\"request_m\": 100", "\"request_m\": \"lots\"");
+        let e = Scenario::parse(&bad, "bad.json")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("nodes[0].pods[0].request_m") && e.contains("line 3"),
+            "{e}"
+        );
+        let unknown = OK.replace("\"capacity_m\"", "\"capacity\"");
+        let e = Scenario::parse(&unknown, "u.json")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("capacity") && e.contains("line 2"), "{e}");
+        let kind = OK.replace("\"step\"", "\"sawtooth\"");
+        let e = Scenario::parse(&kind, "k.json")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("demand"), "{e}");
+        let lim = OK.replace("\"limit_m\": 200", "\"limit_m\": 50");
+        let e = Scenario::parse(&lim, "l.json")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("nodes[0].pods[0].limit_m"), "{e}");
+    }
+}

@@ -1,0 +1,66 @@
+use super::{scenario::Scenario, *};
+
+fn scenario(json: &str) -> Scenario {
+    Scenario::parse(json, "test").unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn one_pod_quota_20_demand_100_throttles_every_period() {
+    let s = scenario(
+        r#"{"name": "one", "duration_s": 10, "nodes": [{"name": "n", "capacity_m": 2000,
+            "pods": [{"name": "p", "request_m": 100, "limit_m": 200, "demand": {"kind": "steady", "m": 1000}}]}]}"#,
+    );
+    let m = run_policy(&s, "static", 1).unwrap_or_else(|| panic!("policy"));
+    assert_eq!(m.throttled_ratio_p50, 1.0);
+    // 800 m unmet for 10 s.
+    assert!((m.unmet_core_seconds - 8.0).abs() < 1e-6, "{m:?}");
+    assert_eq!(m.resizes_per_pod_hour, 0.0);
+}
+
+#[test]
+fn mbcas_removes_throttling_a_static_limit_causes() {
+    let s = scenario(
+        r#"{"name": "one", "duration_s": 60, "nodes": [{"name": "n", "capacity_m": 4000,
+            "pods": [{"name": "p", "request_m": 100, "limit_m": 200, "demand": {"kind": "steady", "m": 1000}}]}]}"#,
+    );
+    let st = run_policy(&s, "static", 1).unwrap_or_else(|| panic!("static"));
+    let mb = run_policy(&s, "mbcas", 1).unwrap_or_else(|| panic!("mbcas"));
+    assert!(mb.throttled_ratio_p50 < 0.2, "{mb:?}");
+    assert!(
+        mb.unmet_core_seconds < st.unmet_core_seconds / 5.0,
+        "{mb:?} vs {st:?}"
+    );
+}
+
+#[test]
+fn deterministic_for_a_seed() {
+    let s = scenario(
+        r#"{"name": "noisy", "duration_s": 30, "nodes": [{"name": "n", "capacity_m": 2000,
+            "pods": [{"name": "p", "count": 3, "request_m": 200, "limit_m": 400, "noise": 0.3, "demand": {"kind": "steady", "m": 700}}]}]}"#,
+    );
+    let a = simulate(&s, &[], 7);
+    let b = simulate(&s, &[], 7);
+    assert_eq!(a.policies, b.policies);
+    let c = simulate(&s, &[], 8);
+    assert_ne!(a.policies.get("static"), c.policies.get("static"));
+    assert_eq!(a.policies.len(), policies::ALL.len());
+}
+
+#[test]
+fn outputs_render() {
+    let s = scenario(
+        r#"{"name": "o", "duration_s": 5, "nodes": [{"name": "n", "capacity_m": 1000,
+            "pods": [{"name": "p", "request_m": 100, "limit_m": 200, "demand": {"kind": "steady", "m": 300}}]}]}"#,
+    );
+    let sum = simulate(&s, &["static".into(), "mbcas".into()], 1);
+    let md = markdown(&sum);
+    assert!(
+        md.contains("| static |") && md.contains("| mbcas |"),
+        "{md}"
+    );
+    let prom = prometheus(&sum);
+    assert!(
+        prom.contains("mbcas_sim_throttled_ratio_p99{scenario=\"o\",policy=\"static\"} 1"),
+        "{prom}"
+    );
+}
