@@ -272,3 +272,80 @@ fn kustomization_lists_every_manifest() {
         );
     }
 }
+
+/// Every `MBCAS_*` variable the DaemonSet sets is one a flag of `mbcas run`
+/// reads, and its value is accepted: the command line together with the
+/// environment (turned into the flags they stand for) parses and validates.
+/// (`deploy_args.rs` checks the command line alone.)
+#[test]
+fn daemonset_environment_is_read_by_the_cli() {
+    use clap::{CommandFactory as _, Parser as _};
+    use mbcas::cli::{Cli, Command};
+
+    let docs = documents();
+    let ds: DaemonSet = serde_json::from_value(one(&docs, "daemonset.yaml").clone())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let pod = ds
+        .spec
+        .and_then(|s| s.template.spec)
+        .unwrap_or_else(|| panic!("no pod spec"));
+    let c = &pod.containers[0];
+
+    // What the kubelet would put in each variable.
+    let mut env: Vec<(String, String)> = Vec::new();
+    for e in c.env.iter().flatten() {
+        let value = match (
+            &e.value,
+            e.value_from.as_ref().and_then(|v| v.field_ref.as_ref()),
+        ) {
+            (Some(v), _) => v.clone(),
+            (None, Some(f)) if f.field_path == "spec.nodeName" => "kind-worker".into(),
+            (None, Some(f)) if f.field_path == "metadata.namespace" => {
+                ds.metadata.namespace.clone().unwrap_or_default()
+            }
+            _ => panic!("env {}: unsupported source", e.name),
+        };
+        env.push((e.name.clone(), value));
+    }
+    // $(VAR) references in args, as the kubelet expands them.
+    let mut args: Vec<String> = vec!["mbcas".into()];
+    for a in c.args.iter().flatten() {
+        let mut a = a.clone();
+        for (k, v) in &env {
+            a = a.replace(&format!("$({k})"), v);
+        }
+        assert!(!a.contains("$("), "unexpanded reference in {a}");
+        args.push(a);
+    }
+    // Every MBCAS_* variable must be one the CLI reads; pass it as its flag.
+    let cmd = Cli::command();
+    let run = cmd
+        .find_subcommand("run")
+        .unwrap_or_else(|| panic!("mbcas has no run subcommand"));
+    let flags: Vec<(String, String)> = cmd
+        .get_arguments()
+        .chain(run.get_arguments())
+        .filter_map(|a| Some((a.get_env()?.to_str()?.to_owned(), a.get_long()?.to_owned())))
+        .collect();
+    for (k, v) in &env {
+        if !k.starts_with("MBCAS_") {
+            continue;
+        }
+        let (_, long) = flags.iter().find(|(e, _)| e == k).unwrap_or_else(|| {
+            panic!("daemonset.yaml sets {k}, which no flag of `mbcas run` reads")
+        });
+        // A flag on the command line wins over its variable, as in clap.
+        if !args.iter().any(|a| a == &format!("--{long}")) {
+            args.push(format!("--{long}={v}"));
+        }
+    }
+    let cli = Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    let Command::Run(run) = cli.command else {
+        panic!("{args:?} is not `mbcas run`");
+    };
+    assert_eq!(run.mode, mbcas::run::Mode::Kubernetes);
+    assert_eq!(run.kubernetes.node_name.as_deref(), Some("kind-worker"));
+    let cfg = run.decision.validate().unwrap_or_else(|e| panic!("{e}"));
+    assert!(cfg.is_excluded_namespace("mbcas-system"));
+    assert_eq!(cfg.metrics_addr.port(), 9090);
+}
