@@ -16,8 +16,6 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::setup::run_cmd;
-
 #[derive(Debug, clap::Args)]
 pub struct Options {
     /// Length of the overhead run, in seconds.
@@ -53,16 +51,6 @@ impl Drop for Guard {
     }
 }
 
-fn roots() -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
-    let v1 = Path::new("/sys/fs/cgroup/cpu");
-    if v1.join("cpu.cfs_quota_us").exists() {
-        let acct = Path::new("/sys/fs/cgroup/cpuacct");
-        let sep = acct.join("cpuacct.usage").exists() && !v1.join("cpuacct.usage").exists();
-        return Ok((v1.to_owned(), sep.then(|| acct.to_owned())));
-    }
-    bail!("bench-local supports cgroup v1 (this project's CI machines) only")
-}
-
 impl Guard {
     fn mkdir(&mut self, p: PathBuf) -> anyhow::Result<PathBuf> {
         std::fs::create_dir(&p).with_context(|| format!("mkdir {} (needs root)", p.display()))?;
@@ -77,7 +65,11 @@ impl Guard {
         n: usize,
         quota_m: u64,
     ) -> anyhow::Result<(PathBuf, Vec<ConsumerDirs>)> {
-        let (cpu, acct) = roots()?;
+        let roots = crate::host::CgroupRoots::detect()?;
+        if roots.v2 {
+            bail!("bench-local supports cgroup v1 (this project's CI machines) only");
+        }
+        let (cpu, acct) = (roots.cpu, roots.cpuacct);
         let name = format!("mbcas-bench-{tag}-{}", std::process::id());
         let root = self.mkdir(cpu.join(&name))?;
         let aroot = match &acct {
@@ -168,17 +160,7 @@ fn stop(mut d: Child) {
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
-    run_cmd(Command::new("cargo").args([
-        "build",
-        "--release",
-        "--package",
-        "mbcas-daemon",
-        "--bin",
-        "mbcas",
-    ]))?;
-    let bin =
-        PathBuf::from(std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into()))
-            .join("release/mbcas");
+    let bin = crate::host::build_mbcas(true)?;
 
     // 1. Overhead with 100 consumers.
     {

@@ -16,8 +16,6 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
-use crate::setup::run_cmd;
-
 #[derive(Debug, clap::Args)]
 pub struct Options {
     /// Seconds per scenario (the 100-cgroup run uses this too).
@@ -53,23 +51,14 @@ impl Drop for Bench {
 
 const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
-fn roots() -> anyhow::Result<(PathBuf, Option<PathBuf>, bool)> {
-    let v1 = Path::new("/sys/fs/cgroup/cpu");
-    if v1.join("cpu.cfs_quota_us").exists() {
-        let acct = Path::new("/sys/fs/cgroup/cpuacct");
-        let separate = acct.join("cpuacct.usage").exists() && !v1.join("cpuacct.usage").exists();
-        return Ok((v1.to_owned(), separate.then(|| acct.to_owned()), false));
-    }
-    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        return Ok(("/sys/fs/cgroup".into(), None, true));
-    }
-    bail!("no cgroup cpu controller found")
-}
-
 impl Bench {
     /// `n` cgroups, each with one spinning process limited to `millicores`.
     fn throttled(&mut self, tag: &str, n: usize, millicores: u64) -> anyhow::Result<Vec<PathBuf>> {
-        let (cpu, acct, v2) = roots()?;
+        let crate::host::CgroupRoots {
+            cpu,
+            cpuacct: acct,
+            v2,
+        } = crate::host::CgroupRoots::detect()?;
         let mut out = Vec::new();
         for i in 0..n {
             let name = format!("mbcas-bench-{tag}-{}-{i}", std::process::id());
@@ -163,17 +152,7 @@ fn report(name: &str, v: &Value, seconds: u64) {
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
-    run_cmd(Command::new("cargo").args([
-        "build",
-        "--release",
-        "--package",
-        "mbcas-daemon",
-        "--bin",
-        "mbcas",
-    ]))?;
-    let bin =
-        PathBuf::from(std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into()))
-            .join("release/mbcas");
+    let bin = crate::host::build_mbcas(true)?;
     let mut b = Bench {
         dirs: Vec::new(),
         children: Vec::new(),

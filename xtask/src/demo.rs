@@ -21,8 +21,6 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 
-use crate::setup::run_cmd;
-
 #[derive(Debug, clap::Args)]
 pub struct Options {
     /// Total length in seconds (half static limits, half MBCAS). MBCAS lowers
@@ -97,20 +95,11 @@ struct Tree {
 impl Tree {
     fn new() -> anyhow::Result<Self> {
         let name = format!("mbcas-demo-{}", std::process::id());
-        let (cpu, acct, v2) = if Path::new("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists() {
-            let a = Path::new("/sys/fs/cgroup/cpuacct");
-            let sep = a.join("cpuacct.usage").exists()
-                && !Path::new("/sys/fs/cgroup/cpu/cpuacct.usage").exists();
-            (
-                PathBuf::from("/sys/fs/cgroup/cpu"),
-                sep.then(|| a.to_owned()),
-                false,
-            )
-        } else if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-            (PathBuf::from("/sys/fs/cgroup"), None, true)
-        } else {
-            bail!("no cgroup cpu controller found");
-        };
+        let crate::host::CgroupRoots {
+            cpu,
+            cpuacct: acct,
+            v2,
+        } = crate::host::CgroupRoots::detect()?;
         let t = Self {
             cpu_root: cpu.join(&name),
             acct_root: acct.map(|a| a.join(&name)),
@@ -526,17 +515,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         bail!("--duration must be at least 10 seconds");
     }
     crate::setup::run(&crate::setup::Options {})?;
-    run_cmd(Command::new("cargo").args([
-        "build",
-        "--quiet",
-        "--package",
-        "mbcas-daemon",
-        "--bin",
-        "mbcas",
-    ]))?;
-    let bin =
-        PathBuf::from(std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into()))
-            .join("debug/mbcas");
+    let bin = crate::host::build_mbcas(false)?;
     register_font()?;
     std::fs::create_dir_all(&opts.report_dir)
         .with_context(|| format!("mkdir {}", opts.report_dir.display()))?;

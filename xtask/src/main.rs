@@ -4,6 +4,7 @@ mod bench_local;
 mod bench_sensor;
 mod build_ebpf;
 mod demo;
+mod host;
 mod kind;
 mod setup;
 mod test;

@@ -73,7 +73,8 @@ pub struct CpuCounters {
     pub usage_ns: Option<u64>,
 }
 
-fn read_file(path: &Path) -> Result<String, CgroupFsError> {
+/// Reads a cgroup file; a missing file means the cgroup vanished.
+pub(crate) fn read_file(path: &Path) -> Result<String, CgroupFsError> {
     std::fs::read_to_string(path).map_err(|source| match source.kind() {
         ErrorKind::NotFound => CgroupFsError::Vanished {
             path: path.to_owned(),

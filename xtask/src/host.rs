@@ -1,0 +1,65 @@
+//! What the xtask commands that touch this machine share: where the cgroup CPU
+//! controller lives, and the `mbcas` binary they drive.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::bail;
+
+use crate::setup::run_cmd;
+
+/// Roots of the hierarchies with the `cpu` (and, on v1 hybrids, `cpuacct`) controller.
+pub struct CgroupRoots {
+    pub cpu: PathBuf,
+    /// v1 with `cpuacct` mounted apart from `cpu`: its root.
+    pub cpuacct: Option<PathBuf>,
+    pub v2: bool,
+}
+
+impl CgroupRoots {
+    pub fn detect() -> anyhow::Result<Self> {
+        let v1 = Path::new("/sys/fs/cgroup/cpu");
+        if v1.join("cpu.cfs_quota_us").exists() {
+            let acct = Path::new("/sys/fs/cgroup/cpuacct");
+            let separate =
+                acct.join("cpuacct.usage").exists() && !v1.join("cpuacct.usage").exists();
+            return Ok(Self {
+                cpu: v1.to_owned(),
+                cpuacct: separate.then(|| acct.to_owned()),
+                v2: false,
+            });
+        }
+        if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            return Ok(Self {
+                cpu: "/sys/fs/cgroup".into(),
+                cpuacct: None,
+                v2: true,
+            });
+        }
+        bail!("no cgroup cpu controller found")
+    }
+}
+
+/// Builds `mbcas` (release or debug) and returns the binary's path.
+pub fn build_mbcas(release: bool) -> anyhow::Result<PathBuf> {
+    let mut cmd = Command::new("cargo");
+    cmd.args([
+        "build",
+        "--quiet",
+        "--package",
+        "mbcas-daemon",
+        "--bin",
+        "mbcas",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    run_cmd(&mut cmd)?;
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
+    Ok(target
+        .join(if release { "release" } else { "debug" })
+        .join("mbcas"))
+}
