@@ -532,3 +532,110 @@ async fn recv(
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::DecisionArgs;
+
+    fn cfg() -> DecisionConfig {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct A {
+            #[command(flatten)]
+            d: DecisionArgs,
+        }
+        A::try_parse_from(["x"])
+            .unwrap_or_else(|e| panic!("{e}"))
+            .d
+            .validate()
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A cgroup-v2-shaped consumer directory.
+    fn consumer(root: &Path, name: &str, usage_us: u64) {
+        let d = root.join(name);
+        std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(d.join("cpu.max"), "20000 100000\n").unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(d.join("cpu.weight"), "100\n").unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(
+            d.join("cpu.stat"),
+            format!("usage_usec {usage_us}\nnr_periods 10\nnr_throttled 0\nthrottled_usec 0\n"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[test]
+    fn bad_files_are_counted_and_the_loop_keeps_running() {
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        for n in ["good", "garbage", "unreadable", "removed"] {
+            consumer(tmp.path(), n, 1000);
+        }
+        let args = LocalArgs {
+            local_root: Some(tmp.path().to_owned()),
+            capacity_millicores: Some(2000),
+            on_exit: OnExit::Restore,
+            sensor: SensorMode::Poll,
+            report_jsonl: None,
+        };
+        let mut lp = LocalLoop::new(&args, cfg(), false).unwrap_or_else(|e| panic!("{e}"));
+        let first = lp.round().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(first.rows.len(), 4);
+        // Garbage in one cpu.stat, a cpu.stat that cannot be read as a file, a consumer removed.
+        std::fs::write(tmp.path().join("garbage/cpu.stat"), "usage_usec lots\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let unreadable = tmp.path().join("unreadable/cpu.stat");
+        std::fs::remove_file(&unreadable).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::create_dir(&unreadable).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::remove_dir_all(tmp.path().join("removed")).unwrap_or_else(|e| panic!("{e}"));
+        let second = lp.round().unwrap_or_else(|e| panic!("{e}"));
+        let keys: Vec<&str> = second.rows.iter().map(|r| r.key.0.as_str()).collect();
+        assert_eq!(
+            keys,
+            vec!["good"],
+            "only the healthy consumer is decided this round"
+        );
+        let st = lp.stats();
+        assert_eq!(st.errors.get("malformed"), Some(&1), "{st:?}");
+        assert_eq!(st.errors.get("unreadable"), Some(&1), "{st:?}");
+        assert_eq!(st.consumers_removed, 1, "{st:?}");
+        // Repaired files are picked up again.
+        std::fs::write(
+            tmp.path().join("garbage/cpu.stat"),
+            "usage_usec 5000\nnr_periods 20\nnr_throttled 0\nthrottled_usec 0\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let third = lp.round().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(third.rows.len(), 2);
+        assert_eq!(lp.stats().rounds, 3);
+    }
+
+    #[test]
+    fn bad_arguments_are_refused() {
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let mut args = LocalArgs {
+            local_root: None,
+            capacity_millicores: None,
+            on_exit: OnExit::Keep,
+            sensor: SensorMode::Poll,
+            report_jsonl: None,
+        };
+        assert!(matches!(
+            LocalLoop::new(&args, cfg(), false),
+            Err(LocalError::NoRoot)
+        ));
+        args.local_root = Some(tmp.path().join("missing"));
+        assert!(matches!(
+            LocalLoop::new(&args, cfg(), false),
+            Err(LocalError::BadRoot { .. })
+        ));
+        args.local_root = Some(tmp.path().to_owned());
+        args.capacity_millicores = Some(0);
+        assert!(matches!(
+            LocalLoop::new(&args, cfg(), false),
+            Err(LocalError::ZeroCapacity)
+        ));
+    }
+}
