@@ -236,6 +236,8 @@ impl EbpfSensor {
             );
         }
         let offsets = offsets(&kbtf, timer_fn, with_switch, debug)?;
+        // Our parse of vmlinux BTF is large; free it before aya parses its own.
+        drop(kbtf);
         let aya_btf = aya::Btf::from_sys_fs().map_err(|e| EbpfError::AyaBtf(Box::new(e)))?;
 
         let mut loader = EbpfLoader::new();
