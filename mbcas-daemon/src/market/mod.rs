@@ -278,9 +278,9 @@ pub fn water_fill(lower: &[f64], upper: &[f64], weights: &[f64], total: f64) -> 
         events.push((upper[i] / weights[i], i, false));
     }
     // Enter events before leave events at the same level, then by index: deterministic.
-    events.sort_by(|a, b| {
-        a.0.partial_cmp(&b.0)
-            .unwrap_or(Ordering::Equal)
+    // The order is total (ties broken by index), so an unstable sort is deterministic.
+    events.sort_unstable_by(|a, b| {
+        a.0.total_cmp(&b.0)
             .then_with(|| b.2.cmp(&a.2))
             .then_with(|| a.1.cmp(&b.1))
     });
@@ -329,11 +329,17 @@ fn quantise(exact: &[f64], bids: &[Bid], capacity: MilliCpu) -> Vec<MilliCpu> {
             .filter(|&(i, (&x, &a))| x - a as f64 > 1e-6 && a + QUANTUM <= bids[i].cap.0)
             .map(|(i, (&x, &a))| (x - a as f64, i))
             .collect();
-        order.sort_by(|a, b| {
-            b.0.partial_cmp(&a.0)
-                .unwrap_or(Ordering::Equal)
-                .then(a.1.cmp(&b.1))
-        });
+        let by_remainder =
+            |a: &(f64, usize), b: &(f64, usize)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        // Only the `spare` largest remainders get a unit: select those, then order them.
+        let take = usize::try_from(spare)
+            .unwrap_or(usize::MAX)
+            .min(order.len());
+        if take > 0 && take < order.len() {
+            order.select_nth_unstable_by(take - 1, by_remainder);
+            order.truncate(take);
+        }
+        order.sort_unstable_by(by_remainder);
         for (_, i) in order {
             if spare == 0 {
                 break;
