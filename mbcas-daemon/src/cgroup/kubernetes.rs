@@ -76,6 +76,31 @@ fn container_of(name: &str) -> Option<ContainerRef> {
     })
 }
 
+/// The pod whose directory is `rest[i]` (UID `uid` as written in the path,
+/// `pod_uid` its canonical form), and its container when `rest[i + 1]` is one;
+/// `None` for deeper paths.
+fn pod_below(
+    rest: &[&str],
+    i: usize,
+    qos: QosClass,
+    uid: &str,
+    pod_uid: impl FnOnce(&str) -> String,
+) -> Option<PodCgroup> {
+    if !is_uid(uid) || rest.len() > i + 2 {
+        return None;
+    }
+    let container = match rest.get(i + 1) {
+        None => None,
+        Some(c) => Some(container_of(c)?),
+    };
+    // The systemd driver writes the UID's `-` as `_`.
+    Some(PodCgroup {
+        qos,
+        pod_uid: uid.replace('_', "-"),
+        container,
+    })
+}
+
 /// Parses a cgroup path (absolute or relative to the hierarchy root).
 pub fn parse(path: &Path) -> Option<PodCgroup> {
     let parts: Vec<&str> = path
@@ -109,21 +134,8 @@ pub fn parse(path: &Path) -> Option<PodCgroup> {
             QosClass::BestEffort => "kubepods-besteffort-pod",
         };
         let uid = pod.strip_prefix(prefix)?.strip_suffix(".slice")?;
-        if !is_uid(uid) {
-            return None;
-        }
-        let container = match rest.get(i + 1) {
-            None => None,
-            Some(c) => Some(container_of(c)?),
-        };
-        if rest.len() > i + 2 {
-            return None;
-        }
-        Some(PodCgroup {
-            qos,
-            pod_uid: uid.replace('_', "-"),
-            container,
-        })
+        // The systemd driver writes the UID's `-` as `_`.
+        pod_below(rest, i, qos, uid, |u| u.replace('_', "-"))
     } else {
         // cgroupfs driver
         let (qos, i) = match rest.get(1).copied() {
@@ -132,21 +144,7 @@ pub fn parse(path: &Path) -> Option<PodCgroup> {
             _ => (QosClass::Guaranteed, 1),
         };
         let uid = rest.get(i)?.strip_prefix("pod")?;
-        if !is_uid(uid) {
-            return None;
-        }
-        let container = match rest.get(i + 1) {
-            None => None,
-            Some(c) => Some(container_of(c)?),
-        };
-        if rest.len() > i + 2 {
-            return None;
-        }
-        Some(PodCgroup {
-            qos,
-            pod_uid: uid.to_owned(),
-            container,
-        })
+        pod_below(rest, i, qos, uid, str::to_owned)
     }
 }
 
