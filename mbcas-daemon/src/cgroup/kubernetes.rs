@@ -93,10 +93,9 @@ fn pod_below(
         None => None,
         Some(c) => Some(container_of(c)?),
     };
-    // The systemd driver writes the UID's `-` as `_`.
     Some(PodCgroup {
         qos,
-        pod_uid: uid.replace('_', "-"),
+        pod_uid: pod_uid(uid),
         container,
     })
 }
