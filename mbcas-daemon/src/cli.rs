@@ -45,6 +45,8 @@ pub enum Command {
     Burn(crate::burn::BurnArgs),
     /// Watch cgroups for a while and print the throttling the sensor saw.
     Sense(crate::sense::SenseArgs),
+    /// Print the PodAllocation CustomResourceDefinition (YAML) for `kubectl apply -f -`.
+    Crd,
 }
 
 #[cfg(test)]

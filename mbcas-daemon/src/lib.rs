@@ -12,6 +12,7 @@ pub mod config;
 pub mod demand;
 pub mod engine;
 pub mod http;
+pub mod k8s;
 pub mod local;
 pub mod market;
 pub mod metrics;

@@ -48,6 +48,12 @@ fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }
         Command::Sense(args) => run_sense(&args, &cli.log_level),
+        Command::Crd => mbcas::k8s::crd::crd_yaml()
+            .map(|yaml| {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            })
+            .map_err(Into::into),
     };
     match result {
         Ok(code) => code,

@@ -349,3 +349,18 @@ fn daemonset_environment_is_read_by_the_cli() {
     assert!(cfg.is_excluded_namespace("mbcas-system"));
     assert_eq!(cfg.metrics_addr.port(), 9090);
 }
+
+/// The committed CRD is exactly what `mbcas crd` prints; regenerate with
+/// `cargo run -p mbcas-daemon -- crd > deploy/crds/podallocations.allocation.mbcas.io.yaml`.
+#[test]
+fn committed_crd_matches_the_rust_types() {
+    let path = deploy_dir().join("crds/podallocations.allocation.mbcas.io.yaml");
+    let committed =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let generated = mbcas::k8s::crd::crd_yaml().unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        committed == generated,
+        "{} drifted from the Rust types; regenerate it with `mbcas crd`",
+        path.display()
+    );
+}

@@ -125,6 +125,8 @@ pub enum Exclusion {
     OptedOut,
     Namespace,
     NoLimit,
+    /// A container's CPU `resizePolicy` is `RestartContainer`: a resize would restart it.
+    RestartPolicy,
 }
 
 /// Why a decision came out as it did. `as_str()` gives the stable code.
@@ -148,10 +150,11 @@ pub enum Reason {
     ExcludedOptedOut,
     ExcludedNamespace,
     ExcludedNoLimit,
+    ExcludedRestartPolicy,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 18] = [
         Self::Unchanged,
         Self::Hysteresis,
         Self::Increase,
@@ -169,6 +172,7 @@ impl Reason {
         Self::ExcludedOptedOut,
         Self::ExcludedNamespace,
         Self::ExcludedNoLimit,
+        Self::ExcludedRestartPolicy,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -190,6 +194,7 @@ impl Reason {
             Self::ExcludedOptedOut => "excluded_opted_out",
             Self::ExcludedNamespace => "excluded_namespace",
             Self::ExcludedNoLimit => "excluded_no_limit",
+            Self::ExcludedRestartPolicy => "excluded_restart_policy",
         }
     }
 
@@ -199,6 +204,7 @@ impl Reason {
             Exclusion::OptedOut => Self::ExcludedOptedOut,
             Exclusion::Namespace => Self::ExcludedNamespace,
             Exclusion::NoLimit => Self::ExcludedNoLimit,
+            Exclusion::RestartPolicy => Self::ExcludedRestartPolicy,
         }
     }
 }

@@ -157,6 +157,7 @@ fn exclusions_are_never_changed() {
         (Exclusion::OptedOut, Reason::ExcludedOptedOut),
         (Exclusion::Namespace, Reason::ExcludedNamespace),
         (Exclusion::NoLimit, Reason::ExcludedNoLimit),
+        (Exclusion::RestartPolicy, Reason::ExcludedRestartPolicy),
     ] {
         let mut v = view("x", 500, 2000, 1.0, 10);
         v.exclusion = Some(e);
