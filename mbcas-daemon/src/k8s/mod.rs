@@ -2,3 +2,5 @@
 //! writer that publishes decisions and the in-process resize controller.
 
 pub mod crd;
+pub mod pods;
+pub mod resize;

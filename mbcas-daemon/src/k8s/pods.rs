@@ -1,0 +1,417 @@
+//! This node's pods: what MBCAS needs from each pod's spec and status, and the
+//! reflector that keeps them (`spec.nodeName=<node>` only, fields pruned).
+//!
+//! [`PodFacts::from_pod`] is pure and total: a pod with an unreadable quantity
+//! is reported as an error naming the field, never a panic, and the daemon
+//! leaves that pod alone.
+
+use std::collections::BTreeSet;
+
+use futures::{Stream, StreamExt as _};
+use k8s_openapi::api::core::v1::{Container, Node, Pod};
+use kube::{
+    Api, Client, ResourceExt as _,
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, Store},
+        watcher,
+    },
+};
+
+use super::crd::IGNORE_LABEL;
+use crate::{cgroup::kubernetes::QosClass, policy::Exclusion, units::MilliCpu};
+
+/// One container's CPU facts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerFacts {
+    pub name: String,
+    /// `spec.containers[].resources.requests.cpu` (zero when absent).
+    pub request: MilliCpu,
+    /// `spec.containers[].resources.limits.cpu`: the desired limit.
+    pub limit: Option<MilliCpu>,
+    /// The limit the kubelet reports as applied (`status.containerStatuses[].resources`).
+    pub status_limit: Option<MilliCpu>,
+    /// CPU `resizePolicy` is `RestartContainer`.
+    pub restart_on_resize: bool,
+    /// Runtime container id without its `runtime://` prefix, once running.
+    pub container_id: Option<String>,
+}
+
+/// The kubelet's view of an in-place resize, from the pod's conditions.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ResizeState {
+    #[default]
+    Idle,
+    /// `PodResizeInProgress`: accepted, being actuated.
+    InProgress,
+    /// `PodResizePending` with reason `Deferred`: may be done later.
+    Deferred(String),
+    /// `PodResizePending` with reason `Infeasible`: will not be done on this node.
+    Infeasible(String),
+    /// `PodResizeInProgress` with reason `Error`.
+    Error(String),
+}
+
+/// What MBCAS knows about one pod.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodFacts {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub node: Option<String>,
+    pub qos: QosClass,
+    pub containers: Vec<ContainerFacts>,
+    pub ignored: bool,
+    pub priority: Option<i32>,
+    /// `status.phase == Running` and not being deleted.
+    pub running: bool,
+    pub resize: ResizeState,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PodError {
+    #[error("pod has no {0}")]
+    Missing(&'static str),
+    #[error("pod {pod}: {field} = {value:?} is not a CPU quantity")]
+    Quantity {
+        pod: String,
+        field: String,
+        value: String,
+    },
+}
+
+/// Millicores of a Kubernetes quantity, rounded up like `Quantity.MilliValue()`.
+///
+/// Accepts decimal numbers with an optional exponent (`1e3`, `1.5E-1`) or one of
+/// the SI (`n u m k M G T P E`) or binary (`Ki Mi Gi Ti Pi Ei`) suffixes;
+/// refuses negative values and garbage.
+pub fn quantity_millis(s: &str) -> Option<MilliCpu> {
+    let s = s.trim();
+    let num_end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+'))
+        .unwrap_or(s.len());
+    let (num, suffix) = s.split_at(num_end);
+    let num = num.strip_prefix('+').unwrap_or(num);
+    if num.is_empty() || num == "." || num.matches('.').count() > 1 || num.contains('+') {
+        return None;
+    }
+    // Scale to milli-units as an exact decimal: value = digits × 10^exp10 × 2^exp2.
+    let (exp10, exp2): (i32, u32) = match suffix {
+        "" => (3, 0),
+        "n" => (-6, 0),
+        "u" => (-3, 0),
+        "m" => (0, 0),
+        "k" => (6, 0),
+        "M" => (9, 0),
+        "G" => (12, 0),
+        "T" => (15, 0),
+        "P" => (18, 0),
+        "E" => (21, 0),
+        "Ki" => (3, 10),
+        "Mi" => (3, 20),
+        "Gi" => (3, 30),
+        "Ti" => (3, 40),
+        "Pi" => (3, 50),
+        "Ei" => (3, 60),
+        e if e.starts_with(['e', 'E']) => {
+            let x: i32 = e[1..].parse().ok()?;
+            (x.checked_add(3)?, 0)
+        }
+        _ => return None,
+    };
+    let (whole, frac) = num.split_once('.').unwrap_or((num, ""));
+    let digits = format!("{whole}{frac}");
+    let mut mantissa: u128 = if digits.is_empty() {
+        0
+    } else {
+        digits.parse().ok()?
+    };
+    let exp = exp10 - i32::try_from(frac.len()).ok()?;
+    if exp >= 0 {
+        mantissa = mantissa.checked_mul(10u128.checked_pow(u32::try_from(exp).ok()?)?)?;
+    } else {
+        let div = 10u128.checked_pow(u32::try_from(-exp).ok()?)?;
+        mantissa = mantissa.div_ceil(div);
+    }
+    mantissa = mantissa.checked_mul(1u128.checked_shl(exp2)?)?;
+    u64::try_from(mantissa).ok().map(MilliCpu)
+}
+
+fn cpu_of(
+    map: Option<&std::collections::BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>,
+    pod: &str,
+    field: impl FnOnce() -> String,
+) -> Result<Option<MilliCpu>, PodError> {
+    let Some(q) = map.and_then(|m| m.get("cpu")) else {
+        return Ok(None);
+    };
+    quantity_millis(&q.0).map(Some).ok_or_else(|| PodError::Quantity {
+        pod: pod.to_owned(),
+        field: field(),
+        value: q.0.clone(),
+    })
+}
+
+fn has_mem(
+    map: Option<&std::collections::BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>,
+) -> bool {
+    map.is_some_and(|m| m.contains_key("memory"))
+}
+
+/// QoS class as the API server computes it (used when `status.qosClass` is unset).
+fn qos_of(containers: &[Container]) -> QosClass {
+    let mut any = false;
+    let mut all_guaranteed = !containers.is_empty();
+    for c in containers {
+        let r = c.resources.as_ref();
+        let req = r.and_then(|r| r.requests.as_ref());
+        let lim = r.and_then(|r| r.limits.as_ref());
+        any |= req.is_some_and(|m| !m.is_empty()) || lim.is_some_and(|m| !m.is_empty());
+        let cpu_eq = lim.and_then(|l| l.get("cpu")).is_some_and(|l| {
+            req.and_then(|r| r.get("cpu")).is_none_or(|r| quantity_millis(&r.0) == quantity_millis(&l.0))
+        });
+        let mem_eq = lim.and_then(|l| l.get("memory")).is_some_and(|l| {
+            req.and_then(|r| r.get("memory")).is_none_or(|r| r.0 == l.0)
+        });
+        all_guaranteed &= cpu_eq && mem_eq && has_mem(lim);
+    }
+    if all_guaranteed {
+        QosClass::Guaranteed
+    } else if any {
+        QosClass::Burstable
+    } else {
+        QosClass::BestEffort
+    }
+}
+
+impl PodFacts {
+    pub fn from_pod(pod: &Pod) -> Result<Self, PodError> {
+        let uid = pod.metadata.uid.clone().ok_or(PodError::Missing("metadata.uid"))?;
+        let name = pod.metadata.name.clone().ok_or(PodError::Missing("metadata.name"))?;
+        let namespace = pod
+            .metadata
+            .namespace
+            .clone()
+            .ok_or(PodError::Missing("metadata.namespace"))?;
+        let spec = pod.spec.as_ref().ok_or(PodError::Missing("spec"))?;
+        let status = pod.status.as_ref();
+        let id = format!("{namespace}/{name}");
+        let mut containers = Vec::with_capacity(spec.containers.len());
+        for (i, c) in spec.containers.iter().enumerate() {
+            let res = c.resources.as_ref();
+            let request = cpu_of(res.and_then(|r| r.requests.as_ref()), &id, || {
+                format!("spec.containers[{i}].resources.requests.cpu")
+            })?
+            .unwrap_or_default();
+            let limit = cpu_of(res.and_then(|r| r.limits.as_ref()), &id, || {
+                format!("spec.containers[{i}].resources.limits.cpu")
+            })?;
+            let cs = status
+                .and_then(|s| s.container_statuses.as_ref())
+                .and_then(|v| v.iter().find(|s| s.name == c.name));
+            let status_limit = match cs.and_then(|s| s.resources.as_ref()) {
+                Some(r) => cpu_of(r.limits.as_ref(), &id, || {
+                    format!("status.containerStatuses[{}].resources.limits.cpu", c.name)
+                })?,
+                None => None,
+            };
+            let restart_on_resize = c.resize_policy.iter().flatten().any(|p| {
+                p.resource_name == "cpu" && p.restart_policy == "RestartContainer"
+            });
+            let container_id = cs
+                .and_then(|s| s.container_id.as_deref())
+                .map(|s| s.split_once("://").map_or(s, |(_, id)| id).to_owned());
+            containers.push(ContainerFacts {
+                name: c.name.clone(),
+                request,
+                limit,
+                status_limit,
+                restart_on_resize,
+                container_id,
+            });
+        }
+        let qos = match status.and_then(|s| s.qos_class.as_deref()) {
+            Some("Guaranteed") => QosClass::Guaranteed,
+            Some("Burstable") => QosClass::Burstable,
+            Some("BestEffort") => QosClass::BestEffort,
+            _ => qos_of(&spec.containers),
+        };
+        let cond = |t: &str| {
+            status
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|v| v.iter().find(|c| c.type_ == t && c.status == "True"))
+        };
+        let msg = |c: &k8s_openapi::api::core::v1::PodCondition| c.message.clone().unwrap_or_default();
+        let resize = if let Some(c) = cond("PodResizePending") {
+            match c.reason.as_deref() {
+                Some("Infeasible") => ResizeState::Infeasible(msg(c)),
+                _ => ResizeState::Deferred(msg(c)),
+            }
+        } else if let Some(c) = cond("PodResizeInProgress") {
+            match c.reason.as_deref() {
+                Some("Error") => ResizeState::Error(msg(c)),
+                _ => ResizeState::InProgress,
+            }
+        } else {
+            ResizeState::Idle
+        };
+        Ok(Self {
+            uid,
+            ignored: pod
+                .labels()
+                .get(IGNORE_LABEL)
+                .is_some_and(|v| v.eq_ignore_ascii_case("true")),
+            namespace,
+            name,
+            node: spec.node_name.clone(),
+            qos,
+            containers,
+            priority: spec.priority,
+            running: status.and_then(|s| s.phase.as_deref()) == Some("Running")
+                && pod.metadata.deletion_timestamp.is_none(),
+            resize,
+        })
+    }
+
+    /// Σ CPU requests.
+    pub fn request(&self) -> MilliCpu {
+        MilliCpu(self.containers.iter().map(|c| c.request.get()).sum())
+    }
+
+    /// Σ CPU limits in the spec; `None` when a container has no limit.
+    pub fn limit(&self) -> Option<MilliCpu> {
+        self.containers
+            .iter()
+            .map(|c| c.limit.map(MilliCpu::get))
+            .sum::<Option<u64>>()
+            .map(MilliCpu)
+    }
+
+    /// Σ CPU limits the kubelet reports; `None` until every container reports one.
+    pub fn status_limit(&self) -> Option<MilliCpu> {
+        self.containers
+            .iter()
+            .map(|c| c.status_limit.map(MilliCpu::get))
+            .sum::<Option<u64>>()
+            .map(MilliCpu)
+    }
+
+    /// Why MBCAS must leave this pod alone, if it must (DESIGN.md §2, Resize).
+    pub fn exclusion(&self, excluded_namespaces: &BTreeSet<String>) -> Option<Exclusion> {
+        if excluded_namespaces.contains(&self.namespace) {
+            Some(Exclusion::Namespace)
+        } else if self.ignored {
+            Some(Exclusion::OptedOut)
+        } else if self.qos == QosClass::Guaranteed {
+            Some(Exclusion::Guaranteed)
+        } else if self.containers.iter().any(|c| c.restart_on_resize) {
+            Some(Exclusion::RestartPolicy)
+        } else if self.limit().is_none() {
+            Some(Exclusion::NoLimit)
+        } else {
+            None
+        }
+    }
+
+    /// Market weight: the CPU request in millicores (at least 1), times
+    /// `1 + priority / 1e9` when priority weighting is on (system-critical
+    /// classes, 2e9, weigh three times as much; the default 0 changes nothing).
+    pub fn weight(&self, priority_weighting: bool) -> f64 {
+        let base = self.request().get().max(1) as f64;
+        match (priority_weighting, self.priority) {
+            (true, Some(p)) => base * (1.0 + f64::from(p) / 1e9).max(0.01),
+            _ => base,
+        }
+    }
+}
+
+/// Drops what MBCAS never reads, so a node's pods cost little memory.
+pub fn prune(pod: &mut Pod) {
+    pod.metadata.managed_fields = None;
+    pod.metadata.annotations = None;
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.volumes = None;
+        spec.affinity = None;
+        spec.tolerations = None;
+        spec.init_containers = None;
+        spec.ephemeral_containers = None;
+        for c in &mut spec.containers {
+            c.env = None;
+            c.env_from = None;
+            c.volume_mounts = None;
+            c.command = None;
+            c.args = None;
+            c.ports = None;
+            c.liveness_probe = None;
+            c.readiness_probe = None;
+            c.startup_probe = None;
+            c.lifecycle = None;
+            c.security_context = None;
+        }
+    }
+    if let Some(status) = pod.status.as_mut() {
+        status.init_container_statuses = None;
+        status.ephemeral_container_statuses = None;
+        status.pod_ips = None;
+        status.host_ips = None;
+    }
+}
+
+/// The watcher configuration of this node's pods.
+pub fn node_pods_config(node: &str) -> watcher::Config {
+    watcher::Config::default().fields(&format!("spec.nodeName={node}"))
+}
+
+/// A shared reflector over this node's pods: the store, and a stream that must
+/// be polled to keep it current (it yields every applied pod, for subscribers).
+pub fn pod_reflector(
+    client: Client,
+    node: &str,
+) -> (
+    Store<Pod>,
+    reflector::store::Writer<Pod>,
+    impl Stream<Item = Result<watcher::Event<Pod>, watcher::Error>> + Send + 'static,
+) {
+    let (store, writer) = reflector::store_shared::<Pod>(1024);
+    let api: Api<Pod> = Api::all(client);
+    let stream = watcher(api, node_pods_config(node))
+        .default_backoff()
+        .modify(prune);
+    (store, writer, stream)
+}
+
+/// This node's allocatable CPU, kept current by a watch on the Node object.
+pub fn node_reflector(
+    client: Client,
+    node: &str,
+) -> (Store<Node>, impl Stream<Item = ()> + Send + 'static) {
+    let (store, writer) = reflector::store::<Node>();
+    let api: Api<Node> = Api::all(client);
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
+    let stream = watcher(api, cfg)
+        .default_backoff()
+        .modify(|n: &mut Node| {
+            n.metadata.managed_fields = None;
+            n.metadata.annotations = None;
+            n.status.as_mut().map(|s| {
+                s.images = None;
+                s.conditions = None;
+            });
+        })
+        .reflect(writer)
+        .map(|_| ());
+    (store, stream)
+}
+
+/// Allocatable CPU of a Node object (status.allocatable, else status.capacity).
+pub fn node_allocatable(node: &Node) -> Option<MilliCpu> {
+    let st = node.status.as_ref()?;
+    st.allocatable
+        .as_ref()
+        .and_then(|m| m.get("cpu"))
+        .or_else(|| st.capacity.as_ref().and_then(|m| m.get("cpu")))
+        .and_then(|q| quantity_millis(&q.0))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,169 @@
+use super::*;
+
+fn pod(v: serde_json::Value) -> Pod {
+    serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn burstable(ns: &str, labels: serde_json::Value) -> Pod {
+    pod(serde_json::json!({
+        "metadata": {"name": "web", "namespace": ns, "uid": "u-1", "labels": labels},
+        "spec": {"nodeName": "n1", "containers": [
+            {"name": "app", "resources": {"requests": {"cpu": "250m"}, "limits": {"cpu": "500m"}}},
+            {"name": "side", "resources": {"requests": {"cpu": "0.1"}, "limits": {"cpu": "1"}}}
+        ]},
+        "status": {"phase": "Running", "qosClass": "Burstable", "containerStatuses": [
+            {"name": "app", "image": "x", "imageID": "", "ready": true, "restartCount": 0,
+             "containerID": "containerd://abc123", "resources": {"limits": {"cpu": "500m"}}},
+            {"name": "side", "image": "x", "imageID": "", "ready": true, "restartCount": 0,
+             "resources": {"limits": {"cpu": "1"}}}
+        ]}
+    }))
+}
+
+fn excluded() -> BTreeSet<String> {
+    ["kube-system".to_owned(), "mbcas-system".to_owned()].into()
+}
+
+#[test]
+fn quantities_round_up_to_millicores_like_kubernetes() {
+    for (s, m) in [
+        ("1", 1000),
+        ("250m", 250),
+        ("0.5", 500),
+        ("1.0001", 1001),
+        ("100u", 1),
+        ("1500000n", 2),
+        ("1e3", 1_000_000),
+        ("1.5E-1", 150),
+        ("2k", 2_000_000),
+        ("+3", 3000),
+        ("0", 0),
+        ("1Ki", 1_024_000),
+    ] {
+        assert_eq!(quantity_millis(s), Some(MilliCpu(m)), "{s}");
+    }
+    for bad in ["", "-1", "1x", "abc", "1..2", ".", "m", "1e", "1e99999", "1Ei1"] {
+        assert_eq!(quantity_millis(bad), None, "{bad:?}");
+    }
+}
+
+#[test]
+fn facts_of_a_burstable_pod() {
+    let f = PodFacts::from_pod(&burstable("default", serde_json::json!({})))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(f.request(), MilliCpu(350));
+    assert_eq!(f.limit(), Some(MilliCpu(1500)));
+    assert_eq!(f.status_limit(), Some(MilliCpu(1500)));
+    assert_eq!(f.containers[0].container_id.as_deref(), Some("abc123"));
+    assert!(f.running);
+    assert_eq!(f.exclusion(&excluded()), None);
+    assert_eq!(f.weight(false), 350.0);
+    assert_eq!(f.resize, ResizeState::Idle);
+}
+
+#[test]
+fn exclusions_follow_the_safety_rules() {
+    let ns = PodFacts::from_pod(&burstable("kube-system", serde_json::json!({})))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ns.exclusion(&excluded()), Some(Exclusion::Namespace));
+    let ign = PodFacts::from_pod(&burstable("default", serde_json::json!({"mbcas.io/ignore": "true"})))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ign.exclusion(&excluded()), Some(Exclusion::OptedOut));
+
+    let mut p = burstable("default", serde_json::json!({}));
+    if let Some(spec) = p.spec.as_mut() {
+        spec.containers[1].resize_policy = Some(vec![k8s_openapi::api::core::v1::ContainerResizePolicy {
+            resource_name: "cpu".into(),
+            restart_policy: "RestartContainer".into(),
+        }]);
+    }
+    let f = PodFacts::from_pod(&p).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(f.exclusion(&excluded()), Some(Exclusion::RestartPolicy));
+
+    let mut p = burstable("default", serde_json::json!({}));
+    if let Some(spec) = p.spec.as_mut() {
+        spec.containers[1].resources = None;
+    }
+    let f = PodFacts::from_pod(&p).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(f.limit(), None);
+    assert_eq!(f.exclusion(&excluded()), Some(Exclusion::NoLimit));
+}
+
+#[test]
+fn guaranteed_is_recognised_with_or_without_status() {
+    let spec = serde_json::json!({"containers": [{"name": "a", "resources": {
+        "limits": {"cpu": "1", "memory": "1Gi"}}}]});
+    let mut p = pod(serde_json::json!({
+        "metadata": {"name": "g", "namespace": "default", "uid": "u-2"}, "spec": spec}));
+    let f = PodFacts::from_pod(&p).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(f.qos, QosClass::Guaranteed);
+    assert_eq!(f.exclusion(&excluded()), Some(Exclusion::Guaranteed));
+    assert!(!f.running);
+    // Requests different from limits: Burstable.
+    if let Some(s) = p.spec.as_mut() {
+        s.containers[0].resources = serde_json::from_value(serde_json::json!({
+            "requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "1", "memory": "1Gi"}}))
+        .ok();
+    }
+    let f = PodFacts::from_pod(&p).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(f.qos, QosClass::Burstable);
+}
+
+#[test]
+fn bad_quantities_name_the_field() {
+    let mut p = burstable("default", serde_json::json!({}));
+    if let Some(spec) = p.spec.as_mut() {
+        spec.containers[1].resources = serde_json::from_value(serde_json::json!({
+            "limits": {"cpu": "lots"}}))
+        .ok();
+    }
+    let err = PodFacts::from_pod(&p).err();
+    assert_eq!(
+        err,
+        Some(PodError::Quantity {
+            pod: "default/web".into(),
+            field: "spec.containers[1].resources.limits.cpu".into(),
+            value: "lots".into(),
+        })
+    );
+    let no_uid = pod(serde_json::json!({"metadata": {"name": "x", "namespace": "d"}, "spec": {"containers": []}}));
+    assert_eq!(PodFacts::from_pod(&no_uid).err(), Some(PodError::Missing("metadata.uid")));
+}
+
+#[test]
+fn resize_conditions_are_read() {
+    for (cond, reason, want) in [
+        ("PodResizePending", "Infeasible", ResizeState::Infeasible("too big".into())),
+        ("PodResizePending", "Deferred", ResizeState::Deferred("too big".into())),
+        ("PodResizeInProgress", "", ResizeState::InProgress),
+        ("PodResizeInProgress", "Error", ResizeState::Error("too big".into())),
+    ] {
+        let mut p = burstable("default", serde_json::json!({}));
+        if let Some(st) = p.status.as_mut() {
+            st.conditions = serde_json::from_value(serde_json::json!([
+                {"type": cond, "status": "True", "reason": reason, "message": "too big"}]))
+            .ok();
+        }
+        let f = PodFacts::from_pod(&p).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(f.resize, want, "{cond} {reason}");
+    }
+}
+
+#[test]
+fn priority_weighting_is_off_by_default_and_bounded() {
+    let mut p = burstable("default", serde_json::json!({}));
+    if let Some(s) = p.spec.as_mut() {
+        s.priority = Some(2_000_000_000);
+    }
+    let f = PodFacts::from_pod(&p).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(f.weight(false), 350.0);
+    assert_eq!(f.weight(true), 1050.0);
+}
+
+#[test]
+fn prune_keeps_what_the_facts_need() {
+    let mut p = burstable("default", serde_json::json!({"mbcas.io/ignore": "false"}));
+    let before = PodFacts::from_pod(&p).unwrap_or_else(|e| panic!("{e}"));
+    prune(&mut p);
+    assert_eq!(PodFacts::from_pod(&p), Ok(before));
+}

@@ -1,0 +1,726 @@
+//! The in-process resize controller: applies this node's PodAllocations to
+//! their pods through the `pods/resize` subresource.
+//!
+//! A `kube::runtime::Controller` over the PodAllocations labelled
+//! `mbcas.io/node=<node>`, also woken by the node's pod events (shared with the
+//! pod index). Each reconcile is [`plan`] — pure: the PodAllocation, the pod's
+//! facts, what this controller remembers, the time — followed by the few API
+//! calls the plan asks for:
+//!
+//! 1. the pod's original limits are written to the status before its first change;
+//! 2. a strategic-merge patch of `spec.containers[].resources.limits.cpu` only
+//!    (never requests, never below a container's request, never on Guaranteed
+//!    pods, `RestartContainer` CPU resize policies, excluded namespaces or pods
+//!    labelled `mbcas.io/ignore=true`; max step and cooldown are enforced again
+//!    here as defence in depth);
+//! 3. the status, only when it differs from what is stored (no wall-clock
+//!    churn, so the controller does not wake itself up);
+//! 4. an Event on the pod: `ResizeRequested`, `ResizeApplied` or `ResizeFailed`.
+//!
+//! Phases: `Pending` once the spec is patched and until the kubelet reports the
+//! new limits in `status.containerStatuses[].resources` (`Applied`); `Failed`
+//! when the API refuses the resize, the kubelet reports it `Infeasible`, or the
+//! pod is gone; `Skipped` for pods MBCAS must not touch. After a failure the
+//! controller waits (1 min, doubling up to 10 min) before it patches that pod
+//! again; API errors that are not a refusal (429, 5xx, timeouts) are retried
+//! with the same backoff, conflicts at once.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::StreamExt as _;
+use k8s_openapi::{
+    api::core::v1::{ObjectReference, Pod},
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, Resource as _, ResourceExt as _,
+    api::{Patch, PatchParams},
+    runtime::{
+        Controller,
+        controller::Action,
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::{ObjectRef, Store},
+        watcher,
+    },
+};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    crd::{
+        CONDITION_APPLIED, ContainerAllocation, CpuQuantity, FIELD_MANAGER, NODE_LABEL,
+        OriginalLimit, Phase, PodAllocation, PodAllocationStatus,
+    },
+    pods::{PodFacts, ResizeState},
+};
+use crate::{metrics::Metrics, policy::Exclusion, units::MilliCpu};
+
+/// What the controller enforces, whatever a PodAllocation asks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ControllerConfig {
+    pub node_name: String,
+    pub excluded_namespaces: BTreeSet<String>,
+    /// No decrease sooner than this after the pod's last change.
+    pub cooldown: Duration,
+    /// Largest factor of one increase (per container).
+    pub max_step_up: f64,
+    /// Smallest factor of one decrease (per container).
+    pub max_step_down: f64,
+    /// First wait after a failure; doubles per failure up to `max_failure_backoff`.
+    pub failure_backoff: Duration,
+    pub max_failure_backoff: Duration,
+    /// How often a Pending allocation is looked at again without pod events.
+    pub pending_recheck: Duration,
+}
+
+impl ControllerConfig {
+    pub fn new(node_name: impl Into<String>) -> Self {
+        Self {
+            node_name: node_name.into(),
+            excluded_namespaces: BTreeSet::from(["kube-system".to_owned()]),
+            cooldown: Duration::from_secs(30),
+            max_step_up: 1.5,
+            max_step_down: 0.5,
+            failure_backoff: Duration::from_secs(60),
+            max_failure_backoff: Duration::from_secs(600),
+            pending_recheck: Duration::from_secs(30),
+        }
+    }
+
+    fn backoff(&self, failures: u32) -> Duration {
+        let f = self
+            .failure_backoff
+            .saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+        f.min(self.max_failure_backoff).max(self.failure_backoff)
+    }
+}
+
+/// What the controller remembers about one PodAllocation (in memory only: a
+/// restart forgets cooldowns and backoffs, which is safe — the policy's own
+/// cooldown still applies).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Memory {
+    /// When the controller last patched this pod.
+    pub last_change: Option<Duration>,
+    /// When the current request was made (for the resize latency metric).
+    pub requested_at: Option<Duration>,
+    /// Consecutive failures, and when patching may be tried again.
+    pub failures: u32,
+    pub retry_at: Option<Duration>,
+}
+
+/// An event to publish about the pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedEvent {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub note: String,
+}
+
+/// What one reconcile decided.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub status: PodAllocationStatus,
+    /// Containers to patch, with their new CPU limits.
+    pub resize: Option<Vec<(String, MilliCpu)>>,
+    /// Published after the status is written (ResizeRequested is published
+    /// only once the patch succeeded).
+    pub event: Option<PlannedEvent>,
+    pub requeue: Option<Duration>,
+}
+
+fn exclusion_reason(e: Exclusion) -> (&'static str, &'static str) {
+    match e {
+        Exclusion::Guaranteed => ("Guaranteed", "Guaranteed pods are never resized (the QoS class may not change)"),
+        Exclusion::OptedOut => ("OptedOut", "the pod is labelled mbcas.io/ignore=true"),
+        Exclusion::Namespace => ("ExcludedNamespace", "pods in this namespace are never resized"),
+        Exclusion::NoLimit => ("NoCpuLimit", "a container has no CPU limit to resize"),
+        Exclusion::RestartPolicy => (
+            "RestartContainerPolicy",
+            "a container's CPU resizePolicy is RestartContainer: a resize would restart it",
+        ),
+    }
+}
+
+fn quantity(m: MilliCpu) -> CpuQuantity {
+    CpuQuantity(m)
+}
+
+/// Decides what to do about one PodAllocation. Pure.
+pub fn plan(
+    pa: &PodAllocation,
+    pod: Option<Result<&PodFacts, String>>,
+    cfg: &ControllerConfig,
+    mem: &Memory,
+    now: Duration,
+) -> Plan {
+    let old = pa.status.clone().unwrap_or_default();
+    let mut status = PodAllocationStatus {
+        original: old.original.clone(),
+        observed_generation: pa.metadata.generation,
+        ..Default::default()
+    };
+    let pod_id = format!("{}/{}", pa.namespace().unwrap_or_default(), pa.spec.pod_name);
+    let failed = |mut status: PodAllocationStatus, reason: &str, message: String| {
+        status.phase = Phase::Failed;
+        status.reason = Some(reason.to_owned());
+        status.message = Some(message);
+        status
+    };
+    let pod = match pod {
+        None => {
+            let st = failed(
+                status,
+                "PodNotFound",
+                format!("pod {pod_id} does not exist on node {}", cfg.node_name),
+            );
+            return finish(&old, st, None, None, None);
+        }
+        Some(Err(e)) => {
+            let st = failed(status, "InvalidPod", e);
+            return finish(&old, st, None, None, None);
+        }
+        Some(Ok(p)) => p,
+    };
+    if pod.uid != pa.spec.pod_uid {
+        let st = failed(
+            status,
+            "PodReplaced",
+            format!(
+                "pod {pod_id} now has UID {}, this allocation was made for {}",
+                pod.uid, pa.spec.pod_uid
+            ),
+        );
+        return finish(&old, st, None, None, None);
+    }
+    if let Some(ex) = pod.exclusion(&cfg.excluded_namespaces) {
+        let (reason, message) = exclusion_reason(ex);
+        status.phase = Phase::Skipped;
+        status.reason = Some(reason.to_owned());
+        status.message = Some(message.to_owned());
+        return finish(&old, status, None, None, None);
+    }
+    // Desired limits per container, made safe.
+    let mut notes: Vec<String> = Vec::new();
+    let mut desired: Vec<(String, MilliCpu, MilliCpu)> = Vec::new(); // (name, current, desired)
+    for want in &pa.spec.containers {
+        let Some(c) = pod.containers.iter().find(|c| c.name == want.name) else {
+            let st = failed(
+                status,
+                "InvalidSpec",
+                format!("container {:?} is not in pod {pod_id}", want.name),
+            );
+            return finish(&old, st, None, None, None);
+        };
+        // exclusion() guarantees every container has a limit here.
+        let current = c.limit.unwrap_or(want.cpu_limit.millis());
+        let mut d = want.cpu_limit.millis();
+        if d < c.request {
+            notes.push(format!(
+                "{}: {} raised to its request {}",
+                c.name, d, c.request
+            ));
+            d = c.request;
+        }
+        if d == MilliCpu::ZERO {
+            notes.push(format!("{}: a CPU limit of 0 is never written", c.name));
+            d = current;
+        }
+        let hi = MilliCpu((current.get() as f64 * cfg.max_step_up).floor() as u64);
+        let lo = MilliCpu((current.get() as f64 * cfg.max_step_down).ceil() as u64);
+        if d > hi && hi > current {
+            notes.push(format!("{}: {} limited to {} (max step up)", c.name, d, hi));
+            d = hi;
+        } else if d < lo && lo < current {
+            notes.push(format!("{}: {} limited to {} (max step down)", c.name, d, lo));
+            d = lo.max(c.request);
+        }
+        desired.push((c.name.clone(), current, d));
+    }
+    if status.original.is_empty() {
+        status.original = pod
+            .containers
+            .iter()
+            .map(|c| OriginalLimit {
+                name: c.name.clone(),
+                cpu_limit: c.limit.map(quantity),
+            })
+            .collect();
+    }
+    let cooling = mem
+        .last_change
+        .map(|t| t + cfg.cooldown)
+        .filter(|&until| until > now);
+    let mut changes: Vec<(String, MilliCpu)> = Vec::new();
+    let mut held_until = None;
+    for (name, current, d) in &desired {
+        if d == current {
+            continue;
+        }
+        if d < current
+            && let Some(until) = cooling
+        {
+            notes.push(format!("{name}: decrease held for the cooldown"));
+            held_until = Some(until);
+            continue;
+        }
+        changes.push((name.clone(), *d));
+    }
+    let note = (!notes.is_empty()).then(|| notes.join("; "));
+    let total_desired = MilliCpu(desired.iter().map(|(_, _, d)| d.get()).sum());
+    let applied: Option<Vec<ContainerAllocation>> = pod
+        .containers
+        .iter()
+        .map(|c| {
+            c.status_limit.map(|l| ContainerAllocation {
+                name: c.name.clone(),
+                cpu_limit: quantity(l),
+            })
+        })
+        .collect();
+    if let Some(a) = &applied {
+        status.applied_cpu_limit = Some(quantity(MilliCpu(
+            a.iter().map(|c| c.cpu_limit.millis().get()).sum(),
+        )));
+        status.applied = a.clone();
+    }
+    if !changes.is_empty() {
+        if let Some(retry) = mem.retry_at.filter(|&t| t > now) {
+            // Still backing off after a failure: keep the failure on record.
+            status.phase = Phase::Failed;
+            status.reason = old.reason.clone().or(Some("ResizeFailed".to_owned()));
+            status.message = old.message.clone();
+            return finish(&old, status, None, None, Some(retry - now));
+        }
+        status.phase = Phase::Pending;
+        status.reason = Some("ResizeRequested".to_owned());
+        let what = changes
+            .iter()
+            .map(|(n, d)| {
+                let cur = desired
+                    .iter()
+                    .find(|x| &x.0 == n)
+                    .map_or(MilliCpu::ZERO, |x| x.1);
+                format!("{n}: {cur} → {d}")
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        status.message = Some(match &note {
+            Some(n) => format!("CPU limit {what} requested ({n})"),
+            None => format!("CPU limit {what} requested"),
+        });
+        let event = PlannedEvent {
+            warning: false,
+            reason: "ResizeRequested",
+            note: format!("MBCAS requested CPU limit {what} (total {total_desired})"),
+        };
+        return finish(&old, status, Some(changes), Some(event), Some(cfg.pending_recheck));
+    }
+    // The spec holds what we want (or a decrease is held): what does the kubelet say?
+    let reported_all = desired.iter().all(|(name, current, _)| {
+        pod.containers
+            .iter()
+            .find(|c| &c.name == name)
+            .is_some_and(|c| c.status_limit == Some(*current))
+    });
+    let requeue_held = held_until.map(|t| t.saturating_sub(now));
+    match &pod.resize {
+        ResizeState::Infeasible(m) => {
+            let st = failed(status, "Infeasible", format!("the kubelet cannot resize the pod: {m}"));
+            let ev = PlannedEvent {
+                warning: true,
+                reason: "ResizeFailed",
+                note: format!("resize infeasible: {m}"),
+            };
+            finish(&old, st, None, Some(ev), None)
+        }
+        ResizeState::Error(m) => {
+            let st = failed(status, "ResizeError", format!("the kubelet failed to resize the pod: {m}"));
+            let ev = PlannedEvent {
+                warning: true,
+                reason: "ResizeFailed",
+                note: format!("resize error: {m}"),
+            };
+            finish(&old, st, None, Some(ev), None)
+        }
+        ResizeState::Deferred(m) => {
+            status.phase = Phase::Pending;
+            status.reason = Some("ResizeDeferred".to_owned());
+            status.message = Some(format!("the kubelet deferred the resize: {m}"));
+            finish(&old, status, None, None, Some(cfg.pending_recheck))
+        }
+        ResizeState::Idle | ResizeState::InProgress if reported_all => {
+            status.phase = Phase::Applied;
+            status.reason = Some("ResizeApplied".to_owned());
+            status.message = Some(match &note {
+                Some(n) => format!("the kubelet reports CPU limit {total_desired} ({n})"),
+                None => format!("the kubelet reports CPU limit {total_desired}"),
+            });
+            let ev = PlannedEvent {
+                warning: false,
+                reason: "ResizeApplied",
+                note: format!("CPU limit {total_desired} applied"),
+            };
+            finish(&old, status, None, Some(ev), requeue_held)
+        }
+        ResizeState::Idle | ResizeState::InProgress => {
+            status.phase = Phase::Pending;
+            status.reason = Some("WaitingForKubelet".to_owned());
+            status.message = Some(format!(
+                "the pod's spec has CPU limit {total_desired}; the kubelet has not reported it yet"
+            ));
+            let recheck = requeue_held.map_or(cfg.pending_recheck, |h| h.min(cfg.pending_recheck));
+            finish(&old, status, None, None, Some(recheck))
+        }
+    }
+}
+
+/// Adds the `Applied` condition (its transition time kept unless its status
+/// changed) and drops events that repeat the phase already on record.
+fn finish(
+    old: &PodAllocationStatus,
+    mut status: PodAllocationStatus,
+    resize: Option<Vec<(String, MilliCpu)>>,
+    event: Option<PlannedEvent>,
+    requeue: Option<Duration>,
+) -> Plan {
+    let cond_status = match status.phase {
+        Phase::Applied => "True",
+        Phase::Pending => "Unknown",
+        Phase::Failed | Phase::Skipped => "False",
+    };
+    let prev = old.conditions.iter().find(|c| c.type_ == CONDITION_APPLIED);
+    let last_transition_time = match prev {
+        Some(p) if p.status == cond_status => p.last_transition_time.clone(),
+        _ => Time(Timestamp::now()),
+    };
+    status.conditions = vec![Condition {
+        type_: CONDITION_APPLIED.to_owned(),
+        status: cond_status.to_owned(),
+        reason: status.reason.clone().unwrap_or_else(|| status.phase.to_string()),
+        message: status.message.clone().unwrap_or_default(),
+        observed_generation: status.observed_generation,
+        last_transition_time,
+    }];
+    // An event that only repeats the recorded phase and reason is not news;
+    // a resize request always is.
+    let event = event.filter(|e| {
+        resize.is_some() || old.phase != status.phase || old.reason != status.reason || e.warning && old.message != status.message
+    });
+    Plan {
+        status,
+        resize,
+        event,
+        requeue,
+    }
+}
+
+/// Shared state of the controller's reconciles.
+pub struct Context {
+    pub client: Client,
+    pub pods: Store<Pod>,
+    pub cfg: ControllerConfig,
+    pub memory: Mutex<HashMap<ObjectRef<PodAllocation>, Memory>>,
+    pub recorder: Recorder,
+    pub metrics: Option<Metrics>,
+    /// Monotonic origin of the `now` handed to [`plan`].
+    pub started: Instant,
+}
+
+impl Context {
+    pub fn new(client: Client, pods: Store<Pod>, cfg: ControllerConfig, metrics: Option<Metrics>) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.to_owned(),
+                instance: Some(cfg.node_name.clone()),
+            },
+        );
+        Self {
+            client,
+            pods,
+            cfg,
+            memory: Mutex::new(HashMap::new()),
+            recorder,
+            metrics,
+            started: Instant::now(),
+        }
+    }
+
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    fn memory(&self, key: &ObjectRef<PodAllocation>) -> Memory {
+        self.memory
+            .lock()
+            .map(|m| m.get(key).cloned().unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    fn remember(&self, key: ObjectRef<PodAllocation>, mem: Memory) {
+        if let Ok(mut m) = self.memory.lock() {
+            m.insert(key, mem);
+        }
+    }
+
+    fn forget(&self, key: &ObjectRef<PodAllocation>) {
+        if let Ok(mut m) = self.memory.lock() {
+            m.remove(key);
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResizeError {
+    #[error("PodAllocation has no namespace")]
+    NoNamespace,
+    #[error("writing the status of PodAllocation {name}")]
+    Status {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("resizing pod {name}")]
+    Resize {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// The strategic-merge patch of CPU limits only.
+pub fn resize_patch(changes: &[(String, MilliCpu)]) -> serde_json::Value {
+    let containers: Vec<serde_json::Value> = changes
+        .iter()
+        .map(|(name, cpu)| {
+            serde_json::json!({
+                "name": name,
+                "resources": {"limits": {"cpu": CpuQuantity(*cpu).to_string()}}
+            })
+        })
+        .collect();
+    serde_json::json!({"spec": {"containers": containers}})
+}
+
+/// Whether an API error is the server refusing the request (no use retrying
+/// the same thing soon) rather than a transient failure.
+fn is_refusal(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if matches!(s.code, 400 | 403 | 404 | 422))
+}
+
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+async fn write_status(
+    api: &Api<PodAllocation>,
+    name: &str,
+    status: &PodAllocationStatus,
+) -> Result<(), ResizeError> {
+    let patch = serde_json::json!({
+        "apiVersion": "allocation.mbcas.io/v1alpha1",
+        "kind": "PodAllocation",
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|source| ResizeError::Status {
+        name: name.to_owned(),
+        source,
+    })
+}
+
+async fn publish(ctx: &Context, pa: &PodAllocation, ev: &PlannedEvent) {
+    let pod_ref = ObjectReference {
+        api_version: Some("v1".to_owned()),
+        kind: Some("Pod".to_owned()),
+        name: Some(pa.spec.pod_name.clone()),
+        namespace: pa.namespace(),
+        uid: Some(pa.spec.pod_uid.clone()),
+        ..Default::default()
+    };
+    let event = Event {
+        type_: if ev.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: ev.reason.to_owned(),
+        note: Some(ev.note.chars().take(1000).collect()),
+        action: "Resize".to_owned(),
+        secondary: Some(pa.object_ref(&())),
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &pod_ref).await {
+        // Events are best effort: the status holds the record.
+        tracing::warn!(pod = ?pod_ref.name, error = %e, reason = ev.reason, "could not publish event");
+    }
+}
+
+/// One reconcile of one PodAllocation.
+pub async fn reconcile(pa: Arc<PodAllocation>, ctx: Arc<Context>) -> Result<Action, ResizeError> {
+    let ns = pa.namespace().ok_or(ResizeError::NoNamespace)?;
+    let name = pa.name_any();
+    let key = ObjectRef::from_obj(pa.as_ref());
+    if pa.metadata.deletion_timestamp.is_some() {
+        ctx.forget(&key);
+        return Ok(Action::await_change());
+    }
+    let pas: Api<PodAllocation> = Api::namespaced(ctx.client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let pod_obj = ctx
+        .pods
+        .get(&ObjectRef::new(&pa.spec.pod_name).within(&ns));
+    let facts = pod_obj
+        .as_deref()
+        .map(|p| PodFacts::from_pod(p).map_err(|e| e.to_string()));
+    let mut mem = ctx.memory(&key);
+    let now = ctx.now();
+    let plan = plan(&pa, facts.as_ref().map(|r| r.as_ref().map_err(Clone::clone)), &ctx.cfg, &mem, now);
+    let old = pa.status.clone().unwrap_or_default();
+    let mut status = plan.status.clone();
+    let mut event = plan.event.clone();
+    if let Some(changes) = &plan.resize {
+        if old.original.is_empty() {
+            // The original limits are on record before anything changes.
+            let mut first = old.clone();
+            first.original = status.original.clone();
+            first.observed_generation = status.observed_generation;
+            write_status(&pas, &name, &first).await?;
+        }
+        let patch = resize_patch(changes);
+        let mut attempt = 0;
+        let result = loop {
+            attempt += 1;
+            match pods
+                .patch_resize(&pa.spec.pod_name, &PatchParams::default(), &Patch::Strategic(&patch))
+                .await
+            {
+                Err(e) if is_conflict(&e) && attempt < 3 => continue,
+                other => break other,
+            }
+        };
+        match result {
+            Ok(_) => {
+                mem.last_change = Some(now);
+                mem.requested_at = Some(now);
+                mem.failures = 0;
+                mem.retry_at = None;
+                if let Some(m) = &ctx.metrics {
+                    m.inc_resize("requested");
+                }
+            }
+            Err(e) if is_refusal(&e) => {
+                mem.failures += 1;
+                let wait = ctx.cfg.backoff(mem.failures);
+                mem.retry_at = Some(now + wait);
+                let msg = match &e {
+                    kube::Error::Api(s) => s.message.clone(),
+                    other => other.to_string(),
+                };
+                status.phase = Phase::Failed;
+                status.reason = Some("ResizeRejected".to_owned());
+                status.message = Some(format!("the API server refused the resize: {msg}"));
+                status.conditions.iter_mut().for_each(|c| {
+                    c.status = "False".to_owned();
+                    c.reason = "ResizeRejected".to_owned();
+                    c.message = status.message.clone().unwrap_or_default();
+                });
+                event = Some(PlannedEvent {
+                    warning: true,
+                    reason: "ResizeFailed",
+                    note: format!("resize refused: {msg}"),
+                });
+                if let Some(m) = &ctx.metrics {
+                    m.inc_resize("rejected");
+                }
+                tracing::warn!(pod = %format!("{ns}/{}", pa.spec.pod_name), error = %msg, retry_in = ?wait, "resize refused");
+                ctx.remember(key, mem);
+                if status != old {
+                    write_status(&pas, &name, &status).await?;
+                }
+                if let Some(ev) = &event {
+                    publish(&ctx, &pa, ev).await;
+                }
+                return Ok(Action::requeue(wait));
+            }
+            Err(source) => {
+                mem.failures += 1;
+                mem.retry_at = Some(now + ctx.cfg.backoff(mem.failures));
+                ctx.remember(key, mem);
+                if let Some(m) = &ctx.metrics {
+                    m.inc_resize("error");
+                }
+                return Err(ResizeError::Resize {
+                    name: format!("{ns}/{}", pa.spec.pod_name),
+                    source,
+                });
+            }
+        }
+    }
+    if status.phase == Phase::Applied {
+        if let (Some(at), Some(m)) = (mem.requested_at.take(), &ctx.metrics) {
+            m.observe_resize_latency(now.saturating_sub(at));
+            m.inc_resize("applied");
+        }
+        mem.failures = 0;
+        mem.retry_at = None;
+    }
+    ctx.remember(key, mem);
+    if status != old {
+        write_status(&pas, &name, &status).await?;
+    }
+    if let Some(ev) = &event {
+        publish(&ctx, &pa, ev).await;
+    }
+    Ok(plan.requeue.map_or_else(Action::await_change, Action::requeue))
+}
+
+/// Transient failures wait at least the configured failure backoff (1 min).
+pub fn error_policy(pa: Arc<PodAllocation>, err: &ResizeError, ctx: Arc<Context>) -> Action {
+    let key = ObjectRef::from_obj(pa.as_ref());
+    let mem = ctx.memory(&key);
+    let wait = ctx.cfg.backoff(mem.failures.max(1));
+    tracing::warn!(allocation = %key, error = %crate::telemetry::chain(err), retry_in = ?wait, "reconcile failed");
+    Action::requeue(wait)
+}
+
+/// Runs the controller until `shutdown`; `pod_events` is the node's pod stream
+/// (shared with the pod index).
+pub async fn run(
+    ctx: Arc<Context>,
+    pod_events: impl futures::Stream<Item = Arc<Pod>> + Send + 'static,
+    shutdown: CancellationToken,
+) {
+    let api: Api<PodAllocation> = Api::all(ctx.client.clone());
+    let cfg = watcher::Config::default().labels(&format!("{NODE_LABEL}={}", ctx.cfg.node_name));
+    let stop = shutdown.clone();
+    Controller::new(api, cfg)
+        .watches_shared_stream(pod_events, |pod: Arc<Pod>| {
+            // The PodAllocation of a pod has the pod's name and namespace.
+            pod.namespace()
+                .map(|ns| ObjectRef::<PodAllocation>::new(&pod.name_any()).within(&ns))
+        })
+        .graceful_shutdown_on(async move { stop.cancelled().await })
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => tracing::debug!(allocation = %obj, "reconciled"),
+                Err(e) => tracing::debug!(error = %crate::telemetry::chain(&e), "controller"),
+            }
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,234 @@
+use super::*;
+use crate::{
+    cgroup::kubernetes::QosClass,
+    k8s::{
+        crd::PodAllocationSpec,
+        pods::{ContainerFacts, PodFacts},
+    },
+};
+
+fn cfg() -> ControllerConfig {
+    ControllerConfig::new("n1")
+}
+
+fn facts(limit: u64, request: u64, status_limit: Option<u64>) -> PodFacts {
+    PodFacts {
+        uid: "uid-1".into(),
+        namespace: "default".into(),
+        name: "web".into(),
+        node: Some("n1".into()),
+        qos: QosClass::Burstable,
+        containers: vec![ContainerFacts {
+            name: "app".into(),
+            request: MilliCpu(request),
+            limit: Some(MilliCpu(limit)),
+            status_limit: status_limit.map(MilliCpu),
+            restart_on_resize: false,
+            container_id: None,
+        }],
+        ignored: false,
+        priority: None,
+        running: true,
+        resize: ResizeState::Idle,
+    }
+}
+
+fn pa(desired: u64, status: Option<PodAllocationStatus>) -> PodAllocation {
+    let mut pa = PodAllocation::new(
+        "web",
+        PodAllocationSpec {
+            pod_name: "web".into(),
+            pod_uid: "uid-1".into(),
+            node_name: "n1".into(),
+            cpu_limit: CpuQuantity(MilliCpu(desired)),
+            containers: vec![ContainerAllocation {
+                name: "app".into(),
+                cpu_limit: CpuQuantity(MilliCpu(desired)),
+            }],
+            demand: CpuQuantity(MilliCpu(desired)),
+            weight: 250.0,
+            price: 1.0,
+            reason: "increase_throttled".into(),
+        },
+    );
+    pa.metadata.namespace = Some("default".into());
+    pa.metadata.generation = Some(3);
+    pa.status = status;
+    pa
+}
+
+fn at(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+#[test]
+fn first_increase_records_the_original_and_requests_a_resize() {
+    let f = facts(500, 250, Some(500));
+    let p = plan(&pa(700, None), Some(Ok(&f)), &cfg(), &Memory::default(), at(100));
+    assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(700))]));
+    assert_eq!(p.status.phase, Phase::Pending);
+    assert_eq!(p.status.reason.as_deref(), Some("ResizeRequested"));
+    assert_eq!(
+        p.status.original,
+        vec![OriginalLimit {
+            name: "app".into(),
+            cpu_limit: Some(CpuQuantity(MilliCpu(500)))
+        }]
+    );
+    assert_eq!(p.status.observed_generation, Some(3));
+    assert_eq!(p.event.as_ref().map(|e| e.reason), Some("ResizeRequested"));
+    assert_eq!(
+        resize_patch(p.resize.as_deref().unwrap_or_default()),
+        serde_json::json!({"spec": {"containers": [
+            {"name": "app", "resources": {"limits": {"cpu": "700m"}}}]}})
+    );
+}
+
+#[test]
+fn the_original_is_never_overwritten() {
+    let old = PodAllocationStatus {
+        original: vec![OriginalLimit {
+            name: "app".into(),
+            cpu_limit: Some(CpuQuantity(MilliCpu(400))),
+        }],
+        ..Default::default()
+    };
+    let f = facts(600, 250, Some(600));
+    let p = plan(&pa(800, Some(old.clone())), Some(Ok(&f)), &cfg(), &Memory::default(), at(0));
+    assert_eq!(p.status.original, old.original);
+}
+
+#[test]
+fn never_below_the_request_and_max_step_is_enforced_again() {
+    let f = facts(500, 300, Some(500));
+    // 100m asked: max step down (0.5) gives 250m, the request (300m) wins.
+    let p = plan(&pa(100, None), Some(Ok(&f)), &cfg(), &Memory::default(), at(0));
+    assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(300))]));
+    assert!(p.status.message.as_deref().unwrap_or("").contains("request"), "{:?}", p.status.message);
+    // 5 cores asked from 500m: at most ×1.5.
+    let p = plan(&pa(5000, None), Some(Ok(&f)), &cfg(), &Memory::default(), at(0));
+    assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(750))]));
+}
+
+#[test]
+fn decreases_wait_for_the_cooldown_increases_do_not() {
+    let f = facts(800, 100, Some(800));
+    let mem = Memory {
+        last_change: Some(at(100)),
+        ..Default::default()
+    };
+    let p = plan(&pa(600, None), Some(Ok(&f)), &cfg(), &mem, at(110));
+    assert_eq!(p.resize, None);
+    assert_eq!(p.requeue, Some(at(20)));
+    let p = plan(&pa(600, None), Some(Ok(&f)), &cfg(), &mem, at(131));
+    assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(600))]));
+    let p = plan(&pa(1000, None), Some(Ok(&f)), &cfg(), &mem, at(110));
+    assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(1000))]));
+}
+
+#[test]
+fn applied_once_the_kubelet_reports_the_limit() {
+    let f = facts(700, 250, Some(500));
+    let p = plan(&pa(700, None), Some(Ok(&f)), &cfg(), &Memory::default(), at(0));
+    assert_eq!(p.resize, None);
+    assert_eq!(p.status.phase, Phase::Pending);
+    assert_eq!(p.status.reason.as_deref(), Some("WaitingForKubelet"));
+    assert_eq!(p.status.applied_cpu_limit, Some(CpuQuantity(MilliCpu(500))));
+    let f = facts(700, 250, Some(700));
+    let p = plan(&pa(700, Some(p.status)), Some(Ok(&f)), &cfg(), &Memory::default(), at(1));
+    assert_eq!(p.status.phase, Phase::Applied);
+    assert_eq!(p.event.as_ref().map(|e| e.reason), Some("ResizeApplied"));
+    assert_eq!(p.status.conditions[0].status, "True");
+    // Once recorded, nothing changes and no event repeats: the status is a fixed point.
+    let again = plan(&pa(700, Some(p.status.clone())), Some(Ok(&f)), &cfg(), &Memory::default(), at(50));
+    assert_eq!(again.status, p.status);
+    assert_eq!(again.event, None);
+    assert_eq!(again.resize, None);
+}
+
+#[test]
+fn kubelet_refusals_are_failures_deferrals_are_pending() {
+    let mut f = facts(700, 250, Some(500));
+    f.resize = ResizeState::Infeasible("Node didn't have enough capacity".into());
+    let p = plan(&pa(700, None), Some(Ok(&f)), &cfg(), &Memory::default(), at(0));
+    assert_eq!(p.status.phase, Phase::Failed);
+    assert_eq!(p.status.reason.as_deref(), Some("Infeasible"));
+    assert!(p.event.as_ref().is_some_and(|e| e.warning));
+    f.resize = ResizeState::Deferred("later".into());
+    let p = plan(&pa(700, None), Some(Ok(&f)), &cfg(), &Memory::default(), at(0));
+    assert_eq!(p.status.phase, Phase::Pending);
+    assert_eq!(p.status.reason.as_deref(), Some("ResizeDeferred"));
+}
+
+#[test]
+fn missing_replaced_and_unmanaged_pods_are_never_patched() {
+    let p = plan(&pa(700, None), None, &cfg(), &Memory::default(), at(0));
+    assert_eq!(p.status.phase, Phase::Failed);
+    assert_eq!(p.status.reason.as_deref(), Some("PodNotFound"));
+    assert_eq!(p.resize, None);
+
+    let mut f = facts(500, 250, Some(500));
+    f.uid = "uid-2".into();
+    let p = plan(&pa(700, None), Some(Ok(&f)), &cfg(), &Memory::default(), at(0));
+    assert_eq!(p.status.reason.as_deref(), Some("PodReplaced"));
+    assert_eq!(p.resize, None);
+
+    let mut cfg_ns = cfg();
+    cfg_ns.excluded_namespaces.insert("default".into());
+    for (mutate, reason) in [
+        (Box::new(|f: &mut PodFacts| f.qos = QosClass::Guaranteed) as Box<dyn Fn(&mut PodFacts)>, "Guaranteed"),
+        (Box::new(|f: &mut PodFacts| f.ignored = true), "OptedOut"),
+        (Box::new(|f: &mut PodFacts| f.containers[0].restart_on_resize = true), "RestartContainerPolicy"),
+        (Box::new(|f: &mut PodFacts| f.containers[0].limit = None), "NoCpuLimit"),
+    ] {
+        let mut f = facts(500, 250, Some(500));
+        mutate(&mut f);
+        let p = plan(&pa(700, None), Some(Ok(&f)), &cfg(), &Memory::default(), at(0));
+        assert_eq!(p.status.phase, Phase::Skipped, "{reason}");
+        assert_eq!(p.status.reason.as_deref(), Some(reason));
+        assert_eq!(p.resize, None, "{reason}");
+    }
+    let f = facts(500, 250, Some(500));
+    let p = plan(&pa(700, None), Some(Ok(&f)), &cfg_ns, &Memory::default(), at(0));
+    assert_eq!(p.status.reason.as_deref(), Some("ExcludedNamespace"));
+    assert_eq!(p.resize, None);
+
+    let p = plan(&pa(700, None), Some(Err("bad quantity".into())), &cfg(), &Memory::default(), at(0));
+    assert_eq!(p.status.reason.as_deref(), Some("InvalidPod"));
+}
+
+#[test]
+fn unknown_containers_are_an_invalid_spec() {
+    let f = facts(500, 250, Some(500));
+    let mut a = pa(700, None);
+    a.spec.containers[0].name = "nope".into();
+    let p = plan(&a, Some(Ok(&f)), &cfg(), &Memory::default(), at(0));
+    assert_eq!(p.status.phase, Phase::Failed);
+    assert_eq!(p.status.reason.as_deref(), Some("InvalidSpec"));
+}
+
+#[test]
+fn after_a_failure_the_controller_backs_off() {
+    let f = facts(500, 250, Some(500));
+    let old = PodAllocationStatus {
+        phase: Phase::Failed,
+        reason: Some("ResizeRejected".into()),
+        message: Some("no".into()),
+        ..Default::default()
+    };
+    let mem = Memory {
+        failures: 1,
+        retry_at: Some(at(160)),
+        ..Default::default()
+    };
+    let p = plan(&pa(700, Some(old)), Some(Ok(&f)), &cfg(), &mem, at(100));
+    assert_eq!(p.resize, None);
+    assert_eq!(p.status.phase, Phase::Failed);
+    assert_eq!(p.requeue, Some(at(60)));
+    let p = plan(&pa(700, None), Some(Ok(&f)), &cfg(), &mem, at(161));
+    assert!(p.resize.is_some());
+    let c = cfg();
+    assert_eq!(c.backoff(1), at(60));
+    assert_eq!(c.backoff(2), at(120));
+    assert_eq!(c.backoff(30), at(600));
+}
