@@ -47,6 +47,8 @@ pub enum Command {
     Sense(crate::sense::SenseArgs),
     /// Print the PodAllocation CustomResourceDefinition (YAML) for `kubectl apply -f -`.
     Crd,
+    /// Put recorded original CPU limits back and delete the PodAllocations (uninstall).
+    Restore(crate::k8s::restore::RestoreArgs),
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! architecture and the contracts between the modules.
 #![deny(unsafe_code)]
 
+pub mod app;
 pub mod burn;
 pub mod cgroup;
 pub mod cli;

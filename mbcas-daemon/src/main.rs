@@ -54,6 +54,14 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             })
             .map_err(Into::into),
+        Command::Restore(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| {
+                rt.block_on(mbcas::k8s::restore::run(&args))
+                    .map_err(Into::into)
+            }),
     };
     match result {
         Ok(code) => code,
@@ -110,10 +118,8 @@ fn run(args: &mbcas::run::RunArgs, log_level: &str) -> anyhow::Result<ExitCode> 
     };
     match args.mode {
         Mode::Kubernetes => {
-            eprintln!(
-                "error: --mode kubernetes is not available in this build yet (see the open Kubernetes issues); use --mode local"
-            );
-            Ok(ExitCode::from(mbcas::cli::EXIT_USAGE))
+            let debug = log_level.contains("debug") || log_level.contains("trace");
+            Ok(mbcas::app::main_kubernetes(args, cfg, debug))
         }
         Mode::Local => {
             let debug = log_level.contains("debug") || log_level.contains("trace");

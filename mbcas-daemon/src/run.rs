@@ -49,6 +49,22 @@ pub struct KubernetesArgs {
         help_heading = "Kubernetes mode"
     )]
     pub decide: Decide,
+    /// Kubernetes mode: multiply each pod's weight by 1 + priority/10⁹ (its
+    /// PriorityClass value); off: the weight is the CPU request alone.
+    #[arg(
+        long,
+        env = "MBCAS_PRIORITY_WEIGHTING",
+        help_heading = "Kubernetes mode"
+    )]
+    pub priority_weighting: bool,
+    /// Kubernetes mode: how long SIGTERM waits for in-flight work before exiting.
+    #[arg(long, env = "MBCAS_GRACE_PERIOD", value_name = "DURATION", default_value = "10s",
+          value_parser = crate::config::parse_duration, help_heading = "Kubernetes mode")]
+    pub grace_period: std::time::Duration,
+    /// Testing only: JSON object mapping `namespace/name` to a cgroup directory
+    /// that stands in for that pod's cgroup (control-plane-only test environments).
+    #[arg(long, env = "MBCAS_TEST_POD_CGROUPS", value_name = "FILE", hide = true)]
+    pub test_pod_cgroups: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]

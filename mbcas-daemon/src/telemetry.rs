@@ -63,15 +63,3 @@ pub enum TelemetryError {
     #[error("a global tracing subscriber is already installed: {0}")]
     Install(String),
 }
-
-/// An error and its causes on one line (`outer: cause: root cause`), for log fields.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}

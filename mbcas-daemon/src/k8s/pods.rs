@@ -138,22 +138,34 @@ pub fn quantity_millis(s: &str) -> Option<MilliCpu> {
 }
 
 fn cpu_of(
-    map: Option<&std::collections::BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>,
+    map: Option<
+        &std::collections::BTreeMap<
+            String,
+            k8s_openapi::apimachinery::pkg::api::resource::Quantity,
+        >,
+    >,
     pod: &str,
     field: impl FnOnce() -> String,
 ) -> Result<Option<MilliCpu>, PodError> {
     let Some(q) = map.and_then(|m| m.get("cpu")) else {
         return Ok(None);
     };
-    quantity_millis(&q.0).map(Some).ok_or_else(|| PodError::Quantity {
-        pod: pod.to_owned(),
-        field: field(),
-        value: q.0.clone(),
-    })
+    quantity_millis(&q.0)
+        .map(Some)
+        .ok_or_else(|| PodError::Quantity {
+            pod: pod.to_owned(),
+            field: field(),
+            value: q.0.clone(),
+        })
 }
 
 fn has_mem(
-    map: Option<&std::collections::BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>,
+    map: Option<
+        &std::collections::BTreeMap<
+            String,
+            k8s_openapi::apimachinery::pkg::api::resource::Quantity,
+        >,
+    >,
 ) -> bool {
     map.is_some_and(|m| m.contains_key("memory"))
 }
@@ -168,11 +180,12 @@ fn qos_of(containers: &[Container]) -> QosClass {
         let lim = r.and_then(|r| r.limits.as_ref());
         any |= req.is_some_and(|m| !m.is_empty()) || lim.is_some_and(|m| !m.is_empty());
         let cpu_eq = lim.and_then(|l| l.get("cpu")).is_some_and(|l| {
-            req.and_then(|r| r.get("cpu")).is_none_or(|r| quantity_millis(&r.0) == quantity_millis(&l.0))
+            req.and_then(|r| r.get("cpu"))
+                .is_none_or(|r| quantity_millis(&r.0) == quantity_millis(&l.0))
         });
-        let mem_eq = lim.and_then(|l| l.get("memory")).is_some_and(|l| {
-            req.and_then(|r| r.get("memory")).is_none_or(|r| r.0 == l.0)
-        });
+        let mem_eq = lim
+            .and_then(|l| l.get("memory"))
+            .is_some_and(|l| req.and_then(|r| r.get("memory")).is_none_or(|r| r.0 == l.0));
         all_guaranteed &= cpu_eq && mem_eq && has_mem(lim);
     }
     if all_guaranteed {
@@ -186,8 +199,16 @@ fn qos_of(containers: &[Container]) -> QosClass {
 
 impl PodFacts {
     pub fn from_pod(pod: &Pod) -> Result<Self, PodError> {
-        let uid = pod.metadata.uid.clone().ok_or(PodError::Missing("metadata.uid"))?;
-        let name = pod.metadata.name.clone().ok_or(PodError::Missing("metadata.name"))?;
+        let uid = pod
+            .metadata
+            .uid
+            .clone()
+            .ok_or(PodError::Missing("metadata.uid"))?;
+        let name = pod
+            .metadata
+            .name
+            .clone()
+            .ok_or(PodError::Missing("metadata.name"))?;
         let namespace = pod
             .metadata
             .namespace
@@ -215,9 +236,11 @@ impl PodFacts {
                 })?,
                 None => None,
             };
-            let restart_on_resize = c.resize_policy.iter().flatten().any(|p| {
-                p.resource_name == "cpu" && p.restart_policy == "RestartContainer"
-            });
+            let restart_on_resize = c
+                .resize_policy
+                .iter()
+                .flatten()
+                .any(|p| p.resource_name == "cpu" && p.restart_policy == "RestartContainer");
             let container_id = cs
                 .and_then(|s| s.container_id.as_deref())
                 .map(|s| s.split_once("://").map_or(s, |(_, id)| id).to_owned());
@@ -241,7 +264,8 @@ impl PodFacts {
                 .and_then(|s| s.conditions.as_ref())
                 .and_then(|v| v.iter().find(|c| c.type_ == t && c.status == "True"))
         };
-        let msg = |c: &k8s_openapi::api::core::v1::PodCondition| c.message.clone().unwrap_or_default();
+        let msg =
+            |c: &k8s_openapi::api::core::v1::PodCondition| c.message.clone().unwrap_or_default();
         let resize = if let Some(c) = cond("PodResizePending") {
             match c.reason.as_deref() {
                 Some("Infeasible") => ResizeState::Infeasible(msg(c)),
@@ -393,10 +417,10 @@ pub fn node_reflector(
         .modify(|n: &mut Node| {
             n.metadata.managed_fields = None;
             n.metadata.annotations = None;
-            n.status.as_mut().map(|s| {
+            if let Some(s) = n.status.as_mut() {
                 s.images = None;
                 s.conditions = None;
-            });
+            }
         })
         .reflect(writer)
         .map(|_| ());

@@ -136,9 +136,15 @@ pub struct Plan {
 
 fn exclusion_reason(e: Exclusion) -> (&'static str, &'static str) {
     match e {
-        Exclusion::Guaranteed => ("Guaranteed", "Guaranteed pods are never resized (the QoS class may not change)"),
+        Exclusion::Guaranteed => (
+            "Guaranteed",
+            "Guaranteed pods are never resized (the QoS class may not change)",
+        ),
         Exclusion::OptedOut => ("OptedOut", "the pod is labelled mbcas.io/ignore=true"),
-        Exclusion::Namespace => ("ExcludedNamespace", "pods in this namespace are never resized"),
+        Exclusion::Namespace => (
+            "ExcludedNamespace",
+            "pods in this namespace are never resized",
+        ),
         Exclusion::NoLimit => ("NoCpuLimit", "a container has no CPU limit to resize"),
         Exclusion::RestartPolicy => (
             "RestartContainerPolicy",
@@ -165,7 +171,11 @@ pub fn plan(
         observed_generation: pa.metadata.generation,
         ..Default::default()
     };
-    let pod_id = format!("{}/{}", pa.namespace().unwrap_or_default(), pa.spec.pod_name);
+    let pod_id = format!(
+        "{}/{}",
+        pa.namespace().unwrap_or_default(),
+        pa.spec.pod_name
+    );
     let failed = |mut status: PodAllocationStatus, reason: &str, message: String| {
         status.phase = Phase::Failed;
         status.reason = Some(reason.to_owned());
@@ -237,7 +247,10 @@ pub fn plan(
             notes.push(format!("{}: {} limited to {} (max step up)", c.name, d, hi));
             d = hi;
         } else if d < lo && lo < current {
-            notes.push(format!("{}: {} limited to {} (max step down)", c.name, d, lo));
+            notes.push(format!(
+                "{}: {} limited to {} (max step down)",
+                c.name, d, lo
+            ));
             d = lo.max(c.request);
         }
         desired.push((c.name.clone(), current, d));
@@ -319,7 +332,13 @@ pub fn plan(
             reason: "ResizeRequested",
             note: format!("MBCAS requested CPU limit {what} (total {total_desired})"),
         };
-        return finish(&old, status, Some(changes), Some(event), Some(cfg.pending_recheck));
+        return finish(
+            &old,
+            status,
+            Some(changes),
+            Some(event),
+            Some(cfg.pending_recheck),
+        );
     }
     // The spec holds what we want (or a decrease is held): what does the kubelet say?
     let reported_all = desired.iter().all(|(name, current, _)| {
@@ -331,7 +350,11 @@ pub fn plan(
     let requeue_held = held_until.map(|t| t.saturating_sub(now));
     match &pod.resize {
         ResizeState::Infeasible(m) => {
-            let st = failed(status, "Infeasible", format!("the kubelet cannot resize the pod: {m}"));
+            let st = failed(
+                status,
+                "Infeasible",
+                format!("the kubelet cannot resize the pod: {m}"),
+            );
             let ev = PlannedEvent {
                 warning: true,
                 reason: "ResizeFailed",
@@ -340,7 +363,11 @@ pub fn plan(
             finish(&old, st, None, Some(ev), None)
         }
         ResizeState::Error(m) => {
-            let st = failed(status, "ResizeError", format!("the kubelet failed to resize the pod: {m}"));
+            let st = failed(
+                status,
+                "ResizeError",
+                format!("the kubelet failed to resize the pod: {m}"),
+            );
             let ev = PlannedEvent {
                 warning: true,
                 reason: "ResizeFailed",
@@ -402,7 +429,10 @@ fn finish(
     status.conditions = vec![Condition {
         type_: CONDITION_APPLIED.to_owned(),
         status: cond_status.to_owned(),
-        reason: status.reason.clone().unwrap_or_else(|| status.phase.to_string()),
+        reason: status
+            .reason
+            .clone()
+            .unwrap_or_else(|| status.phase.to_string()),
         message: status.message.clone().unwrap_or_default(),
         observed_generation: status.observed_generation,
         last_transition_time,
@@ -410,7 +440,10 @@ fn finish(
     // An event that only repeats the recorded phase and reason is not news;
     // a resize request always is.
     let event = event.filter(|e| {
-        resize.is_some() || old.phase != status.phase || old.reason != status.reason || e.warning && old.message != status.message
+        resize.is_some()
+            || old.phase != status.phase
+            || old.reason != status.reason
+            || e.warning && old.message != status.message
     });
     Plan {
         status,
@@ -433,7 +466,12 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(client: Client, pods: Store<Pod>, cfg: ControllerConfig, metrics: Option<Metrics>) -> Self {
+    pub fn new(
+        client: Client,
+        pods: Store<Pod>,
+        cfg: ControllerConfig,
+        metrics: Option<Metrics>,
+    ) -> Self {
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -578,15 +616,19 @@ pub async fn reconcile(pa: Arc<PodAllocation>, ctx: Arc<Context>) -> Result<Acti
     }
     let pas: Api<PodAllocation> = Api::namespaced(ctx.client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let pod_obj = ctx
-        .pods
-        .get(&ObjectRef::new(&pa.spec.pod_name).within(&ns));
+    let pod_obj = ctx.pods.get(&ObjectRef::new(&pa.spec.pod_name).within(&ns));
     let facts = pod_obj
         .as_deref()
         .map(|p| PodFacts::from_pod(p).map_err(|e| e.to_string()));
     let mut mem = ctx.memory(&key);
     let now = ctx.now();
-    let plan = plan(&pa, facts.as_ref().map(|r| r.as_ref().map_err(Clone::clone)), &ctx.cfg, &mem, now);
+    let plan = plan(
+        &pa,
+        facts.as_ref().map(|r| r.as_ref().map_err(Clone::clone)),
+        &ctx.cfg,
+        &mem,
+        now,
+    );
     let old = pa.status.clone().unwrap_or_default();
     let mut status = plan.status.clone();
     let mut event = plan.event.clone();
@@ -603,7 +645,11 @@ pub async fn reconcile(pa: Arc<PodAllocation>, ctx: Arc<Context>) -> Result<Acti
         let result = loop {
             attempt += 1;
             match pods
-                .patch_resize(&pa.spec.pod_name, &PatchParams::default(), &Patch::Strategic(&patch))
+                .patch_resize(
+                    &pa.spec.pod_name,
+                    &PatchParams::default(),
+                    &Patch::Strategic(&patch),
+                )
                 .await
             {
                 Err(e) if is_conflict(&e) && attempt < 3 => continue,
@@ -683,7 +729,9 @@ pub async fn reconcile(pa: Arc<PodAllocation>, ctx: Arc<Context>) -> Result<Acti
     if let Some(ev) = &event {
         publish(&ctx, &pa, ev).await;
     }
-    Ok(plan.requeue.map_or_else(Action::await_change, Action::requeue))
+    Ok(plan
+        .requeue
+        .map_or_else(Action::await_change, Action::requeue))
 }
 
 /// Transient failures wait at least the configured failure backoff (1 min).
@@ -691,7 +739,7 @@ pub fn error_policy(pa: Arc<PodAllocation>, err: &ResizeError, ctx: Arc<Context>
     let key = ObjectRef::from_obj(pa.as_ref());
     let mem = ctx.memory(&key);
     let wait = ctx.cfg.backoff(mem.failures.max(1));
-    tracing::warn!(allocation = %key, error = %crate::telemetry::chain(err), retry_in = ?wait, "reconcile failed");
+    tracing::warn!(allocation = %key, error = %crate::sensor::error_chain(err), retry_in = ?wait, "reconcile failed");
     Action::requeue(wait)
 }
 
@@ -716,7 +764,7 @@ pub async fn run(
         .for_each(|res| async move {
             match res {
                 Ok((obj, _)) => tracing::debug!(allocation = %obj, "reconciled"),
-                Err(e) => tracing::debug!(error = %crate::telemetry::chain(&e), "controller"),
+                Err(e) => tracing::debug!(error = %crate::sensor::error_chain(&e), "controller"),
             }
         })
         .await;

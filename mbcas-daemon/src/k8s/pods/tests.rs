@@ -42,7 +42,9 @@ fn quantities_round_up_to_millicores_like_kubernetes() {
     ] {
         assert_eq!(quantity_millis(s), Some(MilliCpu(m)), "{s}");
     }
-    for bad in ["", "-1", "1x", "abc", "1..2", ".", "m", "1e", "1e99999", "1Ei1"] {
+    for bad in [
+        "", "-1", "1x", "abc", "1..2", ".", "m", "1e", "1e99999", "1Ei1",
+    ] {
         assert_eq!(quantity_millis(bad), None, "{bad:?}");
     }
 }
@@ -66,16 +68,20 @@ fn exclusions_follow_the_safety_rules() {
     let ns = PodFacts::from_pod(&burstable("kube-system", serde_json::json!({})))
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(ns.exclusion(&excluded()), Some(Exclusion::Namespace));
-    let ign = PodFacts::from_pod(&burstable("default", serde_json::json!({"mbcas.io/ignore": "true"})))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let ign = PodFacts::from_pod(&burstable(
+        "default",
+        serde_json::json!({"mbcas.io/ignore": "true"}),
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(ign.exclusion(&excluded()), Some(Exclusion::OptedOut));
 
     let mut p = burstable("default", serde_json::json!({}));
     if let Some(spec) = p.spec.as_mut() {
-        spec.containers[1].resize_policy = Some(vec![k8s_openapi::api::core::v1::ContainerResizePolicy {
-            resource_name: "cpu".into(),
-            restart_policy: "RestartContainer".into(),
-        }]);
+        spec.containers[1].resize_policy =
+            Some(vec![k8s_openapi::api::core::v1::ContainerResizePolicy {
+                resource_name: "cpu".into(),
+                restart_policy: "RestartContainer".into(),
+            }]);
     }
     let f = PodFacts::from_pod(&p).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(f.exclusion(&excluded()), Some(Exclusion::RestartPolicy));
@@ -126,17 +132,34 @@ fn bad_quantities_name_the_field() {
             value: "lots".into(),
         })
     );
-    let no_uid = pod(serde_json::json!({"metadata": {"name": "x", "namespace": "d"}, "spec": {"containers": []}}));
-    assert_eq!(PodFacts::from_pod(&no_uid).err(), Some(PodError::Missing("metadata.uid")));
+    let no_uid = pod(
+        serde_json::json!({"metadata": {"name": "x", "namespace": "d"}, "spec": {"containers": []}}),
+    );
+    assert_eq!(
+        PodFacts::from_pod(&no_uid).err(),
+        Some(PodError::Missing("metadata.uid"))
+    );
 }
 
 #[test]
 fn resize_conditions_are_read() {
     for (cond, reason, want) in [
-        ("PodResizePending", "Infeasible", ResizeState::Infeasible("too big".into())),
-        ("PodResizePending", "Deferred", ResizeState::Deferred("too big".into())),
+        (
+            "PodResizePending",
+            "Infeasible",
+            ResizeState::Infeasible("too big".into()),
+        ),
+        (
+            "PodResizePending",
+            "Deferred",
+            ResizeState::Deferred("too big".into()),
+        ),
         ("PodResizeInProgress", "", ResizeState::InProgress),
-        ("PodResizeInProgress", "Error", ResizeState::Error("too big".into())),
+        (
+            "PodResizeInProgress",
+            "Error",
+            ResizeState::Error("too big".into()),
+        ),
     ] {
         let mut p = burstable("default", serde_json::json!({}));
         if let Some(st) = p.status.as_mut() {

@@ -64,7 +64,13 @@ fn at(s: u64) -> Duration {
 #[test]
 fn first_increase_records_the_original_and_requests_a_resize() {
     let f = facts(500, 250, Some(500));
-    let p = plan(&pa(700, None), Some(Ok(&f)), &cfg(), &Memory::default(), at(100));
+    let p = plan(
+        &pa(700, None),
+        Some(Ok(&f)),
+        &cfg(),
+        &Memory::default(),
+        at(100),
+    );
     assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(700))]));
     assert_eq!(p.status.phase, Phase::Pending);
     assert_eq!(p.status.reason.as_deref(), Some("ResizeRequested"));
@@ -94,7 +100,13 @@ fn the_original_is_never_overwritten() {
         ..Default::default()
     };
     let f = facts(600, 250, Some(600));
-    let p = plan(&pa(800, Some(old.clone())), Some(Ok(&f)), &cfg(), &Memory::default(), at(0));
+    let p = plan(
+        &pa(800, Some(old.clone())),
+        Some(Ok(&f)),
+        &cfg(),
+        &Memory::default(),
+        at(0),
+    );
     assert_eq!(p.status.original, old.original);
 }
 
@@ -102,11 +114,31 @@ fn the_original_is_never_overwritten() {
 fn never_below_the_request_and_max_step_is_enforced_again() {
     let f = facts(500, 300, Some(500));
     // 100m asked: max step down (0.5) gives 250m, the request (300m) wins.
-    let p = plan(&pa(100, None), Some(Ok(&f)), &cfg(), &Memory::default(), at(0));
+    let p = plan(
+        &pa(100, None),
+        Some(Ok(&f)),
+        &cfg(),
+        &Memory::default(),
+        at(0),
+    );
     assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(300))]));
-    assert!(p.status.message.as_deref().unwrap_or("").contains("request"), "{:?}", p.status.message);
+    assert!(
+        p.status
+            .message
+            .as_deref()
+            .unwrap_or("")
+            .contains("request"),
+        "{:?}",
+        p.status.message
+    );
     // 5 cores asked from 500m: at most ×1.5.
-    let p = plan(&pa(5000, None), Some(Ok(&f)), &cfg(), &Memory::default(), at(0));
+    let p = plan(
+        &pa(5000, None),
+        Some(Ok(&f)),
+        &cfg(),
+        &Memory::default(),
+        at(0),
+    );
     assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(750))]));
 }
 
@@ -129,18 +161,36 @@ fn decreases_wait_for_the_cooldown_increases_do_not() {
 #[test]
 fn applied_once_the_kubelet_reports_the_limit() {
     let f = facts(700, 250, Some(500));
-    let p = plan(&pa(700, None), Some(Ok(&f)), &cfg(), &Memory::default(), at(0));
+    let p = plan(
+        &pa(700, None),
+        Some(Ok(&f)),
+        &cfg(),
+        &Memory::default(),
+        at(0),
+    );
     assert_eq!(p.resize, None);
     assert_eq!(p.status.phase, Phase::Pending);
     assert_eq!(p.status.reason.as_deref(), Some("WaitingForKubelet"));
     assert_eq!(p.status.applied_cpu_limit, Some(CpuQuantity(MilliCpu(500))));
     let f = facts(700, 250, Some(700));
-    let p = plan(&pa(700, Some(p.status)), Some(Ok(&f)), &cfg(), &Memory::default(), at(1));
+    let p = plan(
+        &pa(700, Some(p.status)),
+        Some(Ok(&f)),
+        &cfg(),
+        &Memory::default(),
+        at(1),
+    );
     assert_eq!(p.status.phase, Phase::Applied);
     assert_eq!(p.event.as_ref().map(|e| e.reason), Some("ResizeApplied"));
     assert_eq!(p.status.conditions[0].status, "True");
     // Once recorded, nothing changes and no event repeats: the status is a fixed point.
-    let again = plan(&pa(700, Some(p.status.clone())), Some(Ok(&f)), &cfg(), &Memory::default(), at(50));
+    let again = plan(
+        &pa(700, Some(p.status.clone())),
+        Some(Ok(&f)),
+        &cfg(),
+        &Memory::default(),
+        at(50),
+    );
     assert_eq!(again.status, p.status);
     assert_eq!(again.event, None);
     assert_eq!(again.resize, None);
@@ -150,12 +200,24 @@ fn applied_once_the_kubelet_reports_the_limit() {
 fn kubelet_refusals_are_failures_deferrals_are_pending() {
     let mut f = facts(700, 250, Some(500));
     f.resize = ResizeState::Infeasible("Node didn't have enough capacity".into());
-    let p = plan(&pa(700, None), Some(Ok(&f)), &cfg(), &Memory::default(), at(0));
+    let p = plan(
+        &pa(700, None),
+        Some(Ok(&f)),
+        &cfg(),
+        &Memory::default(),
+        at(0),
+    );
     assert_eq!(p.status.phase, Phase::Failed);
     assert_eq!(p.status.reason.as_deref(), Some("Infeasible"));
     assert!(p.event.as_ref().is_some_and(|e| e.warning));
     f.resize = ResizeState::Deferred("later".into());
-    let p = plan(&pa(700, None), Some(Ok(&f)), &cfg(), &Memory::default(), at(0));
+    let p = plan(
+        &pa(700, None),
+        Some(Ok(&f)),
+        &cfg(),
+        &Memory::default(),
+        at(0),
+    );
     assert_eq!(p.status.phase, Phase::Pending);
     assert_eq!(p.status.reason.as_deref(), Some("ResizeDeferred"));
 }
@@ -169,31 +231,64 @@ fn missing_replaced_and_unmanaged_pods_are_never_patched() {
 
     let mut f = facts(500, 250, Some(500));
     f.uid = "uid-2".into();
-    let p = plan(&pa(700, None), Some(Ok(&f)), &cfg(), &Memory::default(), at(0));
+    let p = plan(
+        &pa(700, None),
+        Some(Ok(&f)),
+        &cfg(),
+        &Memory::default(),
+        at(0),
+    );
     assert_eq!(p.status.reason.as_deref(), Some("PodReplaced"));
     assert_eq!(p.resize, None);
 
     let mut cfg_ns = cfg();
     cfg_ns.excluded_namespaces.insert("default".into());
     for (mutate, reason) in [
-        (Box::new(|f: &mut PodFacts| f.qos = QosClass::Guaranteed) as Box<dyn Fn(&mut PodFacts)>, "Guaranteed"),
+        (
+            Box::new(|f: &mut PodFacts| f.qos = QosClass::Guaranteed) as Box<dyn Fn(&mut PodFacts)>,
+            "Guaranteed",
+        ),
         (Box::new(|f: &mut PodFacts| f.ignored = true), "OptedOut"),
-        (Box::new(|f: &mut PodFacts| f.containers[0].restart_on_resize = true), "RestartContainerPolicy"),
-        (Box::new(|f: &mut PodFacts| f.containers[0].limit = None), "NoCpuLimit"),
+        (
+            Box::new(|f: &mut PodFacts| f.containers[0].restart_on_resize = true),
+            "RestartContainerPolicy",
+        ),
+        (
+            Box::new(|f: &mut PodFacts| f.containers[0].limit = None),
+            "NoCpuLimit",
+        ),
     ] {
         let mut f = facts(500, 250, Some(500));
         mutate(&mut f);
-        let p = plan(&pa(700, None), Some(Ok(&f)), &cfg(), &Memory::default(), at(0));
+        let p = plan(
+            &pa(700, None),
+            Some(Ok(&f)),
+            &cfg(),
+            &Memory::default(),
+            at(0),
+        );
         assert_eq!(p.status.phase, Phase::Skipped, "{reason}");
         assert_eq!(p.status.reason.as_deref(), Some(reason));
         assert_eq!(p.resize, None, "{reason}");
     }
     let f = facts(500, 250, Some(500));
-    let p = plan(&pa(700, None), Some(Ok(&f)), &cfg_ns, &Memory::default(), at(0));
+    let p = plan(
+        &pa(700, None),
+        Some(Ok(&f)),
+        &cfg_ns,
+        &Memory::default(),
+        at(0),
+    );
     assert_eq!(p.status.reason.as_deref(), Some("ExcludedNamespace"));
     assert_eq!(p.resize, None);
 
-    let p = plan(&pa(700, None), Some(Err("bad quantity".into())), &cfg(), &Memory::default(), at(0));
+    let p = plan(
+        &pa(700, None),
+        Some(Err("bad quantity".into())),
+        &cfg(),
+        &Memory::default(),
+        at(0),
+    );
     assert_eq!(p.status.reason.as_deref(), Some("InvalidPod"));
 }
 

@@ -1,0 +1,406 @@
+//! `mbcas run --mode kubernetes`: the node daemon, wired.
+//!
+//! Start-up checks first (the API server offers `pods/resize`, the
+//! PodAllocation CRD is installed, this node's Node object exists, the cgroup
+//! layout is understood, which sensor runs and why), each failing with a
+//! message a user can act on. Then, under one cancellation token:
+//!
+//! * the HTTP endpoints (`/metrics`, `/healthz`, `/readyz`);
+//! * reflectors over this node's pods (shared with the controller), its
+//!   PodAllocations and its Node object;
+//! * the resize controller;
+//! * with `--decide on`, the decision loop, started once the pod and
+//!   allocation stores are synced (so nothing is deleted or decided from a
+//!   partial view).
+//!
+//! A task that ends on its own (which none should) ends the process after the
+//! others drain, so the DaemonSet restarts it; SIGTERM/SIGINT drain within
+//! `--grace-period`. State lives in the cluster (PodAllocations and their
+//! status) and the cgroups, so a restart rebuilds it: no limit is changed by a
+//! restart alone.
+
+use std::{process::ExitCode, sync::Arc};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Node;
+use kube::{
+    Api, Client,
+    runtime::{WatchStreamExt as _, reflector, watcher},
+};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    cgroup::Layout,
+    config::DecisionConfig,
+    http::{self, Readiness},
+    k8s::{
+        crd::{GROUP, NODE_LABEL, PodAllocation, VERSION},
+        node::{NodeLoop, NodeLoopConfig, read_pod_cgroups},
+        pods,
+        publish::Writer,
+        resize::{self, ControllerConfig},
+    },
+    metrics::Metrics,
+    run::{Decide, RunArgs},
+    sensor::Sensor,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("--node-name (or MBCAS_NODE_NAME) is required in Kubernetes mode")]
+    NoNodeName,
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Client(#[from] crate::k8s::client::ClientError),
+    #[error("cannot reach the API server for discovery ({what})")]
+    Discovery {
+        what: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(
+        "the API server does not offer pods/resize: in-place pod resize needs Kubernetes ≥ 1.33 (feature gate InPlacePodVerticalScaling, on by default from 1.33, GA in 1.35); the server reports {version}"
+    )]
+    NoResize { version: String },
+    #[error(
+        "the PodAllocation CRD ({GROUP}/{VERSION}) is not installed: `mbcas crd | kubectl apply -f -` or `kubectl apply -k deploy/`"
+    )]
+    NoCrd,
+    #[error("node {node:?} does not exist in the cluster (check --node-name)")]
+    NoNode { node: String },
+    #[error("reading node {node}")]
+    Node {
+        node: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(transparent)]
+    Layout(#[from] crate::cgroup::LayoutError),
+    #[error(transparent)]
+    Sensor(#[from] crate::sensor::SensorError),
+    #[error(transparent)]
+    Http(#[from] crate::http::HttpError),
+    #[error("task {task} stopped unexpectedly")]
+    TaskEnded { task: &'static str },
+}
+
+impl AppError {
+    /// Configuration errors exit 64 like every other usage error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::NoNodeName | Self::Usage(_) => crate::cli::EXIT_USAGE,
+            _ => 1,
+        }
+    }
+}
+
+/// Verifies that the API server can do what the daemon needs.
+pub async fn preflight(client: &Client, node: &str) -> Result<(), AppError> {
+    let core = client
+        .list_core_api_resources("v1")
+        .await
+        .map_err(|source| AppError::Discovery {
+            what: "/api/v1",
+            source,
+        })?;
+    if !core.resources.iter().any(|r| r.name == "pods/resize") {
+        let version = client
+            .apiserver_version()
+            .await
+            .map(|v| v.git_version)
+            .unwrap_or_else(|_| "an unknown version".to_owned());
+        return Err(AppError::NoResize { version });
+    }
+    match client
+        .list_api_group_resources(&format!("{GROUP}/{VERSION}"))
+        .await
+    {
+        Ok(list) if list.resources.iter().any(|r| r.name == "podallocations") => {}
+        Ok(_) => return Err(AppError::NoCrd),
+        Err(kube::Error::Api(s)) if s.code == 404 => return Err(AppError::NoCrd),
+        Err(source) => {
+            return Err(AppError::Discovery {
+                what: "PodAllocation API group",
+                source,
+            });
+        }
+    }
+    let nodes: Api<Node> = Api::all(client.clone());
+    match nodes.get_opt(node).await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(AppError::NoNode {
+            node: node.to_owned(),
+        }),
+        Err(source) => Err(AppError::Node {
+            node: node.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Runs the node daemon until SIGTERM/SIGINT or `shutdown`.
+pub async fn run_kubernetes(
+    args: &RunArgs,
+    cfg: DecisionConfig,
+    debug_log: bool,
+    shutdown: CancellationToken,
+) -> Result<(), AppError> {
+    let k = &args.kubernetes;
+    let node = k.node_name.clone().ok_or(AppError::NoNodeName)?;
+    let pod_cgroups = match &k.test_pod_cgroups {
+        Some(p) => read_pod_cgroups(p).map_err(AppError::Usage)?,
+        None => Default::default(),
+    };
+    let client = crate::k8s::client::client(k.kubeconfig.as_deref()).await?;
+    preflight(&client, &node).await?;
+    tracing::info!(node = %node, decide = ?k.decide, "API server offers pods/resize; PodAllocation CRD installed");
+
+    let metrics = Metrics::new();
+    let mut components = vec!["pods", "allocations", "node"];
+    let decide = k.decide == Decide::On;
+    let mut loop_parts = None;
+    if decide {
+        let layout = Layout::detect()?;
+        tracing::info!(layout = ?layout.kind, cpu_root = %layout.cpu_root.display(), "cgroup layout");
+        let sensor = Sensor::start(args.local.sensor, debug_log)?;
+        if let Some(why) = sensor.fallback_reason() {
+            tracing::warn!(
+                reason = why,
+                "eBPF sensor unavailable; polling cpu.stat instead"
+            );
+        }
+        metrics.set_sensor_mode(sensor.kind().as_str());
+        components.push("sensor");
+        loop_parts = Some((layout.cpu_root.clone(), sensor));
+    }
+    let readiness = Readiness::new(&components);
+    let listener = http::bind(cfg.metrics_addr).await?;
+
+    let mut tasks: JoinSet<&'static str> = JoinSet::new();
+    // HTTP.
+    {
+        let (m, r, c) = (metrics.clone(), readiness.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            if let Err(e) = http::serve(listener, m, r, c).await {
+                tracing::error!(error = %crate::sensor::error_chain(&e), "HTTP server failed");
+            }
+            "http"
+        });
+    }
+    // This node's pods, shared by the decision loop and the controller.
+    let (pod_store, pod_writer, pod_stream) = pods::pod_reflector(client.clone(), &node);
+    let Some(pod_events) = pod_writer.subscribe() else {
+        return Err(AppError::Usage(
+            "pod reflector has no subscriber support".into(),
+        ));
+    };
+    {
+        let c = shutdown.clone();
+        tasks.spawn(async move {
+            let s = pod_stream.reflect_shared(pod_writer).applied_objects();
+            drive(s, c, "pods").await;
+            "pods"
+        });
+    }
+    // This node's PodAllocations.
+    let (pa_store, pa_writer) = reflector::store::<PodAllocation>();
+    {
+        let api: Api<PodAllocation> = Api::all(client.clone());
+        let wc = watcher::Config::default().labels(&format!("{NODE_LABEL}={node}"));
+        let s = watcher(api, wc).default_backoff().reflect(pa_writer);
+        let c = shutdown.clone();
+        tasks.spawn(async move {
+            drive(s, c, "allocations").await;
+            "allocations"
+        });
+    }
+    let (node_store, node_stream) = pods::node_reflector(client.clone(), &node);
+    {
+        let c = shutdown.clone();
+        tasks.spawn(async move {
+            drive(
+                node_stream.map(Ok::<(), std::convert::Infallible>),
+                c,
+                "node",
+            )
+            .await;
+            "node"
+        });
+    }
+    // Readiness follows the stores.
+    {
+        let (ps, as_, ns, r, c) = (
+            pod_store.clone(),
+            pa_store.clone(),
+            node_store.clone(),
+            readiness.clone(),
+            shutdown.clone(),
+        );
+        tasks.spawn(async move {
+            tokio::select! {
+                () = c.cancelled() => {}
+                () = async {
+                    let _ = ps.wait_until_ready().await;
+                    let _ = r.mark_ready("pods");
+                    let _ = as_.wait_until_ready().await;
+                    let _ = r.mark_ready("allocations");
+                    let _ = ns.wait_until_ready().await;
+                    let _ = r.mark_ready("node");
+                    c.cancelled().await;
+                } => {}
+            }
+            "readiness"
+        });
+    }
+    // The resize controller.
+    let mut ccfg = ControllerConfig::new(node.clone());
+    ccfg.excluded_namespaces = cfg.excluded_namespaces.clone();
+    ccfg.cooldown = cfg.policy.cooldown;
+    ccfg.max_step_up = cfg.policy.max_step_up;
+    ccfg.max_step_down = cfg.policy.max_step_down;
+    let ctx = Arc::new(resize::Context::new(
+        client.clone(),
+        pod_store.clone(),
+        ccfg,
+        Some(metrics.clone()),
+    ));
+    {
+        let (c, ps) = (shutdown.clone(), pod_store.clone());
+        tasks.spawn(async move {
+            // Reconcile only against a synced pod store.
+            tokio::select! {
+                () = c.cancelled() => return "controller",
+                _ = ps.wait_until_ready() => {}
+            }
+            resize::run(ctx, pod_events, c).await;
+            "controller"
+        });
+    }
+    // The decision loop.
+    if let Some((cgroup_root, sensor)) = loop_parts {
+        let writer = Writer::new(client.clone(), node.clone(), pa_store.clone());
+        let lcfg = NodeLoopConfig {
+            node: node.clone(),
+            decision: cfg.clone(),
+            priority_weighting: k.priority_weighting,
+            cgroup_root,
+            pod_cgroups,
+        };
+        let (c, ps, as_, ns, r, m) = (
+            shutdown.clone(),
+            pod_store.clone(),
+            pa_store.clone(),
+            node_store.clone(),
+            readiness.clone(),
+            metrics.clone(),
+        );
+        tasks.spawn(async move {
+            tokio::select! {
+                () = c.cancelled() => return "decisions",
+                _ = async {
+                    let _ = ps.wait_until_ready().await;
+                    let _ = as_.wait_until_ready().await;
+                    let _ = ns.wait_until_ready().await;
+                } => {}
+            }
+            let _ = r.mark_ready("sensor");
+            NodeLoop::new(lcfg, sensor, ps, ns, writer, m).run(c).await;
+            "decisions"
+        });
+    }
+    {
+        let c = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("signal received; draining");
+            c.cancel();
+        });
+    }
+    // The first task to end decides: a signal (clean), or a failure.
+    let first = tasks.join_next().await;
+    let failed = if shutdown.is_cancelled() {
+        None
+    } else {
+        let name = match first {
+            Some(Ok(name)) => name,
+            Some(Err(_)) => "a task (panicked)",
+            None => "none",
+        };
+        tracing::error!(task = name, "task ended on its own; stopping the daemon");
+        shutdown.cancel();
+        Some(name)
+    };
+    let grace = k.grace_period;
+    let drained =
+        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(grace = ?grace, "tasks did not drain in time; exiting");
+        tasks.abort_all();
+    }
+    match failed {
+        Some(task) => Err(AppError::TaskEnded { task }),
+        None => Ok(()),
+    }
+}
+
+/// Polls a watch stream until shutdown, logging errors (watchers retry with backoff).
+async fn drive<S, T, E>(stream: S, shutdown: CancellationToken, what: &'static str)
+where
+    S: futures::Stream<Item = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    futures::pin_mut!(stream);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            next = stream.next() => match next {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => tracing::warn!(watch = what, error = %e, "watch error; retrying"),
+                None => return,
+            },
+        }
+    }
+}
+
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut i), Ok(mut t)) => {
+            tokio::select! {
+                _ = i.recv() => {}
+                _ = t.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// `mbcas run --mode kubernetes` as the binary calls it.
+pub fn main_kubernetes(args: &RunArgs, cfg: DecisionConfig, debug_log: bool) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown = CancellationToken::new();
+    match rt.block_on(run_kubernetes(args, cfg, debug_log, shutdown)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", crate::sensor::error_chain(&e));
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

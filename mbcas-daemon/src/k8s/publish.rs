@@ -1,0 +1,302 @@
+//! The writer: turns decisions into PodAllocations (server-side apply, field
+//! manager `mbcas-daemon`) and removes those whose pod is gone.
+//!
+//! A PodAllocation is written only when the decided limit differs from what the
+//! stored one already asks (the policy's hysteresis has been applied before), so
+//! a node with constant loads makes no API writes.
+
+use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::OwnerReference};
+use kube::{
+    Api, Client, ResourceExt as _,
+    api::{DeleteParams, Patch, PatchParams, Preconditions},
+    runtime::reflector::{ObjectRef, Store},
+};
+
+use super::crd::{
+    ContainerAllocation, CpuQuantity, FIELD_MANAGER, NODE_LABEL, PodAllocation, PodAllocationSpec,
+};
+use super::pods::PodFacts;
+use crate::{market::split_to_containers, units::MilliCpu};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("writing PodAllocation {namespace}/{name}")]
+    Apply {
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("deleting PodAllocation {namespace}/{name}")]
+    Delete {
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("serialising PodAllocation {name}")]
+    Serialise {
+        name: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Why a pod's limit is what it is, for the PodAllocation's spec.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Why {
+    pub demand: MilliCpu,
+    pub weight: f64,
+    pub price: f64,
+    pub reason: &'static str,
+}
+
+/// The PodAllocation for `pod` at total limit `total`, split over its
+/// containers in proportion to their current limits, never below a
+/// container's request.
+pub fn allocation_for(pod: &PodFacts, node: &str, total: MilliCpu, why: &Why) -> PodAllocation {
+    let needs: Vec<MilliCpu> = pod
+        .containers
+        .iter()
+        .map(|c| c.limit.unwrap_or(c.request))
+        .collect();
+    let requests: Vec<MilliCpu> = pod.containers.iter().map(|c| c.request).collect();
+    let parts = split_to_containers(total, &needs, &requests);
+    let containers: Vec<ContainerAllocation> = pod
+        .containers
+        .iter()
+        .zip(&parts)
+        .map(|(c, &m)| ContainerAllocation {
+            name: c.name.clone(),
+            cpu_limit: CpuQuantity(m),
+        })
+        .collect();
+    let sum = MilliCpu(parts.iter().map(|m| m.get()).sum());
+    let mut pa = PodAllocation::new(
+        &pod.name,
+        PodAllocationSpec {
+            pod_name: pod.name.clone(),
+            pod_uid: pod.uid.clone(),
+            node_name: node.to_owned(),
+            cpu_limit: CpuQuantity(sum),
+            containers,
+            demand: CpuQuantity(why.demand),
+            // Millicores of request → cores, to the millicore.
+            weight: why.weight.round() / 1000.0,
+            price: if why.price.is_finite() {
+                (why.price * 1000.0).round() / 1000.0
+            } else {
+                0.0
+            },
+            reason: why.reason.to_owned(),
+        },
+    );
+    pa.metadata.namespace = Some(pod.namespace.clone());
+    pa.metadata.labels = Some([(NODE_LABEL.to_owned(), node.to_owned())].into());
+    pa.metadata.owner_references = Some(vec![OwnerReference {
+        api_version: "v1".to_owned(),
+        kind: "Pod".to_owned(),
+        name: pod.name.clone(),
+        uid: pod.uid.clone(),
+        controller: Some(false),
+        block_owner_deletion: None,
+    }]);
+    pa
+}
+
+/// Whether the stored PodAllocation already asks for what `wanted` asks.
+pub fn up_to_date(stored: Option<&PodAllocation>, wanted: &PodAllocation) -> bool {
+    stored.is_some_and(|s| {
+        s.spec.pod_uid == wanted.spec.pod_uid
+            && s.spec.containers == wanted.spec.containers
+            && s.labels().get(NODE_LABEL) == wanted.labels().get(NODE_LABEL)
+    })
+}
+
+/// Writes PodAllocations for this node.
+pub struct Writer {
+    client: Client,
+    node: String,
+    /// This node's PodAllocations as the API server has them.
+    allocations: Store<PodAllocation>,
+}
+
+impl Writer {
+    pub fn new(client: Client, node: impl Into<String>, allocations: Store<PodAllocation>) -> Self {
+        Self {
+            client,
+            node: node.into(),
+            allocations,
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn stored(&self, namespace: &str, name: &str) -> Option<std::sync::Arc<PodAllocation>> {
+        self.allocations
+            .get(&ObjectRef::new(name).within(namespace))
+    }
+
+    /// Server-side applies `pa` unless the stored one already says the same.
+    /// Returns whether a write was made.
+    pub async fn publish(&self, pa: &PodAllocation) -> Result<bool, PublishError> {
+        let ns = pa.namespace().unwrap_or_default();
+        let name = pa.name_any();
+        if up_to_date(self.stored(&ns, &name).as_deref(), pa) {
+            return Ok(false);
+        }
+        let api: Api<PodAllocation> = Api::namespaced(self.client.clone(), &ns);
+        let mut body = serde_json::to_value(pa).map_err(|source| PublishError::Serialise {
+            name: name.clone(),
+            source,
+        })?;
+        if let Some(obj) = body.as_object_mut() {
+            // The writer owns the spec and metadata; the status is the controller's.
+            obj.remove("status");
+        }
+        api.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map_err(|source| PublishError::Apply {
+            namespace: ns,
+            name,
+            source,
+        })?;
+        Ok(true)
+    }
+
+    /// Deletes this node's PodAllocations whose pod is gone or was replaced
+    /// (a new UID under the same name). `pods` must be synced. Returns how many
+    /// were deleted.
+    pub async fn collect_garbage(&self, pods: &Store<Pod>) -> Result<usize, PublishError> {
+        let mut deleted = 0;
+        for pa in self.allocations.state() {
+            let ns = pa.namespace().unwrap_or_default();
+            let alive = pods
+                .get(&ObjectRef::new(&pa.spec.pod_name).within(&ns))
+                .is_some_and(|p| p.metadata.uid.as_deref() == Some(pa.spec.pod_uid.as_str()));
+            if alive || pa.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let api: Api<PodAllocation> = Api::namespaced(self.client.clone(), &ns);
+            let dp = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: pa.metadata.uid.clone(),
+                    resource_version: None,
+                }),
+                ..DeleteParams::default()
+            };
+            match api.delete(&pa.name_any(), &dp).await {
+                Ok(_) => deleted += 1,
+                // Already gone, or replaced by a newer one: nothing to do.
+                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+                Err(source) => {
+                    return Err(PublishError::Delete {
+                        namespace: ns,
+                        name: pa.name_any(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(deleted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        cgroup::kubernetes::QosClass,
+        k8s::pods::{ContainerFacts, ResizeState},
+    };
+
+    fn pod() -> PodFacts {
+        let c = |name: &str, req, lim| ContainerFacts {
+            name: name.into(),
+            request: MilliCpu(req),
+            limit: Some(MilliCpu(lim)),
+            status_limit: Some(MilliCpu(lim)),
+            restart_on_resize: false,
+            container_id: None,
+        };
+        PodFacts {
+            uid: "u1".into(),
+            namespace: "shop".into(),
+            name: "web".into(),
+            node: Some("n1".into()),
+            qos: QosClass::Burstable,
+            containers: vec![c("app", 200, 600), c("side", 100, 200)],
+            ignored: false,
+            priority: None,
+            running: true,
+            resize: ResizeState::Idle,
+        }
+    }
+
+    fn why() -> Why {
+        Why {
+            demand: MilliCpu(900),
+            weight: 300.0,
+            price: 2.5,
+            reason: "increase_throttled",
+        }
+    }
+
+    #[test]
+    fn allocation_is_split_owned_and_labelled() {
+        let pa = allocation_for(&pod(), "n1", MilliCpu(1200), &why());
+        assert_eq!(pa.name_any(), "web");
+        assert_eq!(pa.namespace().as_deref(), Some("shop"));
+        assert_eq!(pa.labels().get(NODE_LABEL).map(String::as_str), Some("n1"));
+        let owner = &pa.owner_references()[0];
+        assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("Pod", "u1"));
+        let parts: Vec<u64> = pa
+            .spec
+            .containers
+            .iter()
+            .map(|c| c.cpu_limit.millis().get())
+            .collect();
+        assert_eq!(parts.iter().sum::<u64>(), 1200);
+        assert_eq!(pa.spec.cpu_limit.millis(), MilliCpu(1200));
+        assert!(parts[0] >= 200 && parts[1] >= 100, "{parts:?}");
+        // In proportion to the current limits (600:200).
+        assert_eq!(parts, vec![900, 300]);
+    }
+
+    #[test]
+    fn below_the_requests_each_container_keeps_its_request() {
+        let pa = allocation_for(&pod(), "n1", MilliCpu(100), &why());
+        let parts: Vec<u64> = pa
+            .spec
+            .containers
+            .iter()
+            .map(|c| c.cpu_limit.millis().get())
+            .collect();
+        assert_eq!(parts, vec![200, 100]);
+        assert_eq!(pa.spec.cpu_limit.millis(), MilliCpu(300));
+    }
+
+    #[test]
+    fn unchanged_allocations_are_not_rewritten() {
+        let a = allocation_for(&pod(), "n1", MilliCpu(1200), &why());
+        // Only the limits matter: a new price or demand alone is not worth a write.
+        let mut other_why = why();
+        other_why.price = 9.0;
+        other_why.demand = MilliCpu(1);
+        let b = allocation_for(&pod(), "n1", MilliCpu(1200), &other_why);
+        assert!(up_to_date(Some(&a), &b));
+        let c = allocation_for(&pod(), "n1", MilliCpu(1300), &why());
+        assert!(!up_to_date(Some(&a), &c));
+        assert!(!up_to_date(None, &a));
+        let mut replaced = pod();
+        replaced.uid = "u2".into();
+        let d = allocation_for(&replaced, "n1", MilliCpu(1200), &why());
+        assert!(!up_to_date(Some(&a), &d));
+    }
+}

@@ -1,0 +1,181 @@
+//! `mbcas restore`: put the recorded original CPU limits back and delete the
+//! PodAllocations (the uninstall path). Stop the DaemonSet first, or the
+//! daemon will decide again.
+//!
+//! For each PodAllocation in scope: when its pod still exists with the same UID
+//! and the status records original limits that differ from the pod's current
+//! ones, the pod is resized back (CPU limits only, like the controller); then
+//! the PodAllocation is deleted. A pod whose resize is refused keeps its
+//! PodAllocation (so a later run can retry) and makes the command fail.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api, Client, ResourceExt as _,
+    api::{DeleteParams, ListParams, Patch, PatchParams},
+};
+use serde::Serialize;
+
+use super::{
+    crd::{NODE_LABEL, PodAllocation},
+    pods::PodFacts,
+    resize::resize_patch,
+};
+use crate::units::MilliCpu;
+
+#[derive(Debug, Clone, clap::Args)]
+#[command(group(clap::ArgGroup::new("scope").required(true).args(["node_name", "all"])))]
+pub struct RestoreArgs {
+    /// Restore the pods of this node's PodAllocations.
+    #[arg(long, value_name = "NODE")]
+    pub node_name: Option<String>,
+    /// Restore every PodAllocation in the cluster.
+    #[arg(long)]
+    pub all: bool,
+    /// Kubeconfig to use instead of the in-cluster configuration.
+    #[arg(long, env = "KUBECONFIG", value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Default, Serialize, PartialEq)]
+pub struct RestoreReport {
+    /// Pods resized back to their original limits.
+    pub restored: Vec<String>,
+    /// Pods already at their original limits (or gone).
+    pub unchanged: Vec<String>,
+    /// PodAllocations deleted.
+    pub deleted: usize,
+    /// `namespace/name: why` for each pod that could not be restored.
+    pub failed: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("listing PodAllocations")]
+    List(#[source] kube::Error),
+    #[error(transparent)]
+    Client(#[from] super::client::ClientError),
+    #[error("writing the report")]
+    Json(#[from] serde_json::Error),
+}
+
+/// The patch that puts the original limits back, if any differ.
+fn restore_changes(pa: &PodAllocation, pod: &PodFacts) -> Result<Vec<(String, MilliCpu)>, String> {
+    let Some(st) = &pa.status else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for o in &st.original {
+        let Some(c) = pod.containers.iter().find(|c| c.name == o.name) else {
+            continue;
+        };
+        match o.cpu_limit {
+            Some(q) if c.limit != Some(q.millis()) => out.push((o.name.clone(), q.millis())),
+            Some(_) => {}
+            None if c.limit.is_some() => {
+                return Err(format!(
+                    "container {} had no CPU limit; a resize cannot remove one",
+                    o.name
+                ));
+            }
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
+pub async fn restore(client: Client, args: &RestoreArgs) -> Result<RestoreReport, RestoreError> {
+    let api: Api<PodAllocation> = Api::all(client.clone());
+    let lp = match &args.node_name {
+        Some(node) if !args.all => ListParams::default().labels(&format!("{NODE_LABEL}={node}")),
+        _ => ListParams::default(),
+    };
+    let list = api.list(&lp).await.map_err(RestoreError::List)?;
+    let mut report = RestoreReport::default();
+    for pa in list.items {
+        let ns = pa.namespace().unwrap_or_default();
+        let id = format!("{ns}/{}", pa.spec.pod_name);
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        let pod = match pods.get_opt(&pa.spec.pod_name).await {
+            Ok(p) => p,
+            Err(e) => {
+                report.failed.push(format!("{id}: reading the pod: {e}"));
+                continue;
+            }
+        };
+        let facts = pod
+            .as_ref()
+            .filter(|p| p.metadata.uid.as_deref() == Some(pa.spec.pod_uid.as_str()))
+            .map(PodFacts::from_pod);
+        let changes = match facts {
+            None => Ok(Vec::new()),
+            Some(Err(e)) => Err(e.to_string()),
+            Some(Ok(f)) => restore_changes(&pa, &f),
+        };
+        match changes {
+            Err(e) => {
+                report.failed.push(format!("{id}: {e}"));
+                continue;
+            }
+            Ok(c) if c.is_empty() => report.unchanged.push(id.clone()),
+            Ok(c) => {
+                let patch = resize_patch(&c);
+                match pods
+                    .patch_resize(
+                        &pa.spec.pod_name,
+                        &PatchParams::default(),
+                        &Patch::Strategic(&patch),
+                    )
+                    .await
+                {
+                    Ok(_) => report.restored.push(id.clone()),
+                    Err(e) => {
+                        report.failed.push(format!("{id}: resize refused: {e}"));
+                        continue;
+                    }
+                }
+            }
+        }
+        let pas: Api<PodAllocation> = Api::namespaced(client.clone(), &ns);
+        match pas.delete(&pa.name_any(), &DeleteParams::default()).await {
+            Ok(_) => report.deleted += 1,
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => report
+                .failed
+                .push(format!("{id}: deleting its PodAllocation: {e}")),
+        }
+    }
+    Ok(report)
+}
+
+/// `mbcas restore`.
+pub async fn run(args: &RestoreArgs) -> Result<ExitCode, RestoreError> {
+    let client = super::client::client(args.kubeconfig.as_deref()).await?;
+    let report = restore(client, args).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        for p in &report.restored {
+            println!("restored  {p}");
+        }
+        for p in &report.failed {
+            println!("FAILED    {p}");
+        }
+        println!(
+            "{} pods restored, {} unchanged, {} PodAllocations deleted, {} failed",
+            report.restored.len(),
+            report.unchanged.len(),
+            report.deleted,
+            report.failed.len()
+        );
+    }
+    Ok(if report.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
