@@ -8,6 +8,7 @@ mod host;
 mod kind;
 mod setup;
 mod test;
+mod testenv;
 
 use clap::{Parser, Subcommand};
 
@@ -39,6 +40,8 @@ enum Command {
     KindE2e(kind::Options),
     /// Delete the Kind cluster.
     KindDown(kind::Options),
+    /// A real etcd + kube-apiserver on loopback for the control-plane tests: build | up | down | status | kubectl.
+    Testenv(testenv::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,5 +55,6 @@ fn main() -> anyhow::Result<()> {
         Command::KindUp(opts) => kind::up(&opts),
         Command::KindE2e(opts) => kind::e2e(&opts),
         Command::KindDown(opts) => kind::down(&opts),
+        Command::Testenv(opts) => testenv::run(&opts),
     }
 }

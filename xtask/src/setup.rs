@@ -12,13 +12,15 @@ pub const EBPF_TOOLCHAIN: &str = "nightly-2026-08-01";
 /// bpf-linker release built against Debian's LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
-/// LLVM for bpf-linker; `fonts-dejavu-core` gives the demo's charts their text.
+/// LLVM for bpf-linker; `fonts-dejavu-core` gives the demo's charts their text;
+/// `openssl` makes the control-plane test environment's certificates.
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
     "fonts-dejavu-core",
+    "openssl",
 ];
 
 #[derive(Debug, clap::Args)]
@@ -28,6 +30,8 @@ pub fn run(_opts: &Options) -> anyhow::Result<()> {
     debian_packages()?;
     ebpf_toolchain()?;
     bpf_linker()?;
+    // etcd, kube-apiserver, kube-controller-manager, kubectl for the control-plane tier.
+    crate::testenv::ensure_built()?;
     eprintln!("setup: everything is installed");
     Ok(())
 }

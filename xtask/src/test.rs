@@ -1,8 +1,10 @@
 //! `cargo xtask test`: the one command that runs every test tier.
 //!
 //! It runs `setup` first, so a fresh machine needs nothing else, then:
-//! 1. `cargo test --all-targets`: unit, property and golden tests, and the kernel
-//!    tier (real eBPF, cgroups and burners; it fails rather than skips in CI);
+//! 1. `cargo test --all-targets`: unit, property and golden tests, the kernel
+//!    tier (real eBPF, cgroups and burners; it fails rather than skips in CI) and
+//!    the control-plane tier, against a `cargo xtask testenv` control plane started
+//!    here (its kubeconfig in `MBCAS_TESTENV_KUBECONFIG`) and stopped afterwards;
 //! 2. a short `cargo xtask demo` whose JSON must show MBCAS throttling less than
 //!    static limits (root only; outside CI it is skipped with a message).
 
@@ -10,7 +12,10 @@ use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
 
-use crate::setup::{self, run_cmd};
+use crate::{
+    setup::{self, run_cmd},
+    testenv,
+};
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -32,7 +37,17 @@ fn is_root() -> bool {
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     setup::run(&setup::Options {})?;
-    run_cmd(Command::new("cargo").args(["test", "--all-targets"]))?;
+    let (kubeconfig, started) = testenv::up(true)?;
+    let tests = run_cmd(
+        Command::new("cargo")
+            .args(["test", "--all-targets"])
+            .env(testenv::KUBECONFIG_ENV, &kubeconfig),
+    );
+    // Stop the control plane even when tests failed, unless it was already
+    // running before (then it belongs to whoever started it).
+    let stopped = if started { testenv::down() } else { Ok(()) };
+    tests?;
+    stopped?;
     if opts.no_demo {
         return Ok(());
     }

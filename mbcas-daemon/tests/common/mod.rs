@@ -2,6 +2,8 @@
 //! after themselves, even when a test panics.
 #![allow(dead_code)]
 
+pub mod apiserver;
+
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
