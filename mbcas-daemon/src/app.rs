@@ -147,13 +147,25 @@ pub async fn run_kubernetes(
     debug_log: bool,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
+    let client = crate::k8s::client::client(args.kubernetes.kubeconfig.as_deref()).await?;
+    run_with_client(client, args, cfg, debug_log, shutdown).await
+}
+
+/// [`run_kubernetes`] with a client made by the caller (tests use this to run
+/// the daemon as its ServiceAccount).
+pub async fn run_with_client(
+    client: Client,
+    args: &RunArgs,
+    cfg: DecisionConfig,
+    debug_log: bool,
+    shutdown: CancellationToken,
+) -> Result<(), AppError> {
     let k = &args.kubernetes;
     let node = k.node_name.clone().ok_or(AppError::NoNodeName)?;
     let pod_cgroups = match &k.test_pod_cgroups {
         Some(p) => read_pod_cgroups(p).map_err(AppError::Usage)?,
         None => Default::default(),
     };
-    let client = crate::k8s::client::client(k.kubeconfig.as_deref()).await?;
     preflight(&client, &node).await?;
     tracing::info!(node = %node, decide = ?k.decide, "API server offers pods/resize; PodAllocation CRD installed");
 
@@ -177,6 +189,7 @@ pub async fn run_kubernetes(
     }
     let readiness = Readiness::new(&components);
     let listener = http::bind(cfg.metrics_addr).await?;
+    tracing::debug!(addr = ?listener.local_addr().ok(), "metrics listener bound");
 
     let mut tasks: JoinSet<&'static str> = JoinSet::new();
     // HTTP.
@@ -274,6 +287,10 @@ pub async fn run_kubernetes(
                 () = c.cancelled() => return "controller",
                 _ = ps.wait_until_ready() => {}
             }
+            tracing::info!(
+                pods = ps.state().len(),
+                "pod store synced; resize controller started"
+            );
             resize::run(ctx, pod_events, c).await;
             "controller"
         });

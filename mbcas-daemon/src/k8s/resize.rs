@@ -112,6 +112,10 @@ pub struct Memory {
     /// Consecutive failures, and when patching may be tried again.
     pub failures: u32,
     pub retry_at: Option<Duration>,
+    /// The original limits this controller recorded, until the watch shows
+    /// them in the status (a stale copy of the allocation must not make the
+    /// controller record the limits it has already changed as the original).
+    pub original: Option<Vec<OriginalLimit>>,
 }
 
 /// An event to publish about the pod.
@@ -254,6 +258,11 @@ pub fn plan(
             d = lo.max(c.request);
         }
         desired.push((c.name.clone(), current, d));
+    }
+    if status.original.is_empty()
+        && let Some(o) = &mem.original
+    {
+        status.original = o.clone();
     }
     if status.original.is_empty() {
         status.original = pod
@@ -629,16 +638,17 @@ pub async fn reconcile(pa: Arc<PodAllocation>, ctx: Arc<Context>) -> Result<Acti
         &mem,
         now,
     );
+    tracing::debug!(allocation = %key, pod_found = pod_obj.is_some(), phase = %plan.status.phase, reason = ?plan.status.reason, resize = ?plan.resize, "reconcile");
     let old = pa.status.clone().unwrap_or_default();
     let mut status = plan.status.clone();
     let mut event = plan.event.clone();
     if let Some(changes) = &plan.resize {
-        if old.original.is_empty() {
-            // The original limits are on record before anything changes.
-            let mut first = old.clone();
-            first.original = status.original.clone();
-            first.observed_generation = status.observed_generation;
-            write_status(&pas, &name, &first).await?;
+        if old.original.is_empty() && mem.original.is_none() {
+            // The original limits are on record before anything changes (with
+            // the request this status announces; a refusal overwrites it).
+            write_status(&pas, &name, &status).await?;
+            mem.original = Some(status.original.clone());
+            ctx.remember(key.clone(), mem.clone());
         }
         let patch = resize_patch(changes);
         let mut attempt = 0;

@@ -327,3 +327,20 @@ fn after_a_failure_the_controller_backs_off() {
     assert_eq!(c.backoff(2), at(120));
     assert_eq!(c.backoff(30), at(600));
 }
+
+#[test]
+fn a_stale_allocation_does_not_rerecord_the_original() {
+    // The controller recorded 500m and raised the pod to 700m; its copy of the
+    // allocation does not show the status yet.
+    let f = facts(700, 250, Some(500));
+    let mem = Memory {
+        original: Some(vec![OriginalLimit {
+            name: "app".into(),
+            cpu_limit: Some(CpuQuantity(MilliCpu(500))),
+        }]),
+        last_change: Some(at(1)),
+        ..Default::default()
+    };
+    let p = plan(&pa(700, None), Some(Ok(&f)), &cfg(), &mem, at(2));
+    assert_eq!(p.status.original, mem.original.unwrap_or_default());
+}

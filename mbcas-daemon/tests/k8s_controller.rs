@@ -1,0 +1,726 @@
+//! Control-plane tier: the PodAllocation CRD, the resize controller, the
+//! writer and `mbcas restore` against a real kube-apiserver (see
+//! tests/common/apiserver.rs for where it comes from). No kubelet runs: pods
+//! are bound to Node objects the tests create, and a test plays the kubelet
+//! where it needs one (it writes `status.containerStatuses[].resources`).
+
+mod common;
+
+use std::time::Duration;
+
+use common::apiserver::{TestEnv, TestNamespace, TestNode, eventually};
+use k8s_openapi::{
+    api::{core::v1::Pod, events::v1::Event},
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use kube::{
+    Api, Client, CustomResourceExt as _, ResourceExt as _,
+    api::{ListParams, Patch, PatchParams, PostParams},
+};
+use mbcas::{
+    cli::{Cli, Command},
+    k8s::{
+        crd::{CpuQuantity, NODE_LABEL, Phase, PodAllocation},
+        pods::PodFacts,
+        publish::{Why, Writer, allocation_for},
+    },
+    units::MilliCpu,
+};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Installs (or updates) the CRD from the committed YAML and waits until it is served.
+pub async fn install_crd(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = PodAllocation::crd();
+    crds.patch(
+        "podallocations.allocation.mbcas.io",
+        &PatchParams::apply("mbcas-tests").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("install CRD: {e}"));
+    eventually("the CRD to be established", WAIT, || async {
+        let c = crds.get("podallocations.allocation.mbcas.io").await.ok()?;
+        let ok = c
+            .status?
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
+        let served = client
+            .list_api_group_resources("allocation.mbcas.io/v1alpha1")
+            .await
+            .ok()?
+            .resources
+            .iter()
+            .any(|r| r.name == "podallocations");
+        (ok && served).then_some(())
+    })
+    .await;
+}
+
+struct PodSpec<'a> {
+    name: &'a str,
+    request: &'a str,
+    limit: Option<&'a str>,
+    memory_limit: bool,
+    restart_policy: Option<&'a str>,
+    labels: serde_json::Value,
+}
+
+impl<'a> PodSpec<'a> {
+    fn burstable(name: &'a str, request: &'a str, limit: &'a str) -> Self {
+        Self {
+            name,
+            request,
+            limit: Some(limit),
+            memory_limit: false,
+            restart_policy: None,
+            labels: serde_json::json!({}),
+        }
+    }
+}
+
+async fn create_pod(client: &Client, ns: &str, node: &str, p: &PodSpec<'_>) -> Pod {
+    let mut resources = serde_json::json!({"requests": {"cpu": p.request}});
+    if let Some(l) = p.limit {
+        resources["limits"] = serde_json::json!({"cpu": l});
+    }
+    if p.memory_limit {
+        resources["requests"]["memory"] = "64Mi".into();
+        resources["limits"]["memory"] = "64Mi".into();
+    }
+    let mut container = serde_json::json!({
+        "name": "app", "image": "registry.invalid/app:1", "resources": resources});
+    if let Some(rp) = p.restart_policy {
+        container["resizePolicy"] =
+            serde_json::json!([{"resourceName": "cpu", "restartPolicy": rp}]);
+    }
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": p.name, "labels": p.labels},
+        "spec": {"nodeName": node, "containers": [container]}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap_or_else(|e| panic!("create pod {ns}/{}: {e}", p.name))
+}
+
+/// Plays the kubelet: reports the pod Running with the CPU limits of its spec.
+async fn kubelet_reports(client: &Client, ns: &str, name: &str) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pod = pods.get(name).await.unwrap_or_else(|e| panic!("{e}"));
+    let statuses: Vec<serde_json::Value> = pod
+        .spec
+        .iter()
+        .flat_map(|s| &s.containers)
+        .map(|c| {
+            serde_json::json!({
+                "name": c.name, "image": c.image, "imageID": "", "ready": true,
+                "restartCount": 0, "started": true,
+                "containerID": format!("containerd://{:0>64}", 1),
+                "state": {"running": {"startedAt": "2026-11-25T10:00:00Z"}},
+                "resources": c.resources,
+            })
+        })
+        .collect();
+    pods.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(
+            serde_json::json!({"status": {"phase": "Running", "containerStatuses": statuses}}),
+        ),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("kubelet status for {ns}/{name}: {e}"));
+}
+
+fn cpu_limit(pod: &Pod) -> Option<MilliCpu> {
+    PodFacts::from_pod(pod).ok().and_then(|f| f.limit())
+}
+
+/// A PodAllocation asking `desired` for the pod's single container.
+async fn write_allocation(client: &Client, pod: &Pod, node: &str, desired: MilliCpu) {
+    let facts = PodFacts::from_pod(pod).unwrap_or_else(|e| panic!("{e}"));
+    let pa = allocation_for(
+        &facts,
+        node,
+        desired,
+        &Why {
+            demand: desired,
+            weight: 100.0,
+            price: 1.0,
+            reason: "increase_throttled",
+        },
+    );
+    let api: Api<PodAllocation> = Api::namespaced(client.clone(), &facts.namespace);
+    api.patch(
+        &facts.name,
+        &PatchParams::apply("mbcas-tests").force(),
+        &Patch::Apply(&pa),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("write PodAllocation {}: {e}", facts.name));
+}
+
+/// Runs the real daemon (`mbcas run --mode kubernetes --decide off`) with `client`.
+struct Daemon {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), mbcas::app::AppError>>,
+}
+
+impl Daemon {
+    fn start(client: Client, node: &str, extra: &[&str]) -> Self {
+        // The daemon's logs go to the test's output (shown when a test fails).
+        let level = std::env::var("MBCAS_TEST_LOG").unwrap_or_else(|_| "info".to_owned());
+        let _ = mbcas::telemetry::init(&level, mbcas::telemetry::LogFormat::Text);
+        let mut argv = vec![
+            "mbcas",
+            "run",
+            "--mode",
+            "kubernetes",
+            "--node-name",
+            node,
+            "--decide",
+            "off",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ];
+        argv.extend_from_slice(extra);
+        let cli = Cli::try_parse_from_args(&argv);
+        let Command::Run(args) = cli.command else {
+            panic!("not a run command")
+        };
+        let cfg = args.decision.validate().unwrap_or_else(|e| panic!("{e}"));
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        let task =
+            tokio::spawn(
+                async move { mbcas::app::run_with_client(client, &args, cfg, false, s).await },
+            );
+        Self { stop, task }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        match tokio::time::timeout(Duration::from_secs(15), self.task).await {
+            Ok(Ok(Ok(()))) => {}
+            other => panic!("daemon did not stop cleanly: {other:?}"),
+        }
+    }
+}
+
+trait ParseArgs {
+    fn try_parse_from_args(argv: &[&str]) -> Cli;
+}
+
+impl ParseArgs for Cli {
+    fn try_parse_from_args(argv: &[&str]) -> Cli {
+        use clap::Parser as _;
+        Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+async fn allocation(client: &Client, ns: &str, name: &str) -> Option<PodAllocation> {
+    Api::<PodAllocation>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .ok()
+        .flatten()
+}
+
+async fn phase_is(client: &Client, ns: &str, name: &str, phase: Phase) -> Option<PodAllocation> {
+    allocation(client, ns, name)
+        .await
+        .filter(|pa| pa.status.as_ref().is_some_and(|s| s.phase == phase))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crd_is_served_and_rejects_nonsense() {
+    let Some(env) = TestEnv::get() else { return };
+    let client = env.client().await;
+    install_crd(&client).await;
+    let ns = TestNamespace::new(env, &client, "crd").await;
+    let api: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &ns.name,
+        &kube::discovery::ApiResource::erase::<PodAllocation>(&()),
+    );
+    let obj = |v: &serde_json::Value| -> kube::api::DynamicObject {
+        serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let good = serde_json::json!({
+        "apiVersion": "allocation.mbcas.io/v1alpha1", "kind": "PodAllocation",
+        "metadata": {"name": "ok"},
+        "spec": {"podName": "ok", "podUid": "u", "nodeName": "n", "cpuLimit": "500m",
+                 "containers": [{"name": "app", "cpuLimit": "0.5"}], "demand": "1",
+                 "weight": 0.25, "price": 0.0, "reason": "increase"}
+    });
+    api.create(&PostParams::default(), &obj(&good))
+        .await
+        .unwrap_or_else(|e| panic!("a valid PodAllocation was refused: {e}"));
+    for (field, bad) in [
+        ("cpuLimit", serde_json::json!("-500m")),
+        ("cpuLimit", serde_json::json!("lots")),
+        ("cpuLimit", serde_json::json!("1.23456")),
+        ("weight", serde_json::json!(-1.0)),
+        ("reason", serde_json::json!("Not A Code")),
+        ("containers", serde_json::json!([])),
+    ] {
+        let mut v = good.clone();
+        v["metadata"]["name"] = format!("bad-{}", field.to_lowercase()).into();
+        v["spec"][field] = bad.clone();
+        let res = api.create(&PostParams::default(), &obj(&v)).await;
+        match res {
+            Err(kube::Error::Api(s)) => assert_eq!(s.code, 422, "{field}={bad}: {s:?}"),
+            other => panic!("{field}={bad} was not rejected: {other:?}"),
+        }
+    }
+    // An unknown phase in the status is rejected by the status subresource.
+    let status = serde_json::json!({"status": {"phase": "Exploded"}});
+    let res = api
+        .patch_status("ok", &PatchParams::default(), &Patch::Merge(&status))
+        .await;
+    assert!(
+        matches!(&res, Err(kube::Error::Api(s)) if s.code == 422),
+        "unknown phase accepted: {res:?}"
+    );
+    // kubectl's short name and columns come from the CRD.
+    let out = env
+        .kubectl()
+        .args(["get", "pa", "-n", &ns.name])
+        .output()
+        .unwrap_or_else(|e| panic!("kubectl: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for col in [
+        "POD", "NODE", "DESIRED", "APPLIED", "DEMAND", "PHASE", "REASON", "AGE",
+    ] {
+        assert!(text.contains(col), "column {col} missing:\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_resizes_burstable_pods_and_reports_applied() {
+    let Some(env) = TestEnv::get() else { return };
+    let client = env.client().await;
+    install_crd(&client).await;
+    let ns = TestNamespace::new(env, &client, "resize").await;
+    let node = TestNode::new(env, &client, "resize", MilliCpu(4000)).await;
+    let pod = create_pod(
+        &client,
+        &ns.name,
+        &node.name,
+        &PodSpec::burstable("web", "250m", "500m"),
+    )
+    .await;
+    let low = create_pod(
+        &client,
+        &ns.name,
+        &node.name,
+        &PodSpec::burstable("low", "300m", "600m"),
+    )
+    .await;
+    let daemon = Daemon::start(client.clone(), &node.name, &[]);
+    write_allocation(&client, &pod, &node.name, MilliCpu(700)).await;
+    // Below the request: the controller never goes under it.
+    write_allocation(&client, &low, &node.name, MilliCpu(100)).await;
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let pa = eventually(
+        "web's PodAllocation to be Pending with the resize requested",
+        WAIT,
+        || async { phase_is(&client, &ns.name, "web", Phase::Pending).await },
+    )
+    .await;
+    let st = pa.status.clone().unwrap_or_default();
+    // Requested, and maybe already re-examined after the pod's spec changed.
+    assert!(
+        matches!(
+            st.reason.as_deref(),
+            Some("ResizeRequested" | "WaitingForKubelet")
+        ),
+        "{st:?}"
+    );
+    assert_eq!(st.original.len(), 1);
+    assert_eq!(st.original[0].cpu_limit, Some(CpuQuantity(MilliCpu(500))));
+    let web = eventually("web's limit to be raised", WAIT, || async {
+        pods.get("web")
+            .await
+            .ok()
+            .filter(|p| cpu_limit(p) == Some(MilliCpu(700)))
+    })
+    .await;
+    // Requests untouched.
+    assert_eq!(
+        PodFacts::from_pod(&web).map(|f| f.request()),
+        Ok(MilliCpu(250))
+    );
+
+    let low_pod = eventually("low's limit to go down to its request", WAIT, || async {
+        pods.get("low")
+            .await
+            .ok()
+            .filter(|p| cpu_limit(p) == Some(MilliCpu(300)))
+    })
+    .await;
+    assert_eq!(cpu_limit(&low_pod), Some(MilliCpu(300)));
+
+    // The kubelet reports the new limit: Applied.
+    kubelet_reports(&client, &ns.name, "web").await;
+    let pa = eventually("web's PodAllocation to be Applied", WAIT, || async {
+        phase_is(&client, &ns.name, "web", Phase::Applied).await
+    })
+    .await;
+    let st = pa.status.clone().unwrap_or_default();
+    assert_eq!(st.applied_cpu_limit, Some(CpuQuantity(MilliCpu(700))));
+    assert_eq!(st.observed_generation, pa.metadata.generation);
+    // Events on the pod tell the story.
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns.name);
+    let reasons = eventually("ResizeRequested and ResizeApplied events", WAIT, || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        let r: Vec<String> = list
+            .items
+            .iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("web"))
+            .filter_map(|e| e.reason.clone())
+            .collect();
+        (r.iter().any(|x| x == "ResizeRequested") && r.iter().any(|x| x == "ResizeApplied"))
+            .then_some(r)
+    })
+    .await;
+    assert!(!reasons.is_empty());
+    // A fixed point: no further writes to the allocation while nothing changes.
+    let rv = pa.resource_version();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let again = allocation(&client, &ns.name, "web")
+        .await
+        .map(|p| p.resource_version());
+    assert_eq!(
+        again,
+        Some(rv),
+        "the controller keeps rewriting a settled allocation"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_mbcas_must_not_touch_are_skipped_and_untouched() {
+    let Some(env) = TestEnv::get() else { return };
+    let client = env.client().await;
+    install_crd(&client).await;
+    let ns = TestNamespace::new(env, &client, "skip").await;
+    let node = TestNode::new(env, &client, "skip", MilliCpu(4000)).await;
+    let guaranteed = PodSpec {
+        memory_limit: true,
+        ..PodSpec::burstable("guaranteed", "500m", "500m")
+    };
+    let restart = PodSpec {
+        restart_policy: Some("RestartContainer"),
+        ..PodSpec::burstable("restart", "250m", "500m")
+    };
+    let ignored = PodSpec {
+        labels: serde_json::json!({"mbcas.io/ignore": "true"}),
+        ..PodSpec::burstable("ignored", "250m", "500m")
+    };
+    let mut pods = Vec::new();
+    for spec in [&guaranteed, &restart, &ignored] {
+        pods.push(create_pod(&client, &ns.name, &node.name, spec).await);
+    }
+    // An excluded namespace (the daemon's own list, here the test namespace
+    // stands in for kube-system so nothing real is touched).
+    let ns2 = TestNamespace::new(env, &client, "skipns").await;
+    let sys = create_pod(
+        &client,
+        &ns2.name,
+        &node.name,
+        &PodSpec::burstable("sys", "250m", "500m"),
+    )
+    .await;
+    let excluded = format!("kube-system,{}", ns2.name);
+    let daemon = Daemon::start(
+        client.clone(),
+        &node.name,
+        &["--excluded-namespaces", &excluded],
+    );
+    for p in pods.iter().chain([&sys]) {
+        write_allocation(&client, p, &node.name, MilliCpu(900)).await;
+    }
+    for (ns_name, name, reason) in [
+        (&ns.name, "guaranteed", "Guaranteed"),
+        (&ns.name, "restart", "RestartContainerPolicy"),
+        (&ns.name, "ignored", "OptedOut"),
+        (&ns2.name, "sys", "ExcludedNamespace"),
+    ] {
+        let pa = eventually(&format!("{name} to be Skipped"), WAIT, || async {
+            phase_is(&client, ns_name, name, Phase::Skipped).await
+        })
+        .await;
+        assert_eq!(pa.status.and_then(|s| s.reason).as_deref(), Some(reason));
+        let pod = Api::<Pod>::namespaced(client.clone(), ns_name)
+            .get(name)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cpu_limit(&pod), Some(MilliCpu(500)), "{name} was resized");
+    }
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allocation_for_a_missing_pod_fails_with_a_reason() {
+    let Some(env) = TestEnv::get() else { return };
+    let client = env.client().await;
+    install_crd(&client).await;
+    let ns = TestNamespace::new(env, &client, "ghost").await;
+    let node = TestNode::new(env, &client, "ghost", MilliCpu(2000)).await;
+    let pod = create_pod(
+        &client,
+        &ns.name,
+        &node.name,
+        &PodSpec::burstable("ghost", "100m", "200m"),
+    )
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    pods.delete("ghost", &kube::api::DeleteParams::default().grace_period(0))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    eventually("the pod to be gone", WAIT, || async {
+        pods.get_opt("ghost").await.ok().filter(Option::is_none)
+    })
+    .await;
+    let daemon = Daemon::start(client.clone(), &node.name, &[]);
+    // Written without an owner (the pod is gone, the garbage collector would
+    // take it otherwise): the controller must say why nothing happens.
+    let facts = PodFacts::from_pod(&pod).unwrap_or_else(|e| panic!("{e}"));
+    let mut pa = allocation_for(
+        &facts,
+        &node.name,
+        MilliCpu(400),
+        &Why {
+            demand: MilliCpu(400),
+            weight: 100.0,
+            price: 1.0,
+            reason: "increase",
+        },
+    );
+    pa.metadata.owner_references = None;
+    Api::<PodAllocation>::namespaced(client.clone(), &ns.name)
+        .patch(
+            "ghost",
+            &PatchParams::apply("mbcas-tests").force(),
+            &Patch::Apply(&pa),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let pa = eventually("the allocation to be Failed", WAIT, || async {
+        phase_is(&client, &ns.name, "ghost", Phase::Failed).await
+    })
+    .await;
+    assert_eq!(
+        pa.status.and_then(|s| s.reason).as_deref(),
+        Some("PodNotFound")
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_creates_updates_and_collects_allocations() {
+    let Some(env) = TestEnv::get() else { return };
+    let client = env.client().await;
+    install_crd(&client).await;
+    let ns = TestNamespace::new(env, &client, "writer").await;
+    let node = TestNode::new(env, &client, "writer", MilliCpu(4000)).await;
+    let pod = create_pod(
+        &client,
+        &ns.name,
+        &node.name,
+        &PodSpec::burstable("w", "250m", "500m"),
+    )
+    .await;
+    let gone = create_pod(
+        &client,
+        &ns.name,
+        &node.name,
+        &PodSpec::burstable("gone", "250m", "500m"),
+    )
+    .await;
+
+    // The writer works from a store of this node's allocations.
+    let (store, writer_handle) = kube::runtime::reflector::store::<PodAllocation>();
+    let api_all: Api<PodAllocation> = Api::all(client.clone());
+    let wc =
+        kube::runtime::watcher::Config::default().labels(&format!("{NODE_LABEL}={}", node.name));
+    let stop = CancellationToken::new();
+    let s2 = stop.clone();
+    let reflect = tokio::spawn(async move {
+        use futures::StreamExt as _;
+        use kube::runtime::WatchStreamExt as _;
+        let stream = kube::runtime::watcher(api_all, wc)
+            .default_backoff()
+            .reflect(writer_handle);
+        futures::pin_mut!(stream);
+        loop {
+            tokio::select! {
+                () = s2.cancelled() => return,
+                n = stream.next() => if n.is_none() { return },
+            }
+        }
+    });
+    store
+        .wait_until_ready()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let writer = Writer::new(client.clone(), node.name.clone(), store.clone());
+    let why = Why {
+        demand: MilliCpu(600),
+        weight: 250.0,
+        price: 2.0,
+        reason: "increase",
+    };
+    let facts = PodFacts::from_pod(&pod).unwrap_or_else(|e| panic!("{e}"));
+    let pa = allocation_for(&facts, &node.name, MilliCpu(600), &why);
+    assert_eq!(writer.publish(&pa).await.ok(), Some(true), "first write");
+    let stored = eventually("the allocation in the store", WAIT, || async {
+        writer.stored(&ns.name, "w")
+    })
+    .await;
+    assert_eq!(stored.spec.cpu_limit, CpuQuantity(MilliCpu(600)));
+    assert_eq!(stored.owner_references()[0].uid, facts.uid);
+    // The same decision again: no write.
+    assert_eq!(
+        writer.publish(&pa).await.ok(),
+        Some(false),
+        "unchanged allocation rewritten"
+    );
+    // A new decision: updated in place.
+    let pa2 = allocation_for(&facts, &node.name, MilliCpu(800), &why);
+    assert_eq!(writer.publish(&pa2).await.ok(), Some(true));
+    eventually("the update", WAIT, || async {
+        allocation(&client, &ns.name, "w")
+            .await
+            .filter(|p| p.spec.cpu_limit == CpuQuantity(MilliCpu(800)))
+    })
+    .await;
+    // Garbage: an allocation whose pod is deleted goes.
+    let gone_facts = PodFacts::from_pod(&gone).unwrap_or_else(|e| panic!("{e}"));
+    writer
+        .publish(&allocation_for(
+            &gone_facts,
+            &node.name,
+            MilliCpu(600),
+            &why,
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    eventually("gone's allocation in the store", WAIT, || async {
+        writer.stored(&ns.name, "gone")
+    })
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    pods.delete("gone", &kube::api::DeleteParams::default().grace_period(0))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The node's pod store, as the daemon keeps it.
+    let (pod_store, pod_writer) = kube::runtime::reflector::store::<Pod>();
+    let pod_api: Api<Pod> = Api::all(client.clone());
+    let s3 = stop.clone();
+    let node_name = node.name.clone();
+    let reflect_pods = tokio::spawn(async move {
+        use futures::StreamExt as _;
+        use kube::runtime::WatchStreamExt as _;
+        let stream =
+            kube::runtime::watcher(pod_api, mbcas::k8s::pods::node_pods_config(&node_name))
+                .default_backoff()
+                .reflect(pod_writer);
+        futures::pin_mut!(stream);
+        loop {
+            tokio::select! {
+                () = s3.cancelled() => return,
+                n = stream.next() => if n.is_none() { return },
+            }
+        }
+    });
+    pod_store
+        .wait_until_ready()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    eventually("the deleted pod to leave the store", WAIT, || async {
+        pod_store
+            .get(&kube::runtime::reflector::ObjectRef::new("gone").within(&ns.name))
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let deleted = writer
+        .collect_garbage(&pod_store)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The garbage collector of kube-controller-manager may have been faster (ownerReference).
+    assert!(deleted <= 1);
+    eventually("gone's allocation to be deleted", WAIT, || async {
+        allocation(&client, &ns.name, "gone")
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        allocation(&client, &ns.name, "w").await.is_some(),
+        "a live pod's allocation was deleted"
+    );
+    stop.cancel();
+    let _ = reflect.await;
+    let _ = reflect_pods.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_puts_original_limits_back_and_removes_allocations() {
+    let Some(env) = TestEnv::get() else { return };
+    let client = env.client().await;
+    install_crd(&client).await;
+    let ns = TestNamespace::new(env, &client, "restore").await;
+    let node = TestNode::new(env, &client, "restore", MilliCpu(4000)).await;
+    let pod = create_pod(
+        &client,
+        &ns.name,
+        &node.name,
+        &PodSpec::burstable("r", "200m", "400m"),
+    )
+    .await;
+    let daemon = Daemon::start(client.clone(), &node.name, &[]);
+    write_allocation(&client, &pod, &node.name, MilliCpu(600)).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    eventually("the resize", WAIT, || async {
+        pods.get("r")
+            .await
+            .ok()
+            .filter(|p| cpu_limit(p) == Some(MilliCpu(600)))
+    })
+    .await;
+    daemon.stop().await;
+    let args = mbcas::k8s::restore::RestoreArgs {
+        node_name: Some(node.name.clone()),
+        all: false,
+        kubeconfig: None,
+        json: false,
+    };
+    let report = mbcas::k8s::restore::restore(client.clone(), &args)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        report.restored,
+        vec![format!("{}/r", ns.name)],
+        "{report:?}"
+    );
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_eq!(report.deleted, 1);
+    let p = pods.get("r").await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cpu_limit(&p), Some(MilliCpu(400)));
+    assert!(allocation(&client, &ns.name, "r").await.is_none());
+}
