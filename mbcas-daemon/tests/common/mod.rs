@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod apiserver;
+pub mod k8s;
 
 use std::{
     path::{Path, PathBuf},
