@@ -522,10 +522,17 @@ pub fn down() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A free TCP port on loopback (the kernel's pick; released before use).
-fn free_port() -> anyhow::Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
-    Ok(l.local_addr().context("local_addr")?.port())
+/// `N` distinct free TCP ports on loopback (the kernel's pick; all held until
+/// all are chosen, then released for the caller to use).
+fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
+    let mut held = Vec::with_capacity(N);
+    let mut ports = [0; N];
+    for port in &mut ports {
+        let l = TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
+        *port = l.local_addr().context("local_addr")?.port();
+        held.push(l);
+    }
+    Ok(ports)
 }
 
 fn random_hex(bytes: usize) -> anyhow::Result<String> {
@@ -772,7 +779,7 @@ fn start(state: &StateDir, bins: &Binaries) -> anyhow::Result<PathBuf> {
     let p = |name: &str| pki.join(name).display().to_string();
 
     // etcd
-    let (client, peer) = (free_port()?, free_port()?);
+    let [client, peer] = free_ports()?;
     let client_url = format!("http://127.0.0.1:{client}");
     let peer_url = format!("http://127.0.0.1:{peer}");
     let etcd_args: Vec<String> = vec![
@@ -792,12 +799,15 @@ fn start(state: &StateDir, bins: &Binaries) -> anyhow::Result<PathBuf> {
     })?;
 
     // kube-apiserver
-    let port = free_port()?;
+    let [port] = free_ports()?;
     let apiserver_args: Vec<String> = vec![
         format!("--etcd-servers={client_url}"),
         format!("--secure-port={port}"),
         "--bind-address=127.0.0.1".into(),
         "--advertise-address=127.0.0.1".into(),
+        // Endpoints may not point at loopback: keep no `kubernetes` endpoints
+        // rather than log a validation error every 10 s.
+        "--endpoint-reconciler-type=none".into(),
         format!("--cert-dir={}", p("apiserver")),
         format!("--tls-cert-file={}", p("server.crt")),
         format!("--tls-private-key-file={}", p("server.key")),
@@ -827,15 +837,12 @@ fn start(state: &StateDir, bins: &Binaries) -> anyhow::Result<PathBuf> {
     // deletion, ownerReference garbage collection.
     let cm_args: Vec<String> = vec![
         format!("--kubeconfig={}", kubeconfig.display()),
-        format!("--authentication-kubeconfig={}", kubeconfig.display()),
-        format!("--authorization-kubeconfig={}", kubeconfig.display()),
         "--controllers=serviceaccount-token,serviceaccount,garbagecollector,namespace".into(),
         format!("--service-account-private-key-file={}", p("sa.key")),
         format!("--root-ca-file={}", p("ca.crt")),
         "--leader-elect=false".into(),
-        "--bind-address=127.0.0.1".into(),
-        format!("--secure-port={}", free_port()?),
-        format!("--cert-dir={}", p("controller-manager")),
+        // No HTTPS endpoint (health, metrics): nothing here needs it.
+        "--secure-port=0".into(),
         "--v=1".into(),
     ];
     let mut cm = spawn(
