@@ -49,6 +49,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(180);
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
+    /// Where this environment keeps its state (default `target/testenv`): a
+    /// second directory gives a second, independent control plane.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Sub,
 }
@@ -73,19 +77,32 @@ pub enum Sub {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Fault injection: SIGKILL one component (etcd, kube-apiserver, kube-controller-manager).
+    Kill {
+        /// The component, as named in the state directory's `pids` file.
+        component: String,
+    },
+    /// Start again a component stopped by `kill`, with the same flags, ports
+    /// and data; waits until it is ready (kube-apiserver: `/readyz`).
+    Start {
+        /// The component, as named in the state directory's `pids` file.
+        component: String,
+    },
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
+    let state = StateDir::new(opts.state_dir.as_deref());
     match &opts.command {
         Sub::Build => ensure_built().map(|_| ()),
         Sub::Up { no_build } => {
-            let (kubeconfig, _) = up(!no_build)?;
+            let (kubeconfig, _) = up_in(&state, !no_build)?;
             println!("{}", kubeconfig.display());
             Ok(())
         }
-        Sub::Down => down(),
+        Sub::Down => down_in(&state),
+        Sub::Kill { component } => kill_component(&state, component),
+        Sub::Start { component } => start_component(&state, component),
         Sub::Status => {
-            let state = StateDir::new();
             if is_up(&state) {
                 println!("up: {}", state.kubeconfig().display());
             } else {
@@ -94,7 +111,6 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             Ok(())
         }
         Sub::Kubectl { args } => {
-            let state = StateDir::new();
             if !is_up(&state) {
                 bail!("the test environment is not up: run `cargo xtask testenv up` first");
             }
@@ -378,10 +394,17 @@ struct StateDir {
 }
 
 impl StateDir {
-    fn new() -> Self {
-        Self {
-            root: workspace_root().join("target/testenv"),
-        }
+    fn new(dir: Option<&Path>) -> Self {
+        let root = dir.map_or_else(
+            || workspace_root().join("target/testenv"),
+            Path::to_path_buf,
+        );
+        // Absolute, so the kubeconfig and the recorded flags work from anywhere.
+        let root = std::path::absolute(&root).unwrap_or(root);
+        Self { root }
+    }
+    fn args(&self, name: &str) -> PathBuf {
+        self.root.join(format!("{name}.args"))
     }
     fn kubeconfig(&self) -> PathBuf {
         self.root.join("kubeconfig")
@@ -484,8 +507,10 @@ fn stop(s: &Started) {
 }
 
 /// A lock around `up` and `down` so two of them never interleave.
-fn lock() -> anyhow::Result<File> {
-    let path = workspace_root().join("target/testenv.lock");
+fn lock(state: &StateDir) -> anyhow::Result<File> {
+    let mut path = state.root.clone().into_os_string();
+    path.push(".lock");
+    let path = PathBuf::from(path);
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).with_context(|| format!("mkdir {}", parent.display()))?;
     }
@@ -500,6 +525,9 @@ fn stop_all(state: &StateDir) -> anyhow::Result<()> {
     for s in read_pids(state).iter().rev() {
         stop(s);
     }
+    for s in read_pids(state) {
+        let _ = fs::remove_file(state.args(&s.name));
+    }
     for p in [state.pids(), state.kubeconfig()] {
         if p.exists() {
             fs::remove_file(&p).with_context(|| format!("remove {}", p.display()))?;
@@ -513,11 +541,14 @@ fn stop_all(state: &StateDir) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Stops the test environment; a no-op when it is not up.
+/// Stops the default test environment; a no-op when it is not up.
 pub fn down() -> anyhow::Result<()> {
-    let _lock = lock()?;
-    let state = StateDir::new();
-    stop_all(&state)?;
+    down_in(&StateDir::new(None))
+}
+
+fn down_in(state: &StateDir) -> anyhow::Result<()> {
+    let _lock = lock(state)?;
+    stop_all(state)?;
     eprintln!("testenv: down");
     Ok(())
 }
@@ -656,8 +687,15 @@ fn spawn(
     exe: &Path,
     args: &[String],
 ) -> anyhow::Result<(Started, Child)> {
+    let saved = serde_json::to_string(args).context("serialize flags")?;
+    fs::write(state.args(name), saved)
+        .with_context(|| format!("write {}", state.args(name).display()))?;
     let log_path = state.logs().join(format!("{name}.log"));
-    let log = File::create(&log_path).with_context(|| format!("create {}", log_path.display()))?;
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("create {}", log_path.display()))?;
     let log2 = log
         .try_clone()
         .with_context(|| format!("dup {}", log_path.display()))?;
@@ -729,6 +767,10 @@ fn kubectl_ok(bins: &Binaries, kubeconfig: &Path, args: &[&str]) -> bool {
 /// returns the absolute path of its admin kubeconfig, and `false` when it was
 /// already up (then the caller did not start it and should not stop it).
 pub fn up(build: bool) -> anyhow::Result<(PathBuf, bool)> {
+    up_in(&StateDir::new(None), build)
+}
+
+fn up_in(state: &StateDir, build: bool) -> anyhow::Result<(PathBuf, bool)> {
     let bins = if build {
         ensure_built()?
     } else {
@@ -742,18 +784,17 @@ pub fn up(build: bool) -> anyhow::Result<(PathBuf, bool)> {
         }
         bins
     };
-    let _lock = lock()?;
-    let state = StateDir::new();
-    if is_up(&state) {
+    let _lock = lock(state)?;
+    if is_up(state) {
         eprintln!("testenv: already up");
         return Ok((state.kubeconfig(), false));
     }
     // Leftovers of a crashed or interrupted run: stop what is ours, clear the rest.
-    stop_all(&state)?;
+    stop_all(state)?;
     let started = Instant::now();
-    let result = start(&state, &bins);
+    let result = start(state, &bins);
     if result.is_err() {
-        let _ = stop_all(&state);
+        let _ = stop_all(state);
     }
     let kubeconfig = result?;
     eprintln!(
@@ -804,6 +845,9 @@ fn start(state: &StateDir, bins: &Binaries) -> anyhow::Result<PathBuf> {
         format!("--etcd-servers={client_url}"),
         format!("--secure-port={port}"),
         "--bind-address=127.0.0.1".into(),
+        // SO_REUSEPORT: `testenv start kube-apiserver` after `kill` can bind the
+        // port again while the killed server's connections linger.
+        "--permit-port-sharing=true".into(),
         "--advertise-address=127.0.0.1".into(),
         // Endpoints may not point at loopback: keep no `kubernetes` endpoints
         // rather than log a validation error every 10 s.
@@ -859,6 +903,79 @@ fn start(state: &StateDir, bins: &Binaries) -> anyhow::Result<PathBuf> {
         )
     })?;
     Ok(kubeconfig)
+}
+
+// ---------------------------------------------------------------------------
+// Fault injection: one component at a time
+
+fn component(state: &StateDir, name: &str) -> anyhow::Result<Started> {
+    read_pids(state)
+        .into_iter()
+        .rev()
+        .find(|s| s.name == name)
+        .with_context(|| {
+            format!(
+                "no component {name:?} in {} (etcd, kube-apiserver, kube-controller-manager)",
+                state.pids().display()
+            )
+        })
+}
+
+fn kill_component(state: &StateDir, name: &str) -> anyhow::Result<()> {
+    let _lock = lock(state)?;
+    let s = component(state, name)?;
+    if !runs(s.pid, &s.exe) {
+        bail!("{name} (pid {}) is not running", s.pid);
+    }
+    kill(Pid::from_raw(s.pid), Signal::SIGKILL)
+        .with_context(|| format!("SIGKILL {name} (pid {})", s.pid))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while runs(s.pid, &s.exe) {
+        if Instant::now() > deadline {
+            bail!("{name} (pid {}) survived SIGKILL for 10 s", s.pid);
+        }
+        sleep(Duration::from_millis(50));
+    }
+    eprintln!("testenv: killed {name} (pid {})", s.pid);
+    Ok(())
+}
+
+fn start_component(state: &StateDir, name: &str) -> anyhow::Result<()> {
+    let _lock = lock(state)?;
+    let old = component(state, name)?;
+    if runs(old.pid, &old.exe) {
+        bail!("{name} (pid {}) is already running", old.pid);
+    }
+    let path = state.args(name);
+    let args: Vec<String> = serde_json::from_str(
+        &fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?,
+    )
+    .with_context(|| format!("{}: not a JSON list of flags", path.display()))?;
+    // The pids file keeps one line per component: the new process replaces the old.
+    let others: String = read_pids(state)
+        .iter()
+        .filter(|s| s.name != name)
+        .map(|s| format!("{} {} {}\n", s.name, s.pid, s.exe.display()))
+        .collect();
+    fs::write(state.pids(), others).with_context(|| format!("write {}", state.pids().display()))?;
+    let mut child = spawn(state, name, &old.exe, &args)?;
+    if name == "kube-apiserver" {
+        let bins = Binaries::cached();
+        let kubeconfig = state.kubeconfig();
+        wait_for(state, &mut child, "kube-apiserver /readyz", || {
+            kubectl_ok(&bins, &kubeconfig, &["get", "--raw=/readyz"])
+        })?;
+    } else {
+        let started = Instant::now();
+        wait_for(
+            state,
+            &mut child,
+            &format!("{name} to stay up for 1 s"),
+            || started.elapsed() > Duration::from_secs(1),
+        )?;
+    }
+    eprintln!("testenv: started {name} again (pid {})", child.0.pid);
+    Ok(())
 }
 
 #[cfg(test)]

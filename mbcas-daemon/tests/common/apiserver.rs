@@ -127,6 +127,118 @@ fn kubectl_path() -> PathBuf {
     cache.join("bin/kubectl-v1.35.4")
 }
 
+/// The xtask binary next to this test binary (`target/<profile>/xtask`).
+fn xtask_binary() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    exe.parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("xtask"))
+        .filter(|p| p.is_file())
+        .ok_or_else(|| {
+            format!(
+                "no xtask binary next to {} (build it: `cargo build -p xtask`)",
+                exe.display()
+            )
+        })
+}
+
+/// Runs `xtask testenv ARGS`; returns its stdout, or why it failed.
+fn xtask_testenv(args: &[&str]) -> Result<String, String> {
+    let xtask = xtask_binary()?;
+    let out = Command::new(&xtask)
+        .arg("testenv")
+        .args(args)
+        .output()
+        .map_err(|e| format!("run {}: {e}", xtask.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`xtask testenv {}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A control plane of its own (own etcd, ports, certificates, state
+/// directory `target/testenv-<tag>-<pid>`), for tests that break it: kill and
+/// restart the API server without disturbing the shared one. Stopped and
+/// removed on drop. Starting one takes about 5 s.
+pub struct PrivateEnv {
+    pub env: TestEnv,
+    state_dir: PathBuf,
+}
+
+impl PrivateEnv {
+    /// Starts it from the cached binaries, or `None` (after saying why) when
+    /// that is impossible and `CI` is not set; in CI it panics instead.
+    pub fn start(tag: &str) -> Option<Self> {
+        let state_dir = xtask_binary().and_then(|x| {
+            x.parent()
+                .and_then(Path::parent)
+                .map(|target| target.join(format!("testenv-{tag}-{}", std::process::id())))
+                .ok_or_else(|| format!("no target directory above {}", x.display()))
+        });
+        let started = state_dir.and_then(|dir| {
+            let d = dir.display().to_string();
+            let out = xtask_testenv(&["--state-dir", &d, "up", "--no-build"])?;
+            let kubeconfig = out
+                .lines()
+                .last()
+                .map(PathBuf::from)
+                .filter(|p| p.is_file())
+                .ok_or_else(|| format!("`xtask testenv up` printed no kubeconfig path: {out}"))?;
+            Ok((dir, kubeconfig))
+        });
+        match started {
+            Ok((state_dir, kubeconfig)) => Some(Self {
+                env: TestEnv { kubeconfig },
+                state_dir,
+            }),
+            Err(why) => {
+                assert!(
+                    std::env::var_os("CI").is_none(),
+                    "control-plane test tier cannot run in CI: {why}"
+                );
+                eprintln!("SKIP (control-plane tier, private environment): {why}");
+                None
+            }
+        }
+    }
+
+    fn component(&self, verb: &str, component: &str) {
+        let d = self.state_dir.display().to_string();
+        xtask_testenv(&["--state-dir", &d, verb, component])
+            .unwrap_or_else(|e| panic!("{verb} {component}: {e}"));
+    }
+
+    /// SIGKILLs the kube-apiserver (etcd and the controller-manager keep running).
+    pub fn kill_apiserver(&self) {
+        self.component("kill", "kube-apiserver");
+    }
+
+    /// Starts the kube-apiserver again (same port, certificates and data) and
+    /// waits for `/readyz`.
+    pub fn restart_apiserver(&self) {
+        self.component("start", "kube-apiserver");
+    }
+}
+
+impl Drop for PrivateEnv {
+    fn drop(&mut self) {
+        let d = self.state_dir.display().to_string();
+        if let Err(e) = xtask_testenv(&["--state-dir", &d, "down"]) {
+            eprintln!("cleanup of the private control plane {d} failed: {e}");
+            return;
+        }
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+        let mut lock = self.state_dir.clone().into_os_string();
+        lock.push(".lock");
+        let _ = std::fs::remove_file(lock);
+    }
+}
+
 fn locate() -> Result<PathBuf, String> {
     if let Some(path) = std::env::var_os(KUBECONFIG_ENV) {
         let path = PathBuf::from(path);
@@ -139,32 +251,13 @@ fn locate() -> Result<PathBuf, String> {
             ))
         };
     }
-    // target/<profile>/deps/<this test> → target/<profile>/xtask
-    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-    let xtask = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("xtask"))
-        .filter(|p| p.is_file())
-        .ok_or_else(|| {
-            format!(
-                "{KUBECONFIG_ENV} is not set and no xtask binary next to {}; run \
-                 `cargo xtask testenv up` and export {KUBECONFIG_ENV}, or use `cargo xtask test`",
-                exe.display()
-            )
-        })?;
-    let out = Command::new(&xtask)
-        .args(["testenv", "up", "--no-build"])
-        .output()
-        .map_err(|e| format!("run {}: {e}", xtask.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "`xtask testenv up --no-build` failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    // Not set: start (or reuse) the default one from the cached binaries.
+    let stdout = xtask_testenv(&["up", "--no-build"]).map_err(|e| {
+        format!(
+            "{KUBECONFIG_ENV} is not set and {e}; run `cargo xtask testenv up` and export \
+             {KUBECONFIG_ENV}, or use `cargo xtask test`"
+        )
+    })?;
     let path = stdout
         .lines()
         .last()

@@ -201,6 +201,11 @@ impl Daemon {
         Self { stop, task }
     }
 
+    /// Whether the daemon is still running (it has not exited on its own).
+    pub fn is_running(&self) -> bool {
+        !self.task.is_finished()
+    }
+
     pub async fn stop(self) {
         self.stop.cancel();
         match tokio::time::timeout(Duration::from_secs(15), self.task).await {
