@@ -242,7 +242,12 @@ pub async fn run_with_client(
             "node"
         });
     }
-    // Readiness follows the stores.
+    // Readiness follows the stores. One task waits on them and passes the news
+    // on: in kube-runtime 5.0 `Store::wait_until_ready` wakes only the last of
+    // several concurrent waiters (its oneshot keeps one waker), so no other
+    // task may wait on a store directly.
+    let pods_synced = CancellationToken::new();
+    let all_synced = CancellationToken::new();
     {
         let (ps, as_, ns, r, c) = (
             pod_store.clone(),
@@ -251,16 +256,20 @@ pub async fn run_with_client(
             readiness.clone(),
             shutdown.clone(),
         );
+        let (pods_synced, all_synced) = (pods_synced.clone(), all_synced.clone());
         tasks.spawn(async move {
             tokio::select! {
                 () = c.cancelled() => {}
                 () = async {
                     let _ = ps.wait_until_ready().await;
                     let _ = r.mark_ready("pods");
+                    pods_synced.cancel();
                     let _ = as_.wait_until_ready().await;
                     let _ = r.mark_ready("allocations");
                     let _ = ns.wait_until_ready().await;
                     let _ = r.mark_ready("node");
+                    all_synced.cancel();
+                    tracing::info!("pod, allocation and node watches synced");
                     c.cancelled().await;
                 } => {}
             }
@@ -280,12 +289,12 @@ pub async fn run_with_client(
         Some(metrics.clone()),
     ));
     {
-        let (c, ps) = (shutdown.clone(), pod_store.clone());
+        let (c, ps, synced) = (shutdown.clone(), pod_store.clone(), pods_synced.clone());
         tasks.spawn(async move {
             // Reconcile only against a synced pod store.
             tokio::select! {
                 () = c.cancelled() => return "controller",
-                _ = ps.wait_until_ready() => {}
+                () = synced.cancelled() => {}
             }
             tracing::info!(
                 pods = ps.state().len(),
@@ -305,22 +314,18 @@ pub async fn run_with_client(
             cgroup_root,
             pod_cgroups,
         };
-        let (c, ps, as_, ns, r, m) = (
+        let (c, ps, ns, r, m, synced) = (
             shutdown.clone(),
             pod_store.clone(),
-            pa_store.clone(),
             node_store.clone(),
             readiness.clone(),
             metrics.clone(),
+            all_synced.clone(),
         );
         tasks.spawn(async move {
             tokio::select! {
                 () = c.cancelled() => return "decisions",
-                _ = async {
-                    let _ = ps.wait_until_ready().await;
-                    let _ = as_.wait_until_ready().await;
-                    let _ = ns.wait_until_ready().await;
-                } => {}
+                () = synced.cancelled() => {}
             }
             let _ = r.mark_ready("sensor");
             NodeLoop::new(lcfg, sensor, ps, ns, writer, m).run(c).await;

@@ -174,18 +174,14 @@ impl Daemon {
         // The daemon's logs go to the test's output (shown when a test fails).
         let level = std::env::var("MBCAS_TEST_LOG").unwrap_or_else(|_| "info".to_owned());
         let _ = mbcas::telemetry::init(&level, mbcas::telemetry::LogFormat::Text);
-        let mut argv = vec![
-            "mbcas",
-            "run",
-            "--mode",
-            "kubernetes",
-            "--node-name",
-            node,
-            "--decide",
-            "off",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ];
+        let mut argv = vec!["mbcas", "run", "--mode", "kubernetes", "--node-name", node];
+        // Defaults the caller may override: the controller alone, any free port.
+        if !extra.contains(&"--decide") {
+            argv.extend_from_slice(&["--decide", "off"]);
+        }
+        if !extra.contains(&"--metrics-addr") {
+            argv.extend_from_slice(&["--metrics-addr", "127.0.0.1:0"]);
+        }
         argv.extend_from_slice(extra);
         let cli = Cli::try_parse_from_args(&argv);
         let Command::Run(args) = cli.command else {
