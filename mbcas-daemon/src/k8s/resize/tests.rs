@@ -344,3 +344,167 @@ fn a_stale_allocation_does_not_rerecord_the_original() {
     let p = plan(&pa(700, None), Some(Ok(&f)), &cfg(), &mem, at(2));
     assert_eq!(p.status.original, mem.original.unwrap_or_default());
 }
+
+/// Mocked API server (tower-test): the answers a real server cannot easily be
+/// made to give (conflicts, throttling, internal errors) and what the
+/// controller does with them.
+mod mocked {
+    use std::sync::{Arc, Mutex};
+
+    use http::{Request, Response, StatusCode};
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::{
+        Client,
+        client::Body,
+        runtime::{reflector, watcher},
+    };
+
+    use super::*;
+
+    type Calls = Arc<Mutex<Vec<String>>>;
+
+    fn status_body(code: u16, reason: &str) -> Body {
+        Body::from(
+            serde_json::to_vec(&serde_json::json!({
+                "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "message": format!("mocked {code}"), "reason": reason, "code": code}))
+            .unwrap_or_default(),
+        )
+    }
+
+    fn pod_json() -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web", "namespace": "default", "uid": "uid-1"},
+            "spec": {"nodeName": "n1", "containers": [{"name": "app", "resources": {
+                "requests": {"cpu": "250m"}, "limits": {"cpu": "500m"}}}]},
+            "status": {"phase": "Running", "qosClass": "Burstable"}
+        })
+    }
+
+    /// Serves requests: `resize` answers pop from `resize_codes` (then 200);
+    /// everything else succeeds. Every request is recorded as "METHOD path".
+    fn server(resize_codes: Vec<u16>) -> (Client, Calls) {
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let calls: Calls = Arc::default();
+        let rec = calls.clone();
+        tokio::spawn(async move {
+            let mut codes = resize_codes.into_iter();
+            while let Some((req, send)) = handle.next_request().await {
+                let path = req.uri().path().to_owned();
+                if let Ok(mut c) = rec.lock() {
+                    c.push(format!("{} {path}", req.method()));
+                }
+                let resp = if path.ends_with("/resize") {
+                    match codes.next() {
+                        Some(code) if code != 200 => Response::builder()
+                            .status(
+                                StatusCode::from_u16(code)
+                                    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                            )
+                            .body(status_body(code, "Mocked")),
+                        _ => Response::builder().body(Body::from(
+                            serde_json::to_vec(&pod_json()).unwrap_or_default(),
+                        )),
+                    }
+                } else if path.contains("/podallocations/") {
+                    let mut pa = serde_json::to_value(super::pa(700, None)).unwrap_or_default();
+                    pa["apiVersion"] = "allocation.mbcas.io/v1alpha1".into();
+                    pa["kind"] = "PodAllocation".into();
+                    Response::builder()
+                        .body(Body::from(serde_json::to_vec(&pa).unwrap_or_default()))
+                } else {
+                    // Events: echo an empty object.
+                    Response::builder()
+                        .status(StatusCode::CREATED)
+                        .body(Body::from(b"{\"metadata\":{}}".to_vec()))
+                };
+                send.send_response(resp.unwrap_or_else(|e| panic!("{e}")));
+            }
+        });
+        (Client::new(svc, "default"), calls)
+    }
+
+    fn context(client: Client) -> Arc<Context> {
+        let (store, mut writer) = reflector::store::<Pod>();
+        let pod: Pod = serde_json::from_value(pod_json()).unwrap_or_else(|e| panic!("{e}"));
+        writer.apply_watcher_event(&watcher::Event::Apply(pod));
+        Arc::new(Context::new(client, store, cfg(), None))
+    }
+
+    fn count(calls: &Calls, needle: &str) -> usize {
+        calls
+            .lock()
+            .map(|c| c.iter().filter(|x| x.contains(needle)).count())
+            .unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn conflicts_are_retried_at_once() {
+        let (client, calls) = server(vec![409, 409]);
+        let ctx = context(client);
+        let out = reconcile(Arc::new(pa(700, None)), ctx.clone()).await;
+        assert!(out.is_ok(), "{out:?}");
+        assert_eq!(
+            count(&calls, "PATCH /api/v1/namespaces/default/pods/web/resize"),
+            3
+        );
+        // Original recorded before the patch, final status after it.
+        assert!(count(&calls, "/podallocations/web/status") >= 1);
+        let mem = ctx.memory(&ObjectRef::new("web").within("default"));
+        assert_eq!(mem.failures, 0);
+        assert!(mem.last_change.is_some());
+    }
+
+    #[tokio::test]
+    async fn refusals_fail_the_allocation_and_back_off() {
+        let (client, calls) = server(vec![422]);
+        let ctx = context(client);
+        let action = reconcile(Arc::new(pa(700, None)), ctx.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+        assert_eq!(
+            count(&calls, "/resize"),
+            1,
+            "a refusal is not retried at once"
+        );
+        let mem = ctx.memory(&ObjectRef::new("web").within("default"));
+        assert_eq!(mem.failures, 1);
+        // Within the backoff the next reconcile does not patch again.
+        let failed = PodAllocationStatus {
+            phase: Phase::Failed,
+            reason: Some("ResizeRejected".into()),
+            ..Default::default()
+        };
+        let again = reconcile(Arc::new(pa(700, Some(failed))), ctx.clone()).await;
+        assert!(again.is_ok(), "{again:?}");
+        assert_eq!(
+            count(&calls, "/resize"),
+            1,
+            "patched again during the backoff"
+        );
+    }
+
+    #[tokio::test]
+    async fn server_errors_and_throttling_are_retried_after_the_backoff() {
+        for code in [500, 429, 503] {
+            let (client, calls) = server(vec![code, code, code, code]);
+            let ctx = context(client);
+            let pa = Arc::new(pa(700, None));
+            let err = reconcile(pa.clone(), ctx.clone()).await;
+            assert!(
+                matches!(err, Err(ResizeError::Resize { .. })),
+                "{code}: {err:?}"
+            );
+            assert_eq!(
+                count(&calls, "/resize"),
+                1,
+                "{code}: retried without backoff"
+            );
+            let Err(e) = err else { continue };
+            let action = error_policy(pa, &e, ctx.clone());
+            assert_eq!(action, Action::requeue(Duration::from_secs(60)), "{code}");
+        }
+    }
+}
