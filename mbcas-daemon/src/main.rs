@@ -122,6 +122,7 @@ fn run(args: &mbcas::run::RunArgs, log_level: &str) -> anyhow::Result<ExitCode> 
             Ok(mbcas::app::main_kubernetes(args, cfg, debug))
         }
         Mode::Local => {
+            let cfg_addr = cfg.metrics_addr;
             let debug = log_level.contains("debug") || log_level.contains("trace");
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -146,7 +147,27 @@ fn run(args: &mbcas::run::RunArgs, log_level: &str) -> anyhow::Result<ExitCode> 
                     wait_for_signal().await;
                     signals.cancel();
                 });
-                let stats = lp.run(shutdown).await?;
+                // /metrics, /healthz and /readyz; local mode runs without them
+                // (and says so) when the address is taken.
+                let metrics = mbcas::metrics::Metrics::new();
+                let readiness = mbcas::http::Readiness::new(&["sensor"]);
+                let _ = readiness.mark_ready("sensor");
+                let server = match mbcas::http::bind(cfg_addr).await {
+                    Ok(listener) => Some(tokio::spawn(mbcas::http::serve(
+                        listener,
+                        metrics.clone(),
+                        readiness,
+                        shutdown.clone(),
+                    ))),
+                    Err(e) => {
+                        tracing::warn!(error = %mbcas::sensor::error_chain(&e), "metrics endpoint disabled");
+                        None
+                    }
+                };
+                let stats = lp.with_metrics(metrics).run(shutdown).await?;
+                if let Some(server) = server {
+                    let _ = server.await;
+                }
                 tracing::info!(?stats, "local mode stopped");
                 Ok(ExitCode::SUCCESS)
             })

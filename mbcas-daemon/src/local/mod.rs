@@ -162,6 +162,8 @@ pub struct LocalLoop {
     start: Instant,
     /// Consumers throttled in the last round (their events do not wake the loop).
     throttled: std::collections::HashSet<u64>,
+    /// Where the per-consumer and market series go (`/metrics`), when served.
+    metrics: Option<crate::metrics::Metrics>,
 }
 
 fn default_capacity() -> MilliCpu {
@@ -216,7 +218,36 @@ impl LocalLoop {
             report_path,
             start: Instant::now(),
             throttled: std::collections::HashSet::new(),
+            metrics: None,
         })
+    }
+
+    /// Publishes each round's figures to `metrics` (served on `/metrics`).
+    pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
+        metrics.set_sensor_mode(self.sensor.kind().as_str());
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn export(&self, outcome: &StepOutcome) {
+        let Some(m) = &self.metrics else { return };
+        m.set_market(outcome.price, outcome.capacity, outcome.overcommitted);
+        let mut live = Vec::with_capacity(outcome.rows.len());
+        for row in &outcome.rows {
+            let labels = crate::metrics::PodLabels::new("", row.key.0.clone());
+            if let Some(e) = row.estimate {
+                m.set_pod_demand(&labels, e.smoothed, row.need);
+                m.set_pod_throttled_ratio(&labels, e.throttled_ratio);
+            }
+            m.set_pod_allocation(&labels, row.to);
+            m.inc_decision(row.reason.as_str());
+            live.push(labels);
+        }
+        m.retain_pods(live.iter());
+        if let Some(stats) = self.sensor.kernel_stats() {
+            m.observe_kernel_stats(&stats);
+        }
+        m.observe_program_costs(&self.sensor.program_costs());
     }
 
     pub fn stats(&self) -> &LoopStats {
@@ -286,6 +317,10 @@ impl LocalLoop {
 
     /// One round: read, decide, write. Returns the engine's outcome.
     pub fn round(&mut self) -> Result<StepOutcome, LocalError> {
+        let _timer = self
+            .metrics
+            .as_ref()
+            .map(crate::metrics::Metrics::loop_timer);
         self.discover();
         let now = self.start.elapsed();
         let at_ns = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
@@ -389,6 +424,7 @@ impl LocalLoop {
             }
         }
         self.stats.rounds += 1;
+        self.export(&outcome);
         self.write_report(now, &outcome, &weights)?;
         Ok(outcome)
     }
