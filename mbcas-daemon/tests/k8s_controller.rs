@@ -203,6 +203,32 @@ async fn controller_resizes_burstable_pods_and_reports_applied() {
     daemon.stop().await;
 }
 
+/// Deletes a pod the test made in kube-system (with its PodAllocation), also on panic.
+struct KubeSystemPod {
+    client: kube::Client,
+    name: String,
+}
+
+impl Drop for KubeSystemPod {
+    fn drop(&mut self) {
+        let (client, name) = (self.client.clone(), self.name.clone());
+        let handle = tokio::runtime::Handle::current();
+        // Runs on a helper thread: drop may happen while the runtime unwinds.
+        let _ = std::thread::spawn(move || {
+            handle.block_on(async move {
+                let dp = kube::api::DeleteParams::default().grace_period(0);
+                let _ = Api::<PodAllocation>::namespaced(client.clone(), "kube-system")
+                    .delete(&name, &dp)
+                    .await;
+                let _ = Api::<Pod>::namespaced(client, "kube-system")
+                    .delete(&name, &dp)
+                    .await;
+            });
+        })
+        .join();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_mbcas_must_not_touch_are_skipped_and_untouched() {
     let Some(env) = TestEnv::get() else { return };
@@ -226,8 +252,9 @@ async fn pods_mbcas_must_not_touch_are_skipped_and_untouched() {
     for spec in [&guaranteed, &restart, &ignored] {
         pods.push(create_pod(&client, &ns.name, &node.name, spec).await);
     }
-    // An excluded namespace (the daemon's own list, here the test namespace
-    // stands in for kube-system so nothing real is touched).
+    // Excluded namespaces: kube-system itself (the default), and a test namespace
+    // added with --excluded-namespaces. The kube-system pod is unique to this
+    // run, bound to the test node, and deleted by a guard.
     let ns2 = TestNamespace::new(env, &client, "skipns").await;
     let sys = create_pod(
         &client,
@@ -236,20 +263,34 @@ async fn pods_mbcas_must_not_touch_are_skipped_and_untouched() {
         &PodSpec::burstable("sys", "250m", "500m"),
     )
     .await;
+    let ks_name = common::apiserver::unique_name("ks");
+    let kube_system = create_pod(
+        &client,
+        "kube-system",
+        &node.name,
+        &PodSpec::burstable(&ks_name, "250m", "500m"),
+    )
+    .await;
+    let _ks_guard = KubeSystemPod {
+        client: client.clone(),
+        name: ks_name.clone(),
+    };
     let excluded = format!("kube-system,{}", ns2.name);
     let daemon = Daemon::start(
         client.clone(),
         &node.name,
         &["--excluded-namespaces", &excluded],
     );
-    for p in pods.iter().chain([&sys]) {
+    for p in pods.iter().chain([&sys, &kube_system]) {
         write_allocation(&client, p, &node.name, MilliCpu(900)).await;
     }
+    let ks_ns = "kube-system".to_owned();
     for (ns_name, name, reason) in [
         (&ns.name, "guaranteed", "Guaranteed"),
         (&ns.name, "restart", "RestartContainerPolicy"),
         (&ns.name, "ignored", "OptedOut"),
         (&ns2.name, "sys", "ExcludedNamespace"),
+        (&ks_ns, ks_name.as_str(), "ExcludedNamespace"),
     ] {
         let pa = eventually(&format!("{name} to be Skipped"), WAIT, || async {
             phase_is(&client, ns_name, name, Phase::Skipped).await
