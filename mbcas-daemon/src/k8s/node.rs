@@ -277,14 +277,10 @@ impl NodeLoop {
             self.metrics.set_pod_allocation(&labels, row.to);
             self.metrics.inc_decision(row.reason.as_str());
             live.insert(row.key.0.clone(), labels);
-            // Publish when the decision changes the pod's limit, or when the
-            // stored allocation asks for something the policy no longer wants.
-            let stored = self.writer.stored(&facts.namespace, &facts.name);
-            if !row.changed()
-                && stored.as_ref().is_none_or(|pa| {
-                    pa.spec.pod_uid != facts.uid || pa.spec.cpu_limit.millis() == row.to
-                })
-            {
+            // Publish only when the decision changes the pod's limit: an
+            // allocation whose resize is still in flight (spec not yet patched)
+            // must not be taken back by a round that merely holds.
+            if !row.changed() {
                 continue;
             }
             let pa = allocation_for(
