@@ -28,36 +28,56 @@ pub struct PeriodOutcome {
     pub active: bool,
 }
 
-/// Runs one period. `out` is reused to avoid allocation.
-pub fn period(capacity_m: f64, pods: &[PodLoad], out: &mut Vec<PeriodOutcome>) {
+/// Buffers [`period`] reuses between calls.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    capped: Vec<f64>,
+    lower: Vec<f64>,
+    weights: Vec<f64>,
+}
+
+/// Runs one period. `out` and `scratch` are reused to avoid allocation.
+///
+/// A pod counts as throttled only when it ran out of quota: its demand is above
+/// the quota *and* it got the whole quota. A pod held below its quota by
+/// contention for the node is not throttled (the kernel would not throttle it;
+/// it waits on the run queue instead).
+pub fn period(
+    capacity_m: f64,
+    pods: &[PodLoad],
+    out: &mut Vec<PeriodOutcome>,
+    scratch: &mut Scratch,
+) {
     out.clear();
-    let mut capped = Vec::with_capacity(pods.len());
-    for p in pods {
-        let c = p.quota_m.map_or(p.demand_m, |q| p.demand_m.min(q));
-        capped.push(c.max(0.0));
-    }
+    let capped = &mut scratch.capped;
+    capped.clear();
+    capped.extend(
+        pods.iter()
+            .map(|p| p.quota_m.map_or(p.demand_m, |q| p.demand_m.min(q)).max(0.0)),
+    );
     let total: f64 = capped.iter().sum();
-    let usage: Vec<f64> = if total <= capacity_m {
-        capped.clone()
-    } else {
-        let lower = vec![0.0; pods.len()];
-        let weights: Vec<f64> = pods.iter().map(|p| p.weight.max(1e-9)).collect();
-        let level = water_fill(&lower, &capped, &weights, capacity_m);
-        capped
-            .iter()
-            .zip(&weights)
-            .map(|(&c, &w)| (level * w).min(c))
-            .collect()
-    };
-    for (p, &u) in pods.iter().zip(&usage) {
-        let throttled = p.quota_m.is_some_and(|q| p.demand_m > q + 1e-9);
+    if total > capacity_m {
+        scratch.lower.clear();
+        scratch.lower.resize(pods.len(), 0.0);
+        scratch.weights.clear();
+        scratch
+            .weights
+            .extend(pods.iter().map(|p| p.weight.max(1e-9)));
+        let level = water_fill(&scratch.lower, capped, &scratch.weights, capacity_m);
+        for (c, &w) in capped.iter_mut().zip(&scratch.weights) {
+            *c = (level * w).min(*c);
+        }
+    }
+    for (p, &u) in pods.iter().zip(capped.iter()) {
+        let throttled = p
+            .quota_m
+            .is_some_and(|q| p.demand_m > q + 1e-9 && u >= q - 1e-6);
         out.push(PeriodOutcome {
             usage_m: u,
             throttled,
-            held_back_m: if throttled {
-                p.demand_m - p.quota_m.unwrap_or(p.demand_m)
-            } else {
-                0.0
+            held_back_m: match p.quota_m {
+                Some(q) if throttled => p.demand_m - q,
+                _ => 0.0,
             },
             active: p.quota_m.is_some() && p.demand_m > 0.0,
         });
@@ -79,6 +99,7 @@ mod tests {
                 weight: 1.0,
             }],
             &mut out,
+            &mut Scratch::default(),
         );
         assert_eq!(out[0].usage_m, 200.0);
         assert!(out[0].throttled && out[0].active);
@@ -105,7 +126,7 @@ mod tests {
                 weight: 1.0,
             },
         ];
-        period(2000.0, &pods, &mut out);
+        period(2000.0, &pods, &mut out, &mut Scratch::default());
         // The small pod is served; the rest splits 1:3.
         assert!((out[2].usage_m - 100.0).abs() < 1e-6);
         assert!((out[0].usage_m - 475.0).abs() < 1e-6, "{out:?}");
@@ -124,6 +145,7 @@ mod tests {
                 weight: 1.0,
             }],
             &mut out,
+            &mut Scratch::default(),
         );
         assert!(!out[0].throttled, "demand equal to quota is not throttled");
         period(
@@ -134,7 +156,34 @@ mod tests {
                 weight: 1.0,
             }],
             &mut out,
+            &mut Scratch::default(),
         );
         assert!(out[0].throttled);
+    }
+
+    #[test]
+    fn contention_below_quota_is_not_throttling() {
+        // Two pods with 1500 m quotas want 2000 m each on a 2000 m node: each gets
+        // 1000 m, below its quota, so the quota never runs out.
+        let pod = PodLoad {
+            demand_m: 2000.0,
+            quota_m: Some(1500.0),
+            weight: 1.0,
+        };
+        let mut out = Vec::new();
+        period(2000.0, &[pod, pod], &mut out, &mut Scratch::default());
+        for o in &out {
+            assert!((o.usage_m - 1000.0).abs() < 1e-6, "{out:?}");
+            assert!(!o.throttled && o.held_back_m == 0.0 && o.active, "{out:?}");
+        }
+        // With 600 m quotas the quota is the bound: throttled, the rest idles.
+        let pod = PodLoad {
+            quota_m: Some(600.0),
+            ..pod
+        };
+        period(2000.0, &[pod, pod], &mut out, &mut Scratch::default());
+        for o in &out {
+            assert!(o.usage_m == 600.0 && o.throttled && o.held_back_m == 1400.0);
+        }
     }
 }

@@ -37,10 +37,12 @@ pub struct SimulateArgs {
     /// Seed of the demand noise.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Directory for summary.json, summary.md and metrics.prom.
+    /// Directory for summary.json, summary.md, metrics.prom and trace.json
+    /// (time series of a few pods; `cargo xtask sim-charts DIR` draws the PNGs).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
-    /// Print the summary as JSON on standard output.
+    /// Print the summary as JSON on standard output (a progress bar goes to
+    /// standard error, and only when it is a terminal).
     #[arg(long)]
     pub json: bool,
 }
@@ -69,9 +71,6 @@ pub struct Summary {
 }
 
 struct Pod {
-    key: PodKey,
-    request_m: u64,
-    original_m: Option<u64>,
     limit_m: Option<u64>,
     weight: f64,
     demand: Demand,
@@ -84,16 +83,70 @@ struct Pod {
     // Metric accumulators.
     periods: u64,
     throttled: u64,
-    pending: Vec<(f64, u64)>,
+    pending: Vec<(u64, u64)>,
     last_change: Option<(f64, i8)>,
     oscillations: u64,
     resizes: u64,
     zero_run: u64,
     starved: bool,
     steps: Vec<f64>,
+    next_step: usize,
     calm_since: Option<f64>,
     adapt: Vec<f64>,
     open_steps: Vec<f64>,
+}
+
+/// Per-second time series of one pod under one policy (for charts).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct PodTrace {
+    pub pod: String,
+    /// Mean demand over each second, millicores.
+    pub demand_m: Vec<f64>,
+    /// Mean usage over each second, millicores.
+    pub usage_m: Vec<f64>,
+    /// Limit in effect at the end of each second (`None`: no limit).
+    pub limit_m: Vec<Option<u64>>,
+    /// Share of each second's CFS periods that ended throttled.
+    pub throttled: Vec<f64>,
+}
+
+/// One policy's metrics and, when asked for, the traces of representative pods.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PolicyRun {
+    pub metrics: PolicyMetrics,
+    pub traces: Vec<PodTrace>,
+}
+
+/// Options of one run beyond scenario, policy and seed.
+#[derive(Default)]
+pub struct RunOptions<'a> {
+    /// Record [`PodTrace`]s of the first pod of each pod spec on the first node
+    /// (at most this many pods).
+    pub trace_pods: usize,
+    /// Called with the number of node-periods simulated since the last call.
+    pub progress: Option<&'a mut dyn FnMut(u64)>,
+}
+
+/// Node-periods a run of `s` simulates (the unit of [`RunOptions::progress`]).
+pub fn work(s: &Scenario) -> u64 {
+    let nodes: u64 = s.nodes.iter().map(|n| u64::from(n.count)).sum();
+    nodes * n_periods(s)
+}
+
+fn n_periods(s: &Scenario) -> u64 {
+    (s.duration_s / PERIOD_S).round() as u64
+}
+
+const PERIODS_PER_S: u64 = 10;
+
+/// The first period index `> k` at or after time `at` (seconds).
+fn period_at_or_after(at: f64, k: u64) -> u64 {
+    if !at.is_finite() {
+        return u64::MAX;
+    }
+    // Err early: a boundary too soon only costs a re-evaluation.
+    let p = (at / PERIOD_S - 1e-6).ceil().max(0.0) as u64;
+    p.max(k + 1)
 }
 
 fn splitmix(mut x: u64) -> u64 {
@@ -121,192 +174,307 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
-/// Runs one policy over the whole scenario.
+/// Runs one policy over the whole scenario (`None`: unknown policy).
 pub fn run_policy(s: &Scenario, policy: &str, seed: u64) -> Option<PolicyMetrics> {
-    let n_periods = (s.duration_s / PERIOD_S).round() as u64;
-    let per_decision = ((s.decision_interval_s / PERIOD_S).round() as u64).max(1);
+    run_policy_with(s, policy, seed, RunOptions::default()).map(|r| r.metrics)
+}
+
+/// Metric sums over all nodes.
+#[derive(Default)]
+struct Totals {
+    unmet: f64,
+    jain_sum: f64,
+    jain_n: u64,
+    lim_sum: f64,
+    use_sum: f64,
+}
+
+/// Runs one policy over the whole scenario, with traces and progress as asked.
+///
+/// Time advances in segments: runs of periods in which no input of the CFS model
+/// changes (no second boundary, decision, actuation or demand edge), whose
+/// outcome is computed once and accounted for every period of the run, exactly
+/// as period-by-period simulation would.
+pub fn run_policy_with(
+    s: &Scenario,
+    policy: &str,
+    seed: u64,
+    mut opts: RunOptions<'_>,
+) -> Option<PolicyRun> {
+    policies::by_name(policy)?;
     let mut all_pods: Vec<Pod> = Vec::new();
-    let (mut unmet, mut jain_sum, mut jain_n, mut lim_sum, mut use_sum) =
-        (0.0, 0.0, 0u64, 0.0, 0.0);
+    let mut tot = Totals::default();
+    let mut traces: Vec<PodTrace> = Vec::new();
     let mut node_idx = 0u64;
     for ns in &s.nodes {
         for _ in 0..ns.count {
             node_idx += 1;
-            let mut pol: Box<dyn SimPolicy> = policies::by_name(policy)?;
-            let unlimited = pol.unlimited();
-            let mut pods: Vec<Pod> = Vec::new();
-            for ps in &ns.pods {
-                for k in 0..ps.count {
-                    let limit = if unlimited { None } else { ps.limit_m };
-                    pods.push(Pod {
-                        key: PodKey(format!("{}-{node_idx}/{}-{k}", ns.name, ps.name)),
-                        request_m: ps.request_m,
-                        original_m: limit,
-                        limit_m: limit,
-                        weight: ps.weight.unwrap_or(ps.request_m.max(1) as f64),
-                        demand: ps.demand.clone(),
-                        noise: ps.noise,
-                        counters: Counters::default(),
-                        win_usage: 0.0,
-                        win_periods: 0,
-                        win_throttled: 0,
-                        periods: 0,
-                        throttled: 0,
-                        pending: Vec::new(),
-                        last_change: None,
-                        oscillations: 0,
-                        resizes: 0,
-                        zero_run: 0,
-                        starved: false,
-                        steps: ps.demand.steps(s.duration_s),
-                        calm_since: None,
-                        adapt: Vec::new(),
-                        open_steps: Vec::new(),
-                    });
-                }
-            }
-            let mut loads = Vec::with_capacity(pods.len());
-            let mut out: Vec<PeriodOutcome> = Vec::with_capacity(pods.len());
-            let mut node_window_usage = 0.0;
-            for k in 0..n_periods {
-                let t = k as f64 * PERIOD_S;
-                loads.clear();
-                for (i, p) in pods.iter_mut().enumerate() {
-                    p.pending.retain(|&(at, lim)| {
-                        if at <= t + 1e-9 {
-                            p.limit_m = Some(lim);
-                            false
-                        } else {
-                            true
-                        }
-                    });
-                    for &st in &p.steps {
-                        if (st - t).abs() < PERIOD_S / 2.0 {
-                            p.open_steps.push(st);
-                        }
-                    }
-                    let d =
-                        p.demand.at(t) * noise_factor(seed, node_idx, i as u64, t as u64, p.noise);
-                    loads.push(PodLoad {
-                        demand_m: d,
-                        quota_m: p.limit_m.map(|l| l as f64),
-                        weight: p.weight,
-                    });
-                }
-                cfs::period(ns.capacity_m as f64, &loads, &mut out);
-                let mut contending = Vec::new();
-                for ((p, l), o) in pods.iter_mut().zip(&loads).zip(&out) {
-                    p.counters.at_ns += PERIOD_NS as u64;
-                    p.counters.usage_ns += (o.usage_m * PERIOD_NS / 1000.0) as u64;
-                    p.counters.throttled_ns += (o.held_back_m * PERIOD_NS / 1000.0) as u64;
-                    if o.active {
-                        p.counters.nr_periods += 1;
-                        p.periods += 1;
-                        p.win_periods += 1;
-                    }
-                    if o.throttled {
-                        p.counters.nr_throttled += 1;
-                        p.throttled += 1;
-                        p.win_throttled += 1;
-                    }
-                    p.win_usage += o.usage_m;
-                    node_window_usage += o.usage_m;
-                    let short = l.demand_m - o.usage_m;
-                    unmet += short.max(0.0) * PERIOD_S / 1000.0;
-                    if short > 1e-6 {
-                        contending.push(o.usage_m / p.weight);
-                    }
-                    if let Some(lim) = p.limit_m {
-                        lim_sum += lim as f64;
-                        use_sum += o.usage_m;
-                    }
-                    if l.demand_m > 0.0 && o.usage_m <= 1e-9 {
-                        p.zero_run += 1;
-                        if p.zero_run > 50 {
-                            p.starved = true;
-                        }
-                    } else {
-                        p.zero_run = 0;
-                    }
-                    // Time to adapt: first second without throttling after a step.
-                    if o.throttled || short > 1e-6 {
-                        p.calm_since = None;
-                    } else if p.calm_since.is_none() {
-                        p.calm_since = Some(t);
-                    }
-                    if let Some(c) = p.calm_since
-                        && t + PERIOD_S - c >= 1.0 - 1e-9
-                    {
-                        for st in p.open_steps.drain(..) {
-                            p.adapt.push((c - st).max(0.0));
-                        }
-                    }
-                }
-                if contending.len() >= 2 {
-                    let sum: f64 = contending.iter().sum();
-                    let sq: f64 = contending.iter().map(|x| x * x).sum();
-                    if sq > 0.0 {
-                        jain_sum += sum * sum / (contending.len() as f64 * sq);
-                        jain_n += 1;
-                    }
-                }
-                if (k + 1) % per_decision == 0 {
-                    let now = t + PERIOD_S;
-                    let obs: Vec<PodObs> = pods
-                        .iter()
-                        .map(|p| PodObs {
-                            key: p.key.clone(),
-                            request_m: p.request_m,
-                            original_m: p.original_m,
-                            limit_m: p.pending.last().map(|x| x.1).or(p.limit_m),
-                            weight: p.weight,
-                            counters: p.counters,
-                            usage_m: p.win_usage / per_decision as f64,
-                            throttled_ratio: if p.win_periods == 0 {
-                                0.0
-                            } else {
-                                p.win_throttled as f64 / p.win_periods as f64
-                            },
-                        })
-                        .collect();
-                    let node = NodeObs {
-                        capacity_m: ns.capacity_m,
-                        reserve: ns.reserve,
-                        usage_m: node_window_usage / per_decision as f64,
-                    };
-                    let wanted = pol.decide(now, &node, &obs);
-                    for ((p, w), o) in pods.iter_mut().zip(wanted).zip(&obs) {
-                        p.win_usage = 0.0;
-                        p.win_periods = 0;
-                        p.win_throttled = 0;
-                        let (Some(new), Some(cur)) = (w, o.limit_m) else {
-                            continue;
-                        };
-                        if new == cur {
-                            continue;
-                        }
-                        p.pending.push((now + s.actuation_delay_s, new));
-                        p.resizes += 1;
-                        let dir: i8 = if new > cur { 1 } else { -1 };
-                        if let Some((at, d)) = p.last_change
-                            && d != dir
-                            && now - at <= 60.0
-                        {
-                            p.oscillations += 1;
-                        }
-                        p.last_change = Some((now, dir));
-                    }
-                    node_window_usage = 0.0;
-                }
-            }
-            for p in &mut pods {
-                for st in p.open_steps.drain(..) {
-                    p.adapt.push(s.duration_s - st);
-                }
-            }
+            let trace = if node_idx == 1 { opts.trace_pods } else { 0 };
+            let mut pol = policies::by_name(policy)?;
+            let (pods, tr) = run_node(
+                s,
+                ns,
+                pol.as_mut(),
+                seed,
+                node_idx,
+                trace,
+                &mut tot,
+                &mut opts.progress,
+            );
             all_pods.extend(pods);
+            traces.extend(tr);
         }
     }
+    Some(PolicyRun {
+        metrics: metrics(s, &mut all_pods, &tot),
+        traces,
+    })
+}
+
+/// Per-second accumulators of one traced pod.
+#[derive(Default)]
+struct TraceAcc {
+    pod: usize,
+    demand: f64,
+    usage: f64,
+    periods: u64,
+    throttled: u64,
+    out: PodTrace,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_node(
+    s: &Scenario,
+    ns: &scenario::NodeSpec,
+    pol: &mut dyn SimPolicy,
+    seed: u64,
+    node_idx: u64,
+    trace_pods: usize,
+    tot: &mut Totals,
+    progress: &mut Option<&mut dyn FnMut(u64)>,
+) -> (Vec<Pod>, Vec<PodTrace>) {
+    let n_periods = n_periods(s);
+    let per_decision = ((s.decision_interval_s / PERIOD_S).round() as u64).max(1);
+    let unlimited = pol.unlimited();
+    let mut pods: Vec<Pod> = Vec::new();
+    let mut obs: Vec<PodObs> = Vec::new();
+    let mut traced: Vec<TraceAcc> = Vec::new();
+    for ps in &ns.pods {
+        for k in 0..ps.count {
+            let limit = if unlimited { None } else { ps.limit_m };
+            let key = PodKey(format!("{}-{node_idx}/{}-{k}", ns.name, ps.name));
+            if k == 0 && traced.len() < trace_pods {
+                traced.push(TraceAcc {
+                    pod: pods.len(),
+                    out: PodTrace {
+                        pod: key.0.clone(),
+                        ..PodTrace::default()
+                    },
+                    ..TraceAcc::default()
+                });
+            }
+            let weight = ps.weight.unwrap_or(ps.request_m.max(1) as f64);
+            obs.push(PodObs {
+                key,
+                request_m: ps.request_m,
+                original_m: limit,
+                limit_m: limit,
+                weight,
+                counters: Counters::default(),
+                usage_m: 0.0,
+                throttled_ratio: 0.0,
+            });
+            pods.push(Pod {
+                limit_m: limit,
+                weight,
+                demand: ps.demand.clone(),
+                noise: ps.noise,
+                counters: Counters::default(),
+                win_usage: 0.0,
+                win_periods: 0,
+                win_throttled: 0,
+                periods: 0,
+                throttled: 0,
+                pending: Vec::new(),
+                last_change: None,
+                oscillations: 0,
+                resizes: 0,
+                zero_run: 0,
+                starved: false,
+                steps: ps.demand.steps(s.duration_s),
+                next_step: 0,
+                calm_since: None,
+                adapt: Vec::new(),
+                open_steps: Vec::new(),
+            });
+        }
+    }
+    let capacity = ns.capacity_m as f64;
+    let mut loads: Vec<PodLoad> = Vec::with_capacity(pods.len());
+    let mut out: Vec<PeriodOutcome> = Vec::with_capacity(pods.len());
+    let mut scratch = cfs::Scratch::default();
+    let mut node_window_usage = 0.0;
+    let mut k = 0u64;
+    while k < n_periods {
+        let t = k as f64 * PERIOD_S;
+        // The segment [k, end): nothing the CFS model sees changes inside it.
+        let mut end = n_periods
+            .min((k / PERIODS_PER_S + 1) * PERIODS_PER_S)
+            .min((k / per_decision + 1) * per_decision);
+        loads.clear();
+        let second = k / PERIODS_PER_S;
+        for (i, p) in pods.iter_mut().enumerate() {
+            if let Some(pos) = p.pending.iter().rposition(|&(at, _)| at <= k) {
+                p.limit_m = Some(p.pending[pos].1);
+                p.pending.drain(..=pos);
+            }
+            if let Some(&(at, _)) = p.pending.first() {
+                end = end.min(at);
+            }
+            while p.next_step < p.steps.len() && p.steps[p.next_step] <= t + 1e-9 {
+                p.open_steps.push(p.steps[p.next_step]);
+                p.next_step += 1;
+            }
+            end = end.min(period_at_or_after(p.demand.next_change(t), k));
+            let d = p.demand.at(t) * noise_factor(seed, node_idx, i as u64, second, p.noise);
+            loads.push(PodLoad {
+                demand_m: d,
+                quota_m: p.limit_m.map(|l| l as f64),
+                weight: p.weight,
+            });
+        }
+        let n = end - k;
+        let nf = n as f64;
+        cfs::period(capacity, &loads, &mut out, &mut scratch);
+        let (mut c_sum, mut c_sq, mut c_n) = (0.0, 0.0, 0u32);
+        let t_end = end as f64 * PERIOD_S;
+        for ((p, l), o) in pods.iter_mut().zip(&loads).zip(&out) {
+            p.counters.at_ns += n * PERIOD_NS as u64;
+            p.counters.usage_ns += n * (o.usage_m * PERIOD_NS / 1000.0) as u64;
+            p.counters.throttled_ns += n * (o.held_back_m * PERIOD_NS / 1000.0) as u64;
+            if o.active {
+                p.counters.nr_periods += n;
+                p.periods += n;
+                p.win_periods += n;
+            }
+            if o.throttled {
+                p.counters.nr_throttled += n;
+                p.throttled += n;
+                p.win_throttled += n;
+            }
+            p.win_usage += o.usage_m * nf;
+            node_window_usage += o.usage_m * nf;
+            let short = l.demand_m - o.usage_m;
+            tot.unmet += short.max(0.0) * PERIOD_S / 1000.0 * nf;
+            if short > 1e-6 {
+                let x = o.usage_m / p.weight;
+                c_sum += x;
+                c_sq += x * x;
+                c_n += 1;
+            }
+            if let Some(lim) = p.limit_m {
+                tot.lim_sum += lim as f64 * nf;
+                tot.use_sum += o.usage_m * nf;
+            }
+            if l.demand_m > 0.0 && o.usage_m <= 1e-9 {
+                p.zero_run += n;
+                if p.zero_run > 50 {
+                    p.starved = true;
+                }
+            } else {
+                p.zero_run = 0;
+            }
+            // Time to adapt: start of the first second without throttling after a step.
+            if o.throttled || short > 1e-6 {
+                p.calm_since = None;
+            } else if p.calm_since.is_none() {
+                p.calm_since = Some(t);
+            }
+            if let Some(c) = p.calm_since
+                && t_end - c >= 1.0 - 1e-9
+            {
+                for st in p.open_steps.drain(..) {
+                    p.adapt.push((c - st).max(0.0));
+                }
+            }
+        }
+        if c_n >= 2 && c_sq > 0.0 {
+            tot.jain_sum += c_sum * c_sum / (f64::from(c_n) * c_sq) * nf;
+            tot.jain_n += n;
+        }
+        for tr in &mut traced {
+            let (l, o) = (&loads[tr.pod], &out[tr.pod]);
+            tr.demand += l.demand_m * nf;
+            tr.usage += o.usage_m * nf;
+            tr.periods += n;
+            if o.throttled {
+                tr.throttled += n;
+            }
+            if end % PERIODS_PER_S == 0 || end == n_periods {
+                let np = tr.periods.max(1) as f64;
+                tr.out.demand_m.push(tr.demand / np);
+                tr.out.usage_m.push(tr.usage / np);
+                tr.out.limit_m.push(pods[tr.pod].limit_m);
+                tr.out.throttled.push(tr.throttled as f64 / np);
+                (tr.demand, tr.usage, tr.periods, tr.throttled) = (0.0, 0.0, 0, 0);
+            }
+        }
+        if end % per_decision == 0 {
+            let now = t_end;
+            for (p, o) in pods.iter().zip(obs.iter_mut()) {
+                o.limit_m = p.pending.last().map(|x| x.1).or(p.limit_m);
+                o.counters = p.counters;
+                o.usage_m = p.win_usage / per_decision as f64;
+                o.throttled_ratio = if p.win_periods == 0 {
+                    0.0
+                } else {
+                    p.win_throttled as f64 / p.win_periods as f64
+                };
+            }
+            let node = NodeObs {
+                capacity_m: ns.capacity_m,
+                reserve: ns.reserve,
+                usage_m: node_window_usage / per_decision as f64,
+            };
+            let wanted = pol.decide(now, &node, &obs);
+            let land = period_at_or_after(now + s.actuation_delay_s, end.saturating_sub(1));
+            for ((p, w), o) in pods.iter_mut().zip(wanted).zip(&obs) {
+                p.win_usage = 0.0;
+                p.win_periods = 0;
+                p.win_throttled = 0;
+                let (Some(new), Some(cur)) = (w, o.limit_m) else {
+                    continue;
+                };
+                if new == cur {
+                    continue;
+                }
+                p.pending.push((land, new));
+                p.resizes += 1;
+                let dir: i8 = if new > cur { 1 } else { -1 };
+                if let Some((at, d)) = p.last_change
+                    && d != dir
+                    && now - at <= 60.0
+                {
+                    p.oscillations += 1;
+                }
+                p.last_change = Some((now, dir));
+            }
+            node_window_usage = 0.0;
+        }
+        if let Some(f) = progress.as_mut() {
+            f(n);
+        }
+        k = end;
+    }
+    for p in &mut pods {
+        for st in p.open_steps.drain(..) {
+            p.adapt.push(s.duration_s - st);
+        }
+    }
+    (pods, traced.into_iter().map(|t| t.out).collect())
+}
+
+fn metrics(s: &Scenario, all_pods: &mut [Pod], tot: &Totals) -> PolicyMetrics {
     let n = all_pods.len().max(1) as f64;
     let mut ratios: Vec<f64> = all_pods
         .iter()
@@ -322,17 +490,17 @@ pub fn run_policy(s: &Scenario, policy: &str, seed: u64) -> Option<PolicyMetrics
         .iter()
         .flat_map(|p| p.adapt.iter().copied())
         .collect();
-    Some(PolicyMetrics {
+    PolicyMetrics {
         throttled_ratio_p50: percentile(&mut ratios, 0.5),
         throttled_ratio_p99: percentile(&mut ratios, 0.99),
-        unmet_core_seconds: unmet,
-        jain: if jain_n == 0 {
+        unmet_core_seconds: tot.unmet,
+        jain: if tot.jain_n == 0 {
             1.0
         } else {
-            jain_sum / jain_n as f64
+            tot.jain_sum / tot.jain_n as f64
         },
-        slack_pct: if lim_sum > 0.0 {
-            (lim_sum - use_sum) / lim_sum * 100.0
+        slack_pct: if tot.lim_sum > 0.0 {
+            (tot.lim_sum - tot.use_sum) / tot.lim_sum * 100.0
         } else {
             0.0
         },
@@ -344,25 +512,66 @@ pub fn run_policy(s: &Scenario, policy: &str, seed: u64) -> Option<PolicyMetrics
         adapt_p99_s: percentile(&mut adapt, 0.99),
         starved_pods: all_pods.iter().filter(|p| p.starved).count() as u64,
         pods: all_pods.len() as u64,
-    })
+    }
 }
 
 /// Runs the listed policies (all when empty) on the same scenario and seed.
 pub fn simulate(s: &Scenario, names: &[String], seed: u64) -> Summary {
-    let names: Vec<&str> = if names.is_empty() {
+    simulate_with(s, names, seed, 0, None).0
+}
+
+/// Traces of representative pods, per policy (`DIR/trace.json`).
+#[derive(Debug, Default, Serialize)]
+pub struct Traces {
+    pub scenario: String,
+    pub seed: u64,
+    /// Seconds between two points of a trace.
+    pub step_s: f64,
+    pub policies: BTreeMap<String, Vec<PodTrace>>,
+}
+
+/// Policy names to run: `names`, or all when empty.
+pub fn policy_names(names: &[String]) -> Vec<&str> {
+    if names.is_empty() {
         policies::ALL.to_vec()
     } else {
         names.iter().map(String::as_str).collect()
-    };
-    let policies = names
-        .iter()
-        .filter_map(|n| Some(((*n).to_owned(), run_policy(s, n, seed)?)))
-        .collect();
-    Summary {
+    }
+}
+
+/// Like [`simulate`], also tracing up to `trace_pods` pods per policy and
+/// reporting progress (node-periods, see [`work`]) to `progress`.
+pub fn simulate_with(
+    s: &Scenario,
+    names: &[String],
+    seed: u64,
+    trace_pods: usize,
+    mut progress: Option<&mut dyn FnMut(u64)>,
+) -> (Summary, Traces) {
+    let mut sum = Summary {
         scenario: s.name.clone(),
         seed,
-        policies,
+        policies: BTreeMap::new(),
+    };
+    let mut traces = Traces {
+        scenario: s.name.clone(),
+        seed,
+        step_s: 1.0,
+        policies: BTreeMap::new(),
+    };
+    for name in policy_names(names) {
+        let opts = RunOptions {
+            trace_pods,
+            progress: progress.as_mut().map(|f| &mut **f as &mut dyn FnMut(u64)),
+        };
+        if let Some(run) = run_policy_with(s, name, seed, opts) {
+            sum.policies.insert(name.to_owned(), run.metrics);
+            if trace_pods > 0 {
+                traces.policies.insert(name.to_owned(), run.traces);
+            }
+        }
     }
+    (sum, traces)
 }
 
 /// The summary as a markdown table.

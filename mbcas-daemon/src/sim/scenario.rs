@@ -137,6 +137,47 @@ impl Demand {
         }
     }
 
+    /// A time after `t` before which the demand does not change (it may change
+    /// then); `f64::INFINITY` when it never changes again, `t` itself when it
+    /// changes continuously.
+    pub fn next_change(&self, t: f64) -> f64 {
+        match *self {
+            Self::Steady { .. } => f64::INFINITY,
+            Self::Step { at_s, .. } | Self::Start { at_s, .. } => {
+                if t < at_s {
+                    at_s
+                } else {
+                    f64::INFINITY
+                }
+            }
+            Self::Square {
+                on_m,
+                off_m,
+                on_s,
+                off_s,
+                phase_s,
+            } => {
+                if on_m == off_m {
+                    return f64::INFINITY;
+                }
+                let cycle = (on_s + off_s).max(1e-9);
+                let pos = (t + phase_s).rem_euclid(cycle);
+                if pos < on_s {
+                    t + (on_s - pos)
+                } else {
+                    t + (cycle - pos)
+                }
+            }
+            Self::Diurnal { amplitude_m, .. } => {
+                if amplitude_m == 0.0 {
+                    f64::INFINITY
+                } else {
+                    t
+                }
+            }
+        }
+    }
+
     /// Times at which the demand steps (for time-to-adapt).
     pub fn steps(&self, duration_s: f64) -> Vec<f64> {
         match *self {
@@ -271,6 +312,9 @@ mod tests {
             phase_s: 0.0,
         };
         assert_eq!((sq.at(0.5), sq.at(1.5), sq.at(3.2)), (1000.0, 0.0, 1000.0));
+        assert_eq!((sq.next_change(0.5), sq.next_change(1.5)), (1.0, 3.0));
+        assert_eq!(d.next_change(1.0), 5.0);
+        assert_eq!(d.next_change(6.0), f64::INFINITY);
     }
 
     #[test]

@@ -12,6 +12,8 @@ fn one_pod_quota_20_demand_100_throttles_every_period() {
     );
     let m = run_policy(&s, "static", 1).unwrap_or_else(|| panic!("policy"));
     assert_eq!(m.throttled_ratio_p50, 1.0);
+    // Usage is the quota, 20 % of the node: Σ limits − Σ usage = 0.
+    assert!(m.slack_pct.abs() < 1e-9, "{m:?}");
     // 800 m unmet for 10 s.
     assert!((m.unmet_core_seconds - 8.0).abs() < 1e-6, "{m:?}");
     assert_eq!(m.resizes_per_pod_hour, 0.0);
