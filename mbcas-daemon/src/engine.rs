@@ -4,7 +4,10 @@
 //! simulator: callers read counters and current limits however they can, call
 //! [`Engine::step`] with the time, and actuate the changed decisions.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use serde::Serialize;
 
@@ -114,12 +117,27 @@ impl Engine {
         capacity: MilliCpu,
         inputs: &[ConsumerInput],
     ) -> Result<StepOutcome, EngineError> {
-        self.memory
-            .retain(|k, _| inputs.iter().any(|i| &i.key == k));
-        self.policy.retain(inputs.iter().map(|i| &i.key));
+        // Forget consumers no longer listed. After the inserts below the memory
+        // holds every listed key, so it holds exactly those when the sizes match
+        // and no key was new: then (the common case) nothing needs pruning.
+        let mut new_keys = false;
+        for inp in inputs {
+            if !self.memory.contains_key(&inp.key) {
+                self.memory.insert(inp.key.clone(), Memory::default());
+                new_keys = true;
+            }
+        }
+        if new_keys || self.memory.len() != inputs.len() {
+            let live: HashSet<&PodKey> = inputs.iter().map(|i| &i.key).collect();
+            self.memory.retain(|k, _| live.contains(k));
+            self.policy.retain(live);
+        }
         let mut estimates = Vec::with_capacity(inputs.len());
         for inp in inputs {
-            let mem = self.memory.entry(inp.key.clone()).or_default();
+            let Some(mem) = self.memory.get_mut(&inp.key) else {
+                estimates.push(None);
+                continue;
+            };
             let est = match mem.last.map(|prev| Sample::new(&prev, &inp.counters)) {
                 Some(Ok(sample)) => Some(mem.estimator.update(&sample, &self.cfg.demand)),
                 Some(Err(e)) => {
@@ -308,5 +326,34 @@ mod tests {
             )
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(reset.rows[0].need, need);
+    }
+
+    #[test]
+    fn consumers_that_go_away_are_forgotten() {
+        let mut e = Engine::new(EngineConfig::default());
+        let step = |e: &mut Engine, t: u64, keys: &[&str]| {
+            let inputs: Vec<ConsumerInput> = keys
+                .iter()
+                .map(|k| input(k, counters(t, 100 * t, 0, 10 * t, 0), 500))
+                .collect();
+            e.step(Duration::from_secs(t), MilliCpu(2000), &inputs)
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let _ = step(&mut e, 0, &["a", "b"]);
+        let both = step(&mut e, 1, &["a", "b"]);
+        assert!(both.rows.iter().all(|r| r.estimate.is_some()), "{both:?}");
+        // Same count, one key swapped: b is forgotten, c is new.
+        let swapped = step(&mut e, 2, &["a", "c"]);
+        assert!(swapped.rows[0].estimate.is_some() && swapped.rows[1].estimate.is_none());
+        let back = step(&mut e, 3, &["a", "b", "c"]);
+        assert!(
+            back.rows[1].estimate.is_none(),
+            "b starts over: {:?}",
+            back.rows[1]
+        );
+        assert!(back.rows[2].estimate.is_some());
+        let fewer = step(&mut e, 4, &["c"]);
+        let again = step(&mut e, 5, &["a", "c"]);
+        assert!(fewer.rows[0].estimate.is_some() && again.rows[0].estimate.is_none());
     }
 }

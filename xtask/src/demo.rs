@@ -500,7 +500,7 @@ fn chart(path: &Path, title: &str, p: &Phase) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn register_font() -> anyhow::Result<()> {
+pub(crate) fn register_font() -> anyhow::Result<()> {
     let path = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
     let bytes = std::fs::read(path).with_context(|| {
         format!("read {path} (Debian package fonts-dejavu-core; `cargo xtask setup` installs it)")

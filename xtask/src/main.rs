@@ -2,11 +2,13 @@
 
 mod bench_local;
 mod bench_sensor;
+mod bench_sim;
 mod build_ebpf;
 mod demo;
 mod host;
 mod kind;
 mod setup;
+mod sim_charts;
 mod test;
 mod testenv;
 
@@ -27,6 +29,8 @@ enum Command {
     BenchLocal(bench_local::Options),
     /// Measure the eBPF sensor: per-program cost, events, drops, latency, own CPU/RSS (root).
     BenchSensor(bench_sensor::Options),
+    /// Time the simulator at cluster scale (default 1000 nodes × 110 pods × 1 h): wall time, peak RSS.
+    BenchSim(bench_sim::Options),
     /// Static limits vs MBCAS on the same loads, live, with charts and a summary (root).
     Demo(demo::Options),
     /// Build the eBPF programs (through mbcas-daemon's build script) and show the object.
@@ -42,6 +46,11 @@ enum Command {
     KindDown(kind::Options),
     /// A real etcd + kube-apiserver on loopback for the control-plane tests: build | up | down | status | kubectl.
     Testenv(testenv::Options),
+    /// Draw the PNG charts of a `mbcas simulate --out DIR` directory.
+    SimCharts(sim_charts::ChartOptions),
+    /// Simulate every shipped scenario under every policy; write docs/compare/ and the
+    /// README's "How MBCAS compares" tables.
+    Compare(sim_charts::CompareOptions),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,10 +60,13 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(opts) => demo::run(&opts),
         Command::BenchSensor(opts) => bench_sensor::run(&opts),
         Command::BenchLocal(opts) => bench_local::run(&opts),
+        Command::BenchSim(opts) => bench_sim::run(&opts),
         Command::Test(opts) => test::run(&opts),
         Command::KindUp(opts) => kind::up(&opts),
         Command::KindE2e(opts) => kind::e2e(&opts),
         Command::KindDown(opts) => kind::down(&opts),
         Command::Testenv(opts) => testenv::run(&opts),
+        Command::SimCharts(opts) => sim_charts::run_charts(&opts),
+        Command::Compare(opts) => sim_charts::run_compare(&opts),
     }
 }

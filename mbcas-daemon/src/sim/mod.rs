@@ -410,7 +410,7 @@ fn run_node(
             if o.throttled {
                 tr.throttled += n;
             }
-            if end % PERIODS_PER_S == 0 || end == n_periods {
+            if end.is_multiple_of(PERIODS_PER_S) || end == n_periods {
                 let np = tr.periods.max(1) as f64;
                 tr.out.demand_m.push(tr.demand / np);
                 tr.out.usage_m.push(tr.usage / np);
@@ -419,7 +419,7 @@ fn run_node(
                 (tr.demand, tr.usage, tr.periods, tr.throttled) = (0.0, 0.0, 0, 0);
             }
         }
-        if end % per_decision == 0 {
+        if end.is_multiple_of(per_decision) {
             let now = t_end;
             for (p, o) in pods.iter().zip(obs.iter_mut()) {
                 o.limit_m = p.pending.last().map(|x| x.1).or(p.limit_m);

@@ -9,7 +9,8 @@
 //! ```
 //! Demand kinds: `steady {m}`, `step {from_m, to_m, at_s}`,
 //! `square {on_m, off_m, on_s, off_s, phase_s?}`, `diurnal {mean_m, amplitude_m, period_s}`,
-//! `start {m, at_s}` (idle until `at_s`). `noise` (0–1) multiplies demand by a
+//! `start {m, at_s, spike_m?, spike_s?}` (idle until `at_s`, then `spike_m` for
+//! `spike_s` seconds if given, then `m`). `noise` (0–1) multiplies demand by a
 //! seeded random factor in [1 − noise, 1 + noise], redrawn every second.
 //! `limit_m` absent means no limit; `weight` defaults to the request.
 //! Errors name the field path and the line.
@@ -91,6 +92,11 @@ pub enum Demand {
     Start {
         m: f64,
         at_s: f64,
+        /// Start-up burst: demand `spike_m` for the first `spike_s` seconds.
+        #[serde(default)]
+        spike_m: Option<f64>,
+        #[serde(default)]
+        spike_s: f64,
     },
 }
 
@@ -127,9 +133,18 @@ impl Demand {
             } => (mean_m
                 + amplitude_m * (2.0 * std::f64::consts::PI * t / period_s.max(1e-9)).sin())
             .max(0.0),
-            Self::Start { m, at_s } => {
+            Self::Start {
+                m,
+                at_s,
+                spike_m,
+                spike_s,
+            } => {
                 if t < at_s {
                     0.0
+                } else if let Some(sp) = spike_m
+                    && t < at_s + spike_s
+                {
+                    sp
                 } else {
                     m
                 }
@@ -143,9 +158,23 @@ impl Demand {
     pub fn next_change(&self, t: f64) -> f64 {
         match *self {
             Self::Steady { .. } => f64::INFINITY,
-            Self::Step { at_s, .. } | Self::Start { at_s, .. } => {
+            Self::Step { at_s, .. } => {
                 if t < at_s {
                     at_s
+                } else {
+                    f64::INFINITY
+                }
+            }
+            Self::Start {
+                at_s,
+                spike_m,
+                spike_s,
+                ..
+            } => {
+                if t < at_s {
+                    at_s
+                } else if spike_m.is_some() && t < at_s + spike_s {
+                    at_s + spike_s
                 } else {
                     f64::INFINITY
                 }
@@ -181,7 +210,17 @@ impl Demand {
     /// Times at which the demand steps (for time-to-adapt).
     pub fn steps(&self, duration_s: f64) -> Vec<f64> {
         match *self {
-            Self::Step { at_s, .. } | Self::Start { at_s, .. } if at_s < duration_s => vec![at_s],
+            Self::Step { at_s, .. } if at_s < duration_s => vec![at_s],
+            Self::Start {
+                at_s,
+                spike_m,
+                spike_s,
+                ..
+            } => [Some(at_s), spike_m.map(|_| at_s + spike_s)]
+                .into_iter()
+                .flatten()
+                .filter(|&t| t < duration_s)
+                .collect(),
             _ => Vec::new(),
         }
     }
