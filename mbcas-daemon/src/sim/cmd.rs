@@ -86,7 +86,14 @@ pub fn run(args: &SimulateArgs) -> Result<ExitCode, SimulateError> {
                 b.add(n);
             }
         };
-        simulate_with(&s, &args.policies, args.seed, trace_pods, Some(&mut add))
+        simulate_with(
+            &s,
+            &args.policies,
+            args.seed,
+            trace_pods,
+            args.threads,
+            Some(&mut add),
+        )
     };
     if let Some(b) = &bar {
         b.finish();

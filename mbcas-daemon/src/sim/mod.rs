@@ -12,7 +12,12 @@ pub mod cmd;
 pub mod policies;
 pub mod scenario;
 
-use std::{collections::BTreeMap, fmt::Write as _, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::PathBuf,
+    sync::atomic::{AtomicU64, AtomicUsize, Ordering},
+};
 
 use serde::Serialize;
 
@@ -41,6 +46,9 @@ pub struct SimulateArgs {
     /// (time series of a few pods; `cargo xtask sim-charts DIR` draws the PNGs).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+    /// Threads to simulate nodes on (0: one per CPU); results do not depend on it.
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
     /// Print the summary as JSON on standard output (a progress bar goes to
     /// standard error, and only when it is a terminal).
     #[arg(long)]
@@ -125,7 +133,12 @@ pub struct RunOptions<'a> {
     pub trace_pods: usize,
     /// Called with the number of node-periods simulated since the last call.
     pub progress: Option<&'a mut dyn FnMut(u64)>,
+    /// Threads to simulate nodes on (0: one per CPU).
+    pub threads: usize,
 }
+
+/// Periods between two progress updates of one node.
+const PROGRESS_PERIODS: u64 = 600;
 
 /// Node-periods a run of `s` simulates (the unit of [`RunOptions::progress`]).
 pub fn work(s: &Scenario) -> u64 {
@@ -179,7 +192,7 @@ pub fn run_policy(s: &Scenario, policy: &str, seed: u64) -> Option<PolicyMetrics
     run_policy_with(s, policy, seed, RunOptions::default()).map(|r| r.metrics)
 }
 
-/// Metric sums over all nodes.
+/// Metric sums over one node (added up over nodes in node order).
 #[derive(Default)]
 struct Totals {
     unmet: f64,
@@ -189,7 +202,25 @@ struct Totals {
     use_sum: f64,
 }
 
+/// What one node contributes to a policy's metrics.
+#[derive(Default)]
+struct NodeResult {
+    tot: Totals,
+    /// Per pod: throttled periods / periods.
+    ratios: Vec<f64>,
+    /// Times to adapt after each demand step.
+    adapt: Vec<f64>,
+    resizes: u64,
+    oscillations: u64,
+    starved: u64,
+    traces: Vec<PodTrace>,
+}
+
 /// Runs one policy over the whole scenario, with traces and progress as asked.
+///
+/// Nodes are independent (each runs its own policy instance) and are simulated
+/// on `threads` threads; their results are combined in node order, so the
+/// outcome does not depend on the number of threads.
 ///
 /// Time advances in segments: runs of periods in which no input of the CFS model
 /// changes (no second boundary, decision, actuation or demand edge), whose
@@ -199,35 +230,95 @@ pub fn run_policy_with(
     s: &Scenario,
     policy: &str,
     seed: u64,
-    mut opts: RunOptions<'_>,
+    opts: RunOptions<'_>,
 ) -> Option<PolicyRun> {
     policies::by_name(policy)?;
-    let mut all_pods: Vec<Pod> = Vec::new();
-    let mut tot = Totals::default();
-    let mut traces: Vec<PodTrace> = Vec::new();
-    let mut node_idx = 0u64;
+    let mut jobs: Vec<(&scenario::NodeSpec, u64)> = Vec::new();
     for ns in &s.nodes {
         for _ in 0..ns.count {
-            node_idx += 1;
-            let trace = if node_idx == 1 { opts.trace_pods } else { 0 };
-            let mut pol = policies::by_name(policy)?;
-            let (pods, tr) = run_node(
-                s,
-                ns,
-                pol.as_mut(),
-                seed,
-                node_idx,
-                trace,
-                &mut tot,
-                &mut opts.progress,
-            );
-            all_pods.extend(pods);
-            traces.extend(tr);
+            jobs.push((ns, jobs.len() as u64 + 1));
         }
     }
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism().map_or(1, usize::from)
+    } else {
+        opts.threads
+    }
+    .clamp(1, jobs.len().max(1));
+    let trace_pods = opts.trace_pods;
+    let done = AtomicU64::new(0);
+    let node = |(ns, idx): (&scenario::NodeSpec, u64)| {
+        let trace = if idx == 1 { trace_pods } else { 0 };
+        policies::by_name(policy)
+            .map(|mut pol| run_node(s, ns, pol.as_mut(), seed, idx, trace, &done))
+    };
+    let mut progress = opts.progress;
+    let mut results: Vec<Option<NodeResult>> = Vec::with_capacity(jobs.len());
+    if threads == 1 {
+        for &job in &jobs {
+            results.push(node(job));
+            if let Some(f) = progress.as_mut() {
+                f(done.swap(0, Ordering::Relaxed));
+            }
+        }
+    } else {
+        results.resize_with(jobs.len(), || None);
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|sc| {
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    sc.spawn(|| {
+                        let mut mine = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(&job) = jobs.get(i) else {
+                                break;
+                            };
+                            mine.push((i, node(job)));
+                        }
+                        mine
+                    })
+                })
+                .collect();
+            if let Some(f) = progress.as_mut() {
+                while !handles.iter().all(|h| h.is_finished()) {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    f(done.swap(0, Ordering::Relaxed));
+                }
+            }
+            for h in handles {
+                match h.join() {
+                    Ok(mine) => {
+                        for (i, r) in mine {
+                            results[i] = r;
+                        }
+                    }
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+        });
+        if let Some(f) = progress.as_mut() {
+            f(done.swap(0, Ordering::Relaxed));
+        }
+    }
+    let mut all = NodeResult::default();
+    for r in results {
+        let r = r?;
+        all.tot.unmet += r.tot.unmet;
+        all.tot.jain_sum += r.tot.jain_sum;
+        all.tot.jain_n += r.tot.jain_n;
+        all.tot.lim_sum += r.tot.lim_sum;
+        all.tot.use_sum += r.tot.use_sum;
+        all.ratios.extend(r.ratios);
+        all.adapt.extend(r.adapt);
+        all.resizes += r.resizes;
+        all.oscillations += r.oscillations;
+        all.starved += r.starved;
+        all.traces.extend(r.traces);
+    }
     Some(PolicyRun {
-        metrics: metrics(s, &mut all_pods, &tot),
-        traces,
+        metrics: metrics(s, &mut all),
+        traces: std::mem::take(&mut all.traces),
     })
 }
 
@@ -250,9 +341,9 @@ fn run_node(
     seed: u64,
     node_idx: u64,
     trace_pods: usize,
-    tot: &mut Totals,
-    progress: &mut Option<&mut dyn FnMut(u64)>,
-) -> (Vec<Pod>, Vec<PodTrace>) {
+    done: &AtomicU64,
+) -> NodeResult {
+    let mut tot = Totals::default();
     let n_periods = n_periods(s);
     let per_decision = ((s.decision_interval_s / PERIOD_S).round() as u64).max(1);
     let unlimited = pol.unlimited();
@@ -315,6 +406,7 @@ fn run_node(
     let mut scratch = cfs::Scratch::default();
     let mut node_window_usage = 0.0;
     let mut k = 0u64;
+    let mut reported = 0u64;
     while k < n_periods {
         let t = k as f64 * PERIOD_S;
         // The segment [k, end): nothing the CFS model sees changes inside it.
@@ -461,38 +553,40 @@ fn run_node(
             }
             node_window_usage = 0.0;
         }
-        if let Some(f) = progress.as_mut() {
-            f(n);
+        if end.is_multiple_of(PROGRESS_PERIODS) || end == n_periods {
+            done.fetch_add(end - reported, Ordering::Relaxed);
+            reported = end;
         }
         k = end;
     }
+    let mut r = NodeResult {
+        tot,
+        traces: traced.into_iter().map(|t| t.out).collect(),
+        ..NodeResult::default()
+    };
     for p in &mut pods {
         for st in p.open_steps.drain(..) {
             p.adapt.push(s.duration_s - st);
         }
+        r.ratios.push(if p.periods == 0 {
+            0.0
+        } else {
+            p.throttled as f64 / p.periods as f64
+        });
+        r.adapt.append(&mut p.adapt);
+        r.resizes += p.resizes;
+        r.oscillations += p.oscillations;
+        r.starved += u64::from(p.starved);
     }
-    (pods, traced.into_iter().map(|t| t.out).collect())
+    r
 }
 
-fn metrics(s: &Scenario, all_pods: &mut [Pod], tot: &Totals) -> PolicyMetrics {
-    let n = all_pods.len().max(1) as f64;
-    let mut ratios: Vec<f64> = all_pods
-        .iter()
-        .map(|p| {
-            if p.periods == 0 {
-                0.0
-            } else {
-                p.throttled as f64 / p.periods as f64
-            }
-        })
-        .collect();
-    let mut adapt: Vec<f64> = all_pods
-        .iter()
-        .flat_map(|p| p.adapt.iter().copied())
-        .collect();
+fn metrics(s: &Scenario, all: &mut NodeResult) -> PolicyMetrics {
+    let pods = all.ratios.len();
+    let tot = &all.tot;
     PolicyMetrics {
-        throttled_ratio_p50: percentile(&mut ratios, 0.5),
-        throttled_ratio_p99: percentile(&mut ratios, 0.99),
+        throttled_ratio_p50: percentile(&mut all.ratios, 0.5),
+        throttled_ratio_p99: percentile(&mut all.ratios, 0.99),
         unmet_core_seconds: tot.unmet,
         jain: if tot.jain_n == 0 {
             1.0
@@ -504,20 +598,18 @@ fn metrics(s: &Scenario, all_pods: &mut [Pod], tot: &Totals) -> PolicyMetrics {
         } else {
             0.0
         },
-        resizes_per_pod_hour: all_pods.iter().map(|p| p.resizes).sum::<u64>() as f64
-            / n
-            / (s.duration_s / 3600.0),
-        oscillations: all_pods.iter().map(|p| p.oscillations).sum(),
-        adapt_p50_s: percentile(&mut adapt.clone(), 0.5),
-        adapt_p99_s: percentile(&mut adapt, 0.99),
-        starved_pods: all_pods.iter().filter(|p| p.starved).count() as u64,
-        pods: all_pods.len() as u64,
+        resizes_per_pod_hour: all.resizes as f64 / pods.max(1) as f64 / (s.duration_s / 3600.0),
+        oscillations: all.oscillations,
+        adapt_p50_s: percentile(&mut all.adapt, 0.5),
+        adapt_p99_s: percentile(&mut all.adapt, 0.99),
+        starved_pods: all.starved,
+        pods: pods as u64,
     }
 }
 
 /// Runs the listed policies (all when empty) on the same scenario and seed.
 pub fn simulate(s: &Scenario, names: &[String], seed: u64) -> Summary {
-    simulate_with(s, names, seed, 0, None).0
+    simulate_with(s, names, seed, 0, 0, None).0
 }
 
 /// Traces of representative pods, per policy (`DIR/trace.json`).
@@ -546,6 +638,7 @@ pub fn simulate_with(
     names: &[String],
     seed: u64,
     trace_pods: usize,
+    threads: usize,
     mut progress: Option<&mut dyn FnMut(u64)>,
 ) -> (Summary, Traces) {
     let mut sum = Summary {
@@ -562,6 +655,7 @@ pub fn simulate_with(
     for name in policy_names(names) {
         let opts = RunOptions {
             trace_pods,
+            threads,
             progress: progress.as_mut().map(|f| &mut **f as &mut dyn FnMut(u64)),
         };
         if let Some(run) = run_policy_with(s, name, seed, opts) {

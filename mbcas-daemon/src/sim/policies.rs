@@ -77,6 +77,7 @@ pub fn by_name(name: &str) -> Option<Box<dyn SimPolicy>> {
     Some(match name {
         "mbcas" => Box::new(Mbcas {
             engine: Engine::new(EngineConfig::default()),
+            inputs: Vec::new(),
         }),
         "static" => Box::new(Static),
         "nolimits" => Box::new(NoLimits),
@@ -89,6 +90,9 @@ pub fn by_name(name: &str) -> Option<Box<dyn SimPolicy>> {
 
 pub struct Mbcas {
     engine: Engine,
+    /// The engine's inputs, kept between rounds (a node's pods do not change in
+    /// the simulator) so that keys are not cloned every round.
+    inputs: Vec<ConsumerInput>,
 }
 
 impl SimPolicy for Mbcas {
@@ -98,25 +102,31 @@ impl SimPolicy for Mbcas {
 
     fn decide(&mut self, now_s: f64, node: &NodeObs, pods: &[PodObs]) -> Vec<Option<u64>> {
         let capacity = node_capacity(MilliCpu(node.capacity_m), node.reserve, MilliCpu::ZERO);
-        let inputs: Vec<ConsumerInput> = pods
-            .iter()
-            .map(|p| {
-                let current = MilliCpu(p.limit_m.unwrap_or(node.capacity_m));
-                ConsumerInput {
+        let fresh = self.inputs.len() != pods.len()
+            || self.inputs.iter().zip(pods).any(|(i, p)| i.key != p.key);
+        if fresh {
+            self.inputs = pods
+                .iter()
+                .map(|p| ConsumerInput {
                     key: p.key.clone(),
                     counters: p.counters,
-                    current,
+                    current: MilliCpu::ZERO,
                     original: MilliCpu(p.original_m.unwrap_or(node.capacity_m)),
                     weight: p.weight,
                     floor: MilliCpu(p.request_m.max(100)),
-                    cap: capacity.max(MilliCpu(p.request_m.max(100))),
+                    cap: MilliCpu::ZERO,
                     exclusion: None,
-                }
-            })
-            .collect();
+                })
+                .collect();
+        }
+        for (i, p) in self.inputs.iter_mut().zip(pods) {
+            i.counters = p.counters;
+            i.current = MilliCpu(p.limit_m.unwrap_or(node.capacity_m));
+            i.cap = capacity.max(MilliCpu(p.request_m.max(100)));
+        }
         match self
             .engine
-            .step(Duration::from_secs_f64(now_s), capacity, &inputs)
+            .step(Duration::from_secs_f64(now_s), capacity, &self.inputs)
         {
             Ok(o) => o
                 .rows

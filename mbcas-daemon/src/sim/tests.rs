@@ -66,3 +66,34 @@ fn outputs_render() {
         "{prom}"
     );
 }
+
+#[test]
+fn threads_do_not_change_results() {
+    let s = scenario(
+        r#"{"name": "many", "duration_s": 20, "nodes": [{"name": "n", "count": 5, "capacity_m": 1000,
+            "pods": [{"name": "p", "count": 3, "request_m": 200, "limit_m": 300, "noise": 0.3, "demand": {"kind": "steady", "m": 400}}]}]}"#,
+    );
+    let run = |threads| {
+        let mut seen = 0;
+        let mut count = |n: u64| seen += n;
+        let r = run_policy_with(
+            &s,
+            "mbcas",
+            3,
+            RunOptions {
+                trace_pods: 1,
+                progress: Some(&mut count),
+                threads,
+            },
+        )
+        .unwrap_or_else(|| panic!("mbcas"));
+        (r, seen)
+    };
+    let (one, seen1) = run(1);
+    let (three, seen3) = run(3);
+    assert_eq!(one, three);
+    assert_eq!((seen1, seen3), (work(&s), work(&s)), "progress adds up");
+    assert_eq!(one.metrics.pods, 15);
+    assert_eq!(one.traces.len(), 1);
+    assert_eq!(one.traces[0].demand_m.len(), 20, "one point a second");
+}
