@@ -639,7 +639,8 @@ pub async fn reconcile(pa: Arc<PodAllocation>, ctx: Arc<Context>) -> Result<Acti
         now,
     );
     tracing::debug!(allocation = %key, pod_found = pod_obj.is_some(), phase = %plan.status.phase, reason = ?plan.status.reason, resize = ?plan.resize, "reconcile");
-    let old = pa.status.clone().unwrap_or_default();
+    // What the server holds (updated below when this reconcile writes it).
+    let mut old = pa.status.clone().unwrap_or_default();
     let mut status = plan.status.clone();
     let mut event = plan.event.clone();
     if let Some(changes) = &plan.resize {
@@ -647,6 +648,7 @@ pub async fn reconcile(pa: Arc<PodAllocation>, ctx: Arc<Context>) -> Result<Acti
             // The original limits are on record before anything changes (with
             // the request this status announces; a refusal overwrites it).
             write_status(&pas, &name, &status).await?;
+            old = status.clone();
             mem.original = Some(status.original.clone());
             ctx.remember(key.clone(), mem.clone());
         }
