@@ -128,7 +128,7 @@ fn daemon(bin: &Path, root: &Path) -> anyhow::Result<Child> {
         .context("start mbcas run")
 }
 
-fn proc_cpu_s(pid: u32) -> f64 {
+pub(crate) fn proc_cpu_s(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map_or("", |x| x.1);
     let f: Vec<&str> = after.split_whitespace().collect();
@@ -138,7 +138,7 @@ fn proc_cpu_s(pid: u32) -> f64 {
     ticks as f64 / 100.0
 }
 
-fn vm_hwm_kib(pid: u32) -> u64 {
+pub(crate) fn vm_hwm_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()

@@ -1,5 +1,6 @@
 //! Developer tasks: `cargo xtask <command>`. Each command lives in its own module.
 
+mod bench_k8s;
 mod bench_local;
 mod bench_sensor;
 mod bench_sim;
@@ -27,6 +28,8 @@ enum Command {
     Setup(setup::Options),
     /// Measure local mode: overhead with 100 consumers and reaction time (root).
     BenchLocal(bench_local::Options),
+    /// Measure Kubernetes mode on private control planes: 500 resizes, API requests, a 110-pod node (root).
+    BenchK8s(bench_k8s::Options),
     /// Measure the eBPF sensor: per-program cost, events, drops, latency, own CPU/RSS (root).
     BenchSensor(bench_sensor::Options),
     /// Time the simulator at cluster scale (default 1000 nodes × 110 pods × 1 h): wall time, peak RSS.
@@ -61,6 +64,7 @@ fn main() -> anyhow::Result<()> {
         Command::BenchSensor(opts) => bench_sensor::run(&opts),
         Command::BenchLocal(opts) => bench_local::run(&opts),
         Command::BenchSim(opts) => bench_sim::run(&opts),
+        Command::BenchK8s(opts) => bench_k8s::run(&opts),
         Command::Test(opts) => test::run(&opts),
         Command::KindUp(opts) => kind::up(&opts),
         Command::KindE2e(opts) => kind::e2e(&opts),
