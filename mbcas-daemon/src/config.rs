@@ -120,7 +120,8 @@ pub struct DecisionArgs {
     pub throttled_threshold: f64,
 
     // ── Demand model ────────────────────────────────────────────────────────
-    /// Smoothing factor when demand rises, in (0, 1].
+    /// Smoothing factor when demand rises, in (0, 1], per window of one
+    /// --tick (shorter windows weigh less).
     #[arg(
         long,
         env = "MBCAS_ALPHA_UP",
@@ -130,7 +131,8 @@ pub struct DecisionArgs {
         allow_hyphen_values = true
     )]
     pub alpha_up: f64,
-    /// Smoothing factor when demand falls, in (0, 1].
+    /// Smoothing factor when demand falls, in (0, 1], per window of one
+    /// --tick (shorter windows weigh less).
     #[arg(
         long,
         env = "MBCAS_ALPHA_DOWN",
@@ -349,6 +351,7 @@ impl DecisionArgs {
             alpha_up: self.alpha_up,
             alpha_down: self.alpha_down,
             headroom: self.headroom,
+            window_s: self.tick.as_secs_f64(),
         };
         demand.validate().map_err(ConfigError::Demand)?;
         let policy = PolicyConfig {

@@ -135,6 +135,7 @@ fn every_flag_is_parsed_into_the_typed_config() {
             alpha_up: 1.0,
             alpha_down: 0.05,
             headroom: 0.5,
+            window_s: 0.5,
         }
     );
     assert_eq!(

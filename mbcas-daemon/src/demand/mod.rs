@@ -19,10 +19,18 @@
 //!    pressure stall time is used, since each bounds the held-back runnable time
 //!    from below.
 //! 2. **Smoothing**, fast up and slow down: `e ← e + α·(d − e)` with
-//!    `α = α_up` (default 0.3) when `d > e`, else `α_down` (default 0.1). The first
-//!    sample sets `e = d`. A load step up reaches 90 % of its new level in
-//!    ln(0.1)/ln(0.7) ≈ 6.5 samples; a step down takes ≈ 22 samples: decreases
-//!    are slow and reversible.
+//!    `α = α_up` (default 0.3) when `d > e`, else `α_down` (default 0.1), for a
+//!    window of the reference length `W` (the decision tick, default 1 s). A window
+//!    of another length `T` weighs by its length: `α_T = 1 − (1 − α)^(T/W)`, so
+//!    the loop waking early on a throttle onset (a short window) moves the
+//!    estimate less, and slicing time into more windows does not bias it. A load
+//!    step up reaches 90 % of its new level in ln(0.1)/ln(0.7) ≈ 6.5 windows; a
+//!    step down takes ≈ 22 windows: decreases are slow and reversible.
+//!    **Start:** until one reference window has been seen, `e` is the
+//!    time-weighted mean of the raw demand so far. (A first window that is short,
+//!    e.g. the early wake-up on a new consumer's first throttling, would otherwise
+//!    set `e` from a fraction of a second, and the slow decrease would take
+//!    ~20 s to forget it.)
 //! 3. **Need** `n = e·(1 + headroom)` (default headroom 20 %), rounded up to a
 //!    whole millicore: a limit at `n` leaves room for the noise around `e` without
 //!    throttling.
@@ -50,6 +58,14 @@ pub struct DemandConfig {
     pub alpha_down: f64,
     /// Fraction added on top of the smoothed demand, ≥ 0.
     pub headroom: f64,
+    /// The window length, in seconds, to which `alpha_up` and `alpha_down` apply
+    /// (the decision tick); windows of other lengths are weighted by length.
+    #[serde(default = "default_window_s")]
+    pub window_s: f64,
+}
+
+fn default_window_s() -> f64 {
+    1.0
 }
 
 impl Default for DemandConfig {
@@ -58,6 +74,7 @@ impl Default for DemandConfig {
             alpha_up: 0.3,
             alpha_down: 0.1,
             headroom: 0.2,
+            window_s: default_window_s(),
         }
     }
 }
@@ -78,6 +95,13 @@ impl DemandConfig {
                 field: "headroom",
                 value: self.headroom,
                 expected: "a finite number ≥ 0",
+            });
+        }
+        if !(self.window_s.is_finite() && self.window_s > 0.0) {
+            return Err(DemandError::InvalidConfig {
+                field: "window_s",
+                value: self.window_s,
+                expected: "a finite number of seconds > 0",
             });
         }
         Ok(())
@@ -205,6 +229,8 @@ pub struct DemandEstimate {
 pub struct DemandEstimator {
     smoothed: Option<f64>,
     samples: u32,
+    /// While less than one reference window was seen: Σ raw·T and Σ T (seconds).
+    start: Option<(f64, f64)>,
 }
 
 impl DemandEstimator {
@@ -215,15 +241,22 @@ impl DemandEstimator {
     /// Folds one window in and returns the new estimate.
     pub fn update(&mut self, sample: &Sample, cfg: &DemandConfig) -> DemandEstimate {
         let raw = sample.raw_demand_millicores();
-        let smoothed = match self.smoothed {
-            None => raw,
-            Some(e) => {
+        let t = sample.window_secs();
+        let smoothed = match (self.smoothed, self.start) {
+            (Some(e), None) => {
                 let alpha = if raw > e {
                     cfg.alpha_up
                 } else {
                     cfg.alpha_down
                 };
-                e + alpha * (raw - e)
+                e + weighted_alpha(alpha, t / cfg.window_s) * (raw - e)
+            }
+            // The start: the time-weighted mean until one reference window is seen.
+            (_, start) => {
+                let (sum, seen) = start.unwrap_or((0.0, 0.0));
+                let (sum, seen) = (sum + raw * t, seen + t);
+                self.start = (seen < cfg.window_s).then_some((sum, seen));
+                sum / seen
             }
         };
         self.smoothed = Some(smoothed);
@@ -245,6 +278,15 @@ impl DemandEstimator {
 
     pub fn samples(&self) -> u32 {
         self.samples
+    }
+}
+
+/// The smoothing factor for a window of `windows` reference windows.
+fn weighted_alpha(alpha: f64, windows: f64) -> f64 {
+    if windows.is_finite() && windows > 0.0 {
+        1.0 - (1.0 - alpha).powf(windows)
+    } else {
+        alpha
     }
 }
 

@@ -183,7 +183,91 @@ fn config_validation_names_the_field() {
         .validate()
         .is_err()
     );
+    assert!(
+        DemandConfig {
+            window_s: 0.0,
+            ..cfg()
+        }
+        .validate()
+        .is_err()
+    );
     assert!(cfg().validate().is_ok());
+}
+
+/// A window of `secs` seconds at `demand` millicores, unthrottled.
+fn window_of(secs: f64, demand: f64) -> Sample {
+    let ns = (secs * 1e9) as u64;
+    Sample {
+        window_ns: ns,
+        usage_ns: (demand / 1000.0 * ns as f64) as u64,
+        throttled_ns: 0,
+        nr_periods: 10,
+        nr_throttled: 0,
+        psi_some_ns: None,
+    }
+}
+
+#[test]
+fn a_short_first_window_does_not_set_the_estimate() {
+    // A square wave of 500 m (1 s at 1000 m, 1 s idle), first seen through a
+    // 0.2 s window of its busy half: the loop woke early on the first throttling.
+    let mut e = DemandEstimator::new();
+    let first = e.update(&window_of(0.2, 1000.0), &cfg());
+    assert!((first.smoothed - 1000.0).abs() < 1.0, "{first:?}");
+    // The rest of the first second: the estimate is the mean so far.
+    let second = e.update(&window_of(0.8, 250.0), &cfg());
+    assert!((second.smoothed - 400.0).abs() < 1.0, "{second:?}");
+    // Then whole windows around 500 m: within 10 % after a few windows, where
+    // starting from 1000 m and decreasing at α_down would still be at 600 m.
+    let mut last = second;
+    for i in 0..6 {
+        last = e.update(
+            &window_of(1.0, if i % 2 == 0 { 600.0 } else { 400.0 }),
+            &cfg(),
+        );
+    }
+    assert!((last.smoothed - 500.0).abs() <= 50.0, "{last:?}");
+    assert_eq!(last.samples, 8);
+}
+
+#[test]
+fn windows_are_weighted_by_length() {
+    // Ten 0.1 s windows move the estimate as far as one 1 s window.
+    let (mut sliced, mut whole) = (DemandEstimator::new(), DemandEstimator::new());
+    sliced.update(&window_of(1.0, 200.0), &cfg());
+    whole.update(&window_of(1.0, 200.0), &cfg());
+    let mut s = None;
+    for _ in 0..10 {
+        s = Some(sliced.update(&window_of(0.1, 1000.0), &cfg()));
+    }
+    let w = whole.update(&window_of(1.0, 1000.0), &cfg());
+    let s = s.map(|s| s.smoothed).unwrap_or_default();
+    assert!(
+        (s - w.smoothed).abs() < 1e-6,
+        "sliced {s} vs whole {}",
+        w.smoothed
+    );
+    assert!(
+        (w.smoothed - 440.0).abs() < 1e-6,
+        "α_up 0.3: {}",
+        w.smoothed
+    );
+    // One short spike moves it a little, not by α_up.
+    let mut e = DemandEstimator::new();
+    e.update(&window_of(1.0, 200.0), &cfg());
+    let spike = e.update(&window_of(0.2, 2000.0), &cfg());
+    let expected = 200.0 + (1.0 - 0.7f64.powf(0.2)) * 1800.0;
+    assert!((spike.smoothed - expected).abs() < 1e-6, "{spike:?}");
+    assert!(spike.smoothed < 350.0, "{spike:?}");
+    // With a 2 s tick, a 2 s window counts as one.
+    let two = DemandConfig {
+        window_s: 2.0,
+        ..cfg()
+    };
+    let mut e = DemandEstimator::new();
+    e.update(&window_of(2.0, 200.0), &two);
+    let w = e.update(&window_of(2.0, 1000.0), &two);
+    assert!((w.smoothed - 440.0).abs() < 1e-6, "{w:?}");
 }
 
 #[test]
