@@ -323,7 +323,7 @@ fn contention_is_weighted_fair_and_stable() {
             .count();
         assert!(
             changes <= 1,
-            "{name} changed {changes} times in 60 s after convergence"
+            "{name} changed {changes} times in 60 s after convergence; log:\n{log}"
         );
     }
 }
