@@ -29,7 +29,7 @@ fn market(n: usize) -> MarketInput {
         .map(|i| {
             let req = 100 + next() % 900;
             Bid {
-                key: PodKey(format!("pod-{i}")),
+                key: PodKey::from(format!("pod-{i}")),
                 weight: req as f64,
                 floor: MilliCpu(req),
                 cap: MilliCpu(8000),
@@ -73,7 +73,7 @@ fn bench_tick(c: &mut Criterion) {
         };
         let views: Vec<PodView> = (0..n)
             .map(|i| PodView {
-                key: PodKey(format!("pod-{i}")),
+                key: PodKey::from(format!("pod-{i}")),
                 current: MilliCpu(500),
                 original: MilliCpu(500),
                 floor: MilliCpu(100),

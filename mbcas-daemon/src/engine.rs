@@ -4,10 +4,7 @@
 //! simulator: callers read counters and current limits however they can, call
 //! [`Engine::step`] with the time, and actuate the changed decisions.
 
-use std::{
-    collections::{HashMap, HashSet},
-    time::Duration,
-};
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -15,7 +12,7 @@ use crate::{
     demand::{Counters, DemandConfig, DemandEstimate, DemandEstimator, Sample},
     market::{self, Bid, Bound, MarketInput, Surplus},
     policy::{Decision, Exclusion, PodView, Policy, PolicyConfig, Reason},
-    units::{MilliCpu, PodKey},
+    units::{KeyMap, KeySet, MilliCpu, PodKey},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -94,7 +91,7 @@ struct Memory {
 pub struct Engine {
     cfg: EngineConfig,
     policy: Policy,
-    memory: HashMap<PodKey, Memory>,
+    memory: KeyMap<Memory>,
 }
 
 impl Engine {
@@ -102,7 +99,7 @@ impl Engine {
         Self {
             cfg,
             policy: Policy::new(cfg.policy),
-            memory: HashMap::new(),
+            memory: KeyMap::default(),
         }
     }
 
@@ -128,7 +125,7 @@ impl Engine {
             }
         }
         if new_keys || self.memory.len() != inputs.len() {
-            let live: HashSet<&PodKey> = inputs.iter().map(|i| &i.key).collect();
+            let live: KeySet = inputs.iter().map(|i| &i.key).collect();
             self.memory.retain(|k, _| live.contains(k));
             self.policy.retain(live);
         }

@@ -96,7 +96,7 @@ pub fn solve(text: &str) -> Result<SolveOutput, SolveError> {
             .allocations
             .into_iter()
             .map(|a| SolvedAllocation {
-                id: a.key.0,
+                id: a.key.to_string(),
                 millicores: a.amount.0,
                 bound: a.bound,
             })
@@ -234,7 +234,7 @@ pub fn parse(text: &str) -> Result<MarketInput, SolveError> {
             ));
         }
         bids.push(Bid {
-            key: PodKey(id),
+            key: PodKey::from(id),
             weight,
             floor,
             cap,

@@ -4,7 +4,7 @@
 //! kernel's cgroup id (the inode number of the cgroup directory), and pods are
 //! named by their Kubernetes UID or, in local mode, by the consumer cgroup's name.
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
@@ -62,9 +62,21 @@ impl fmt::Display for CgroupId {
 
 /// The identity of one consumer: a pod UID (Kubernetes mode) or a consumer
 /// cgroup's name (local mode, simulator).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct PodKey(pub String);
+///
+/// Shared, not copied: every round hands each key to the market, the policy and
+/// the outcome, so a clone is a reference count, not an allocation.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PodKey(Arc<str>);
+
+impl PodKey {
+    pub fn new(key: impl Into<Arc<str>>) -> Self {
+        Self(key.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
 
 impl fmt::Display for PodKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -74,9 +86,38 @@ impl fmt::Display for PodKey {
 
 impl From<&str> for PodKey {
     fn from(s: &str) -> Self {
-        Self(s.to_owned())
+        Self(s.into())
     }
 }
+
+impl From<String> for PodKey {
+    fn from(s: String) -> Self {
+        Self(s.into())
+    }
+}
+
+impl std::borrow::Borrow<str> for PodKey {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Serialize for PodKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for PodKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Self::from)
+    }
+}
+
+/// Hash maps keyed by [`PodKey`] on the decision path (a fast, seeded hash; keys
+/// come from this node's pods, not from a network peer).
+pub type KeyMap<V> = std::collections::HashMap<PodKey, V, foldhash::fast::RandomState>;
+pub type KeySet<'a> = std::collections::HashSet<&'a PodKey, foldhash::fast::RandomState>;
 
 #[cfg(test)]
 mod tests {

@@ -236,7 +236,7 @@ impl NodeLoop {
                 .unwrap_or(current);
             let floor = facts.request().max(self.cfg.decision.market.min_limit);
             let weight = facts.weight(self.cfg.priority_weighting);
-            let key = PodKey(facts.uid.clone());
+            let key = PodKey::from(facts.uid.as_str());
             inputs.push(ConsumerInput {
                 key: key.clone(),
                 counters,
@@ -276,7 +276,7 @@ impl NodeLoop {
             }
             self.metrics.set_pod_allocation(&labels, row.to);
             self.metrics.inc_decision(row.reason.as_str());
-            live.insert(row.key.0.clone(), labels);
+            live.insert(row.key.to_string(), labels);
             // Publish only when the decision changes the pod's limit: an
             // allocation whose resize is still in flight (spec not yet patched)
             // must not be taken back by a round that merely holds.

@@ -234,7 +234,7 @@ impl LocalLoop {
         m.set_market(outcome.price, outcome.capacity, outcome.overcommitted);
         let mut live = Vec::with_capacity(outcome.rows.len());
         for row in &outcome.rows {
-            let labels = crate::metrics::PodLabels::new("", row.key.0.clone());
+            let labels = crate::metrics::PodLabels::new("", row.key.to_string());
             if let Some(e) = row.estimate {
                 m.set_pod_demand(&labels, e.smoothed, row.need);
                 m.set_pod_throttled_ratio(&labels, e.throttled_ratio);
@@ -366,7 +366,7 @@ impl LocalLoop {
                 continue;
             };
             inputs.push(ConsumerInput {
-                key: PodKey(c.name.clone()),
+                key: PodKey::from(c.name.as_str()),
                 counters: Counters {
                     at_ns,
                     usage_ns,
@@ -404,10 +404,10 @@ impl LocalLoop {
             .rows
             .iter()
             .filter(|r| r.estimate.is_some_and(|e| e.throttled_ratio > threshold))
-            .filter_map(|r| self.consumers.get(&r.key.0).map(|c| c.dir.id.0))
+            .filter_map(|r| self.consumers.get(r.key.as_str()).map(|c| c.dir.id.0))
             .collect();
         for row in outcome.rows.iter().filter(|r| r.changed()) {
-            let Some(c) = self.consumers.get_mut(&row.key.0) else {
+            let Some(c) = self.consumers.get_mut(row.key.as_str()) else {
                 continue;
             };
             let q = Quota::from_millicores(row.to, c.original.period_us.max(1000));
@@ -443,7 +443,7 @@ impl LocalLoop {
             .iter()
             .zip(weights)
             .map(|(r, &weight)| ConsumerReport {
-                name: &r.key.0,
+                name: r.key.as_str(),
                 weight,
                 usage_m: r.estimate.map(|e| e.usage),
                 demand_m: r.estimate.map(|e| e.smoothed),
@@ -627,7 +627,7 @@ mod tests {
         std::fs::create_dir(&unreadable).unwrap_or_else(|e| panic!("{e}"));
         std::fs::remove_dir_all(tmp.path().join("removed")).unwrap_or_else(|e| panic!("{e}"));
         let second = lp.round().unwrap_or_else(|e| panic!("{e}"));
-        let keys: Vec<&str> = second.rows.iter().map(|r| r.key.0.as_str()).collect();
+        let keys: Vec<&str> = second.rows.iter().map(|r| r.key.as_str()).collect();
         assert_eq!(
             keys,
             vec!["good"],

@@ -28,7 +28,7 @@
 //! cap. Hence `Σxᵢ ≤ C` (unless overcommitted), every pod is within 10 m of its
 //! exact share, and the result is deterministic for a given input order.
 
-use std::{cmp::Ordering, collections::HashSet};
+use std::cmp::Ordering;
 
 use serde::{Deserialize, Serialize};
 
@@ -137,7 +137,7 @@ pub enum MarketError {
 
 /// Validates a bid list: weights positive and finite, floors ≤ caps, unique keys.
 pub fn validate(bids: &[Bid]) -> Result<(), MarketError> {
-    let mut seen = HashSet::with_capacity(bids.len());
+    let mut seen = crate::units::KeySet::with_capacity_and_hasher(bids.len(), Default::default());
     for b in bids {
         if !(b.weight.is_finite() && b.weight > 0.0) {
             return Err(MarketError::InvalidWeight {

@@ -182,7 +182,7 @@ fn split_respects_requests_and_sums() {
 
 fn arb_bid(i: usize) -> impl Strategy<Value = Bid> {
     (1u32..=4000, 0u64..=1000, 0u64..=3000, 0u64..=5000).prop_map(move |(w, f, extra, n)| Bid {
-        key: PodKey(format!("p{i}")),
+        key: PodKey::from(format!("p{i}")),
         weight: f64::from(w),
         floor: MilliCpu(f),
         cap: MilliCpu(f + extra),

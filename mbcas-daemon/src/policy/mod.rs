@@ -33,11 +33,11 @@
 //! Also here: [`node_capacity`], the capacity the market may hand out (allocatable
 //! minus the node reserve minus the limits of excluded pods).
 
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::units::{MilliCpu, PodKey};
+use crate::units::{KeyMap, KeySet, MilliCpu, PodKey};
 
 const QUANTUM: u64 = crate::market::QUANTUM;
 
@@ -263,14 +263,14 @@ struct PodState {
 #[derive(Clone, Debug)]
 pub struct Policy {
     cfg: PolicyConfig,
-    pods: HashMap<PodKey, PodState>,
+    pods: KeyMap<PodState>,
 }
 
 impl Policy {
     pub fn new(cfg: PolicyConfig) -> Self {
         Self {
             cfg,
-            pods: HashMap::new(),
+            pods: KeyMap::default(),
         }
     }
 
@@ -280,7 +280,7 @@ impl Policy {
 
     /// Forgets pods not in `live` (pods that went away).
     pub fn retain<'a>(&mut self, live: impl IntoIterator<Item = &'a PodKey>) {
-        let live: std::collections::HashSet<&PodKey> = live.into_iter().collect();
+        let live: KeySet = live.into_iter().collect();
         self.pods.retain(|k, _| live.contains(k));
     }
 

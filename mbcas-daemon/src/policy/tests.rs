@@ -292,7 +292,7 @@ fn closed_loop(demands: &[f64], capacity: u64, secs: u64) -> Vec<Vec<(u64, Milli
             };
             let e = est[i].update(&sample, &dcfg);
             bids.push(Bid {
-                key: PodKey(format!("p{i}")),
+                key: PodKey::from(format!("p{i}")),
                 weight: 100.0,
                 floor: MilliCpu(100),
                 cap: MilliCpu(capacity),

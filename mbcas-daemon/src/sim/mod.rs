@@ -353,12 +353,12 @@ fn run_node(
     for ps in &ns.pods {
         for k in 0..ps.count {
             let limit = if unlimited { None } else { ps.limit_m };
-            let key = PodKey(format!("{}-{node_idx}/{}-{k}", ns.name, ps.name));
+            let key = PodKey::from(format!("{}-{node_idx}/{}-{k}", ns.name, ps.name));
             if k == 0 && traced.len() < trace_pods {
                 traced.push(TraceAcc {
                     pod: pods.len(),
                     out: PodTrace {
-                        pod: key.0.clone(),
+                        pod: key.to_string(),
                         ..PodTrace::default()
                     },
                     ..TraceAcc::default()
