@@ -272,25 +272,25 @@ fn target_bound(b: &Bid) -> Bound {
 pub fn water_fill(lower: &[f64], upper: &[f64], weights: &[f64], total: f64) -> f64 {
     // Breakpoints: at lᵢ/wᵢ pod i starts rising (slope += wᵢ, constant -= lᵢ),
     // at uᵢ/wᵢ it stops (slope -= wᵢ, constant += uᵢ).
-    let mut events: Vec<(f64, usize, bool)> = Vec::with_capacity(2 * lower.len());
+    //
+    // Each event is one `u128` sort key: the level's `total_cmp` bits, then
+    // enter before leave at the same level, then the index. The order is total,
+    // so the unstable sort is deterministic, and comparing integers is several
+    // times faster than comparing `(f64, bool, usize)` tuples.
+    let mut events: Vec<u128> = Vec::with_capacity(2 * lower.len());
     for i in 0..lower.len() {
-        events.push((lower[i] / weights[i], i, true));
-        events.push((upper[i] / weights[i], i, false));
+        events.push(event_key(lower[i] / weights[i], true, i));
+        events.push(event_key(upper[i] / weights[i], false, i));
     }
-    // Enter events before leave events at the same level, then by index: deterministic.
-    // The order is total (ties broken by index), so an unstable sort is deterministic.
-    events.sort_unstable_by(|a, b| {
-        a.0.total_cmp(&b.0)
-            .then_with(|| b.2.cmp(&a.2))
-            .then_with(|| a.1.cmp(&b.1))
-    });
+    events.sort_unstable();
     let mut constant: f64 = lower.iter().sum();
     let mut slope = 0.0;
     let mut level = 0.0;
     if constant >= total {
         return 0.0;
     }
-    for (at, i, enter) in events {
+    for key in events {
+        let (at, enter, i) = event_of(key);
         let value = constant + slope * at;
         if value >= total && slope > 0.0 {
             return ((total - constant) / slope).max(level);
@@ -305,6 +305,32 @@ pub fn water_fill(lower: &[f64], upper: &[f64], weights: &[f64], total: f64) -> 
         }
     }
     level
+}
+
+/// Index bits in an event key: enough for any bid list that fits in memory.
+const EVENT_INDEX_BITS: u32 = 63;
+
+/// An f64's bits mapped so that unsigned order is `f64::total_cmp` order.
+fn ordered_bits(x: f64) -> u64 {
+    let b = x.to_bits();
+    if b >> 63 == 1 { !b } else { b | (1 << 63) }
+}
+
+fn from_ordered_bits(b: u64) -> f64 {
+    f64::from_bits(if b >> 63 == 1 { b & !(1 << 63) } else { !b })
+}
+
+fn event_key(at: f64, enter: bool, i: usize) -> u128 {
+    (u128::from(ordered_bits(at)) << 64)
+        | (u128::from(!enter) << EVENT_INDEX_BITS)
+        | (i as u128 & ((1 << EVENT_INDEX_BITS) - 1))
+}
+
+fn event_of(key: u128) -> (f64, bool, usize) {
+    let at = from_ordered_bits((key >> 64) as u64);
+    let enter = (key >> EVENT_INDEX_BITS) & 1 == 0;
+    let i = (key & ((1 << EVENT_INDEX_BITS) - 1)) as usize;
+    (at, enter, i)
 }
 
 /// Rounds exact allocations to the quantum, keeping floors, caps and `Σ ≤ capacity`.

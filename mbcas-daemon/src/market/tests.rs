@@ -311,3 +311,46 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn event_keys_sort_by_level_then_enter_then_index() {
+    let levels = [
+        -1.5,
+        -0.0,
+        0.0,
+        1e-300,
+        0.5,
+        1.0,
+        3.25,
+        1e300,
+        f64::INFINITY,
+    ];
+    for w in levels.windows(2) {
+        assert!(
+            ordered_bits(w[0]) < ordered_bits(w[1]),
+            "{} < {}",
+            w[0],
+            w[1]
+        );
+    }
+    for &x in &levels {
+        assert_eq!(from_ordered_bits(ordered_bits(x)).to_bits(), x.to_bits());
+    }
+    let mut keys = vec![
+        event_key(2.0, false, 0),
+        event_key(2.0, true, 7),
+        event_key(1.0, false, 3),
+        event_key(2.0, true, 1),
+    ];
+    keys.sort_unstable();
+    let decoded: Vec<_> = keys.into_iter().map(event_of).collect();
+    assert_eq!(
+        decoded,
+        [
+            (1.0, false, 3),
+            (2.0, true, 1),
+            (2.0, true, 7),
+            (2.0, false, 0)
+        ]
+    );
+}
