@@ -76,6 +76,9 @@ pub struct ControllerConfig {
     pub max_failure_backoff: Duration,
     /// How often a Pending allocation is looked at again without pod events.
     pub pending_recheck: Duration,
+    /// How long the pod watch may lag behind this controller's own resize: the
+    /// same change is not patched again within it.
+    pub own_patch_settle: Duration,
 }
 
 impl ControllerConfig {
@@ -89,6 +92,7 @@ impl ControllerConfig {
             failure_backoff: Duration::from_secs(60),
             max_failure_backoff: Duration::from_secs(600),
             pending_recheck: Duration::from_secs(30),
+            own_patch_settle: Duration::from_secs(10),
         }
     }
 
@@ -107,6 +111,8 @@ impl ControllerConfig {
 pub struct Memory {
     /// When the controller last patched this pod.
     pub last_change: Option<Duration>,
+    /// What that patch set (container, limit).
+    pub patched: Option<Vec<(String, MilliCpu)>>,
     /// When the current request was made (for the resize latency metric).
     pub requested_at: Option<Duration>,
     /// Consecutive failures, and when patching may be tried again.
@@ -312,6 +318,22 @@ pub fn plan(
         status.applied = a.clone();
     }
     if !changes.is_empty() {
+        // The change this controller patched a moment ago, on a copy of the pod
+        // the watch has not updated yet (the allocation's own status write can
+        // wake the controller first): wait for the watch, not patch again.
+        if mem.patched.as_ref() == Some(&changes)
+            && let Some(settled) = mem
+                .last_change
+                .map(|t| t + cfg.own_patch_settle)
+                .filter(|&t| t > now)
+        {
+            return Plan {
+                status: old,
+                resize: None,
+                event: None,
+                requeue: Some(settled - now),
+            };
+        }
         if let Some(retry) = mem.retry_at.filter(|&t| t > now) {
             // Still backing off after a failure: keep the failure on record.
             status.phase = Phase::Failed;
@@ -671,6 +693,7 @@ pub async fn reconcile(pa: Arc<PodAllocation>, ctx: Arc<Context>) -> Result<Acti
         match result {
             Ok(_) => {
                 mem.last_change = Some(now);
+                mem.patched = Some(changes.clone());
                 mem.requested_at = Some(now);
                 mem.failures = 0;
                 mem.retry_at = None;

@@ -159,6 +159,51 @@ fn decreases_wait_for_the_cooldown_increases_do_not() {
 }
 
 #[test]
+fn its_own_patch_is_not_repeated_while_the_pod_watch_catches_up() {
+    // Patched 500m → 700m at t=100; this copy of the pod still shows 500m.
+    let f = facts(500, 250, Some(500));
+    let requested = PodAllocationStatus {
+        phase: Phase::Pending,
+        reason: Some("ResizeRequested".into()),
+        ..Default::default()
+    };
+    let mem = Memory {
+        last_change: Some(at(100)),
+        patched: Some(vec![("app".into(), MilliCpu(700))]),
+        ..Default::default()
+    };
+    let p = plan(
+        &pa(700, Some(requested.clone())),
+        Some(Ok(&f)),
+        &cfg(),
+        &mem,
+        at(101),
+    );
+    assert_eq!(p.resize, None);
+    assert_eq!(p.event, None);
+    assert_eq!(p.status, requested, "the status is left as it is");
+    assert_eq!(p.requeue, Some(at(9)));
+    // A different change goes through at once.
+    let p = plan(
+        &pa(800, Some(requested.clone())),
+        Some(Ok(&f)),
+        &cfg(),
+        &mem,
+        at(101),
+    );
+    assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(750))]));
+    // Still not seen after the settle time (someone put it back): patched again.
+    let p = plan(
+        &pa(700, Some(requested)),
+        Some(Ok(&f)),
+        &cfg(),
+        &mem,
+        at(111),
+    );
+    assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(700))]));
+}
+
+#[test]
 fn applied_once_the_kubelet_reports_the_limit() {
     let f = facts(700, 250, Some(500));
     let p = plan(
