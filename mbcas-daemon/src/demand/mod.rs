@@ -31,9 +31,11 @@
 //!    e.g. the early wake-up on a new consumer's first throttling, would otherwise
 //!    set `e` from a fraction of a second, and the slow decrease would take
 //!    ~20 s to forget it.)
-//! 3. **Need** `n = e·(1 + headroom)` (default headroom 20 %), rounded up to a
-//!    whole millicore: a limit at `n` leaves room for the noise around `e` without
-//!    throttling.
+//! 3. **Need** `n = e·(1 + headroom)` (default headroom 20 %), rounded up to the
+//!    market's quantum (10 m): a limit at `n` leaves room for the noise around `e`
+//!    without throttling. (The market rounds allocations *down* to the quantum; a
+//!    need that is not a multiple of it lost up to 9 m of its headroom, enough to
+//!    throttle a small bursty pod: 137 m of use, need 165 m, limit 160 m.)
 //!
 //! Windows of zero length, or counters that went backwards (a cgroup recreated
 //! under the same id, a counter reset), are rejected by [`Sample::new`] and leave
@@ -295,7 +297,9 @@ fn weighted_alpha(alpha: f64, windows: f64) -> f64 {
 }
 
 fn need_of(smoothed: f64, cfg: &DemandConfig) -> MilliCpu {
-    let n = (smoothed * (1.0 + cfg.headroom)).ceil();
+    let q = crate::market::QUANTUM as f64;
+    // The small tolerance keeps float noise (e.g. 600.0000000001) from adding a quantum.
+    let n = ((smoothed * (1.0 + cfg.headroom) - 1e-6) / q).ceil() * q;
     if n.is_finite() && n > 0.0 {
         MilliCpu(n as u64)
     } else {

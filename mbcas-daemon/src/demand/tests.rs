@@ -113,8 +113,11 @@ fn headroom_and_rounding() {
         headroom: 0.0,
         ..cfg()
     };
+    // Rounded up to the market's quantum, never down.
     let est = DemandEstimator::new().update(&window(333.3, 4000.0, 0.0), &no_headroom);
-    assert_eq!(est.need, MilliCpu(334));
+    assert_eq!(est.need, MilliCpu(340));
+    let est = DemandEstimator::new().update(&window(137.5, 4000.0, 0.0), &cfg());
+    assert_eq!(est.need, MilliCpu(170));
 }
 
 #[test]
