@@ -287,12 +287,11 @@ impl DemandEstimator {
 fn weighted_alpha(alpha: f64, windows: f64) -> f64 {
     // Windows of one tick are the common case (and the only one in the
     // simulator): no `powf` for them.
-    if (windows - 1.0).abs() < 1e-6 {
+    let whole_tick = (windows - 1.0).abs() < 1e-6;
+    if whole_tick || !(windows.is_finite() && windows > 0.0) {
         alpha
-    } else if windows.is_finite() && windows > 0.0 {
-        1.0 - (1.0 - alpha).powf(windows)
     } else {
-        alpha
+        1.0 - (1.0 - alpha).powf(windows)
     }
 }
 
