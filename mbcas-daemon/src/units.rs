@@ -69,10 +69,6 @@ impl fmt::Display for CgroupId {
 pub struct PodKey(Arc<str>);
 
 impl PodKey {
-    pub fn new(key: impl Into<Arc<str>>) -> Self {
-        Self(key.into())
-    }
-
     pub fn as_str(&self) -> &str {
         &self.0
     }
