@@ -10,13 +10,14 @@ use std::{hint::black_box, time::Duration};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use mbcas::{
     demand::{DemandConfig, DemandEstimator, Sample},
-    market::{Bid, MarketInput, Surplus, clear},
+    market::{Bid, DEFAULT_OVERCOMMIT, MarketInput, clear},
     policy::{PodView, Policy, PolicyConfig},
     units::{MilliCpu, PodKey},
 };
 
-/// A deterministic pseudo-random market: needs and weights spread over a range,
-/// total need about twice the capacity.
+/// A deterministic pseudo-random market: demands and weights spread over a
+/// range, total need about twice the capacity, some CPU idle to lend, and the
+/// over-commit budget binding.
 fn market(n: usize) -> MarketInput {
     let mut s: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut next = move || {
@@ -28,12 +29,14 @@ fn market(n: usize) -> MarketInput {
     let bids: Vec<Bid> = (0..n)
         .map(|i| {
             let req = 100 + next() % 900;
+            let d = next() % 3000;
             Bid {
                 key: PodKey::from(format!("pod-{i}")),
                 weight: req as f64,
                 floor: MilliCpu(req),
                 cap: MilliCpu(8000),
-                need: MilliCpu(next() % 3000),
+                demand: MilliCpu(d),
+                need: MilliCpu(d + d / 5),
             }
         })
         .collect();
@@ -41,7 +44,9 @@ fn market(n: usize) -> MarketInput {
     let needs: u64 = bids.iter().map(|b| b.need.0.max(b.floor.0)).sum();
     MarketInput {
         capacity: MilliCpu(floors + (needs - floors.min(needs)) / 2),
-        surplus: Surplus::Distribute,
+        total_weight: None,
+        idle: MilliCpu(floors / 10),
+        overcommit: DEFAULT_OVERCOMMIT,
         bids,
     }
 }
@@ -78,6 +83,7 @@ fn bench_tick(c: &mut Criterion) {
                 original: MilliCpu(500),
                 floor: MilliCpu(100),
                 proposed: MilliCpu(520 + (i as u64 % 7) * 40),
+                base: MilliCpu(520),
                 need: MilliCpu(600),
                 throttled_ratio: 0.2,
                 samples: 10,

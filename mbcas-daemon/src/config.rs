@@ -14,11 +14,10 @@
 
 use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
-use clap::{Args, builder::TypedValueParser as _};
+use clap::Args;
 
 use crate::{
     demand::{DemandConfig, DemandError},
-    market::Surplus,
     policy::{PolicyConfig, PolicyError},
     units::MilliCpu,
 };
@@ -45,14 +44,21 @@ pub struct DecisionArgs {
     #[arg(long, env = "MBCAS_MIN_LIMIT", value_name = "CPU", default_value = "100m",
           value_parser = parse_cpu, help_heading = "Market")]
     pub min_limit: MilliCpu,
-    /// What to do with capacity left once every pod has what it needs:
-    /// `distribute` spreads it by weight (limits above need absorb bursts), `hold` keeps it.
-    #[arg(long, env = "MBCAS_SURPLUS", value_name = "POLICY", default_value = "distribute",
-          value_parser = clap::builder::PossibleValuesParser::new(["distribute", "hold"])
-              .try_map(|s| parse_surplus(&s)),
-          help_heading = "Market")]
-    pub surplus: Surplus,
-    /// Share of the node's allocatable CPU the market never hands out.
+    /// How far limits may add up beyond the node's capacity (ρ): limits are
+    /// ceilings, the kernel's cpu.weight shares the CPU under contention. Each pod
+    /// keeps at least its weighted share of the node; idle CPU is lent on top, up
+    /// to ρ × capacity in all. 1 = a strict partition (Σ limits ≤ capacity).
+    #[arg(
+        long,
+        env = "MBCAS_OVERCOMMIT",
+        value_name = "FACTOR",
+        default_value = "2",
+        help_heading = "Market",
+        allow_hyphen_values = true
+    )]
+    pub overcommit: f64,
+    /// Share of the node's CPU held back from what is lent while the node is busy
+    /// (a soft reserve: it never lowers a pod's weighted share).
     #[arg(long, env = "MBCAS_NODE_RESERVE", value_name = "FRACTION", default_value = "10%",
           value_parser = parse_fraction, help_heading = "Market",
           allow_hyphen_values = true)]
@@ -142,8 +148,10 @@ pub struct DecisionArgs {
         allow_hyphen_values = true
     )]
     pub alpha_down: f64,
-    /// Headroom added on top of the smoothed demand.
-    #[arg(long, env = "MBCAS_HEADROOM", value_name = "FRACTION", default_value = "20%",
+    /// Smallest headroom above the smoothed demand, as a share of it (the
+    /// headroom is also at least twice the demand's deviation, what it used
+    /// lately above it, and 10m).
+    #[arg(long, env = "MBCAS_HEADROOM", value_name = "FRACTION", default_value = "5%",
           value_parser = parse_fraction, help_heading = "Demand model",
           allow_hyphen_values = true)]
     pub headroom: f64,
@@ -183,10 +191,12 @@ pub struct DecisionArgs {
 /// Market parameters the daemon applies around [`crate::market::clear`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MarketConfig {
-    pub surplus: Surplus,
+    /// Over-commit factor ρ ≥ 1 (see [`crate::market`]).
+    pub overcommit: f64,
     /// Floor for every pod's limit (a pod's floor is max(request, this)).
     pub min_limit: MilliCpu,
-    /// Fraction of allocatable CPU kept back, in [0, 1) (see [`crate::policy::node_capacity`]).
+    /// Fraction of the capacity held back from what is lent, in [0, 1) (see
+    /// [`crate::policy::lendable_idle`]).
     pub node_reserve: f64,
     /// Cap as a multiple of the original limit; `None` = market capacity only.
     pub cap_factor: Option<f64>,
@@ -290,6 +300,9 @@ impl DecisionArgs {
                 "at least 10m (a 1 ms quota per 100 ms period)",
             ));
         }
+        if !(self.overcommit.is_finite() && (1.0..=100.0).contains(&self.overcommit)) {
+            return Err(invalid("overcommit", self.overcommit, "in [1, 100]"));
+        }
         if !(0.0..1.0).contains(&self.node_reserve) {
             return Err(invalid("node-reserve", self.node_reserve, "in [0, 1)"));
         }
@@ -370,7 +383,7 @@ impl DecisionArgs {
             tick: self.tick,
             debounce: self.debounce,
             market: MarketConfig {
-                surplus: self.surplus,
+                overcommit: self.overcommit,
                 min_limit: self.min_limit,
                 node_reserve: self.node_reserve,
                 cap_factor: (self.cap_factor > 0.0).then_some(self.cap_factor),
@@ -443,14 +456,6 @@ pub fn parse_fraction(s: &str) -> Result<f64, String> {
         return Err(format!("{s:?} is not a finite number"));
     }
     Ok(v)
-}
-
-fn parse_surplus(s: &str) -> Result<Surplus, String> {
-    match s.trim() {
-        "distribute" => Ok(Surplus::Distribute),
-        "hold" => Ok(Surplus::Hold),
-        _ => Err(format!("{s:?}: expected `distribute` or `hold`")),
-    }
 }
 
 #[cfg(test)]

@@ -9,9 +9,9 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::{
-    demand::{Counters, DemandConfig, DemandEstimate, DemandEstimator, Sample},
-    market::{self, Bid, Bound, MarketInput, Surplus},
-    policy::{Decision, Exclusion, PodView, Policy, PolicyConfig, Reason},
+    demand::{Counters, DemandConfig, DemandEstimate, DemandEstimator, Sample, throttle_need},
+    market::{self, Bid, Bound, MarketInput},
+    policy::{Decision, Exclusion, PodView, Policy, PolicyConfig, Reason, lendable_idle},
     units::{KeyMap, KeySet, MilliCpu, PodKey},
 };
 
@@ -19,7 +19,10 @@ use crate::{
 pub struct EngineConfig {
     pub demand: DemandConfig,
     pub policy: PolicyConfig,
-    pub surplus: Surplus,
+    /// The market's over-commit factor ρ (limits may add up to ρ × capacity).
+    pub overcommit: f64,
+    /// The soft node reserve, a fraction of capacity held back from what is lent.
+    pub reserve: f64,
 }
 
 impl Default for EngineConfig {
@@ -27,7 +30,28 @@ impl Default for EngineConfig {
         Self {
             demand: DemandConfig::default(),
             policy: PolicyConfig::default(),
-            surplus: Surplus::Distribute,
+            overcommit: market::DEFAULT_OVERCOMMIT,
+            reserve: 0.10,
+        }
+    }
+}
+
+/// What the caller knows about the node this round.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NodeInput {
+    /// What the managed consumers may use between them (allocatable minus what
+    /// unmanaged pods may use).
+    pub capacity: MilliCpu,
+    /// Weight of the pods on the node that are not among the inputs (unmanaged
+    /// pods the caller left out); the inputs' own weights are counted anyway.
+    pub other_weight: f64,
+}
+
+impl NodeInput {
+    pub fn new(capacity: MilliCpu) -> Self {
+        Self {
+            capacity,
+            other_weight: 0.0,
         }
     }
 }
@@ -55,6 +79,8 @@ pub struct Row {
     pub estimate: Option<DemandEstimate>,
     pub need: MilliCpu,
     pub allocation: MilliCpu,
+    /// The market's base (`max(entitlement, fair level)`, quantised).
+    pub base: MilliCpu,
     pub bound: Option<Bound>,
     pub from: MilliCpu,
     pub to: MilliCpu,
@@ -72,6 +98,10 @@ pub struct StepOutcome {
     pub price: f64,
     pub overcommitted: bool,
     pub capacity: MilliCpu,
+    /// What the limits may add up to.
+    pub budget: MilliCpu,
+    /// Idle CPU the market could lend this round.
+    pub idle: MilliCpu,
     pub rows: Vec<Row>,
 }
 
@@ -111,9 +141,10 @@ impl Engine {
     pub fn step(
         &mut self,
         now: Duration,
-        capacity: MilliCpu,
+        node: &NodeInput,
         inputs: &[ConsumerInput],
     ) -> Result<StepOutcome, EngineError> {
+        let capacity = node.capacity;
         // Forget consumers no longer listed. After the inserts below the memory
         // holds every listed key, so it holds exactly those when the sizes match
         // and no key was new: then (the common case) nothing needs pruning.
@@ -149,7 +180,18 @@ impl Engine {
             }
             estimates.push(est.or(mem.last_estimate));
         }
-        // Excluded consumers keep their limits and do not bid.
+        // Excluded consumers keep their limits and do not bid; their weight
+        // counts in the entitlements, as cpu.weight counts every group.
+        let target = self.cfg.policy.throttled_threshold;
+        let needs: Vec<MilliCpu> = inputs
+            .iter()
+            .zip(&estimates)
+            .map(|(inp, e)| {
+                e.map_or(inp.current, |e| {
+                    throttle_need(e.need, inp.current, e.throttled_ratio, target)
+                })
+            })
+            .collect();
         let bidders: Vec<usize> = (0..inputs.len())
             .filter(|&i| inputs[i].exclusion.is_none())
             .collect();
@@ -157,25 +199,41 @@ impl Engine {
             .iter()
             .map(|&i| {
                 let inp = &inputs[i];
-                let need = estimates[i].map_or(inp.current, |e| e.need);
-                let floor = inp.floor.min(inp.cap);
+                let demand = estimates[i].map_or(inp.current, |e| {
+                    MilliCpu(e.smoothed.max(0.0).ceil().min(u64::MAX as f64) as u64)
+                });
                 Bid {
                     key: inp.key.clone(),
                     weight: inp.weight,
-                    floor,
+                    floor: inp.floor.min(inp.cap),
                     cap: inp.cap,
-                    need,
+                    demand,
+                    need: needs[i],
                 }
             })
             .collect();
+        // What the bidders used over the last window (their limit when unknown).
+        let usage: f64 = bidders
+            .iter()
+            .map(|&i| estimates[i].map_or(inputs[i].current.0 as f64, |e| e.usage))
+            .sum();
+        let idle = lendable_idle(capacity, usage, self.cfg.reserve);
+        let total_weight: f64 = inputs
+            .iter()
+            .filter(|i| i.weight.is_finite() && i.weight > 0.0)
+            .map(|i| i.weight)
+            .sum::<f64>()
+            + node.other_weight.max(0.0);
         let outcome = market::clear(&MarketInput {
             capacity,
-            surplus: self.cfg.surplus,
+            total_weight: Some(total_weight),
+            idle,
+            overcommit: self.cfg.overcommit,
             bids,
         })?;
-        let mut alloc: Vec<Option<(MilliCpu, Bound)>> = vec![None; inputs.len()];
+        let mut alloc: Vec<Option<&market::Allocation>> = vec![None; inputs.len()];
         for (&i, a) in bidders.iter().zip(&outcome.allocations) {
-            alloc[i] = Some((a.amount, a.bound));
+            alloc[i] = Some(a);
         }
         let views: Vec<PodView> = inputs
             .iter()
@@ -185,15 +243,16 @@ impl Engine {
                 current: inp.current,
                 original: inp.original,
                 floor: inp.floor,
-                proposed: alloc[i].map_or(inp.current, |a| a.0),
-                need: estimates[i].map_or(inp.current, |e| e.need),
+                proposed: alloc[i].map_or(inp.current, |a| a.amount),
+                base: alloc[i].map_or(inp.current, |a| a.base),
+                need: needs[i],
                 throttled_ratio: estimates[i].map_or(0.0, |e| e.throttled_ratio),
                 samples: estimates[i].map_or(0, |e| e.samples),
                 exclusion: inp.exclusion,
             })
             .collect();
         // Before the first full window nothing is known: hold.
-        let mut decisions: Vec<Decision> = self.policy.decide(now, capacity, &views);
+        let mut decisions: Vec<Decision> = self.policy.decide(now, outcome.budget, &views);
         for (i, d) in decisions.iter_mut().enumerate() {
             if estimates[i].is_none() && d.changed() && d.reason != Reason::BelowFloor {
                 d.to = d.from;
@@ -207,9 +266,10 @@ impl Engine {
             .map(|(i, (inp, d))| Row {
                 key: inp.key.clone(),
                 estimate: estimates[i],
-                need: estimates[i].map_or(inp.current, |e| e.need),
-                allocation: alloc[i].map_or(inp.current, |a| a.0),
-                bound: alloc[i].map(|a| a.1),
+                need: needs[i],
+                allocation: alloc[i].map_or(inp.current, |a| a.amount),
+                base: alloc[i].map_or(inp.current, |a| a.base),
+                bound: alloc[i].map(|a| a.bound),
                 from: d.from,
                 to: d.to,
                 reason: d.reason,
@@ -219,6 +279,8 @@ impl Engine {
             price: outcome.price,
             overcommitted: outcome.overcommitted,
             capacity,
+            budget: outcome.budget,
+            idle,
             rows,
         })
     }
@@ -263,7 +325,7 @@ mod tests {
         let mut e = Engine::new(EngineConfig::default());
         let first = e.step(
             Duration::from_secs(0),
-            MilliCpu(2000),
+            &NodeInput::new(MilliCpu(2000)),
             &[input("a", counters(0, 0, 0, 0, 0), 200)],
         );
         let first = first.unwrap_or_else(|e| panic!("{e}"));
@@ -275,17 +337,20 @@ mod tests {
         let second = e
             .step(
                 Duration::from_secs(1),
-                MilliCpu(2000),
+                &NodeInput::new(MilliCpu(2000)),
                 &[input("a", counters(1, 200, 800, 10, 10), 200)],
             )
             .unwrap_or_else(|e| panic!("{e}"));
         let r = &second.rows[0];
-        assert_eq!(r.need, MilliCpu(1200));
+        // 1000 m of demand, 5 % headroom.
+        assert_eq!(r.need, MilliCpu(1050));
+        // Alone on the node its entitlement is the whole node: its quota must
+        // not bind before cpu.weight would, so it goes there at once.
         assert!(
-            r.changed() && r.to == MilliCpu(300),
-            "step-limited increase: {r:?}"
+            r.changed() && r.to == MilliCpu(2000),
+            "fair-share increase: {r:?}"
         );
-        assert_eq!(r.reason, Reason::MaxStepUp);
+        assert_eq!(r.reason, Reason::IncreaseThrottled);
     }
 
     #[test]
@@ -294,7 +359,7 @@ mod tests {
         let mut x = input("x", counters(0, 0, 0, 0, 0), 500);
         x.exclusion = Some(Exclusion::Guaranteed);
         let out = e
-            .step(Duration::ZERO, MilliCpu(1000), &[x])
+            .step(Duration::ZERO, &NodeInput::new(MilliCpu(1000)), &[x])
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(out.rows[0].reason, Reason::ExcludedGuaranteed);
         assert_eq!(out.rows[0].bound, None);
@@ -305,12 +370,12 @@ mod tests {
         let mut e = Engine::new(EngineConfig::default());
         let _ = e.step(
             Duration::ZERO,
-            MilliCpu(2000),
+            &NodeInput::new(MilliCpu(2000)),
             &[input("a", counters(0, 0, 0, 0, 0), 500)],
         );
         let ok = e.step(
             Duration::from_secs(1),
-            MilliCpu(2000),
+            &NodeInput::new(MilliCpu(2000)),
             &[input("a", counters(1, 300, 0, 10, 0), 500)],
         );
         let need = ok.map(|o| o.rows[0].need).unwrap_or_default();
@@ -318,7 +383,7 @@ mod tests {
         let reset = e
             .step(
                 Duration::from_secs(2),
-                MilliCpu(2000),
+                &NodeInput::new(MilliCpu(2000)),
                 &[input("a", counters(2, 10, 0, 1, 0), 500)],
             )
             .unwrap_or_else(|e| panic!("{e}"));
@@ -333,8 +398,12 @@ mod tests {
                 .iter()
                 .map(|k| input(k, counters(t, 100 * t, 0, 10 * t, 0), 500))
                 .collect();
-            e.step(Duration::from_secs(t), MilliCpu(2000), &inputs)
-                .unwrap_or_else(|e| panic!("{e}"))
+            e.step(
+                Duration::from_secs(t),
+                &NodeInput::new(MilliCpu(2000)),
+                &inputs,
+            )
+            .unwrap_or_else(|e| panic!("{e}"))
         };
         let _ = step(&mut e, 0, &["a", "b"]);
         let both = step(&mut e, 1, &["a", "b"]);

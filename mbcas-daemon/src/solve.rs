@@ -1,10 +1,13 @@
 //! `mbcas solve`: clear the market on JSON input and print the outcome as JSON.
 //!
 //! Input (stdin or `--input FILE`):
-//! `{"capacity_millicores": C, "surplus": "distribute"|"hold", "pods": [{"id": "...",
-//! "weight": w, "floor_millicores": f, "cap_millicores": M, "need_millicores": n}]}`
-//! (`surplus` is optional, default `distribute`). Output:
-//! `{"price": λ, "overcommitted": bool, "allocations": [{"id", "millicores", "bound"}]}`.
+//! `{"capacity_millicores": C, "overcommit": ρ, "idle_millicores": I, "total_weight": W,
+//! "pods": [{"id": "...", "weight": w, "floor_millicores": f, "cap_millicores": M,
+//! "demand_millicores": d, "need_millicores": n}]}`, the market of [`crate::market`]
+//! (`overcommit` is optional, default 2; `idle_millicores` default 0; `total_weight`
+//! default the pods' total; `demand_millicores` default the need). Output:
+//! `{"price": λ, "budget_millicores": B, "overcommitted": bool,
+//! "allocations": [{"id", "millicores", "base_millicores", "bound"}]}`.
 //! Invalid input exits with code 2 and a message naming the field; nothing is
 //! printed on stdout then.
 
@@ -14,7 +17,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::{
-    market::{self, Bid, MarketInput, Surplus},
+    market::{self, Bid, MarketInput},
     units::{MilliCpu, PodKey},
 };
 
@@ -54,6 +57,7 @@ impl SolveError {
 #[derive(Debug, Serialize)]
 pub struct SolveOutput {
     pub price: f64,
+    pub budget_millicores: u64,
     pub overcommitted: bool,
     pub allocations: Vec<SolvedAllocation>,
 }
@@ -62,6 +66,7 @@ pub struct SolveOutput {
 pub struct SolvedAllocation {
     pub id: String,
     pub millicores: u64,
+    pub base_millicores: u64,
     pub bound: market::Bound,
 }
 
@@ -91,6 +96,7 @@ pub fn solve(text: &str) -> Result<SolveOutput, SolveError> {
     let outcome = market::clear(&input)?;
     Ok(SolveOutput {
         price: outcome.price,
+        budget_millicores: outcome.budget.0,
         overcommitted: outcome.overcommitted,
         allocations: outcome
             .allocations
@@ -98,6 +104,7 @@ pub fn solve(text: &str) -> Result<SolveOutput, SolveError> {
             .map(|a| SolvedAllocation {
                 id: a.key.to_string(),
                 millicores: a.amount.0,
+                base_millicores: a.base.0,
                 bound: a.bound,
             })
             .collect(),
@@ -165,14 +172,31 @@ pub fn parse(text: &str) -> Result<MarketInput, SolveError> {
         .as_object()
         .ok_or_else(|| field_err("(root)", "must be an object"))?;
     let capacity = millicores(get(obj, "", "capacity_millicores")?, "capacity_millicores")?;
-    let surplus = match obj.get("surplus") {
-        None => Surplus::default(),
-        Some(Value::String(s)) if s == "distribute" => Surplus::Distribute,
-        Some(Value::String(s)) if s == "hold" => Surplus::Hold,
+    let overcommit = match obj.get("overcommit") {
+        None => market::DEFAULT_OVERCOMMIT,
+        Some(Value::Number(n)) if n.as_f64().is_some_and(|r| r.is_finite() && r >= 1.0) => {
+            n.as_f64().unwrap_or(market::DEFAULT_OVERCOMMIT)
+        }
         Some(other) => {
             return Err(field_err(
-                "surplus",
-                format!("must be \"distribute\" or \"hold\", got {other}"),
+                "overcommit",
+                format!("must be a number ≥ 1, got {other}"),
+            ));
+        }
+    };
+    let idle = match obj.get("idle_millicores") {
+        None => MilliCpu::ZERO,
+        Some(v) => millicores(v, "idle_millicores")?,
+    };
+    let total_weight = match obj.get("total_weight") {
+        None => None,
+        Some(Value::Number(n)) if n.as_f64().is_some_and(|w| w.is_finite() && w > 0.0) => {
+            n.as_f64()
+        }
+        Some(other) => {
+            return Err(field_err(
+                "total_weight",
+                format!("must be a number > 0, got {other}"),
             ));
         }
     };
@@ -227,6 +251,10 @@ pub fn parse(text: &str) -> Result<MarketInput, SolveError> {
             get(p, &path, "need_millicores")?,
             &join(&path, "need_millicores"),
         )?;
+        let demand = match p.get("demand_millicores") {
+            None => need,
+            Some(v) => millicores(v, &join(&path, "demand_millicores"))?,
+        };
         if floor > cap {
             return Err(field_err(
                 join(&path, "floor_millicores"),
@@ -238,12 +266,15 @@ pub fn parse(text: &str) -> Result<MarketInput, SolveError> {
             weight,
             floor,
             cap,
+            demand,
             need,
         });
     }
     Ok(MarketInput {
         capacity,
-        surplus,
+        total_weight,
+        idle,
+        overcommit,
         bids,
     })
 }
@@ -272,7 +303,8 @@ mod tests {
                 .iter()
                 .map(|a| a.millicores)
                 .collect::<Vec<_>>(),
-            vec![500, 500]
+            vec![500, 500],
+            "contended, no headroom, nothing idle: each at its fair share"
         );
     }
 
@@ -289,8 +321,8 @@ mod tests {
         assert!(err_of(r#"{"pods": []}"#).starts_with("capacity_millicores: missing"));
         assert!(err_of(r#"{"capacity_millicores": -5, "pods": []}"#).contains("negative"));
         assert!(
-            err_of(r#"{"capacity_millicores": 5, "surplus": "x", "pods": []}"#)
-                .starts_with("surplus")
+            err_of(r#"{"capacity_millicores": 5, "overcommit": 0.5, "pods": []}"#)
+                .starts_with("overcommit")
         );
         assert!(err_of("[").contains("not JSON"));
     }

@@ -1,50 +1,131 @@
 //! Outcome tests: the claims of the README's "How MBCAS compares", checked on
-//! the shipped scenarios with seed 1. A claim that does not hold stays here,
-//! `#[ignore]`d with its numbers, so the failure is documented and loud
+//! every shipped scenario over several seeds. A claim that does not hold stays
+//! here, `#[ignore]`d with its numbers, so the failure is documented and loud
 //! (`cargo test -- --ignored` shows it).
+
+use std::{
+    collections::HashMap,
+    sync::{Mutex, OnceLock},
+};
 
 use mbcas::sim::{PolicyMetrics, run_policy, scenario::Scenario};
 
-const SEED: u64 = 1;
+const SEEDS: [u64; 3] = [1, 2, 3];
 
-fn run(scenario: &str, policy: &str) -> PolicyMetrics {
+const SCENARIOS: [&str; 7] = [
+    "steady-mix",
+    "step-up-down",
+    "noisy-neighbour",
+    "startup-storm",
+    "diurnal",
+    "overcommitted",
+    "bursty-microservices",
+];
+
+/// (scenario, policy, seed) → outcome.
+type Runs = Mutex<HashMap<(String, String, u64), PolicyMetrics>>;
+
+/// Runs are shared between the claims (the same scenario, policy and seed is
+/// simulated once per test binary).
+fn run(scenario: &str, policy: &str, seed: u64) -> PolicyMetrics {
+    static CACHE: OnceLock<Runs> = OnceLock::new();
+    let key = (scenario.to_owned(), policy.to_owned(), seed);
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(m) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        return m;
+    }
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../scenarios")
         .join(format!("{scenario}.json"));
     let s = Scenario::from_file(&path).unwrap_or_else(|e| panic!("{e}"));
-    run_policy(&s, policy, SEED).unwrap_or_else(|| panic!("{policy} unknown"))
+    let m = run_policy(&s, policy, seed).unwrap_or_else(|| panic!("{policy} unknown"));
+    if let Ok(mut c) = cache.lock() {
+        c.insert(key, m.clone());
+    }
+    m
 }
 
+/// Throttled p50 ≤ min(static, 0.05) and p99 ≤ static.
 fn throttles_less_than_static(scenario: &str) {
-    let (mb, st) = (run(scenario, "mbcas"), run(scenario, "static"));
-    assert!(
-        mb.throttled_ratio_p50 < st.throttled_ratio_p50
-            || (st.throttled_ratio_p50 == 0.0 && mb.throttled_ratio_p50 == 0.0),
-        "{scenario}: throttled p50 mbcas {:.3} vs static {:.3}",
-        mb.throttled_ratio_p50,
-        st.throttled_ratio_p50
-    );
-    assert!(
-        mb.throttled_ratio_p99 <= st.throttled_ratio_p99,
-        "{scenario}: throttled p99 mbcas {:.3} vs static {:.3}",
-        mb.throttled_ratio_p99,
-        st.throttled_ratio_p99
-    );
+    for seed in SEEDS {
+        let (mb, st) = (run(scenario, "mbcas", seed), run(scenario, "static", seed));
+        assert!(
+            mb.throttled_ratio_p50 <= st.throttled_ratio_p50.min(0.05),
+            "{scenario} seed {seed}: throttled p50 mbcas {:.3} vs static {:.3} (and 0.05)",
+            mb.throttled_ratio_p50,
+            st.throttled_ratio_p50
+        );
+        assert!(
+            mb.throttled_ratio_p99 <= st.throttled_ratio_p99,
+            "{scenario} seed {seed}: throttled p99 mbcas {:.3} vs static {:.3}",
+            mb.throttled_ratio_p99,
+            st.throttled_ratio_p99
+        );
+    }
+}
+
+/// Unmet demand ≤ 1.10 × no limits' + 0.5 % of all demand.
+fn unmet_close_to_no_limits(scenario: &str) {
+    for seed in SEEDS {
+        let (mb, nl) = (
+            run(scenario, "mbcas", seed),
+            run(scenario, "nolimits", seed),
+        );
+        let bound = 1.10 * nl.unmet_core_seconds + 0.005 * mb.demand_core_seconds;
+        assert!(
+            mb.unmet_core_seconds <= bound,
+            "{scenario} seed {seed}: unmet mbcas {:.1} core·s vs no limits {:.1} (bound {bound:.1}, demand {:.1})",
+            mb.unmet_core_seconds,
+            nl.unmet_core_seconds,
+            mb.demand_core_seconds
+        );
+    }
+}
+
+/// Quotas hold back CPU while the node idles for at most 1 % of the demand.
+fn little_throttling_while_idle(scenario: &str) {
+    for seed in SEEDS {
+        let mb = run(scenario, "mbcas", seed);
+        assert!(
+            mb.idle_while_throttled_core_seconds <= 0.01 * mb.demand_core_seconds,
+            "{scenario} seed {seed}: idle while throttled {:.1} core·s of {:.1} demand",
+            mb.idle_while_throttled_core_seconds,
+            mb.demand_core_seconds
+        );
+    }
+}
+
+/// At most 40 resizes per pod-hour, fewer than Autothrottle, nobody starved.
+fn stable_and_no_starvation(scenario: &str) {
+    for seed in SEEDS {
+        let (mb, at) = (
+            run(scenario, "mbcas", seed),
+            run(scenario, "autothrottle", seed),
+        );
+        assert!(
+            mb.resizes_per_pod_hour <= 40.0,
+            "{scenario} seed {seed}: {:.1} resizes/pod·h",
+            mb.resizes_per_pod_hour
+        );
+        assert!(
+            mb.resizes_per_pod_hour < at.resizes_per_pod_hour,
+            "{scenario} seed {seed}: resizes/pod·h mbcas {:.1} vs autothrottle {:.1}",
+            mb.resizes_per_pod_hour,
+            at.resizes_per_pod_hour
+        );
+        assert_eq!(mb.starved_pods, 0, "{scenario} seed {seed}: {mb:?}");
+    }
 }
 
 fn fair_under_contention(scenario: &str) {
-    let mb = run(scenario, "mbcas");
-    assert!(mb.jain >= 0.95, "{scenario}: Jain {:.3}", mb.jain);
-}
-
-fn fewer_resizes_than_autothrottle(scenario: &str) {
-    let (mb, at) = (run(scenario, "mbcas"), run(scenario, "autothrottle"));
-    assert!(
-        mb.resizes_per_pod_hour < at.resizes_per_pod_hour,
-        "{scenario}: resizes/pod·h mbcas {:.1} vs autothrottle {:.1}",
-        mb.resizes_per_pod_hour,
-        at.resizes_per_pod_hour
-    );
+    for seed in SEEDS {
+        let mb = run(scenario, "mbcas", seed);
+        assert!(
+            mb.jain >= 0.95,
+            "{scenario} seed {seed}: Jain {:.3}",
+            mb.jain
+        );
+    }
 }
 
 macro_rules! per_scenario {
@@ -61,45 +142,73 @@ macro_rules! per_scenario {
     };
 }
 
-per_scenario!(throttles_less_than_static:
-    #[ignore = "claim does not hold: throttled p50 mbcas 0.735 vs static 0.205 (the 10 % reserve leaves 400 m idle while demand is 95 % of the node); see README, How MBCAS compares"]
+macro_rules! every_scenario {
+    ($($claim:ident),*) => {
+        $(
+            per_scenario!($claim:
+                steady_mix = "steady-mix",
+                step_up_down = "step-up-down",
+                noisy_neighbour = "noisy-neighbour",
+                startup_storm = "startup-storm",
+                diurnal = "diurnal",
+                overcommitted = "overcommitted",
+                bursty_microservices = "bursty-microservices",
+            );
+        )*
+    };
+}
+
+every_scenario!(
+    throttles_less_than_static,
+    unmet_close_to_no_limits,
+    stable_and_no_starvation
+);
+
+per_scenario!(little_throttling_while_idle:
     steady_mix = "steady-mix",
-    #[ignore = "claim does not hold: throttled p50 mbcas 0.488 vs static 0.000 (demand is 90 % of the node, then 135 % from 120 s to 300 s: with the 10 % reserve every mbcas pod is held at its quota, static pods mostly wait on the run queue instead); see README, How MBCAS compares"]
     step_up_down = "step-up-down",
     noisy_neighbour = "noisy-neighbour",
     startup_storm = "startup-storm",
     diurnal = "diurnal",
-    #[ignore = "claim does not hold: throttled p50 mbcas 0.988 vs static 0.000 (static limits sum to 150 % of the node: contention, not quota, holds pods back; unmet demand mbcas 12462 vs static 11513 core·s, the difference being the 10 % reserve); see README, How MBCAS compares"]
     overcommitted = "overcommitted",
-    #[ignore = "claim does not hold: throttled p50 mbcas 0.285 = static 0.285; see README, How MBCAS compares"]
+    #[ignore = "claim does not hold: seed 1 idle while throttled 68.4 core·s of 6302.9 demand (1.09 % > 1 %): 3 s bursts of 800 m from pods whose ceilings the over-commit budget holds near 840-930 m; see README, How MBCAS compares"]
     bursty_microservices = "bursty-microservices",
 );
 
 per_scenario!(fair_under_contention:
-    #[ignore = "claim does not hold: Jain 0.949 < 0.95 (static 0.941); see README, How MBCAS compares"]
+    #[ignore = "claim does not hold: Jain 0.941 < 0.95 on seed 1 (static 0.941, no limits 1.000): the Jain index here averages the rare periods where pods contend; see README, How MBCAS compares"]
     noisy_neighbour = "noisy-neighbour",
     startup_storm = "startup-storm",
     overcommitted = "overcommitted",
-);
-
-per_scenario!(fewer_resizes_than_autothrottle:
-    steady_mix = "steady-mix",
-    step_up_down = "step-up-down",
-    noisy_neighbour = "noisy-neighbour",
-    startup_storm = "startup-storm",
-    diurnal = "diurnal",
-    overcommitted = "overcommitted",
-    bursty_microservices = "bursty-microservices",
 );
 
 #[test]
+fn every_shipped_scenario_is_covered() {
+    let mut shipped: Vec<String> =
+        std::fs::read_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios"))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".json"))
+                    .map(str::to_owned)
+            })
+            .collect();
+    shipped.sort();
+    let mut ours: Vec<&str> = SCENARIOS.to_vec();
+    ours.sort_unstable();
+    assert_eq!(shipped, ours);
+}
+
+#[test]
 fn no_starvation_in_the_startup_storm_where_burst_oscillates() {
-    let burst = run("startup-storm", "burst");
+    let burst = run("startup-storm", "burst", 1);
     assert!(
         burst.oscillations > 0,
         "premise: burst oscillates in the storm ({burst:?})"
     );
-    let mb = run("startup-storm", "mbcas");
+    let mb = run("startup-storm", "mbcas", 1);
     assert_eq!(mb.starved_pods, 0, "{mb:?}");
     assert!(
         mb.oscillations < burst.oscillations,

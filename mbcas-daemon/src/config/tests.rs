@@ -44,7 +44,7 @@ fn defaults_are_the_documented_ones() {
     assert_eq!(
         c.market,
         MarketConfig {
-            surplus: Surplus::Distribute,
+            overcommit: 2.0,
             min_limit: MilliCpu(100),
             node_reserve: 0.10,
             cap_factor: None,
@@ -77,8 +77,8 @@ fn every_flag_is_parsed_into_the_typed_config() {
         "50ms",
         "--min-limit",
         "0.25",
-        "--surplus",
-        "hold",
+        "--overcommit",
+        "1.5",
         "--node-reserve",
         "0.2",
         "--cap-factor",
@@ -114,7 +114,7 @@ fn every_flag_is_parsed_into_the_typed_config() {
     assert_eq!(c.tick, Duration::from_millis(500));
     assert_eq!(c.debounce, Duration::from_millis(50));
     assert_eq!(c.market.min_limit, MilliCpu(250));
-    assert_eq!(c.market.surplus, Surplus::Hold);
+    assert_eq!(c.market.overcommit, 1.5);
     assert_eq!(c.market.node_reserve, 0.2);
     assert_eq!(c.market.cap_factor, Some(3.0));
     assert_eq!(
@@ -164,6 +164,10 @@ fn bad_values_are_rejected_naming_the_flag() {
         (&["--hysteresis", "100%"], "--hysteresis"),
         (&["--node-reserve", "1"], "--node-reserve"),
         (
+            &["--overcommit", "0.9"],
+            "--overcommit: 0.9 (must be in [1, 100])",
+        ),
+        (
             &["--cap-factor", "0.5"],
             "--cap-factor: 0.5 (must be 0 (off) or ≥ 1)",
         ),
@@ -202,7 +206,7 @@ fn unparsable_values_are_clap_errors_naming_the_flag() {
         (["--tick", "fast"], "--tick"),
         (["--min-limit", "lots"], "--min-limit"),
         (["--node-reserve", "ten"], "--node-reserve"),
-        (["--surplus", "share"], "--surplus"),
+        (["--overcommit", "lots"], "--overcommit"),
         (["--metrics-addr", "localhost"], "--metrics-addr"),
         (["--warmup-samples", "-1"], "--warmup-samples"),
     ] {
@@ -259,7 +263,8 @@ fn help_documents_defaults() {
         "[default: 0.3]",
         "[default: kube-system]",
         "[default: 0.0.0.0:9090]",
-        "[possible values: distribute, hold]",
+        "[default: 2]",
+        "[default: 5%]",
         "Stability:",
         "Demand model:",
     ] {

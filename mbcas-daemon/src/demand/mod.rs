@@ -31,11 +31,23 @@
 //!    e.g. the early wake-up on a new consumer's first throttling, would otherwise
 //!    set `e` from a fraction of a second, and the slow decrease would take
 //!    ~20 s to forget it.)
-//! 3. **Need** `n = e·(1 + headroom)` (default headroom 20 %), rounded up to the
-//!    market's quantum (10 m): a limit at `n` leaves room for the noise around `e`
-//!    without throttling. (The market rounds allocations *down* to the quantum; a
-//!    need that is not a multiple of it lost up to 9 m of its headroom, enough to
-//!    throttle a small bursty pod: 137 m of use, need 165 m, limit 160 m.)
+//! 3. **Variability**: `σ ← σ + α·(|d − e| − σ)` (the same length-weighted
+//!    factors, `α_up` when the deviation grows), an exponentially weighted mean
+//!    absolute deviation of the raw demand around the estimate.
+//! 4. **Peak** `p ← max(d, e + (p − e)·2^(−T/60 s))`: the highest raw demand of
+//!    the last minutes, decaying towards the estimate with a half-life of 60 s.
+//!    A pod that bursts every few seconds keeps a ceiling above its bursts
+//!    instead of a limit that follows each burst up and each lull down.
+//! 5. **Need** `n = e + h` with headroom `h = max(2σ, p − e, headroom·e, 10 m)`
+//!    (default headroom 5 %), rounded up to the market's quantum (10 m): a limit
+//!    at `n` leaves room for the noise around `e` without throttling. The market
+//!    lends idle CPU on top, so the headroom only has to cover what one decision
+//!    interval can bring.
+//! 6. **Throttling raises the need** ([`throttle_need`]): a consumer throttled in
+//!    more than a target share of its periods (Autothrottle's signal) was held
+//!    back inside periods even when its mean use is under the limit (bursts
+//!    shorter than the window); its need is then at least
+//!    `limit · (1 + throttled ratio)`, on top of the throttled time already in `d`.
 //!
 //! Windows of zero length, or counters that went backwards (a cgroup recreated
 //! under the same id, a counter reset), are rejected by [`Sample::new`] and leave
@@ -58,7 +70,9 @@ pub struct DemandConfig {
     pub alpha_up: f64,
     /// Smoothing factor when demand falls, in (0, 1].
     pub alpha_down: f64,
-    /// Fraction added on top of the smoothed demand, ≥ 0.
+    /// Smallest headroom above the smoothed demand, as a fraction of it, ≥ 0
+    /// (the headroom is also at least twice the demand's deviation, the recent
+    /// peak above it, and 10 m).
     pub headroom: f64,
     /// The window length, in seconds, to which `alpha_up` and `alpha_down` apply
     /// (the decision tick); windows of other lengths are weighted by length.
@@ -75,7 +89,7 @@ impl Default for DemandConfig {
         Self {
             alpha_up: 0.3,
             alpha_down: 0.1,
-            headroom: 0.2,
+            headroom: 0.05,
             window_s: default_window_s(),
         }
     }
@@ -217,6 +231,10 @@ pub struct DemandEstimate {
     pub raw: f64,
     /// Smoothed demand, in millicores.
     pub smoothed: f64,
+    /// Mean absolute deviation of the raw demand around the estimate, millicores.
+    pub deviation: f64,
+    /// Highest recent raw demand, decaying towards the estimate, millicores.
+    pub peak: f64,
     /// Smoothed demand plus headroom: what the pod should get.
     pub need: MilliCpu,
     /// Usage of the last window, in millicores.
@@ -230,6 +248,8 @@ pub struct DemandEstimate {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct DemandEstimator {
     smoothed: Option<f64>,
+    deviation: f64,
+    peak: f64,
     samples: u32,
     /// While less than one reference window was seen: Σ raw·T and Σ T (seconds).
     start: Option<(f64, f64)>,
@@ -246,6 +266,13 @@ impl DemandEstimator {
         let t = sample.window_secs();
         let smoothed = match (self.smoothed, self.start) {
             (Some(e), None) => {
+                let dev = (raw - e).abs();
+                let alpha = if dev > self.deviation {
+                    cfg.alpha_up
+                } else {
+                    cfg.alpha_down
+                };
+                self.deviation += weighted_alpha(alpha, t / cfg.window_s) * (dev - self.deviation);
                 let alpha = if raw > e {
                     cfg.alpha_up
                 } else {
@@ -263,10 +290,14 @@ impl DemandEstimator {
         };
         self.smoothed = Some(smoothed);
         self.samples = self.samples.saturating_add(1);
+        let decay = (-t / PEAK_HALF_LIFE_S).exp2();
+        self.peak = raw.max(smoothed + (self.peak - smoothed).max(0.0) * decay);
         DemandEstimate {
             raw,
             smoothed,
-            need: need_of(smoothed, cfg),
+            deviation: self.deviation,
+            peak: self.peak,
+            need: need_of(smoothed, self.deviation, self.peak, cfg),
             usage: sample.usage_millicores(),
             throttled_ratio: sample.throttled_ratio(),
             samples: self.samples,
@@ -295,15 +326,50 @@ fn weighted_alpha(alpha: f64, windows: f64) -> f64 {
     }
 }
 
-fn need_of(smoothed: f64, cfg: &DemandConfig) -> MilliCpu {
+/// The smallest headroom, millicores.
+pub const MIN_HEADROOM_M: f64 = 10.0;
+
+/// How many deviations of headroom a need carries.
+const HEADROOM_DEVIATIONS: f64 = 2.0;
+
+/// Half-life of the peak's decay towards the estimate, seconds.
+const PEAK_HALF_LIFE_S: f64 = 60.0;
+
+fn need_of(smoothed: f64, deviation: f64, peak: f64, cfg: &DemandConfig) -> MilliCpu {
+    let headroom = (HEADROOM_DEVIATIONS * deviation)
+        .max(peak - smoothed)
+        .max(cfg.headroom * smoothed)
+        .max(MIN_HEADROOM_M);
+    round_up_quantum(smoothed + headroom)
+}
+
+fn round_up_quantum(x: f64) -> MilliCpu {
     let q = crate::market::QUANTUM as f64;
     // The small tolerance keeps float noise (e.g. 600.0000000001) from adding a quantum.
-    let n = ((smoothed * (1.0 + cfg.headroom) - 1e-6) / q).ceil() * q;
+    let n = ((x - 1e-6) / q).ceil() * q;
     if n.is_finite() && n > 0.0 {
         MilliCpu(n as u64)
     } else {
         MilliCpu(0)
     }
+}
+
+/// The need of a consumer throttled in `throttled_ratio` of its periods under
+/// `limit`: at least `limit · (1 + throttled_ratio)` when the ratio is above
+/// `target`, else `need` unchanged. (Its mean use can be under the limit while
+/// bursts inside periods hit it; the kernel's throttling says so.)
+pub fn throttle_need(
+    need: MilliCpu,
+    limit: MilliCpu,
+    throttled_ratio: f64,
+    target: f64,
+) -> MilliCpu {
+    let over_target = throttled_ratio.partial_cmp(&target) == Some(std::cmp::Ordering::Greater);
+    if !over_target || limit.0 == 0 {
+        return need;
+    }
+    let ratio = throttled_ratio.clamp(0.0, 1.0);
+    need.max(round_up_quantum(limit.0 as f64 * (1.0 + ratio)))
 }
 
 /// A multi-container pod's need: the sum of its containers' needs.

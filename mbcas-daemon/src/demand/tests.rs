@@ -107,17 +107,72 @@ fn throttled_demand_is_discovered_by_raising_the_limit() {
 #[test]
 fn headroom_and_rounding() {
     let mut e = DemandEstimator::new();
+    // 5 % of 500 m.
     let est = e.update(&window(500.0, 4000.0, 0.0), &cfg());
-    assert_eq!(est.need, MilliCpu(600));
+    assert_eq!(est.need, MilliCpu(530));
     let no_headroom = DemandConfig {
         headroom: 0.0,
         ..cfg()
     };
-    // Rounded up to the market's quantum, never down.
+    // At least 10 m of headroom, rounded up to the market's quantum, never down.
     let est = DemandEstimator::new().update(&window(333.3, 4000.0, 0.0), &no_headroom);
-    assert_eq!(est.need, MilliCpu(340));
+    assert_eq!(est.need, MilliCpu(350));
     let est = DemandEstimator::new().update(&window(137.5, 4000.0, 0.0), &cfg());
-    assert_eq!(est.need, MilliCpu(170));
+    assert_eq!(est.need, MilliCpu(150));
+}
+
+#[test]
+fn variable_demand_carries_its_deviation_and_peak_as_headroom() {
+    let mut e = DemandEstimator::new();
+    let mut last = None;
+    for i in 0..60 {
+        let d = if i % 2 == 0 { 300.0 } else { 700.0 };
+        last = Some(e.update(&window(d, 4000.0, 0.0), &cfg()));
+    }
+    let est = last.unwrap_or_else(|| panic!("no estimate"));
+    // The estimate sits between the two levels (nearer the top: it rises fast
+    // and falls slowly), so the deviation is 200–330 m.
+    assert!(est.deviation > 150.0 && est.deviation < 350.0, "{est:?}");
+    assert!(
+        est.need.0 as f64 >= est.smoothed + 2.0 * est.deviation - 1e-6,
+        "{est:?}"
+    );
+    assert!(est.need.0 as f64 >= est.peak, "{est:?}");
+    // A steady load has no deviation and keeps the small headroom.
+    let mut steady = DemandEstimator::new();
+    for _ in 0..30 {
+        last = Some(steady.update(&window(500.0, 4000.0, 0.0), &cfg()));
+    }
+    let est = last.unwrap_or_else(|| panic!("no estimate"));
+    assert!(est.deviation < 1.0, "{est:?}");
+    assert_eq!(est.need, MilliCpu(530));
+}
+
+#[test]
+fn throttling_raises_the_need_above_the_limit() {
+    // 15 % of periods throttled under 400 m: at least 460 m.
+    assert_eq!(
+        throttle_need(MilliCpu(380), MilliCpu(400), 0.15, 0.05),
+        MilliCpu(460)
+    );
+    // Under the target, or with a larger need already: unchanged.
+    assert_eq!(
+        throttle_need(MilliCpu(380), MilliCpu(400), 0.04, 0.05),
+        MilliCpu(380)
+    );
+    assert_eq!(
+        throttle_need(MilliCpu(900), MilliCpu(400), 0.5, 0.05),
+        MilliCpu(900)
+    );
+    // Fully throttled: twice the limit at most per round.
+    assert_eq!(
+        throttle_need(MilliCpu(0), MilliCpu(400), 1.0, 0.05),
+        MilliCpu(800)
+    );
+    assert_eq!(
+        throttle_need(MilliCpu(10), MilliCpu(400), f64::NAN, 0.05),
+        MilliCpu(10)
+    );
 }
 
 #[test]

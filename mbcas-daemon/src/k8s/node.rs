@@ -30,7 +30,7 @@ use crate::{
     cgroup::{CgroupDir, Hierarchy, Mounts, files, index::CgroupIndex},
     config::DecisionConfig,
     demand::Counters,
-    engine::{ConsumerInput, Engine, EngineConfig, EngineError, StepOutcome},
+    engine::{ConsumerInput, Engine, EngineConfig, EngineError, NodeInput, StepOutcome},
     metrics::{Metrics, PodLabels},
     policy,
     sensor::{Sensor, SensorError, ThrottleEvent},
@@ -101,7 +101,8 @@ impl NodeLoop {
         let engine = Engine::new(EngineConfig {
             demand: cfg.decision.demand,
             policy: cfg.decision.policy,
-            surplus: cfg.decision.market.surplus,
+            overcommit: cfg.decision.market.overcommit,
+            reserve: cfg.decision.market.node_reserve,
         });
         Self {
             index: CgroupIndex::new(cfg.cgroup_root.clone()),
@@ -181,6 +182,7 @@ impl NodeLoop {
         let at_ns = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
         let excluded = &self.cfg.decision.excluded_namespaces;
         let mut unmanaged = MilliCpu::ZERO;
+        let mut unmanaged_weight = 0.0;
         let mut managed: Vec<PodFacts> = Vec::new();
         for pod in self.pods.state() {
             let facts = match PodFacts::from_pod(&pod) {
@@ -197,15 +199,12 @@ impl NodeLoop {
                 unmanaged = MilliCpu(
                     unmanaged.get() + facts.limit().unwrap_or_else(|| facts.request()).get(),
                 );
+                unmanaged_weight += facts.weight(self.cfg.priority_weighting);
                 continue;
             }
             managed.push(facts);
         }
-        let capacity = policy::node_capacity(
-            allocatable,
-            self.cfg.decision.market.node_reserve,
-            unmanaged,
-        );
+        let capacity = policy::node_capacity(allocatable, unmanaged);
         let mut inputs = Vec::with_capacity(managed.len());
         let mut by_key: HashMap<PodKey, (PodFacts, u64, f64)> = HashMap::new();
         for facts in managed {
@@ -254,7 +253,11 @@ impl NodeLoop {
             by_key.insert(key, (facts, dir.id.0, weight));
         }
         summary.managed = inputs.len();
-        let outcome = self.engine.step(now, capacity, &inputs)?;
+        let node = NodeInput {
+            capacity,
+            other_weight: unmanaged_weight,
+        };
+        let outcome = self.engine.step(now, &node, &inputs)?;
         self.metrics
             .set_market(outcome.price, outcome.capacity, outcome.overcommitted);
         let threshold = self.cfg.decision.policy.throttled_threshold;

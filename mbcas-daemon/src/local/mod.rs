@@ -31,8 +31,8 @@ use crate::{
     },
     config::DecisionConfig,
     demand::Counters,
-    engine::{ConsumerInput, Engine, EngineConfig, EngineError, StepOutcome},
-    policy::{self, Reason},
+    engine::{ConsumerInput, Engine, EngineConfig, EngineError, NodeInput, StepOutcome},
+    policy::Reason,
     sensor::{Sensor, SensorError, SensorMode},
     units::{MilliCpu, PodKey},
 };
@@ -202,7 +202,8 @@ impl LocalLoop {
         let engine = Engine::new(EngineConfig {
             demand: cfg.demand,
             policy: cfg.policy,
-            surplus: cfg.market.surplus,
+            overcommit: cfg.market.overcommit,
+            reserve: cfg.market.node_reserve,
         });
         tracing::info!(root = %root.display(), capacity = %capacity, sensor = sensor.kind().as_str(), "local mode");
         Ok(Self {
@@ -396,9 +397,9 @@ impl LocalLoop {
             self.consumers.remove(&name);
             self.stats.consumers_removed += 1;
         }
-        let capacity =
-            policy::node_capacity(self.capacity, self.cfg.market.node_reserve, MilliCpu::ZERO);
-        let outcome = self.engine.step(now, capacity, &inputs)?;
+        let outcome = self
+            .engine
+            .step(now, &NodeInput::new(self.capacity), &inputs)?;
         let threshold = self.cfg.policy.throttled_threshold;
         self.throttled = outcome
             .rows

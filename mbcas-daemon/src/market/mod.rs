@@ -1,65 +1,77 @@
-//! The market: weighted proportional fairness by water-filling (pure).
+//! The market: entitlements by weight, fair shares by water-filling, and
+//! over-committed ceilings that lend idle CPU (pure).
 //!
-//! Each pod bids with a weight `wᵢ > 0` (its budget; by default its CPU request), a
-//! hard floor `fᵢ`, a cap `Mᵢ ≥ fᵢ` and a need `nᵢ`. Its target is
-//! `tᵢ = clamp(nᵢ, fᵢ, Mᵢ)`. With capacity `C`:
+//! A limit is a *ceiling*, not a slice of a partition: under contention the
+//! kernel's `cpu.weight` already shares the CPU by weight, so a quota only has to
+//! stop a pod from taking more than it may, never bind before `cpu.weight` would.
 //!
-//! * **Overcommitted** (`Σfᵢ > C`): floors stand, every pod gets `fᵢ`, and the
-//!   outcome says so. A limit is never below its floor.
-//! * **Phase 1** (`Σtᵢ > C`): find the level `λ` with `Σ clamp(λ·wᵢ, fᵢ, tᵢ) = C`.
-//!   This maximises `Σ wᵢ·log xᵢ` subject to `Σxᵢ ≤ C` and `fᵢ ≤ xᵢ ≤ tᵢ` (KKT:
-//!   pods strictly inside their bounds share one ratio `xᵢ/wᵢ = λ`), i.e. it is the
-//!   Fisher-market equilibrium with budgets `wᵢ` at price `1/λ`. `λ` is reported as
-//!   the outcome's `price` (the clearing level, in millicores per unit of weight).
-//! * Otherwise every pod gets `tᵢ` (`price` is 0: nothing is scarce), and in
-//!   **phase 2** (`Surplus::Distribute`, the default) what is left is spread by
-//!   weight: `xᵢ = min(Mᵢ, max(tᵢ, μ·wᵢ))` with the level `μ` chosen so that
-//!   `Σxᵢ = C`, or every pod at its cap when `ΣMᵢ ≤ C`. `Surplus::Hold` leaves it.
+//! Each pod bids with a weight `wᵢ > 0` (by default its CPU request, as
+//! `cpu.weight` is derived), a hard floor `fᵢ`, a cap `Mᵢ ≥ fᵢ`, its smoothed
+//! demand `dᵢ` and its need `nᵢ = dᵢ + hᵢ` (the demand model's headroom `hᵢ`
+//! covers its variability). The node gives the capacity `C` (allocatable minus
+//! what unmanaged pods may use), the weight `W` of every pod on the node
+//! (unmanaged ones included), the idle CPU it measured that may be lent `I`
+//! (after the soft reserve), and the over-commit factor `ρ ≥ 1`.
 //!
-//! Both levels come from one routine, [`water_fill`]: the function
-//! `λ ↦ Σ clamp(λ·wᵢ, lᵢ, uᵢ)` is piecewise linear and non-decreasing with
-//! breakpoints `lᵢ/wᵢ` and `uᵢ/wᵢ`; sorting the `2n` breakpoints and sweeping them
-//! finds the level in `O(n log n)`.
+//! 1. **Entitlement** `Eᵢ = clamp(C·wᵢ/W, fᵢ, Mᵢ)`: what `cpu.weight` guarantees
+//!    the pod under full contention.
+//! 2. **Fair level** `xᵢ` (phase 1): targets `tᵢ = clamp(dᵢ, fᵢ, Mᵢ)`; if
+//!    `Σtᵢ ≤ C` every pod's fair level is its target, else the level `λ` with
+//!    `Σ clamp(λ·wᵢ, fᵢ, tᵢ) = C` gives `xᵢ = clamp(λ·wᵢ, fᵢ, tᵢ)`. This
+//!    maximises `Σ wᵢ·log xᵢ` subject to `Σxᵢ ≤ C` and `fᵢ ≤ xᵢ ≤ tᵢ` (KKT:
+//!    pods strictly inside their bounds share one ratio `xᵢ/wᵢ = λ`): the
+//!    Fisher-market equilibrium with budgets `wᵢ` at price `1/λ`, reported as the
+//!    outcome's `price` (millicores per unit of weight; 0 when nothing is scarce).
+//! 3. **Ceiling** `Tᵢ = clamp(max(Eᵢ, min(nᵢ, xᵢ + hᵢ + I)), fᵢ, Mᵢ)`: the pod's
+//!    need when the node can give it, else its fair level plus its headroom plus
+//!    what is idle; never below its entitlement.
+//! 4. **Base** `Bᵢ = clamp(max(Eᵢ, min(nᵢ, xᵢ)), fᵢ, Mᵢ)`: what no budget takes
+//!    away.
+//! 5. **Budget** (phase 2): limits may add up to `ρ·C` (default ρ = 2). When
+//!    `ΣTᵢ` exceeds it, the level `μ` with `Σ clamp(μ·wᵢ, Bᵢ, Tᵢ) = ρ·C` gives
+//!    `Lᵢ = clamp(μ·wᵢ, Bᵢ, Tᵢ)` (every pod at its base when `ΣBᵢ ≥ ρ·C`);
+//!    otherwise `Lᵢ = Tᵢ`. ρ = 1 with `I = 0` is a strict partition.
 //!
-//! **Quantisation.** Limits are written in 10 m steps: each exact `xᵢ` is rounded
-//! down to a multiple of 10 m but never below `fᵢ` (floors need not be multiples of
-//! 10: a floor is kept exactly), then the 10 m units left below `C` go one each to
-//! the pods with the largest rounding remainders (ties: input order), never above a
-//! cap. Hence `Σxᵢ ≤ C` (unless overcommitted), every pod is within 10 m of its
-//! exact share, and the result is deterministic for a given input order.
+//! Invariants (property-tested): `fᵢ ≤ Lᵢ ≤ Mᵢ`;
+//! `Lᵢ ≥ min(Mᵢ, max(Eᵢ, xᵢ))` (a quota never binds before `cpu.weight` would);
+//! `ΣLᵢ ≤ max(ρ·C, ΣBᵢ)` before rounding. If `Σfᵢ > C` the floors stand and the
+//! node is reported overcommitted.
+//!
+//! Levels come from one routine, [`water_fill`]: `λ ↦ Σ clamp(λ·wᵢ, lᵢ, uᵢ)` is
+//! piecewise linear and non-decreasing with breakpoints `lᵢ/wᵢ` and `uᵢ/wᵢ`;
+//! sorting the `2n` breakpoints and sweeping them finds the level in
+//! `O(n log n)`.
+//!
+//! **Quantisation.** Limits are written in 10 m steps, rounded *up* (a limit a
+//! few millicores under a need throttles a small pod), then clamped to
+//! `[fᵢ, Mᵢ]` (floors and caps are kept exactly even when they are not
+//! multiples of 10). Deterministic for a given input.
 
 use std::cmp::Ordering;
-
-use serde::{Deserialize, Serialize};
 
 use crate::units::{MilliCpu, PodKey};
 
 /// The quantum limits are written in.
 pub const QUANTUM: u64 = 10;
 
-/// What to do with capacity left after every pod reached its target.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Surplus {
-    /// Spread it by weight up to the caps (limits above need cost nothing while
-    /// the node is idle, and absorb bursts before the next decision).
-    #[default]
-    Distribute,
-    /// Leave it unallocated: limits track need.
-    Hold,
-}
+/// The default over-commit factor ρ: limits may add up to twice the capacity.
+pub const DEFAULT_OVERCOMMIT: f64 = 2.0;
 
-/// Which constraint determined a pod's allocation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Which rule determined a pod's limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Bound {
     /// Held at its floor (request / minimum limit).
     Floor,
-    /// Got exactly what it needs.
+    /// Got what it needs (demand plus headroom).
     Need,
     /// Held at its cap.
     Cap,
-    /// Set by the clearing level (phase 1) or the surplus level (phase 2).
+    /// Its entitlement `C·w/W` was more than it needs.
+    Entitlement,
+    /// Contended: its fair level plus headroom plus the idle CPU lent.
+    Share,
+    /// Set by the over-commit budget's level.
     Level,
 }
 
@@ -69,6 +81,8 @@ impl Bound {
             Self::Floor => "floor",
             Self::Need => "need",
             Self::Cap => "cap",
+            Self::Entitlement => "entitlement",
+            Self::Share => "share",
             Self::Level => "level",
         }
     }
@@ -83,32 +97,73 @@ pub struct Bid {
     pub floor: MilliCpu,
     /// ≥ `floor`.
     pub cap: MilliCpu,
+    /// Smoothed demand `dᵢ`: what the pod would use without a limit.
+    pub demand: MilliCpu,
+    /// Demand plus headroom `nᵢ` (a need below the demand counts as the demand).
     pub need: MilliCpu,
+}
+
+impl Bid {
+    fn need(&self) -> u64 {
+        self.need.0.max(self.demand.0)
+    }
+
+    fn headroom(&self) -> u64 {
+        self.need() - self.demand.0
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct MarketInput {
+    /// `C`: what the bidders may use between them.
     pub capacity: MilliCpu,
-    pub surplus: Surplus,
+    /// `W`: weight of every pod on the node; `None` (or less than the bids'
+    /// total) means the bids' total.
+    pub total_weight: Option<f64>,
+    /// `I`: idle CPU measured on the node that may be lent.
+    pub idle: MilliCpu,
+    /// `ρ ≥ 1` (values below 1 count as 1).
+    pub overcommit: f64,
     pub bids: Vec<Bid>,
+}
+
+impl MarketInput {
+    /// A strict partition: no over-commit, nothing lent, `W` = the bids' total.
+    pub fn strict(capacity: MilliCpu, bids: Vec<Bid>) -> Self {
+        Self {
+            capacity,
+            total_weight: None,
+            idle: MilliCpu::ZERO,
+            overcommit: 1.0,
+            bids,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Allocation {
     pub key: PodKey,
-    /// Quantised allocation (what is written).
+    /// Quantised limit (what is written).
     pub amount: MilliCpu,
-    /// The exact, unquantised allocation.
+    /// The exact, unquantised limit `Lᵢ`.
     pub exact: f64,
     pub bound: Bound,
+    /// `Eᵢ`.
+    pub entitlement: f64,
+    /// `xᵢ`.
+    pub fair: f64,
+    /// `Bᵢ`, quantised up: the limit below which the pod's share would bind.
+    pub base: MilliCpu,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct MarketOutcome {
     /// Phase-1 clearing level λ; 0 when the node is not contended or overcommitted.
     pub price: f64,
-    /// Phase-2 surplus level μ; 0 when no surplus was distributed.
-    pub surplus_level: f64,
+    /// Phase-2 budget level μ; 0 when the budget did not bind.
+    pub budget_level: f64,
+    /// `max(ρ·C, ΣBᵢ)`: what the limits may add up to.
+    pub budget: MilliCpu,
     /// `Σ floors > capacity`: floors were kept and the node is over-committed.
     pub overcommitted: bool,
     /// One per bid, in input order.
@@ -133,6 +188,8 @@ pub enum MarketError {
     },
     #[error("pod {key} bids twice")]
     DuplicateKey { key: PodKey },
+    #[error("over-commit factor must be a finite number ≥ 1, got {0}")]
+    InvalidOvercommit(f64),
 }
 
 /// Validates a bid list: weights positive and finite, floors ≤ caps, unique keys.
@@ -162,107 +219,129 @@ pub fn validate(bids: &[Bid]) -> Result<(), MarketError> {
 /// Clears the market. See the module documentation for the rule.
 pub fn clear(input: &MarketInput) -> Result<MarketOutcome, MarketError> {
     validate(&input.bids)?;
+    if !input.overcommit.is_finite() {
+        return Err(MarketError::InvalidOvercommit(input.overcommit));
+    }
     let bids = &input.bids;
-    let cap_total = input.capacity.0 as f64;
+    let n = bids.len();
+    let c = input.capacity.0 as f64;
     let floors: Vec<f64> = bids.iter().map(|b| b.floor.0 as f64).collect();
+    let caps: Vec<f64> = bids.iter().map(|b| b.cap.0 as f64).collect();
+    let weights: Vec<f64> = bids.iter().map(|b| b.weight).collect();
+    let bid_weight: f64 = weights.iter().sum();
+    let total_weight = input.total_weight.map_or(bid_weight, |w| {
+        if w.is_finite() {
+            w.max(bid_weight)
+        } else {
+            bid_weight
+        }
+    });
+    let floor_sum: u64 = bids.iter().map(|b| b.floor.0).sum();
+    let overcommitted = floor_sum > input.capacity.0;
+
+    // Phase 1: the fair level of demand under C.
     let targets: Vec<f64> = bids
         .iter()
-        .map(|b| b.need.0.clamp(b.floor.0, b.cap.0) as f64)
+        .map(|b| b.demand.0.clamp(b.floor.0, b.cap.0) as f64)
         .collect();
-    let weights: Vec<f64> = bids.iter().map(|b| b.weight).collect();
-    let floor_sum: u64 = bids.iter().map(|b| b.floor.0).sum();
-
-    if floor_sum > input.capacity.0 {
-        let allocations = bids
-            .iter()
-            .map(|b| Allocation {
-                key: b.key.clone(),
-                amount: b.floor,
-                exact: b.floor.0 as f64,
-                bound: Bound::Floor,
-            })
+    let target_sum: f64 = targets.iter().sum();
+    let (price, fair) = if target_sum > c {
+        let level = water_fill(&floors, &targets, &weights, c);
+        let fair = (0..n)
+            .map(|i| (level * weights[i]).clamp(floors[i], targets[i]))
             .collect();
-        return Ok(MarketOutcome {
-            price: 0.0,
-            surplus_level: 0.0,
-            overcommitted: true,
-            allocations,
+        (if overcommitted { 0.0 } else { level }, fair)
+    } else {
+        (0.0, targets.clone())
+    };
+
+    let idle = input.idle.0 as f64;
+    let mut entitlement = Vec::with_capacity(n);
+    let mut ceiling = Vec::with_capacity(n);
+    let mut base = Vec::with_capacity(n);
+    let mut bounds = Vec::with_capacity(n);
+    for (i, b) in bids.iter().enumerate() {
+        let e = if total_weight > 0.0 {
+            (c * weights[i] / total_weight).clamp(floors[i], caps[i])
+        } else {
+            floors[i]
+        };
+        let need = b.need() as f64;
+        let share = fair[i] + b.headroom() as f64 + idle;
+        let wanted = need.min(share);
+        let t = e.max(wanted).clamp(floors[i], caps[i]);
+        bounds.push(if t <= floors[i] {
+            Bound::Floor
+        } else if t >= caps[i] {
+            Bound::Cap
+        } else if e >= wanted {
+            Bound::Entitlement
+        } else if need <= share {
+            Bound::Need
+        } else {
+            Bound::Share
         });
+        entitlement.push(e);
+        ceiling.push(t);
+        base.push(e.max(need.min(fair[i])).clamp(floors[i], caps[i]));
     }
 
-    let target_sum: f64 = targets.iter().sum();
-    let mut price = 0.0;
-    let mut surplus_level = 0.0;
-    let mut exact: Vec<f64>;
-    let mut bounds: Vec<Bound>;
-    if target_sum > cap_total {
-        price = water_fill(&floors, &targets, &weights, cap_total);
-        exact = Vec::with_capacity(bids.len());
-        bounds = Vec::with_capacity(bids.len());
-        for i in 0..bids.len() {
-            let x = (price * weights[i]).clamp(floors[i], targets[i]);
-            exact.push(x);
-            bounds.push(if x <= floors[i] {
-                Bound::Floor
-            } else if x >= targets[i] {
-                target_bound(&bids[i])
-            } else {
-                Bound::Level
-            });
-        }
-    } else {
-        exact = targets.clone();
-        bounds = bids.iter().map(target_bound).collect();
-        if input.surplus == Surplus::Distribute {
-            let caps: Vec<f64> = bids.iter().map(|b| b.cap.0 as f64).collect();
-            let cap_sum: f64 = caps.iter().sum();
-            if cap_sum <= cap_total {
-                exact = caps;
-                bounds = vec![Bound::Cap; bids.len()];
-            } else if target_sum < cap_total {
-                surplus_level = water_fill(&targets, &caps, &weights, cap_total);
-                for i in 0..bids.len() {
-                    let x = (surplus_level * weights[i]).clamp(targets[i], caps[i]);
-                    if x >= caps[i] {
-                        bounds[i] = Bound::Cap;
-                    } else if x > targets[i] {
-                        bounds[i] = Bound::Level;
-                    }
-                    exact[i] = x;
-                }
+    // Phase 2: the over-commit budget.
+    let budget = c * input.overcommit.max(1.0);
+    let ceiling_sum: f64 = ceiling.iter().sum();
+    let base_sum: f64 = base.iter().sum();
+    let mut budget_level = 0.0;
+    let exact: Vec<f64> = if ceiling_sum <= budget {
+        ceiling
+    } else if base_sum >= budget {
+        for (i, bd) in bounds.iter_mut().enumerate() {
+            if base[i] < ceiling[i] {
+                *bd = Bound::Level;
             }
         }
-    }
+        base.clone()
+    } else {
+        budget_level = water_fill(&base, &ceiling, &weights, budget);
+        (0..n)
+            .map(|i| {
+                let x = (budget_level * weights[i]).clamp(base[i], ceiling[i]);
+                if x < ceiling[i] {
+                    bounds[i] = Bound::Level;
+                }
+                x
+            })
+            .collect()
+    };
 
-    let amounts = quantise(&exact, bids, input.capacity);
-    let allocations = bids
-        .iter()
-        .zip(amounts)
-        .zip(exact.iter().zip(bounds))
-        .map(|((b, amount), (&exact, bound))| Allocation {
-            key: b.key.clone(),
-            amount,
-            exact,
-            bound,
+    let allocations = (0..n)
+        .map(|i| {
+            let b = &bids[i];
+            Allocation {
+                key: b.key.clone(),
+                amount: round_limit(exact[i], b),
+                exact: exact[i],
+                bound: bounds[i],
+                entitlement: entitlement[i],
+                fair: fair[i],
+                base: round_limit(base[i], b),
+            }
         })
         .collect();
     Ok(MarketOutcome {
         price,
-        surplus_level,
-        overcommitted: false,
+        budget_level,
+        budget: MilliCpu(budget.max(base_sum).ceil() as u64),
+        overcommitted,
         allocations,
     })
 }
 
-/// The bound a pod is at when it gets exactly its target `clamp(need, floor, cap)`.
-fn target_bound(b: &Bid) -> Bound {
-    if b.need <= b.floor {
-        Bound::Floor
-    } else if b.need >= b.cap {
-        Bound::Cap
-    } else {
-        Bound::Need
-    }
+/// Rounds a limit up to the quantum, then keeps it within the bid's floor and cap.
+fn round_limit(x: f64, b: &Bid) -> MilliCpu {
+    let q = QUANTUM as f64;
+    // The tolerance keeps float noise (600.0000001) from adding a quantum.
+    let up = ((x - 1e-6) / q).ceil().max(0.0) * q;
+    MilliCpu((up as u64).clamp(b.floor.0, b.cap.0))
 }
 
 /// Finds a level `λ ≥ 0` with `Σ clamp(λ·wᵢ, lᵢ, uᵢ) = total`.
@@ -331,50 +410,6 @@ fn event_of(key: u128) -> (f64, bool, usize) {
     let enter = (key >> EVENT_INDEX_BITS) & 1 == 0;
     let i = (key & ((1 << EVENT_INDEX_BITS) - 1)) as usize;
     (at, enter, i)
-}
-
-/// Rounds exact allocations to the quantum, keeping floors, caps and `Σ ≤ capacity`.
-fn quantise(exact: &[f64], bids: &[Bid], capacity: MilliCpu) -> Vec<MilliCpu> {
-    let mut amounts: Vec<u64> = exact
-        .iter()
-        .zip(bids)
-        .map(|(&x, b)| {
-            // Guard against float noise just below a representable value.
-            let x = x + 1e-6;
-            let down = ((x / QUANTUM as f64).floor() as u64) * QUANTUM;
-            down.clamp(b.floor.0, b.cap.0)
-        })
-        .collect();
-    let used: u64 = amounts.iter().sum();
-    let mut spare = capacity.0.saturating_sub(used) / QUANTUM;
-    if spare > 0 {
-        let mut order: Vec<(f64, usize)> = exact
-            .iter()
-            .zip(&amounts)
-            .enumerate()
-            .filter(|&(i, (&x, &a))| x - a as f64 > 1e-6 && a + QUANTUM <= bids[i].cap.0)
-            .map(|(i, (&x, &a))| (x - a as f64, i))
-            .collect();
-        let by_remainder =
-            |a: &(f64, usize), b: &(f64, usize)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-        // Only the `spare` largest remainders get a unit: select those, then order them.
-        let take = usize::try_from(spare)
-            .unwrap_or(usize::MAX)
-            .min(order.len());
-        if take > 0 && take < order.len() {
-            order.select_nth_unstable_by(take - 1, by_remainder);
-            order.truncate(take);
-        }
-        order.sort_unstable_by(by_remainder);
-        for (_, i) in order {
-            if spare == 0 {
-                break;
-            }
-            amounts[i] += QUANTUM;
-            spare -= 1;
-        }
-    }
-    amounts.into_iter().map(MilliCpu).collect()
 }
 
 /// Splits a pod's allocation back to its containers.

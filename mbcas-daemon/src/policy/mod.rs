@@ -7,23 +7,37 @@
 //! 1. **Exclusion.** Guaranteed pods (their QoS class may not change), opted-out
 //!    pods (`mbcas.io/ignore=true`), excluded namespaces and pods without a CPU
 //!    limit are never changed.
-//! 2. **Rollback.** If the pod's limit was *decreased* and the pod is throttled
-//!    again within the cooldown, the previous limit is restored at once and that
-//!    pod's cooldown doubles (up to `max_cooldown`). A decrease that survives its
-//!    cooldown resets the pod's cooldown to the base value.
-//! 3. **Hysteresis.** No change under `hysteresis` (10 %) relative to the current
-//!    limit — except to lift a limit below the pod's floor.
-//! 4. **Increases** go through at once for a throttled pod; for a pod that is not
-//!    throttled (surplus being spread) they wait out the cooldown after a decrease.
-//!    One change raises a limit by at most ×`max_step_up` (1.5).
-//! 5. **Decreases** never happen while the pod is throttled (unless the market
-//!    gives it less than it needs: its fair share under contention), within the cooldown
+//! 2. **Rollback.** If the pod's limit was *decreased on account of its own
+//!    demand* and the pod is throttled again within the cooldown, the previous
+//!    limit is restored at once and that pod's cooldown doubles (up to
+//!    `max_cooldown`) — but only when the rollback is carried out (not cancelled
+//!    by the budget). A decrease the market made because the node is contended
+//!    (the pod got less than it needs) is no mistake and is never rolled back. A
+//!    decrease that survives its cooldown resets the pod's cooldown.
+//! 3. **Fair share first.** A throttled pod below its base (the market's
+//!    `max(entitlement, fair level)`: where its quota would bind before
+//!    `cpu.weight` does) is raised to its proposal up to that base at once: no
+//!    hysteresis, no cooldown, no step limit.
+//! 4. **Hysteresis.** Otherwise no change under `hysteresis` (10 %) relative to
+//!    the current limit for a throttled pod's increase, and under twice that for
+//!    any other change — except to lift a limit below the pod's floor.
+//! 5. **Increases** go through at once for a throttled pod; for a pod that is not
+//!    throttled they wait out the cooldown after a decrease. Above the base, one
+//!    change raises a limit by at most ×`max_step_up` (1.5).
+//! 6. **Decreases** never happen while the pod is throttled (unless the market
+//!    gives it less than it needs: its share under contention), within the cooldown
 //!    (default 30 s) after the pod's last change, or during warm-up (the first
 //!    `warmup_samples` = 5 samples) below the limit the pod started with. One change
 //!    lowers a limit by at most ×`max_step_down` (0.5).
-//! 6. **Capacity.** Step limits can keep a pod above its market share for a while;
-//!    increases are therefore granted only from capacity not held by the other
-//!    pods' new limits, scaled down together when they do not all fit.
+//! 7. **Budget.** The limits may add up to the market's over-commit budget. When
+//!    the decisions exceed it, the part of each increase up to the pod's base is
+//!    granted first: if even that does not fit, pods held above their proposal
+//!    by the rules above (hysteresis, cooldown, step limits) give back just
+//!    enough, in proportion to how far above it they are (`reclaim`: a pod's
+//!    fair-share increase never waits for another pod's cooldown). Then the parts
+//!    of increases above the bases share what is left, scaled down together; one
+//!    cut below the hysteresis is not made. An increase is never scaled below
+//!    the pod's base.
 //!
 //! Step-limited targets are rounded to 10 m. Every decision carries a [`Reason`],
 //! whose `as_str()` code is what logs, metrics and the PodAllocation status show.
@@ -31,7 +45,8 @@
 //! daemon, local mode and the simulator run the same rules.
 //!
 //! Also here: [`node_capacity`], the capacity the market may hand out (allocatable
-//! minus the node reserve minus the limits of excluded pods).
+//! minus the limits of excluded pods), and [`lendable_idle`], the idle CPU it may
+//! lend (what the managed pods leave unused, less the soft node reserve).
 
 use std::time::Duration;
 
@@ -145,6 +160,7 @@ pub enum Reason {
     ThrottledHold,
     Rollback,
     CapacityLimited,
+    Reclaim,
     BelowFloor,
     ExcludedGuaranteed,
     ExcludedOptedOut,
@@ -154,7 +170,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 19] = [
         Self::Unchanged,
         Self::Hysteresis,
         Self::Increase,
@@ -167,6 +183,7 @@ impl Reason {
         Self::ThrottledHold,
         Self::Rollback,
         Self::CapacityLimited,
+        Self::Reclaim,
         Self::BelowFloor,
         Self::ExcludedGuaranteed,
         Self::ExcludedOptedOut,
@@ -189,6 +206,7 @@ impl Reason {
             Self::ThrottledHold => "throttled_hold",
             Self::Rollback => "rollback",
             Self::CapacityLimited => "capacity_limited",
+            Self::Reclaim => "reclaim",
             Self::BelowFloor => "below_floor",
             Self::ExcludedGuaranteed => "excluded_guaranteed",
             Self::ExcludedOptedOut => "excluded_opted_out",
@@ -227,6 +245,9 @@ pub struct PodView {
     pub floor: MilliCpu,
     /// The market's allocation.
     pub proposed: MilliCpu,
+    /// The market's base for the pod: below it the quota binds before
+    /// `cpu.weight` would.
+    pub base: MilliCpu,
     /// What the pod's demand model says it needs (the market's input).
     pub need: MilliCpu,
     /// Fraction of CFS periods throttled in the last window.
@@ -254,7 +275,8 @@ impl Decision {
 #[derive(Clone, Debug, PartialEq)]
 struct PodState {
     last_change: Option<Duration>,
-    /// When the last decrease happened and the limit it replaced.
+    /// When the last decrease on account of the pod's own demand happened and
+    /// the limit it replaced.
     last_decrease: Option<(Duration, MilliCpu)>,
     cooldown: Duration,
 }
@@ -290,29 +312,33 @@ impl Policy {
     }
 
     /// Decides every pod's limit for this round and records the changes as made.
-    /// Decisions come back in the order of `views`.
-    pub fn decide(
-        &mut self,
-        now: Duration,
-        capacity: MilliCpu,
-        views: &[PodView],
-    ) -> Vec<Decision> {
+    /// `budget` is what the limits may add up to (the market's over-commit
+    /// budget). Decisions come back in the order of `views`.
+    pub fn decide(&mut self, now: Duration, budget: MilliCpu, views: &[PodView]) -> Vec<Decision> {
         let mut out: Vec<Decision> = views.iter().map(|v| self.decide_one(now, v)).collect();
-        self.fit_increases(capacity, views, &mut out);
+        fit_budget(budget, self.cfg.hysteresis, views, &mut out);
         for (v, d) in views.iter().zip(&out) {
             if !d.changed() {
                 continue;
             }
-            let base = self.cfg.cooldown;
+            let cfg = self.cfg;
             let st = self.pods.entry(v.key.clone()).or_insert_with(|| PodState {
                 last_change: None,
                 last_decrease: None,
-                cooldown: base,
+                cooldown: cfg.cooldown,
             });
             st.last_change = Some(now);
-            if d.to < d.from {
+            if d.reason == Reason::Rollback {
+                // Doubled only when the rollback is carried out.
+                st.cooldown = (st.cooldown * 2).min(cfg.max_cooldown);
+                st.last_decrease = None;
+            } else if d.to < d.from && v.proposed >= v.need {
+                // A decrease on account of the pod's own demand: if throttling
+                // comes back within the cooldown, it was wrong.
                 st.last_decrease = Some((now, d.from));
-            } else if d.reason != Reason::Rollback {
+            } else {
+                // An increase, or a squeeze under contention (the pod got less
+                // than it needs): nothing to roll back.
                 st.last_decrease = None;
             }
         }
@@ -347,8 +373,6 @@ impl Policy {
             let since = now.saturating_sub(at);
             if since < st.cooldown {
                 if throttled && previous > v.current {
-                    st.cooldown = (st.cooldown * 2).min(cfg.max_cooldown);
-                    st.last_decrease = None;
                     return go(previous, Reason::Rollback);
                 }
             } else {
@@ -369,14 +393,28 @@ impl Policy {
         if v.proposed == v.current {
             return keep(Reason::Unchanged);
         }
-        if (prop - cur).abs() < cfg.hysteresis * cur {
+        // Its quota binds before cpu.weight would: no hysteresis, and the step
+        // limit below lets it reach its base at once.
+        let fair_first = throttled && v.current < v.base && v.proposed > v.current;
+        // Only a throttled pod's increase passes the plain band; the others need
+        // twice the gap: a ceiling above what a pod uses costs nothing while
+        // cpu.weight arbitrates, a limit that follows every swing of the demand
+        // costs a resize each time.
+        let band = if prop < cur || !throttled {
+            2.0 * cfg.hysteresis
+        } else {
+            cfg.hysteresis
+        };
+        if !fair_first && (prop - cur).abs() < band * cur {
             return keep(Reason::Hysteresis);
         }
         if v.proposed > v.current {
             if !throttled && in_cooldown_after_decrease {
                 return keep(Reason::Cooldown);
             }
-            let step = round_down(cur * cfg.max_step_up).max(v.current.0 + QUANTUM);
+            let step = round_down(cur * cfg.max_step_up)
+                .max(v.current.0 + QUANTUM)
+                .max(v.base.0);
             let reason = if throttled {
                 Reason::IncreaseThrottled
             } else {
@@ -416,33 +454,76 @@ impl Policy {
         }
         go(target, reason)
     }
+}
 
-    /// Scales increases down so that the new limits fit the capacity.
-    fn fit_increases(&self, capacity: MilliCpu, views: &[PodView], out: &mut [Decision]) {
-        let held: u64 = out.iter().filter(|d| d.to <= d.from).map(|d| d.to.0).sum();
-        let wanted: u64 = out
-            .iter()
-            .filter(|d| d.to > d.from)
-            .map(|d| d.to.0 - d.from.0)
-            .sum();
-        let base: u64 = out.iter().filter(|d| d.to > d.from).map(|d| d.from.0).sum();
-        let free = capacity.0.saturating_sub(held + base);
-        if wanted <= free {
-            return;
+/// Brings the decisions within `budget` (rule 7 of the module documentation).
+fn fit_budget(budget: MilliCpu, hysteresis: f64, views: &[PodView], out: &mut [Decision]) {
+    if out.iter().map(|d| d.to.0).sum::<u64>() <= budget.0 {
+        return;
+    }
+    // The part of each increase up to max(from, base) is the pod's fair share:
+    // it is granted, if need be by reclaiming what the rules hold above the
+    // market's proposal elsewhere (just enough, in proportion to the gaps).
+    let kept = |d: &Decision, v: &PodView| {
+        if d.to > d.from {
+            d.to.min(d.from.max(v.base))
+        } else {
+            d.to
         }
-        let scale = free as f64 / wanted as f64;
-        for (d, v) in out.iter_mut().zip(views) {
-            if d.to > d.from {
-                let inc = round_down((d.to.0 - d.from.0) as f64 * scale);
-                let to = MilliCpu(d.from.0 + inc);
-                // Lifting a pod to its floor is never scaled away.
-                d.to = if d.reason == Reason::BelowFloor {
-                    to.max(v.floor)
-                } else {
-                    to
-                };
-                d.reason = Reason::CapacityLimited;
+    };
+    let fair: u64 = out.iter().zip(views).map(|(d, v)| kept(d, v).0).sum();
+    if fair > budget.0 {
+        let gap = |d: &Decision, v: &PodView| {
+            if v.exclusion.is_none() && d.to <= d.from {
+                d.to.0.saturating_sub(v.proposed.max(v.floor).0)
+            } else {
+                0
             }
+        };
+        let gaps: u64 = out.iter().zip(views).map(|(d, v)| gap(d, v)).sum();
+        let excess = fair - budget.0;
+        if gaps > 0 {
+            let share = (excess as f64 / gaps as f64).min(1.0);
+            for (d, v) in out.iter_mut().zip(views) {
+                let g = gap(d, v);
+                if g > 0 {
+                    let give = round_up(g as f64 * share).min(g);
+                    d.to = MilliCpu(d.to.0 - give);
+                    d.reason = Reason::Reclaim;
+                }
+            }
+        }
+    }
+    // What is left of the budget goes to the parts of increases above the
+    // fair share, scaled down together; an increase cut below the hysteresis
+    // is not worth a resize.
+    let fair: u64 = out.iter().zip(views).map(|(d, v)| kept(d, v).0).sum();
+    let extra: u64 = out
+        .iter()
+        .zip(views)
+        .map(|(d, v)| d.to.0 - kept(d, v).0)
+        .sum();
+    if extra == 0 || fair + extra <= budget.0 {
+        return;
+    }
+    let scale = (budget.0.saturating_sub(fair) as f64 / extra as f64).min(1.0);
+    for (d, v) in out.iter_mut().zip(views) {
+        let low = kept(d, v);
+        let more = d.to.0 - low.0;
+        if more == 0 {
+            continue;
+        }
+        let mut to = MilliCpu(low.0 + round_down(more as f64 * scale));
+        if to > d.from && ((to.0 - d.from.0) as f64) < hysteresis * d.from.0 as f64 && to > v.base {
+            to = d.from.max(low);
+        }
+        // Lifting a pod to its floor is never scaled away.
+        if d.reason == Reason::BelowFloor {
+            d.to = to.max(v.floor);
+        } else {
+            // A rollback cut here is not carried out as one: no doubling.
+            d.to = to;
+            d.reason = Reason::CapacityLimited;
         }
     }
 }
@@ -455,18 +536,26 @@ fn round_up(x: f64) -> u64 {
     ((x / QUANTUM as f64).ceil().max(0.0) as u64) * QUANTUM
 }
 
-/// The capacity the market may hand out: allocatable CPU minus the node reserve
-/// (a fraction of allocatable, default 10 %) minus the limits of pods MBCAS does
-/// not manage (they may use up to their limits).
-pub fn node_capacity(
-    allocatable: MilliCpu,
-    reserve_fraction: f64,
-    excluded_limits: MilliCpu,
-) -> MilliCpu {
-    let reserve = (allocatable.0 as f64 * reserve_fraction.clamp(0.0, 1.0)).ceil() as u64;
-    allocatable
-        .saturating_sub(MilliCpu(reserve))
-        .saturating_sub(excluded_limits)
+/// The capacity the market may hand out: allocatable CPU minus the limits of pods
+/// MBCAS does not manage (they may use up to their limits). The node reserve is
+/// not taken from it: see [`lendable_idle`].
+pub fn node_capacity(allocatable: MilliCpu, excluded_limits: MilliCpu) -> MilliCpu {
+    allocatable.saturating_sub(excluded_limits)
+}
+
+/// The idle CPU the market may lend: what the managed pods leave of `capacity`
+/// (their `usage` over the last window), less the node reserve (a fraction of
+/// `capacity`). The reserve is soft: it is held back from what is lent while the
+/// node is busy, never taken from a pod's entitlement, so a quiet node's idle CPU
+/// is never wasted.
+pub fn lendable_idle(capacity: MilliCpu, usage: f64, reserve_fraction: f64) -> MilliCpu {
+    let reserve = capacity.0 as f64 * reserve_fraction.clamp(0.0, 1.0);
+    let idle = capacity.0 as f64 - usage.max(0.0) - reserve;
+    if idle.is_finite() && idle > 0.0 {
+        MilliCpu(idle.floor() as u64)
+    } else {
+        MilliCpu::ZERO
+    }
 }
 
 #[cfg(test)]

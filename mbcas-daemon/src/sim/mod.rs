@@ -61,6 +61,11 @@ pub struct PolicyMetrics {
     pub throttled_ratio_p50: f64,
     pub throttled_ratio_p99: f64,
     pub unmet_core_seconds: f64,
+    /// All the demand of the run, core-seconds (what unmet demand is a share of).
+    pub demand_core_seconds: f64,
+    /// Σ min(idle CPU, CPU held back by quotas) over time, core-seconds: how much
+    /// of the throttling happened while the node had CPU to spare.
+    pub idle_while_throttled_core_seconds: f64,
     pub jain: f64,
     pub slack_pct: f64,
     pub resizes_per_pod_hour: f64,
@@ -196,6 +201,8 @@ pub fn run_policy(s: &Scenario, policy: &str, seed: u64) -> Option<PolicyMetrics
 #[derive(Default)]
 struct Totals {
     unmet: f64,
+    demand: f64,
+    idle_throttled: f64,
     jain_sum: f64,
     jain_n: u64,
     lim_sum: f64,
@@ -232,7 +239,17 @@ pub fn run_policy_with(
     seed: u64,
     opts: RunOptions<'_>,
 ) -> Option<PolicyRun> {
-    policies::by_name(policy)?;
+    let ctx = |ns: &scenario::NodeSpec| policies::Context {
+        decision_interval_s: s.decision_interval_s,
+        reserve: ns.reserve,
+    };
+    policies::by_name(
+        policy,
+        &policies::Context {
+            decision_interval_s: s.decision_interval_s,
+            reserve: 0.0,
+        },
+    )?;
     let mut jobs: Vec<(&scenario::NodeSpec, u64)> = Vec::new();
     for ns in &s.nodes {
         for _ in 0..ns.count {
@@ -249,7 +266,7 @@ pub fn run_policy_with(
     let done = AtomicU64::new(0);
     let node = |(ns, idx): (&scenario::NodeSpec, u64)| {
         let trace = if idx == 1 { trace_pods } else { 0 };
-        policies::by_name(policy)
+        policies::by_name(policy, &ctx(ns))
             .map(|mut pol| run_node(s, ns, pol.as_mut(), seed, idx, trace, &done))
     };
     let mut progress = opts.progress;
@@ -305,6 +322,8 @@ pub fn run_policy_with(
     for r in results {
         let r = r?;
         all.tot.unmet += r.tot.unmet;
+        all.tot.demand += r.tot.demand;
+        all.tot.idle_throttled += r.tot.idle_throttled;
         all.tot.jain_sum += r.tot.jain_sum;
         all.tot.jain_n += r.tot.jain_n;
         all.tot.lim_sum += r.tot.lim_sum;
@@ -439,6 +458,7 @@ fn run_node(
         let nf = n as f64;
         cfs::period(capacity, &loads, &mut out, &mut scratch);
         let (mut c_sum, mut c_sq, mut c_n) = (0.0, 0.0, 0u32);
+        let (mut used, mut held_back) = (0.0, 0.0);
         let t_end = end as f64 * PERIOD_S;
         for ((p, l), o) in pods.iter_mut().zip(&loads).zip(&out) {
             p.counters.at_ns += n * PERIOD_NS as u64;
@@ -458,6 +478,9 @@ fn run_node(
             node_window_usage += o.usage_m * nf;
             let short = l.demand_m - o.usage_m;
             tot.unmet += short.max(0.0) * PERIOD_S / 1000.0 * nf;
+            tot.demand += l.demand_m.max(0.0) * PERIOD_S / 1000.0 * nf;
+            used += o.usage_m;
+            held_back += o.held_back_m;
             if short > 1e-6 {
                 let x = o.usage_m / p.weight;
                 c_sum += x;
@@ -490,6 +513,8 @@ fn run_node(
                 }
             }
         }
+        let idle = (capacity - used).max(0.0);
+        tot.idle_throttled += idle.min(held_back) * PERIOD_S / 1000.0 * nf;
         if c_n >= 2 && c_sq > 0.0 {
             tot.jain_sum += c_sum * c_sum / (f64::from(c_n) * c_sq) * nf;
             tot.jain_n += n;
@@ -525,7 +550,6 @@ fn run_node(
             }
             let node = NodeObs {
                 capacity_m: ns.capacity_m,
-                reserve: ns.reserve,
                 usage_m: node_window_usage / per_decision as f64,
             };
             let wanted = pol.decide(now, &node, &obs);
@@ -588,6 +612,8 @@ fn metrics(s: &Scenario, all: &mut NodeResult) -> PolicyMetrics {
         throttled_ratio_p50: percentile(&mut all.ratios, 0.5),
         throttled_ratio_p99: percentile(&mut all.ratios, 0.99),
         unmet_core_seconds: tot.unmet,
+        demand_core_seconds: tot.demand,
+        idle_while_throttled_core_seconds: tot.idle_throttled,
         jain: if tot.jain_n == 0 {
             1.0
         } else {
@@ -671,15 +697,16 @@ pub fn simulate_with(
 /// The summary as a markdown table.
 pub fn markdown(sum: &Summary) -> String {
     let mut t = format!("### {} (seed {})\n\n", sum.scenario, sum.seed);
-    t.push_str("| policy | throttled p50 | throttled p99 | unmet core·s | Jain | slack % | resizes/pod·h | oscillations | adapt p50 s | adapt p99 s | starved |\n");
-    t.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
+    t.push_str("| policy | throttled p50 | throttled p99 | unmet core·s | idle while throttled core·s | Jain | slack % | resizes/pod·h | oscillations | adapt p50 s | adapt p99 s | starved |\n");
+    t.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (name, m) in &sum.policies {
         let _ = writeln!(
             t,
-            "| {name} | {:.3} | {:.3} | {:.1} | {:.3} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {} |",
+            "| {name} | {:.3} | {:.3} | {:.1} | {:.1} | {:.3} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {} |",
             m.throttled_ratio_p50,
             m.throttled_ratio_p99,
             m.unmet_core_seconds,
+            m.idle_while_throttled_core_seconds,
             m.jain,
             m.slack_pct,
             m.resizes_per_pod_hour,
@@ -698,7 +725,7 @@ type PromMetric = (&'static str, &'static str, fn(&PolicyMetrics) -> f64);
 /// The summary as a Prometheus text exposition.
 pub fn prometheus(sum: &Summary) -> String {
     let mut t = String::new();
-    let metrics: [PromMetric; 10] = [
+    let metrics: [PromMetric; 12] = [
         (
             "throttled_ratio_p50",
             "Median per-pod throttled-period ratio",
@@ -713,6 +740,16 @@ pub fn prometheus(sum: &Summary) -> String {
             "unmet_core_seconds",
             "Demand not served, core-seconds",
             |m| m.unmet_core_seconds,
+        ),
+        (
+            "demand_core_seconds",
+            "All demand of the run, core-seconds",
+            |m| m.demand_core_seconds,
+        ),
+        (
+            "idle_while_throttled_core_seconds",
+            "CPU held back by quotas while the node had idle CPU, core-seconds",
+            |m| m.idle_while_throttled_core_seconds,
         ),
         (
             "jain",

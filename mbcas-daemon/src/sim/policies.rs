@@ -2,9 +2,11 @@
 //! see (per-pod counters and its window's usage and throttling) and returns the
 //! limits it wants; the simulator applies them after the actuation delay.
 //!
-//! * `mbcas`: this project's [`Engine`] (demand model, market, stability policy),
-//!   with the node's capacity minus its reserve, floors max(request, 100 m),
-//!   weights = requests.
+//! * `mbcas`: this project's [`Engine`] (demand model, market, stability policy)
+//!   as the daemon runs it: the node's whole capacity (the reserve is soft, held
+//!   back only from what is lent, as the daemon does), floors max(request, 100 m),
+//!   weights = requests, the demand model's window = the scenario's decision
+//!   interval.
 //! * `static`: limits never change.
 //! * `nolimits`: pods run without limits (requests only); CPU is shared by weight.
 //! * `burst` (Koordinator-style CFS quota burst, 1 s loop): a throttled pod's
@@ -23,8 +25,8 @@ use std::time::Duration;
 
 use crate::{
     demand::Counters,
+    engine::NodeInput,
     engine::{ConsumerInput, Engine, EngineConfig},
-    policy::node_capacity,
     units::{MilliCpu, PodKey},
 };
 
@@ -48,7 +50,6 @@ pub struct PodObs {
 #[derive(Clone, Copy, Debug)]
 pub struct NodeObs {
     pub capacity_m: u64,
-    pub reserve: f64,
     /// Σ usage over the last window, millicores.
     pub usage_m: f64,
 }
@@ -72,13 +73,26 @@ pub const ALL: [&str; 6] = [
     "autothrottle",
 ];
 
+/// What a policy may know of the scenario before it starts.
+#[derive(Clone, Copy, Debug)]
+pub struct Context {
+    pub decision_interval_s: f64,
+    /// The node's reserve, a fraction of its capacity.
+    pub reserve: f64,
+}
+
 /// A fresh policy instance for one node.
-pub fn by_name(name: &str) -> Option<Box<dyn SimPolicy>> {
+pub fn by_name(name: &str, ctx: &Context) -> Option<Box<dyn SimPolicy>> {
     Some(match name {
-        "mbcas" => Box::new(Mbcas {
-            engine: Engine::new(EngineConfig::default()),
-            inputs: Vec::new(),
-        }),
+        "mbcas" => {
+            let mut cfg = EngineConfig::default();
+            cfg.demand.window_s = ctx.decision_interval_s;
+            cfg.reserve = ctx.reserve;
+            Box::new(Mbcas {
+                engine: Engine::new(cfg),
+                inputs: Vec::new(),
+            })
+        }
         "static" => Box::new(Static),
         "nolimits" => Box::new(NoLimits),
         "burst" => Box::new(Burst),
@@ -101,7 +115,7 @@ impl SimPolicy for Mbcas {
     }
 
     fn decide(&mut self, now_s: f64, node: &NodeObs, pods: &[PodObs]) -> Vec<Option<u64>> {
-        let capacity = node_capacity(MilliCpu(node.capacity_m), node.reserve, MilliCpu::ZERO);
+        let capacity = MilliCpu(node.capacity_m);
         let fresh = self.inputs.len() != pods.len()
             || self.inputs.iter().zip(pods).any(|(i, p)| i.key != p.key);
         if fresh {
@@ -124,10 +138,11 @@ impl SimPolicy for Mbcas {
             i.current = MilliCpu(p.limit_m.unwrap_or(node.capacity_m));
             i.cap = capacity.max(MilliCpu(p.request_m.max(100)));
         }
-        match self
-            .engine
-            .step(Duration::from_secs_f64(now_s), capacity, &self.inputs)
-        {
+        match self.engine.step(
+            Duration::from_secs_f64(now_s),
+            &NodeInput::new(capacity),
+            &self.inputs,
+        ) {
             Ok(o) => o
                 .rows
                 .iter()
@@ -310,7 +325,6 @@ mod tests {
     fn node(usage: f64) -> NodeObs {
         NodeObs {
             capacity_m: 4000,
-            reserve: 0.0,
             usage_m: usage,
         }
     }
