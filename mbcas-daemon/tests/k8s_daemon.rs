@@ -204,7 +204,7 @@ async fn the_daemon_follows_real_demand_through_pod_allocations_and_resizes() {
     );
 
     // The idle pod stays within its request and the node (spare capacity may
-    // be spread to it: `--surplus distribute`, the default).
+    // be lent to it: limits are ceilings, at least its weighted share).
     let idle_pod = pods.get("idle").await.unwrap_or_else(|e| panic!("{e}"));
     let idle_limit = cpu_limit(&idle_pod);
     assert!(

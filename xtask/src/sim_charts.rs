@@ -57,6 +57,8 @@ struct Metrics {
     throttled_ratio_p50: f64,
     throttled_ratio_p99: f64,
     unmet_core_seconds: f64,
+    demand_core_seconds: f64,
+    idle_while_throttled_core_seconds: f64,
     jain: f64,
     slack_pct: f64,
     resizes_per_pod_hour: f64,
@@ -371,6 +373,12 @@ pub fn run_compare(opts: &CompareOptions) -> anyhow::Result<()> {
         &sums,
         "Unmet demand, core·s",
         |m| m.unmet_core_seconds,
+        1,
+    ));
+    section.push_str(&table(
+        &sums,
+        "Throttled while the node idled, core·s (Σ min(idle CPU, CPU held back by quotas))",
+        |m| m.idle_while_throttled_core_seconds,
         1,
     ));
     section.push_str(&table(
