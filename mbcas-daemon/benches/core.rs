@@ -85,6 +85,7 @@ fn bench_tick(c: &mut Criterion) {
                 proposed: MilliCpu(520 + (i as u64 % 7) * 40),
                 base: MilliCpu(520),
                 need: MilliCpu(600),
+                peak: MilliCpu(500),
                 throttled_ratio: 0.2,
                 samples: 10,
                 exclusion: None,

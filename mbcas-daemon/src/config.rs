@@ -52,7 +52,7 @@ pub struct DecisionArgs {
         long,
         env = "MBCAS_OVERCOMMIT",
         value_name = "FACTOR",
-        default_value = "2",
+        default_value = "3",
         help_heading = "Market",
         allow_hyphen_values = true
     )]

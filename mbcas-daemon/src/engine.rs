@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::{
-    demand::{Counters, DemandConfig, DemandEstimate, DemandEstimator, Sample, throttle_need},
+    demand::{Counters, DemandConfig, DemandEstimate, DemandEstimator, Sample, ThrottleMemory},
     market::{self, Bid, Bound, MarketInput},
     policy::{Decision, Exclusion, PodView, Policy, PolicyConfig, Reason, lendable_idle},
     units::{KeyMap, KeySet, MilliCpu, PodKey},
@@ -114,6 +114,7 @@ pub enum EngineError {
 #[derive(Debug, Default)]
 struct Memory {
     estimator: DemandEstimator,
+    throttling: ThrottleMemory,
     last: Option<Counters>,
     last_estimate: Option<DemandEstimate>,
 }
@@ -166,8 +167,18 @@ impl Engine {
                 estimates.push(None);
                 continue;
             };
+            let target = self.cfg.policy.throttled_threshold;
             let est = match mem.last.map(|prev| Sample::new(&prev, &inp.counters)) {
-                Some(Ok(sample)) => Some(mem.estimator.update(&sample, &self.cfg.demand)),
+                Some(Ok(sample)) => {
+                    let e = mem.estimator.update(&sample, &self.cfg.demand);
+                    mem.throttling.update(
+                        inp.current,
+                        e.throttled_ratio,
+                        target,
+                        sample.window_secs(),
+                    );
+                    Some(e)
+                }
                 Some(Err(e)) => {
                     tracing::debug!(consumer = %inp.key, error = %e, "counters not usable this round");
                     None
@@ -182,14 +193,16 @@ impl Engine {
         }
         // Excluded consumers keep their limits and do not bid; their weight
         // counts in the entitlements, as cpu.weight counts every group.
-        let target = self.cfg.policy.throttled_threshold;
         let needs: Vec<MilliCpu> = inputs
             .iter()
             .zip(&estimates)
             .map(|(inp, e)| {
-                e.map_or(inp.current, |e| {
-                    throttle_need(e.need, inp.current, e.throttled_ratio, target)
-                })
+                let throttling = self
+                    .memory
+                    .get(&inp.key)
+                    .map(|m| m.throttling)
+                    .unwrap_or_default();
+                e.map_or(inp.current, |e| throttling.need(e.need))
             })
             .collect();
         let bidders: Vec<usize> = (0..inputs.len())
@@ -246,6 +259,9 @@ impl Engine {
                 proposed: alloc[i].map_or(inp.current, |a| a.amount),
                 base: alloc[i].map_or(inp.current, |a| a.base),
                 need: needs[i],
+                peak: estimates[i].map_or(inp.current, |e| {
+                    MilliCpu(e.peak.max(0.0).ceil().min(u64::MAX as f64) as u64)
+                }),
                 throttled_ratio: estimates[i].map_or(0.0, |e| e.throttled_ratio),
                 samples: estimates[i].map_or(0, |e| e.samples),
                 exclusion: inp.exclusion,

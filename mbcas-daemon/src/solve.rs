@@ -4,7 +4,7 @@
 //! `{"capacity_millicores": C, "overcommit": ρ, "idle_millicores": I, "total_weight": W,
 //! "pods": [{"id": "...", "weight": w, "floor_millicores": f, "cap_millicores": M,
 //! "demand_millicores": d, "need_millicores": n}]}`, the market of [`crate::market`]
-//! (`overcommit` is optional, default 2; `idle_millicores` default 0; `total_weight`
+//! (`overcommit` is optional, default 3; `idle_millicores` default 0; `total_weight`
 //! default the pods' total; `demand_millicores` default the need). Output:
 //! `{"price": λ, "budget_millicores": B, "overcommitted": bool,
 //! "allocations": [{"id", "millicores", "base_millicores", "bound"}]}`.

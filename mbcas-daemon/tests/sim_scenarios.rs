@@ -28,7 +28,7 @@ fn shipped_scenarios_run() {
         }
         n += 1;
     }
-    assert_eq!(n, 7, "seven scenarios ship under scenarios/");
+    assert_eq!(n, 14, "fourteen scenarios ship under scenarios/");
 }
 
 #[test]

@@ -1,10 +1,12 @@
-//! `cargo xtask demo`: static limits versus MBCAS on the same loads, on this machine.
+//! `cargo xtask demo`: static limits, no limits and MBCAS on the same loads, on this machine.
 //!
 //! Creates a cgroup tree with four consumers of different weights and load
 //! shapes — `web` (bursty, wants more than its starting limit), `api` (steady),
 //! `noisy` (a noisy neighbour that wants two cores) and `batch` (light) — all
-//! starting at 300 m. Phase 1 keeps those limits; phase 2 runs
-//! `mbcas run --mode local` over the same tree with freshly started loads. Each
+//! starting at 300 m. Phase 1 keeps those limits; phase 2 removes them (the
+//! kernel's `cpu.shares`/`cpu.weight` alone share the CPU); phase 3 runs
+//! `mbcas run --mode local` over the same tree, from the same 300 m, with
+//! freshly started loads. Each
 //! second it shows a live table and records usage, limit and throttling from the
 //! kernel's own counters; at the end it writes a PNG chart per phase, a summary
 //! table, and (with `--json-out`) the summary as JSON. Every cgroup and process
@@ -23,9 +25,10 @@ use serde::Serialize;
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
-    /// Total length in seconds (half static limits, half MBCAS). MBCAS lowers
-    /// limits slowly (30 s cooldown by default), so give it a minute or two.
-    #[arg(long, default_value_t = 120)]
+    /// Total length in seconds (a third each: static limits, no limits, MBCAS).
+    /// MBCAS lowers limits slowly (30 s cooldown by default), so give it a
+    /// minute or two.
+    #[arg(long, default_value_t = 180)]
     pub duration: u64,
     /// Write the summary as JSON here.
     #[arg(long, value_name = "FILE")]
@@ -129,14 +132,17 @@ impl Tree {
         Ok(t)
     }
 
-    fn set_limits(&self, m: u64) -> anyhow::Result<()> {
+    /// Sets every consumer's limit (`None`: no limit).
+    fn set_limits(&self, m: Option<u64>) -> anyhow::Result<()> {
         for s in &SPECS {
             let dir = self.cpu_root.join(s.name);
             if self.v2 {
-                std::fs::write(dir.join("cpu.max"), format!("{} 100000", m * 100))?;
+                let quota = m.map_or_else(|| "max".to_owned(), |m| (m * 100).to_string());
+                std::fs::write(dir.join("cpu.max"), format!("{quota} 100000"))?;
             } else {
                 std::fs::write(dir.join("cpu.cfs_period_us"), "100000")?;
-                std::fs::write(dir.join("cpu.cfs_quota_us"), (m * 100).to_string())?;
+                let quota = m.map_or(-1, |m| i64::try_from(m * 100).unwrap_or(i64::MAX));
+                std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string())?;
             }
         }
         Ok(())
@@ -252,6 +258,7 @@ struct ConsumerSummary {
     load: &'static str,
     weight_share: f64,
     static_share: f64,
+    nolimits_share: f64,
     mbcas_share: f64,
     static_throttled_ratio: f64,
     mbcas_throttled_ratio: f64,
@@ -261,6 +268,7 @@ struct ConsumerSummary {
 struct Summary {
     #[serde(rename = "static")]
     static_: PhaseSummary,
+    nolimits: PhaseSummary,
     mbcas: PhaseSummary,
     consumers: Vec<ConsumerSummary>,
 }
@@ -530,13 +538,17 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         };
     }
 
-    let half = opts.duration / 2;
+    let third = opts.duration / 3;
     let mut tree = Tree::new()?;
-    tree.set_limits(START_LIMIT_M)?;
+    tree.set_limits(Some(START_LIMIT_M))?;
     tree.start_loads(&bin)?;
-    let stat = run_phase(&tree, "static limits", half, None, None)?;
+    let stat = run_phase(&tree, "static limits", third, None, None)?;
     tree.stop_children();
-    tree.set_limits(START_LIMIT_M)?;
+    tree.set_limits(None)?;
+    tree.start_loads(&bin)?;
+    let open = run_phase(&tree, "no limits", third, None, None)?;
+    tree.stop_children();
+    tree.set_limits(Some(START_LIMIT_M))?;
 
     let report = opts.report_dir.join("mbcas-rounds.jsonl");
     let _ = std::fs::remove_file(&report);
@@ -560,7 +572,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         .stdin(Stdio::null())
         .spawn()
         .context("start mbcas run --mode local")?;
-    let result = run_phase(&tree, "MBCAS", half, Some(&mut daemon), Some(&report));
+    let result = run_phase(&tree, "MBCAS", third, Some(&mut daemon), Some(&report));
     let pid = nix::unistd::Pid::from_raw(i32::try_from(daemon.id()).unwrap_or(0));
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
     let _ = daemon.wait();
@@ -573,11 +585,16 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         &stat,
     )?;
     chart(
+        &opts.report_dir.join("nolimits.png"),
+        "No limits (cpu.shares only)",
+        &open,
+    )?;
+    chart(
         &opts.report_dir.join("mbcas.png"),
         "MBCAS (local mode)",
         &mb,
     )?;
-    let (s, m) = (summarise(&stat), summarise(&mb));
+    let (s, n, m) = (summarise(&stat), summarise(&open), summarise(&mb));
     let total_w: u64 = SPECS.iter().map(|s| s.shares).sum();
     let share = |p: &Phase, i: usize| {
         let all: f64 = p.series.iter().flatten().map(|x| x.usage_m).sum();
@@ -598,41 +615,47 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             load: sp.load,
             weight_share: sp.shares as f64 / total_w as f64,
             static_share: share(&stat, i),
+            nolimits_share: share(&open, i),
             mbcas_share: share(&mb, i),
             static_throttled_ratio: ratio(&stat, i),
             mbcas_throttled_ratio: ratio(&mb, i),
         })
         .collect::<Vec<_>>();
     let mut table = String::new();
-    table.push_str("| | static limits | MBCAS |\n|---|---|---|\n");
-    table.push_str(&format!(
-        "| throttled-period ratio | {:.3} | {:.3} |\n",
-        s.throttled_ratio, m.throttled_ratio
-    ));
-    table.push_str(&format!(
-        "| unmet demand (core·s) | {:.1} | {:.1} |\n",
-        s.unmet_core_seconds, m.unmet_core_seconds
-    ));
-    table.push_str(&format!(
-        "| CPU used (core·s) | {:.1} | {:.1} |\n",
-        s.used_core_seconds, m.used_core_seconds
-    ));
-    table.push_str(&format!(
-        "| fairness under contention (Jain, usage/weight) | {:.3} | {:.3} |\n",
-        s.fairness_jain, m.fairness_jain
-    ));
-    table.push_str(&format!(
-        "| limit changes | {} | {} |\n\n",
-        s.changes, m.changes
-    ));
-    table.push_str("| consumer | load | weight share | static share | MBCAS share | static throttled | MBCAS throttled |\n|---|---|---|---|---|---|---|\n");
+    table.push_str("| | static limits | no limits | MBCAS |\n|---|---|---|---|\n");
+    type Row = (&'static str, fn(&PhaseSummary) -> String);
+    let rows: [Row; 5] = [
+        ("throttled-period ratio", |p| {
+            format!("{:.3}", p.throttled_ratio)
+        }),
+        ("unmet demand (core·s)", |p| {
+            format!("{:.1}", p.unmet_core_seconds)
+        }),
+        ("CPU used (core·s)", |p| {
+            format!("{:.1}", p.used_core_seconds)
+        }),
+        ("fairness under contention (Jain, usage/weight)", |p| {
+            format!("{:.3}", p.fairness_jain)
+        }),
+        ("limit changes", |p| p.changes.to_string()),
+    ];
+    for (name, get) in rows {
+        table.push_str(&format!(
+            "| {name} | {} | {} | {} |\n",
+            get(&s),
+            get(&n),
+            get(&m)
+        ));
+    }
+    table.push_str("\n| consumer | load | weight share | static share | no-limits share | MBCAS share | static throttled | MBCAS throttled |\n|---|---|---|---|---|---|---|---|\n");
     for c in &consumers {
         table.push_str(&format!(
-            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
             c.name,
             c.load,
             c.weight_share,
             c.static_share,
+            c.nolimits_share,
             c.mbcas_share,
             c.static_throttled_ratio,
             c.mbcas_throttled_ratio
@@ -641,12 +664,14 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     std::fs::write(opts.report_dir.join("summary.md"), &table)?;
     println!("\n{table}");
     println!(
-        "charts: {} and {}",
+        "charts: {}, {} and {}",
         opts.report_dir.join("static.png").display(),
+        opts.report_dir.join("nolimits.png").display(),
         opts.report_dir.join("mbcas.png").display()
     );
     let summary = Summary {
         static_: s,
+        nolimits: n,
         mbcas: m,
         consumers,
     };

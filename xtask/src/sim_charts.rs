@@ -67,6 +67,9 @@ struct Metrics {
     adapt_p99_s: f64,
     starved_pods: u64,
     pods: u64,
+    requests: u64,
+    latency_p50_ms: f64,
+    latency_p99_ms: f64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -276,6 +279,11 @@ pub fn run_charts(opts: &ChartOptions) -> anyhow::Result<()> {
 }
 
 fn table(sums: &[Summary], title: &str, get: fn(&Metrics) -> f64, prec: usize) -> String {
+    let all: Vec<&Summary> = sums.iter().collect();
+    table_of(&all, title, get, prec)
+}
+
+fn table_of(sums: &[&Summary], title: &str, get: fn(&Metrics) -> f64, prec: usize) -> String {
     let policies: Vec<&String> = sums
         .first()
         .map(|s| s.policies.keys().collect())
@@ -379,6 +387,16 @@ pub fn run_compare(opts: &CompareOptions) -> anyhow::Result<()> {
         &sums,
         "Throttled while the node idled, core·s (Σ min(idle CPU, CPU held back by quotas))",
         |m| m.idle_while_throttled_core_seconds,
+        1,
+    ));
+    let with_requests: Vec<&Summary> = sums
+        .iter()
+        .filter(|s| s.policies.values().any(|m| m.requests > 0))
+        .collect();
+    section.push_str(&table_of(
+        &with_requests,
+        "Request latency p99, ms (scenarios with a request load)",
+        |m| m.latency_p99_ms,
         1,
     ));
     section.push_str(&table(

@@ -124,7 +124,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     }
     let out = PathBuf::from("target/demo-ci.json");
     crate::demo::run(&crate::demo::Options {
-        duration: 60,
+        duration: 90,
         json_out: Some(out.clone()),
         report_dir: PathBuf::from("target/demo-ci"),
     })?;

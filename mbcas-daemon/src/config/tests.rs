@@ -44,7 +44,7 @@ fn defaults_are_the_documented_ones() {
     assert_eq!(
         c.market,
         MarketConfig {
-            overcommit: 2.0,
+            overcommit: 3.0,
             min_limit: MilliCpu(100),
             node_reserve: 0.10,
             cap_factor: None,
@@ -263,7 +263,7 @@ fn help_documents_defaults() {
         "[default: 0.3]",
         "[default: kube-system]",
         "[default: 0.0.0.0:9090]",
-        "[default: 2]",
+        "[default: 3]",
         "[default: 5%]",
         "Stability:",
         "Demand model:",

@@ -149,30 +149,26 @@ fn variable_demand_carries_its_deviation_and_peak_as_headroom() {
 }
 
 #[test]
-fn throttling_raises_the_need_above_the_limit() {
-    // 15 % of periods throttled under 400 m: at least 460 m.
-    assert_eq!(
-        throttle_need(MilliCpu(380), MilliCpu(400), 0.15, 0.05),
-        MilliCpu(460)
-    );
-    // Under the target, or with a larger need already: unchanged.
-    assert_eq!(
-        throttle_need(MilliCpu(380), MilliCpu(400), 0.04, 0.05),
-        MilliCpu(380)
-    );
-    assert_eq!(
-        throttle_need(MilliCpu(900), MilliCpu(400), 0.5, 0.05),
-        MilliCpu(900)
-    );
-    // Fully throttled: twice the limit at most per round.
-    assert_eq!(
-        throttle_need(MilliCpu(0), MilliCpu(400), 1.0, 0.05),
-        MilliCpu(800)
-    );
-    assert_eq!(
-        throttle_need(MilliCpu(10), MilliCpu(400), f64::NAN, 0.05),
-        MilliCpu(10)
-    );
+fn throttling_raises_the_need_above_the_limit_and_is_remembered() {
+    let mut m = ThrottleMemory::default();
+    // 15 % of periods throttled under 400 m: at least 400 × 1.3 = 520 m.
+    m.update(MilliCpu(400), 0.15, 0.05, 1.0);
+    assert_eq!(m.need(MilliCpu(380)), MilliCpu(520));
+    assert_eq!(m.need(MilliCpu(900)), MilliCpu(900), "a larger need stands");
+    // Quiet windows: the level decays with a half-life of 30 minutes.
+    for _ in 0..1800 {
+        m.update(MilliCpu(520), 0.0, 0.05, 1.0);
+    }
+    assert_eq!(m.need(MilliCpu(0)), MilliCpu(260));
+    // Under the target, nothing is learnt; fully throttled: twice the limit.
+    let mut m = ThrottleMemory::default();
+    m.update(MilliCpu(400), 0.04, 0.05, 1.0);
+    assert_eq!(m.need(MilliCpu(10)), MilliCpu(10));
+    m.update(MilliCpu(400), 1.0, 0.05, 1.0);
+    assert_eq!(m.need(MilliCpu(0)), MilliCpu(800));
+    let mut m = ThrottleMemory::default();
+    m.update(MilliCpu(400), f64::NAN, 0.05, f64::NAN);
+    assert_eq!(m.need(MilliCpu(10)), MilliCpu(10));
 }
 
 #[test]

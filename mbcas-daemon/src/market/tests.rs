@@ -14,7 +14,7 @@ fn bid(key: &str, weight: f64, floor: u64, cap: u64, demand: u64, headroom: u64)
     }
 }
 
-/// The default market: ρ = 2, nothing idle, W = the bids' total.
+/// The default market: ρ = 3, nothing idle, W = the bids' total.
 fn input(capacity: u64, bids: Vec<Bid>) -> MarketInput {
     MarketInput {
         capacity: MilliCpu(capacity),
@@ -67,7 +67,7 @@ fn alone_on_the_node_a_pod_may_use_all_of_it() {
 #[test]
 fn contended_ceilings_are_fair_share_plus_headroom() {
     // Both want 2 cores; weights 1:3 share 2000 m as 500:1500 (the fair level);
-    // each ceiling adds its 100 m headroom. Σ = 2200 m is within 2 × 2000 m.
+    // each ceiling adds its 100 m headroom. Σ = 2200 m is within 3 × 2000 m.
     let o = clear_ok(&input(
         2000,
         vec![

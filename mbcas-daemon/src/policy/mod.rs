@@ -22,8 +22,10 @@
 //!    the current limit for a throttled pod's increase, and under twice that for
 //!    any other change — except to lift a limit below the pod's floor.
 //! 5. **Increases** go through at once for a throttled pod; for a pod that is not
-//!    throttled they wait out the cooldown after a decrease. Above the base, one
-//!    change raises a limit by at most ×`max_step_up` (1.5).
+//!    throttled they wait out the cooldown after a decrease, and are not made
+//!    while its recent peak demand stays below its limit by more than the
+//!    hysteresis (`covered`: the ceiling already covers what it used). Above the
+//!    base, one change raises a limit by at most ×`max_step_up` (1.5).
 //! 6. **Decreases** never happen while the pod is throttled (unless the market
 //!    gives it less than it needs: its share under contention), within the cooldown
 //!    (default 30 s) after the pod's last change, or during warm-up (the first
@@ -161,6 +163,7 @@ pub enum Reason {
     Rollback,
     CapacityLimited,
     Reclaim,
+    Covered,
     BelowFloor,
     ExcludedGuaranteed,
     ExcludedOptedOut,
@@ -170,7 +173,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 19] = [
+    pub const ALL: [Reason; 20] = [
         Self::Unchanged,
         Self::Hysteresis,
         Self::Increase,
@@ -184,6 +187,7 @@ impl Reason {
         Self::Rollback,
         Self::CapacityLimited,
         Self::Reclaim,
+        Self::Covered,
         Self::BelowFloor,
         Self::ExcludedGuaranteed,
         Self::ExcludedOptedOut,
@@ -207,6 +211,7 @@ impl Reason {
             Self::Rollback => "rollback",
             Self::CapacityLimited => "capacity_limited",
             Self::Reclaim => "reclaim",
+            Self::Covered => "covered",
             Self::BelowFloor => "below_floor",
             Self::ExcludedGuaranteed => "excluded_guaranteed",
             Self::ExcludedOptedOut => "excluded_opted_out",
@@ -250,6 +255,8 @@ pub struct PodView {
     pub base: MilliCpu,
     /// What the pod's demand model says it needs (the market's input).
     pub need: MilliCpu,
+    /// The highest demand the pod showed lately (the demand model's peak).
+    pub peak: MilliCpu,
     /// Fraction of CFS periods throttled in the last window.
     pub throttled_ratio: f64,
     /// Demand samples seen for this pod.
@@ -412,6 +419,13 @@ impl Policy {
             if !throttled && in_cooldown_after_decrease {
                 return keep(Reason::Cooldown);
             }
+            // Not throttled and its limit well above what it used lately: the
+            // ceiling already covers it (a need that swings with the demand's
+            // variability would otherwise move the limit up and down).
+            if !throttled && v.current >= v.base && (v.peak.0 as f64) < cur * (1.0 - cfg.hysteresis)
+            {
+                return keep(Reason::Covered);
+            }
             let step = round_down(cur * cfg.max_step_up)
                 .max(v.current.0 + QUANTUM)
                 .max(v.base.0);
@@ -458,7 +472,16 @@ impl Policy {
 
 /// Brings the decisions within `budget` (rule 7 of the module documentation).
 fn fit_budget(budget: MilliCpu, hysteresis: f64, views: &[PodView], out: &mut [Decision]) {
-    if out.iter().map(|d| d.to.0).sum::<u64>() <= budget.0 {
+    // Excluded pods are not the market's: their limits are outside the budget.
+    let managed = |v: &PodView| v.exclusion.is_none();
+    if out
+        .iter()
+        .zip(views)
+        .filter(|(_, v)| managed(v))
+        .map(|(d, _)| d.to.0)
+        .sum::<u64>()
+        <= budget.0
+    {
         return;
     }
     // The part of each increase up to max(from, base) is the pod's fair share:
@@ -471,7 +494,12 @@ fn fit_budget(budget: MilliCpu, hysteresis: f64, views: &[PodView], out: &mut [D
             d.to
         }
     };
-    let fair: u64 = out.iter().zip(views).map(|(d, v)| kept(d, v).0).sum();
+    let fair: u64 = out
+        .iter()
+        .zip(views)
+        .filter(|(_, v)| managed(v))
+        .map(|(d, v)| kept(d, v).0)
+        .sum();
     if fair > budget.0 {
         let gap = |d: &Decision, v: &PodView| {
             if v.exclusion.is_none() && d.to <= d.from {
@@ -497,10 +525,16 @@ fn fit_budget(budget: MilliCpu, hysteresis: f64, views: &[PodView], out: &mut [D
     // What is left of the budget goes to the parts of increases above the
     // fair share, scaled down together; an increase cut below the hysteresis
     // is not worth a resize.
-    let fair: u64 = out.iter().zip(views).map(|(d, v)| kept(d, v).0).sum();
+    let fair: u64 = out
+        .iter()
+        .zip(views)
+        .filter(|(_, v)| managed(v))
+        .map(|(d, v)| kept(d, v).0)
+        .sum();
     let extra: u64 = out
         .iter()
         .zip(views)
+        .filter(|(_, v)| managed(v))
         .map(|(d, v)| d.to.0 - kept(d, v).0)
         .sum();
     if extra == 0 || fair + extra <= budget.0 {
@@ -521,9 +555,12 @@ fn fit_budget(budget: MilliCpu, hysteresis: f64, views: &[PodView], out: &mut [D
         if d.reason == Reason::BelowFloor {
             d.to = to.max(v.floor);
         } else {
-            // A rollback cut here is not carried out as one: no doubling.
+            // A rollback cut to nothing is not carried out: no doubling. One
+            // cut short is still a rollback.
             d.to = to;
-            d.reason = Reason::CapacityLimited;
+            if !(d.reason == Reason::Rollback && to > d.from) {
+                d.reason = Reason::CapacityLimited;
+            }
         }
     }
 }

@@ -18,6 +18,7 @@ fn view(key: &str, current: u64, proposed: u64, throttled: f64, samples: u32) ->
         proposed: MilliCpu(proposed),
         base: MilliCpu(100),
         need: MilliCpu(proposed),
+        peak: MilliCpu(proposed),
         throttled_ratio: throttled,
         samples,
         exclusion: None,
@@ -174,6 +175,37 @@ fn a_throttled_pod_below_its_base_gets_it_at_once() {
     let mut v = view("idle", 400, 420, 0.0, 10);
     v.base = MilliCpu(420);
     assert_eq!(one(&mut p, s(0), v).reason, Reason::Hysteresis);
+}
+
+#[test]
+fn an_unthrottled_pod_whose_limit_covers_its_peak_is_not_raised() {
+    let mut p = Policy::new(PolicyConfig::default());
+    // Limit 1200 m, peak 900 m: a need of 1500 m (variability) changes nothing.
+    let mut v = view("bursty", 1200, 1500, 0.0, 10);
+    v.peak = MilliCpu(900);
+    assert_eq!(one(&mut p, s(0), v.clone()).reason, Reason::Covered);
+    // Its peak near the limit: raised.
+    v.peak = MilliCpu(1150);
+    let d = one(&mut p, s(0), v.clone());
+    assert_eq!((d.to, d.reason), (MilliCpu(1500), Reason::Increase));
+    // Throttled: raised whatever the peak says.
+    let mut t = view("t", 1200, 1500, 0.5, 10);
+    t.peak = MilliCpu(500);
+    assert_eq!(one(&mut p, s(0), t).reason, Reason::IncreaseThrottled);
+}
+
+#[test]
+fn excluded_pods_limits_are_outside_the_budget() {
+    let mut p = Policy::new(PolicyConfig::default());
+    // A Guaranteed pod's 4000 m does not count against a 2000 m budget.
+    let mut g = view("guaranteed", 4000, 4000, 0.0, 10);
+    g.exclusion = Some(Exclusion::Guaranteed);
+    let ds = p.decide(s(0), MilliCpu(2000), &[g, view("a", 1000, 1400, 1.0, 10)]);
+    assert_eq!(
+        (ds[1].to, ds[1].reason),
+        (MilliCpu(1400), Reason::IncreaseThrottled)
+    );
+    assert!(!ds[0].changed());
 }
 
 #[test]
@@ -400,6 +432,7 @@ fn closed_loop(demands: &[f64], capacity: u64, secs: u64) -> Vec<Vec<(u64, Milli
                 proposed: a.amount,
                 base: a.base,
                 need: needs[i],
+                peak: needs[i],
                 throttled_ratio: ratios[i],
                 samples: samples[i],
                 exclusion: None,

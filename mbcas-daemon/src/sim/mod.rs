@@ -10,6 +10,7 @@
 pub mod cfs;
 pub mod cmd;
 pub mod policies;
+pub mod requests;
 pub mod scenario;
 
 use std::{
@@ -74,6 +75,11 @@ pub struct PolicyMetrics {
     pub adapt_p99_s: f64,
     pub starved_pods: u64,
     pub pods: u64,
+    /// Requests completed by pods with a request load (see [`requests`]).
+    pub requests: u64,
+    /// Median and p99 request latency, milliseconds (0 without requests).
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -85,6 +91,8 @@ pub struct Summary {
 
 struct Pod {
     limit_m: Option<u64>,
+    excluded: bool,
+    requests: Option<(requests::RequestSpec, requests::RequestQueue)>,
     weight: f64,
     demand: Demand,
     noise: f64,
@@ -217,6 +225,8 @@ struct NodeResult {
     ratios: Vec<f64>,
     /// Times to adapt after each demand step.
     adapt: Vec<f64>,
+    /// Request latencies, milliseconds.
+    latencies: Vec<f64>,
     resizes: u64,
     oscillations: u64,
     starved: u64,
@@ -330,6 +340,7 @@ pub fn run_policy_with(
         all.tot.use_sum += r.tot.use_sum;
         all.ratios.extend(r.ratios);
         all.adapt.extend(r.adapt);
+        all.latencies.extend(r.latencies);
         all.resizes += r.resizes;
         all.oscillations += r.oscillations;
         all.starved += r.starved;
@@ -371,7 +382,13 @@ fn run_node(
     let mut traced: Vec<TraceAcc> = Vec::new();
     for ps in &ns.pods {
         for k in 0..ps.count {
-            let limit = if unlimited { None } else { ps.limit_m };
+            // Excluded pods (Guaranteed, kube-system) keep their limits under
+            // every policy, no limits included.
+            let limit = if unlimited && !ps.excluded {
+                None
+            } else {
+                ps.limit_m
+            };
             let key = PodKey::from(format!("{}-{node_idx}/{}-{k}", ns.name, ps.name));
             if k == 0 && traced.len() < trace_pods {
                 traced.push(TraceAcc {
@@ -393,9 +410,15 @@ fn run_node(
                 counters: Counters::default(),
                 usage_m: 0.0,
                 throttled_ratio: 0.0,
+                excluded: ps.excluded,
             });
             pods.push(Pod {
                 limit_m: limit,
+                excluded: ps.excluded,
+                requests: ps.requests.clone().map(|r| {
+                    let phase = splitmix(seed ^ splitmix(node_idx ^ splitmix(pods.len() as u64)));
+                    (r, requests::RequestQueue::with_phase(phase % 1_000_000))
+                }),
                 weight,
                 demand: ps.demand.clone(),
                 noise: ps.noise,
@@ -424,6 +447,9 @@ fn run_node(
     let mut out: Vec<PeriodOutcome> = Vec::with_capacity(pods.len());
     let mut scratch = cfs::Scratch::default();
     let mut node_window_usage = 0.0;
+    // Request loads are served period by period.
+    let per_period = pods.iter().any(|p| p.requests.is_some());
+    let mut background: Vec<f64> = vec![0.0; pods.len()];
     let mut k = 0u64;
     let mut reported = 0u64;
     while k < n_periods {
@@ -432,6 +458,9 @@ fn run_node(
         let mut end = n_periods
             .min((k / PERIODS_PER_S + 1) * PERIODS_PER_S)
             .min((k / per_decision + 1) * per_decision);
+        if per_period {
+            end = end.min(k + 1);
+        }
         loads.clear();
         let second = k / PERIODS_PER_S;
         for (i, p) in pods.iter_mut().enumerate() {
@@ -447,7 +476,20 @@ fn run_node(
                 p.next_step += 1;
             }
             end = end.min(period_at_or_after(p.demand.next_change(t), k));
-            let d = p.demand.at(t) * noise_factor(seed, node_idx, i as u64, second, p.noise);
+            let mut d = p.demand.at(t) * noise_factor(seed, node_idx, i as u64, second, p.noise);
+            background[i] = d;
+            if let Some((spec, queue)) = &mut p.requests {
+                let mut draw = 0u64;
+                queue.arrive(spec, k, || {
+                    draw += 1;
+                    splitmix(
+                        seed ^ splitmix(
+                            node_idx ^ splitmix((i as u64) ^ splitmix(k ^ (draw << 40))),
+                        ),
+                    )
+                });
+                d += queue.wanted_ms(spec) / PERIOD_S;
+            }
             loads.push(PodLoad {
                 demand_m: d,
                 quota_m: p.limit_m.map(|l| l as f64),
@@ -457,6 +499,9 @@ fn run_node(
         let n = end - k;
         let nf = n as f64;
         cfs::period(capacity, &loads, &mut out, &mut scratch);
+        if per_period {
+            serve_requests(&mut pods, &loads, &background, &mut out, k);
+        }
         let (mut c_sum, mut c_sq, mut c_n) = (0.0, 0.0, 0u32);
         let (mut used, mut held_back) = (0.0, 0.0);
         let t_end = end as f64 * PERIOD_S;
@@ -561,6 +606,9 @@ fn run_node(
                 let (Some(new), Some(cur)) = (w, o.limit_m) else {
                     continue;
                 };
+                if p.excluded {
+                    continue;
+                }
                 if new == cur {
                     continue;
                 }
@@ -589,6 +637,9 @@ fn run_node(
         ..NodeResult::default()
     };
     for p in &mut pods {
+        if let Some((_, q)) = &mut p.requests {
+            r.latencies.append(&mut q.latencies_ms);
+        }
         for st in p.open_steps.drain(..) {
             p.adapt.push(s.duration_s - st);
         }
@@ -603,6 +654,44 @@ fn run_node(
         r.starved += u64::from(p.starved);
     }
     r
+}
+
+/// Serves period `k` of every pod with a request load: the CFS outcome gave
+/// the pod its share of the node; the requests run inside it under the pod's
+/// quota (after its background demand), and the outcome becomes what they did.
+fn serve_requests(
+    pods: &mut [Pod],
+    loads: &[PodLoad],
+    background: &[f64],
+    out: &mut [PeriodOutcome],
+    k: u64,
+) {
+    for (i, p) in pods.iter_mut().enumerate() {
+        let Some((spec, queue)) = &mut p.requests else {
+            continue;
+        };
+        let (l, o) = (&loads[i], &mut out[i]);
+        let capped = l.quota_m.map_or(l.demand_m, |q| l.demand_m.min(q));
+        // Below its capped demand without being throttled: the node is contended.
+        let speed = if capped > 1e-9 && !o.throttled {
+            (o.usage_m / capped).min(1.0)
+        } else {
+            1.0
+        };
+        let bg = background[i].min(l.demand_m);
+        let bg_used = if l.demand_m > 1e-9 {
+            o.usage_m * bg / l.demand_m
+        } else {
+            0.0
+        };
+        let quota_ms = l.quota_m.map(|q| (q - bg_used).max(0.0) * PERIOD_S);
+        let served = queue.serve(spec, k, quota_ms, speed);
+        let bg_throttled = o.throttled && bg > bg_used + 1e-9;
+        o.usage_m = bg_used + served.used_ms / PERIOD_S;
+        o.throttled = served.throttled || bg_throttled;
+        o.held_back_m =
+            served.held_back_ms / PERIOD_S + if bg_throttled { bg - bg_used } else { 0.0 };
+    }
 }
 
 fn metrics(s: &Scenario, all: &mut NodeResult) -> PolicyMetrics {
@@ -630,6 +719,9 @@ fn metrics(s: &Scenario, all: &mut NodeResult) -> PolicyMetrics {
         adapt_p99_s: percentile(&mut all.adapt, 0.99),
         starved_pods: all.starved,
         pods: pods as u64,
+        requests: all.latencies.len() as u64,
+        latency_p50_ms: percentile(&mut all.latencies, 0.5),
+        latency_p99_ms: percentile(&mut all.latencies, 0.99),
     }
 }
 

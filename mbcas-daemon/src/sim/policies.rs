@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use crate::{
     demand::Counters,
-    engine::NodeInput,
-    engine::{ConsumerInput, Engine, EngineConfig},
+    engine::{ConsumerInput, Engine, EngineConfig, NodeInput},
+    policy::Exclusion,
     units::{MilliCpu, PodKey},
 };
 
@@ -45,6 +45,9 @@ pub struct PodObs {
     pub usage_m: f64,
     /// Share of the window's periods that were throttled.
     pub throttled_ratio: f64,
+    /// A pod MBCAS does not manage (Guaranteed, kube-system, opted out): the
+    /// simulator never changes its limit, whatever a policy asks.
+    pub excluded: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -115,7 +118,14 @@ impl SimPolicy for Mbcas {
     }
 
     fn decide(&mut self, now_s: f64, node: &NodeObs, pods: &[PodObs]) -> Vec<Option<u64>> {
-        let capacity = MilliCpu(node.capacity_m);
+        // As the daemon does: unmanaged pods' limits (their requests when they
+        // have none) are not the market's to hand out.
+        let unmanaged: u64 = pods
+            .iter()
+            .filter(|p| p.excluded)
+            .map(|p| p.limit_m.unwrap_or(p.request_m))
+            .sum();
+        let capacity = MilliCpu(node.capacity_m.saturating_sub(unmanaged));
         let fresh = self.inputs.len() != pods.len()
             || self.inputs.iter().zip(pods).any(|(i, p)| i.key != p.key);
         if fresh {
@@ -129,7 +139,7 @@ impl SimPolicy for Mbcas {
                     weight: p.weight,
                     floor: MilliCpu(p.request_m.max(100)),
                     cap: MilliCpu::ZERO,
-                    exclusion: None,
+                    exclusion: p.excluded.then_some(Exclusion::Guaranteed),
                 })
                 .collect();
         }
@@ -319,6 +329,7 @@ mod tests {
             counters: Counters::default(),
             usage_m: usage,
             throttled_ratio: throttled,
+            excluded: false,
         }
     }
 

@@ -9,10 +9,15 @@
 //! ```
 //! Demand kinds: `steady {m}`, `step {from_m, to_m, at_s}`,
 //! `square {on_m, off_m, on_s, off_s, phase_s?}`, `diurnal {mean_m, amplitude_m, period_s}`,
-//! `start {m, at_s, spike_m?, spike_s?}` (idle until `at_s`, then `spike_m` for
-//! `spike_s` seconds if given, then `m`). `noise` (0–1) multiplies demand by a
+//! `start {m, at_s, spike_m?, spike_s?, stop_s?}` (idle until `at_s`, then `spike_m` for
+//! `spike_s` seconds if given, then `m`, idle again from `stop_s`: pod churn). `noise` (0–1) multiplies demand by a
 //! seeded random factor in [1 − noise, 1 + noise], redrawn every second.
 //! `limit_m` absent means no limit; `weight` defaults to the request.
+//! `requests {rate_per_s, cpu_ms, threads, burst_every_s?, burst_n?}` adds a
+//! request load served inside CFS periods, whose latency is measured (see
+//! [`super::requests`]); `excluded: true` marks a pod MBCAS must not manage
+//! (Guaranteed, kube-system, opted out): the `mbcas` policy leaves its limit and
+//! counts its weight and limit as the daemon does.
 //! Errors name the field path and the line.
 
 use serde::Deserialize;
@@ -63,6 +68,10 @@ pub struct PodSpec {
     pub demand: Demand,
     #[serde(default)]
     pub noise: f64,
+    #[serde(default)]
+    pub requests: Option<super::requests::RequestSpec>,
+    #[serde(default)]
+    pub excluded: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -97,6 +106,9 @@ pub enum Demand {
         spike_m: Option<f64>,
         #[serde(default)]
         spike_s: f64,
+        /// Idle again from this time on (the pod stopped).
+        #[serde(default)]
+        stop_s: Option<f64>,
     },
 }
 
@@ -138,8 +150,9 @@ impl Demand {
                 at_s,
                 spike_m,
                 spike_s,
+                stop_s,
             } => {
-                if t < at_s {
+                if t < at_s || stop_s.is_some_and(|s| t >= s) {
                     0.0
                 } else if let Some(sp) = spike_m
                     && t < at_s + spike_s
@@ -169,12 +182,17 @@ impl Demand {
                 at_s,
                 spike_m,
                 spike_s,
+                stop_s,
                 ..
             } => {
                 if t < at_s {
                     at_s
                 } else if spike_m.is_some() && t < at_s + spike_s {
                     at_s + spike_s
+                } else if let Some(s) = stop_s
+                    && t < s
+                {
+                    s
                 } else {
                     f64::INFINITY
                 }
@@ -215,8 +233,9 @@ impl Demand {
                 at_s,
                 spike_m,
                 spike_s,
+                stop_s,
                 ..
-            } => [Some(at_s), spike_m.map(|_| at_s + spike_s)]
+            } => [Some(at_s), spike_m.map(|_| at_s + spike_s), stop_s]
                 .into_iter()
                 .flatten()
                 .filter(|&t| t < duration_s)
@@ -322,6 +341,11 @@ impl Scenario {
                 }
                 if !(0.0..=1.0).contains(&p.noise) {
                     return bad(f("noise"), "must be in [0, 1]");
+                }
+                if let Some(r) = &p.requests
+                    && let Err(e) = r.validate()
+                {
+                    return bad(f("requests"), e);
                 }
             }
         }
