@@ -64,7 +64,7 @@ fn bench_market(c: &mut Criterion) {
 
 fn bench_tick(c: &mut Criterion) {
     let mut g = c.benchmark_group("tick/demand+policy");
-    for n in [110, 1_000] {
+    for n in [110, 1_000, 10_000] {
         let dcfg = DemandConfig::default();
         let mut estimators: Vec<DemandEstimator> = (0..n).map(|_| DemandEstimator::new()).collect();
         let mut policy = Policy::new(PolicyConfig::default());

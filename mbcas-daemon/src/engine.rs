@@ -162,12 +162,14 @@ impl Engine {
             self.policy.retain(live);
         }
         let mut estimates = Vec::with_capacity(inputs.len());
+        let mut throttling = Vec::with_capacity(inputs.len());
+        let target = self.cfg.policy.throttled_threshold;
         for inp in inputs {
             let Some(mem) = self.memory.get_mut(&inp.key) else {
                 estimates.push(None);
+                throttling.push(ThrottleMemory::default());
                 continue;
             };
-            let target = self.cfg.policy.throttled_threshold;
             let est = match mem.last.map(|prev| Sample::new(&prev, &inp.counters)) {
                 Some(Ok(sample)) => {
                     let e = mem.estimator.update(&sample, &self.cfg.demand);
@@ -190,20 +192,15 @@ impl Engine {
                 mem.last_estimate = est;
             }
             estimates.push(est.or(mem.last_estimate));
+            throttling.push(mem.throttling);
         }
         // Excluded consumers keep their limits and do not bid; their weight
         // counts in the entitlements, as cpu.weight counts every group.
         let needs: Vec<MilliCpu> = inputs
             .iter()
             .zip(&estimates)
-            .map(|(inp, e)| {
-                let throttling = self
-                    .memory
-                    .get(&inp.key)
-                    .map(|m| m.throttling)
-                    .unwrap_or_default();
-                e.map_or(inp.current, |e| throttling.need(e.need))
-            })
+            .zip(&throttling)
+            .map(|((inp, e), t)| e.map_or(inp.current, |e| t.need(e.need)))
             .collect();
         let bidders: Vec<usize> = (0..inputs.len())
             .filter(|&i| inputs[i].exclusion.is_none())

@@ -102,6 +102,19 @@ fn little_throttling_while_idle(scenario: &str) {
     }
 }
 
+/// Pods get what they want of their no-limits share: shortfall ≤ 1 % of demand.
+fn fair_share_met(scenario: &str) {
+    for seed in SEEDS {
+        let mb = run(scenario, "mbcas", seed);
+        assert!(
+            mb.fair_shortfall_core_seconds <= 0.01 * mb.demand_core_seconds,
+            "{scenario} seed {seed}: fair-share shortfall {:.1} core·s of {:.1} demand",
+            mb.fair_shortfall_core_seconds,
+            mb.demand_core_seconds
+        );
+    }
+}
+
 /// At most 40 resizes per pod-hour, fewer than Autothrottle, nobody starved.
 fn stable_and_no_starvation(scenario: &str) {
     for seed in SEEDS {
@@ -201,6 +214,24 @@ every_scenario!(
     unmet_close_to_no_limits,
     little_throttling_while_idle,
     stable_and_no_starvation
+);
+
+per_scenario!(fair_share_met:
+    steady_mix = "steady-mix",
+    step_up_down = "step-up-down",
+    noisy_neighbour = "noisy-neighbour",
+    startup_storm = "startup-storm",
+    diurnal = "diurnal",
+    overcommitted = "overcommitted",
+    bursty_microservices = "bursty-microservices",
+    latency_noisy_neighbour = "latency-noisy-neighbour",
+    #[ignore = "claim does not hold: seed 1 fair-share shortfall 117.6 core·s of 7449 demand (1.58 % > 1 %): the fan-out pods' first bursts are throttled while their limits climb from 300 m (≈ ×1.5 a round) to the 80 ms of CPU a 100 ms period of fan-out needs; see README, How MBCAS compares"]
+    microbursts = "microbursts",
+    rare_burst = "rare-burst",
+    in_phase_bursts = "in-phase-bursts",
+    runaway = "runaway",
+    guaranteed_neighbours = "guaranteed-neighbours",
+    churn = "churn",
 );
 
 per_scenario!(latency_close_to_no_limits:

@@ -59,6 +59,8 @@ struct Metrics {
     unmet_core_seconds: f64,
     demand_core_seconds: f64,
     idle_while_throttled_core_seconds: f64,
+    fair_shortfall_core_seconds: f64,
+    adapt_censored: u64,
     jain: f64,
     slack_pct: f64,
     resizes_per_pod_hour: f64,
@@ -387,6 +389,12 @@ pub fn run_compare(opts: &CompareOptions) -> anyhow::Result<()> {
         &sums,
         "Throttled while the node idled, core·s (Σ min(idle CPU, CPU held back by quotas))",
         |m| m.idle_while_throttled_core_seconds,
+        1,
+    ));
+    section.push_str(&table(
+        &sums,
+        "Fair-share shortfall, core·s (Σ (min(demand, no-limits share) − usage)⁺)",
+        |m| m.fair_shortfall_core_seconds,
         1,
     ));
     let with_requests: Vec<&Summary> = sums

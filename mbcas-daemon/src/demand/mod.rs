@@ -291,7 +291,7 @@ impl DemandEstimator {
         };
         self.smoothed = Some(smoothed);
         self.samples = self.samples.saturating_add(1);
-        let decay = (-t / PEAK_HALF_LIFE_S).exp2();
+        let decay = half_life_decay(t, PEAK_HALF_LIFE_S);
         self.peak = raw.max(smoothed + (self.peak - smoothed).max(0.0) * decay);
         DemandEstimate {
             raw,
@@ -335,6 +335,32 @@ const HEADROOM_DEVIATIONS: f64 = 2.0;
 
 /// Half-life of the peak's decay towards the estimate, seconds.
 const PEAK_HALF_LIFE_S: f64 = 60.0;
+
+/// `2^(−t / half_life)`, 1 for a window that is not a finite positive length.
+/// One-second windows are the common case (the default tick, every window of
+/// the simulator's default scenarios): their factors are computed once.
+fn half_life_decay(t: f64, half_life: f64) -> f64 {
+    use std::sync::OnceLock;
+    static ONE_SECOND: OnceLock<[f64; 2]> = OnceLock::new();
+    if !(t.is_finite() && t > 0.0) {
+        return 1.0;
+    }
+    if (t - 1.0).abs() < 1e-12 {
+        let [peak, throttle] = *ONE_SECOND.get_or_init(|| {
+            [
+                (-1.0 / PEAK_HALF_LIFE_S).exp2(),
+                (-1.0 / THROTTLE_HALF_LIFE_S).exp2(),
+            ]
+        });
+        if half_life == PEAK_HALF_LIFE_S {
+            return peak;
+        }
+        if half_life == THROTTLE_HALF_LIFE_S {
+            return throttle;
+        }
+    }
+    (-t / half_life).exp2()
+}
 
 fn need_of(smoothed: f64, deviation: f64, peak: f64, cfg: &DemandConfig) -> MilliCpu {
     let headroom = (HEADROOM_DEVIATIONS * deviation)
@@ -383,11 +409,7 @@ impl ThrottleMemory {
         target: f64,
         window_s: f64,
     ) -> f64 {
-        let decay = if window_s.is_finite() && window_s > 0.0 {
-            (-window_s / THROTTLE_HALF_LIFE_S).exp2()
-        } else {
-            1.0
-        };
+        let decay = half_life_decay(window_s, THROTTLE_HALF_LIFE_S);
         self.level *= decay;
         let over = throttled_ratio.partial_cmp(&target) == Some(std::cmp::Ordering::Greater);
         if over && limit.0 > 0 {

@@ -71,8 +71,14 @@ pub struct PolicyMetrics {
     pub slack_pct: f64,
     pub resizes_per_pod_hour: f64,
     pub oscillations: u64,
+    /// Time to adapt after the demand steps that did adapt before the run ended.
     pub adapt_p50_s: f64,
     pub adapt_p99_s: f64,
+    /// Demand steps still not adapted to when the run ended (censored).
+    pub adapt_censored: u64,
+    /// Fair-share shortfall, core-seconds: Σ (min(demand, φ) − usage)⁺ with φ
+    /// what the pod would get with no limits (the node shared by weight).
+    pub fair_shortfall_core_seconds: f64,
     pub starved_pods: u64,
     pub pods: u64,
     /// Requests completed by pods with a request load (see [`requests`]).
@@ -211,6 +217,7 @@ struct Totals {
     unmet: f64,
     demand: f64,
     idle_throttled: f64,
+    shortfall: f64,
     jain_sum: f64,
     jain_n: u64,
     lim_sum: f64,
@@ -225,6 +232,8 @@ struct NodeResult {
     ratios: Vec<f64>,
     /// Times to adapt after each demand step.
     adapt: Vec<f64>,
+    /// Steps never adapted to.
+    censored: u64,
     /// Request latencies, milliseconds.
     latencies: Vec<f64>,
     resizes: u64,
@@ -334,12 +343,14 @@ pub fn run_policy_with(
         all.tot.unmet += r.tot.unmet;
         all.tot.demand += r.tot.demand;
         all.tot.idle_throttled += r.tot.idle_throttled;
+        all.tot.shortfall += r.tot.shortfall;
         all.tot.jain_sum += r.tot.jain_sum;
         all.tot.jain_n += r.tot.jain_n;
         all.tot.lim_sum += r.tot.lim_sum;
         all.tot.use_sum += r.tot.use_sum;
         all.ratios.extend(r.ratios);
         all.adapt.extend(r.adapt);
+        all.censored += r.censored;
         all.latencies.extend(r.latencies);
         all.resizes += r.resizes;
         all.oscillations += r.oscillations;
@@ -445,6 +456,8 @@ fn run_node(
     let capacity = ns.capacity_m as f64;
     let mut loads: Vec<PodLoad> = Vec::with_capacity(pods.len());
     let mut out: Vec<PeriodOutcome> = Vec::with_capacity(pods.len());
+    let mut open_loads: Vec<PodLoad> = Vec::with_capacity(pods.len());
+    let mut open_out: Vec<PeriodOutcome> = Vec::with_capacity(pods.len());
     let mut scratch = cfs::Scratch::default();
     let mut node_window_usage = 0.0;
     // Request loads are served period by period.
@@ -501,6 +514,23 @@ fn run_node(
         cfs::period(capacity, &loads, &mut out, &mut scratch);
         if per_period {
             serve_requests(&mut pods, &loads, &background, &mut out, k);
+        }
+        // φ: what each pod would get with no limits (the same demand, shared by
+        // weight), for the fair-share shortfall. Skipped when no quota is
+        // below its pod's demand: the outcome is then φ itself.
+        if loads
+            .iter()
+            .any(|l| l.quota_m.is_some_and(|q| l.demand_m > q + 1e-9))
+        {
+            open_loads.clear();
+            open_loads.extend(loads.iter().map(|l| PodLoad {
+                quota_m: None,
+                ..*l
+            }));
+            cfs::period(capacity, &open_loads, &mut open_out, &mut scratch);
+            for (o, f) in out.iter().zip(&open_out) {
+                tot.shortfall += (f.usage_m - o.usage_m).max(0.0) * PERIOD_S / 1000.0 * n as f64;
+            }
         }
         let (mut c_sum, mut c_sq, mut c_n) = (0.0, 0.0, 0u32);
         let (mut used, mut held_back) = (0.0, 0.0);
@@ -640,9 +670,7 @@ fn run_node(
         if let Some((_, q)) = &mut p.requests {
             r.latencies.append(&mut q.latencies_ms);
         }
-        for st in p.open_steps.drain(..) {
-            p.adapt.push(s.duration_s - st);
-        }
+        r.censored += p.open_steps.drain(..).count() as u64;
         r.ratios.push(if p.periods == 0 {
             0.0
         } else {
@@ -717,6 +745,8 @@ fn metrics(s: &Scenario, all: &mut NodeResult) -> PolicyMetrics {
         oscillations: all.oscillations,
         adapt_p50_s: percentile(&mut all.adapt, 0.5),
         adapt_p99_s: percentile(&mut all.adapt, 0.99),
+        adapt_censored: all.censored,
+        fair_shortfall_core_seconds: tot.shortfall,
         starved_pods: all.starved,
         pods: pods as u64,
         requests: all.latencies.len() as u64,
@@ -789,22 +819,26 @@ pub fn simulate_with(
 /// The summary as a markdown table.
 pub fn markdown(sum: &Summary) -> String {
     let mut t = format!("### {} (seed {})\n\n", sum.scenario, sum.seed);
-    t.push_str("| policy | throttled p50 | throttled p99 | unmet core·s | idle while throttled core·s | Jain | slack % | resizes/pod·h | oscillations | adapt p50 s | adapt p99 s | starved |\n");
-    t.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    t.push_str("| policy | throttled p50 | throttled p99 | unmet core·s | idle while throttled core·s | fair-share shortfall core·s | Jain | slack % | resizes/pod·h | oscillations | adapt p50 s | adapt p99 s | not adapted | latency p50 ms | latency p99 ms | starved |\n");
+    t.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (name, m) in &sum.policies {
         let _ = writeln!(
             t,
-            "| {name} | {:.3} | {:.3} | {:.1} | {:.1} | {:.3} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {} |",
+            "| {name} | {:.3} | {:.3} | {:.1} | {:.1} | {:.1} | {:.3} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {} |",
             m.throttled_ratio_p50,
             m.throttled_ratio_p99,
             m.unmet_core_seconds,
             m.idle_while_throttled_core_seconds,
+            m.fair_shortfall_core_seconds,
             m.jain,
             m.slack_pct,
             m.resizes_per_pod_hour,
             m.oscillations,
             m.adapt_p50_s,
             m.adapt_p99_s,
+            m.adapt_censored,
+            m.latency_p50_ms,
+            m.latency_p99_ms,
             m.starved_pods
         );
     }
@@ -817,7 +851,7 @@ type PromMetric = (&'static str, &'static str, fn(&PolicyMetrics) -> f64);
 /// The summary as a Prometheus text exposition.
 pub fn prometheus(sum: &Summary) -> String {
     let mut t = String::new();
-    let metrics: [PromMetric; 12] = [
+    let metrics: [PromMetric; 16] = [
         (
             "throttled_ratio_p50",
             "Median per-pod throttled-period ratio",
@@ -872,6 +906,26 @@ pub fn prometheus(sum: &Summary) -> String {
         ("starved_pods", "Pods starved for more than 5 s", |m| {
             m.starved_pods as f64
         }),
+        (
+            "adapt_censored",
+            "Demand steps not adapted to when the run ended",
+            |m| m.adapt_censored as f64,
+        ),
+        (
+            "fair_shortfall_core_seconds",
+            "CPU pods wanted within their no-limits share and did not get, core-seconds",
+            |m| m.fair_shortfall_core_seconds,
+        ),
+        (
+            "latency_p50_milliseconds",
+            "Median request latency of pods with a request load",
+            |m| m.latency_p50_ms,
+        ),
+        (
+            "latency_p99_milliseconds",
+            "p99 request latency of pods with a request load",
+            |m| m.latency_p99_ms,
+        ),
     ];
     for (name, help, get) in metrics {
         let _ = writeln!(
