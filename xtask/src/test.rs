@@ -1,7 +1,9 @@
 //! `cargo xtask test`: the one command that runs every test tier.
 //!
-//! It runs `setup` first, so a fresh machine needs nothing else, then every
-//! target `cargo test --all-targets` would run, in two parts:
+//! It runs `setup` first, so a fresh machine needs nothing else, then the lints
+//! (`cargo fmt --check`, `cargo clippy --all-targets -D warnings`: a warning
+//! fails CI), then every target `cargo test --all-targets` would run, in two
+//! parts:
 //! 1. the kernel tier (the `kernel_*` integration tests: real eBPF, cgroups and
 //!    burners, measuring CPU time on a small machine; they fail rather than skip
 //!    in CI), first, while nothing else runs: a control plane cleaning up after
@@ -91,6 +93,9 @@ fn cargo_test(tests: &[String]) -> Command {
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     setup::run(&setup::Options {})?;
+    eprintln!("test: lints (rustfmt, clippy with warnings as errors)");
+    run_cmd(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
+    run_cmd(Command::new("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     let (kernel, rest) = integration_tests()?;
     if kernel.is_empty() {
         bail!("no `{KERNEL_TIER}*` integration tests found: the kernel tier would not run");

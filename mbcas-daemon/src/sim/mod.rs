@@ -86,6 +86,16 @@ pub struct PolicyMetrics {
     /// Median and p99 request latency, milliseconds (0 without requests).
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
+    /// The same per pod (by the scenario's pod name, over its replicas and nodes).
+    pub latency_by_pod: BTreeMap<String, Latency>,
+}
+
+/// Request latency of one pod spec.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Latency {
+    pub requests: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -96,6 +106,8 @@ pub struct Summary {
 }
 
 struct Pod {
+    /// The scenario's pod name (replicas share it).
+    name: String,
     limit_m: Option<u64>,
     excluded: bool,
     requests: Option<(requests::RequestSpec, requests::RequestQueue)>,
@@ -234,8 +246,8 @@ struct NodeResult {
     adapt: Vec<f64>,
     /// Steps never adapted to.
     censored: u64,
-    /// Request latencies, milliseconds.
-    latencies: Vec<f64>,
+    /// Request latencies, milliseconds, by pod name.
+    latencies: BTreeMap<String, Vec<f64>>,
     resizes: u64,
     oscillations: u64,
     starved: u64,
@@ -351,7 +363,9 @@ pub fn run_policy_with(
         all.ratios.extend(r.ratios);
         all.adapt.extend(r.adapt);
         all.censored += r.censored;
-        all.latencies.extend(r.latencies);
+        for (name, mut l) in r.latencies {
+            all.latencies.entry(name).or_default().append(&mut l);
+        }
         all.resizes += r.resizes;
         all.oscillations += r.oscillations;
         all.starved += r.starved;
@@ -424,6 +438,7 @@ fn run_node(
                 excluded: ps.excluded,
             });
             pods.push(Pod {
+                name: ps.name.clone(),
                 limit_m: limit,
                 excluded: ps.excluded,
                 requests: ps.requests.clone().map(|r| {
@@ -668,7 +683,10 @@ fn run_node(
     };
     for p in &mut pods {
         if let Some((_, q)) = &mut p.requests {
-            r.latencies.append(&mut q.latencies_ms);
+            r.latencies
+                .entry(p.name.clone())
+                .or_default()
+                .append(&mut q.latencies_ms);
         }
         r.censored += p.open_steps.drain(..).count() as u64;
         r.ratios.push(if p.periods == 0 {
@@ -723,6 +741,21 @@ fn serve_requests(
 }
 
 fn metrics(s: &Scenario, all: &mut NodeResult) -> PolicyMetrics {
+    let mut latencies: Vec<f64> = all.latencies.values().flatten().copied().collect();
+    let latency_by_pod = all
+        .latencies
+        .iter_mut()
+        .map(|(name, l)| {
+            (
+                name.clone(),
+                Latency {
+                    requests: l.len() as u64,
+                    p50_ms: percentile(l, 0.5),
+                    p99_ms: percentile(l, 0.99),
+                },
+            )
+        })
+        .collect();
     let pods = all.ratios.len();
     let tot = &all.tot;
     PolicyMetrics {
@@ -749,9 +782,10 @@ fn metrics(s: &Scenario, all: &mut NodeResult) -> PolicyMetrics {
         fair_shortfall_core_seconds: tot.shortfall,
         starved_pods: all.starved,
         pods: pods as u64,
-        requests: all.latencies.len() as u64,
-        latency_p50_ms: percentile(&mut all.latencies, 0.5),
-        latency_p99_ms: percentile(&mut all.latencies, 0.99),
+        requests: latencies.len() as u64,
+        latency_p50_ms: percentile(&mut latencies, 0.5),
+        latency_p99_ms: percentile(&mut latencies, 0.99),
+        latency_by_pod,
     }
 }
 
@@ -841,6 +875,18 @@ pub fn markdown(sum: &Summary) -> String {
             m.latency_p99_ms,
             m.starved_pods
         );
+    }
+    if sum.policies.values().any(|m| !m.latency_by_pod.is_empty()) {
+        t.push_str("\n| policy | pod | requests | latency p50 ms | latency p99 ms |\n|---|---|---|---|---|\n");
+        for (name, m) in &sum.policies {
+            for (pod, l) in &m.latency_by_pod {
+                let _ = writeln!(
+                    t,
+                    "| {name} | {pod} | {} | {:.1} | {:.1} |",
+                    l.requests, l.p50_ms, l.p99_ms
+                );
+            }
+        }
     }
     t
 }

@@ -97,3 +97,40 @@ fn threads_do_not_change_results() {
     assert_eq!(one.traces.len(), 1);
     assert_eq!(one.traces[0].demand_m.len(), 20, "one point a second");
 }
+
+#[test]
+fn request_latency_is_reported_per_pod_and_a_tight_quota_delays_bursts() {
+    // `burst`: 8 requests of 5 ms at once every second on 8 threads: 40 ms of CPU
+    // in one period. With a 100 m limit (10 ms a period) the batch takes 4
+    // periods; with no limit it is done in 5 ms. `steady`: 1 ms requests.
+    let s = scenario(
+        r#"{"name": "req", "duration_s": 20, "nodes": [{"name": "n", "capacity_m": 4000,
+            "pods": [
+              {"name": "burst", "request_m": 100, "limit_m": 100, "demand": {"kind": "steady", "m": 0},
+               "requests": {"rate_per_s": 0, "cpu_ms": 5, "threads": 8, "burst_every_s": 1, "burst_n": 8}},
+              {"name": "steady", "request_m": 100, "limit_m": 1000, "demand": {"kind": "steady", "m": 0},
+               "requests": {"rate_per_s": 50, "cpu_ms": 1, "threads": 2}}]}]}"#,
+    );
+    let st = run_policy(&s, "static", 1).unwrap_or_else(|| panic!("static"));
+    let nl = run_policy(&s, "nolimits", 1).unwrap_or_else(|| panic!("nolimits"));
+    let per = |m: &PolicyMetrics, pod: &str| {
+        m.latency_by_pod
+            .get(pod)
+            .cloned()
+            .unwrap_or_else(|| panic!("{pod} missing: {m:?}"))
+    };
+    for m in [&st, &nl] {
+        let total: u64 = m.latency_by_pod.values().map(|l| l.requests).sum();
+        assert_eq!(total, m.requests, "{m:?}");
+        // 20 batches of 8; the last may still be in flight when the run ends.
+        let n = per(m, "burst").requests;
+        assert!((19 * 8..=20 * 8).contains(&n), "{n}: {m:?}");
+    }
+    // No limit: each burst request runs on its own thread for 5 ms.
+    assert!((per(&nl, "burst").p99_ms - 5.0).abs() < 1e-6, "{nl:?}");
+    // 100 m: the last of each batch finishes in the fourth period, more than
+    // 200 ms after it arrived (the batch arrives somewhere in its period).
+    assert!(per(&st, "burst").p99_ms > 200.0, "{st:?}");
+    assert!(per(&st, "burst").p99_ms < 400.0, "{st:?}");
+    assert!(per(&st, "steady").p99_ms < 5.0, "{st:?}");
+}
