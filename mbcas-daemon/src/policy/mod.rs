@@ -494,12 +494,14 @@ fn fit_budget(budget: MilliCpu, hysteresis: f64, views: &[PodView], out: &mut [D
             d.to
         }
     };
-    let fair: u64 = out
-        .iter()
-        .zip(views)
-        .filter(|(_, v)| managed(v))
-        .map(|(d, v)| kept(d, v).0)
-        .sum();
+    let fair_total = |out: &[Decision]| -> u64 {
+        out.iter()
+            .zip(views)
+            .filter(|(_, v)| managed(v))
+            .map(|(d, v)| kept(d, v).0)
+            .sum()
+    };
+    let fair = fair_total(out);
     if fair > budget.0 {
         let gap = |d: &Decision, v: &PodView| {
             if v.exclusion.is_none() && d.to <= d.from {
@@ -525,12 +527,7 @@ fn fit_budget(budget: MilliCpu, hysteresis: f64, views: &[PodView], out: &mut [D
     // What is left of the budget goes to the parts of increases above the
     // fair share, scaled down together; an increase cut below the hysteresis
     // is not worth a resize.
-    let fair: u64 = out
-        .iter()
-        .zip(views)
-        .filter(|(_, v)| managed(v))
-        .map(|(d, v)| kept(d, v).0)
-        .sum();
+    let fair = fair_total(out);
     let extra: u64 = out
         .iter()
         .zip(views)
