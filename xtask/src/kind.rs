@@ -7,28 +7,25 @@
 //! * `kind-up`: create the cluster from `deploy/kind-config.yaml` (Kubernetes
 //!   1.35, in-place resize GA), build the image from `Dockerfile`, load it into
 //!   the nodes, `kubectl apply -k deploy/`, wait for the DaemonSet.
-//! * `kind-e2e`: run a CPU-bound Burstable pod whose limit is below its demand
-//!   and wait until MBCAS has raised the limit in place (no restart).
+//! * `kind-e2e`: the end-to-end scenario of [`crate::e2e`], the same checks
+//!   the node tier runs on the test environment's real node.
 //! * `kind-down`: delete the cluster.
 
 use std::{
     path::{Path, PathBuf},
     process::Command,
-    thread::sleep,
-    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 
-use crate::setup::{output_of, run_cmd};
+use crate::{
+    e2e::{self, Cluster},
+    setup::{output_of, run_cmd},
+};
 
 const CLUSTER: &str = "mbcas";
 const CONTEXT: &str = "kind-mbcas";
 const IMAGE: &str = "mbcas:dev";
-const E2E_NAMESPACE: &str = "mbcas-e2e";
-const E2E_POD: &str = "burner";
-/// The burner's CPU limit; MBCAS must raise it.
-const E2E_LIMIT_MILLIS: u64 = 200;
 
 #[derive(Debug, clap::Args)]
 pub struct Options {}
@@ -122,97 +119,55 @@ pub fn up(_opts: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Parses a CPU quantity as kubectl prints it (`200m`, `1`, `1.5`) into millicores.
-fn millicores(q: &str) -> Option<u64> {
-    let q = q.trim();
-    match q.strip_suffix('m') {
-        Some(m) => m.parse().ok(),
-        None => q.parse::<f64>().ok().map(|c| (c * 1000.0).round() as u64),
+/// Kind as a [`Cluster`] for the shared end-to-end scenario: nodes are
+/// containers named after the node.
+struct Kind;
+
+impl Cluster for Kind {
+    fn kubectl(&self) -> Command {
+        kubectl()
+    }
+    fn on_node(&self, node: &str, script: &str) -> anyhow::Result<String> {
+        output_of(Command::new("docker").args(["exec", node, "sh", "-c", script]))
+            .with_context(|| format!("docker exec {node} sh -c {script:?} failed"))
+    }
+    fn deploy_dir(&self) -> PathBuf {
+        root().join("deploy")
+    }
+    fn kubeconfig(&self) -> Option<PathBuf> {
+        std::env::var_os("KUBECONFIG")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".kube/config")))
+    }
+    fn image(&self) -> &str {
+        IMAGE
+    }
+    fn restart(&self, _component: &str, _down: std::time::Duration) -> anyhow::Result<bool> {
+        // Kind's kubelet and containerd are systemd units inside node
+        // containers, its API server a static pod: not restarted here.
+        Ok(false)
+    }
+    fn daemon_log(&self) -> String {
+        output_of(kubectl().args(["-n", "mbcas-system", "logs", "ds/mbcas", "--tail=40"]))
+            .unwrap_or_else(|| "(kubectl logs failed)".into())
     }
 }
 
 pub fn e2e(_opts: &Options) -> anyhow::Result<()> {
     check_prerequisites("kind-e2e")?;
-    let pod = format!(
-        r#"{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"{E2E_POD}","namespace":"{E2E_NAMESPACE}"}},
-"spec":{{"containers":[{{"name":"burn","image":"busybox:1.36","command":["sh","-c","while :; do :; done"],
-"resources":{{"requests":{{"cpu":"100m"}},"limits":{{"cpu":"{E2E_LIMIT_MILLIS}m"}}}}}}]}}}}"#
-    );
-    let _ = output_of(kubectl().args(["create", "namespace", E2E_NAMESPACE]));
-    let _ = output_of(kubectl().args([
-        "-n",
-        E2E_NAMESPACE,
-        "delete",
-        "pod",
-        E2E_POD,
-        "--ignore-not-found",
-        "--wait=true",
-    ]));
-    let mut apply = kubectl();
-    apply.args(["apply", "-f", "-"]);
-    pipe(&mut apply, &pod)?;
-    run_cmd(kubectl().args([
-        "-n",
-        E2E_NAMESPACE,
-        "wait",
-        "--for=condition=Ready",
-        &format!("pod/{E2E_POD}"),
-        "--timeout=120s",
+    // `mbcas restore` runs from this machine.
+    run_cmd(Command::new("cargo").current_dir(root()).args([
+        "build",
+        "-p",
+        "mbcas-daemon",
+        "--bin",
+        "mbcas",
     ]))?;
+    let report = e2e::run_scenario(&Kind)?;
     eprintln!(
-        "kind-e2e: {E2E_POD} burns CPU under a {E2E_LIMIT_MILLIS}m limit; waiting for MBCAS to raise it"
+        "kind-e2e: {} checks passed on {CLUSTER}",
+        report.passed.len()
     );
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let result = loop {
-        let limit = output_of(kubectl().args([
-            "-n", E2E_NAMESPACE, "get", "pod", E2E_POD, "-o",
-            "jsonpath={.spec.containers[0].resources.limits.cpu} {.status.containerStatuses[0].restartCount}",
-        ]))
-        .unwrap_or_default();
-        let mut fields = limit.split_whitespace();
-        let millis = fields.next().and_then(millicores);
-        let restarts = fields.next().unwrap_or("0");
-        if let Some(m) = millis.filter(|&m| m > E2E_LIMIT_MILLIS) {
-            if restarts != "0" {
-                break Err(anyhow::anyhow!(
-                    "limit raised to {m}m but the container restarted {restarts} times"
-                ));
-            }
-            break Ok(m);
-        }
-        if Instant::now() > deadline {
-            break Err(anyhow::anyhow!(
-                "the limit is still {} after 180 s; see kubectl --context {CONTEXT} -n mbcas-system logs ds/mbcas",
-                millis.map_or("unknown".into(), |m| format!("{m}m"))
-            ));
-        }
-        sleep(Duration::from_secs(3));
-    };
-    let _ = output_of(kubectl().args(["-n", E2E_NAMESPACE, "get", "podallocations", "-o", "wide"]))
-        .map(|s| eprintln!("{s}"));
-    let _ = output_of(kubectl().args(["delete", "namespace", E2E_NAMESPACE, "--wait=false"]));
-    let m = result?;
-    eprintln!(
-        "kind-e2e: passed: MBCAS raised {E2E_POD}'s CPU limit from {E2E_LIMIT_MILLIS}m to {m}m in place"
-    );
-    Ok(())
-}
-
-fn pipe(cmd: &mut Command, input: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let mut child = cmd
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .with_context(|| format!("failed to start {cmd:?}"))?;
-    child
-        .stdin
-        .take()
-        .context("no stdin")?
-        .write_all(input.as_bytes())?;
-    let status = child.wait()?;
-    if !status.success() {
-        bail!("{cmd:?} failed: {status}");
-    }
     Ok(())
 }
 
@@ -240,13 +195,5 @@ mod tests {
         );
         assert!(missing(|_| true, || true).is_empty());
         assert_eq!(missing(|_| false, || true).len(), 3);
-    }
-
-    #[test]
-    fn quantities() {
-        assert_eq!(millicores("200m"), Some(200));
-        assert_eq!(millicores("1.5"), Some(1500));
-        assert_eq!(millicores("2"), Some(2000));
-        assert_eq!(millicores(""), None);
     }
 }

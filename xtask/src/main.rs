@@ -6,6 +6,7 @@ mod bench_sensor;
 mod bench_sim;
 mod build_ebpf;
 mod demo;
+mod e2e;
 mod host;
 mod kind;
 mod setup;
@@ -47,6 +48,9 @@ enum Command {
     KindE2e(kind::Options),
     /// Delete the Kind cluster.
     KindDown(kind::Options),
+    /// On the test environment's node (`testenv up --with-node`): the end-to-end
+    /// scenario kind-e2e runs (DaemonSet, resizes on real cgroups, restore).
+    NodeE2e,
     /// A real etcd + kube-apiserver on loopback for the control-plane tests: build | up | down | status | kubectl.
     Testenv(testenv::Options),
     /// Draw the PNG charts of a `mbcas simulate --out DIR` directory.
@@ -69,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         Command::KindUp(opts) => kind::up(&opts),
         Command::KindE2e(opts) => kind::e2e(&opts),
         Command::KindDown(opts) => kind::down(&opts),
+        Command::NodeE2e => test::node_e2e().map(|_| ()),
         Command::Testenv(opts) => testenv::run(&opts),
         Command::SimCharts(opts) => sim_charts::run_charts(&opts),
         Command::Compare(opts) => sim_charts::run_compare(&opts),

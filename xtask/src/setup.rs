@@ -13,7 +13,10 @@ pub const EBPF_TOOLCHAIN: &str = "nightly-2026-08-01";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// LLVM for bpf-linker; `fonts-dejavu-core` gives the demo's charts their text;
-/// `openssl` makes the control-plane test environment's certificates.
+/// `openssl` makes the control-plane test environment's certificates; `runc`
+/// (with seccomp, which a runc built without cgo lacks) and
+/// `containernetworking-plugins` (bridge, host-local, loopback) serve the
+/// test environment's node (`testenv up --with-node`).
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -21,6 +24,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "fonts-dejavu-core",
     "openssl",
+    "runc",
+    "containernetworking-plugins",
 ];
 
 #[derive(Debug, clap::Args)]

@@ -11,7 +11,10 @@
 //! 2. everything else: unit, property and golden tests, and the control-plane
 //!    tier, against a `cargo xtask testenv` control plane started here (its
 //!    kubeconfig in `MBCAS_TESTENV_KUBECONFIG`) and stopped afterwards;
-//! 3. a short `cargo xtask demo` whose JSON must show MBCAS throttling less than
+//! 3. the node tier: a real node (containerd, kubelet, kube-scheduler) added
+//!    to that control plane, MBCAS deployed on it as its DaemonSet, and the
+//!    end-to-end scenario of [`crate::e2e`] (root; CI fails rather than skip);
+//! 4. a short `cargo xtask demo` whose JSON must show MBCAS throttling less than
 //!    static limits (root only; outside CI it is skipped with a message).
 
 use std::{path::PathBuf, process::Command};
@@ -91,6 +94,42 @@ fn cargo_test(tests: &[String]) -> Command {
     cmd
 }
 
+/// The node tier: adds the real node to the running test environment and
+/// runs the end-to-end scenario on it.
+fn node_tier() -> anyhow::Result<()> {
+    if !is_root() {
+        if std::env::var_os("CI").is_some() {
+            bail!("the node tier needs root (containerd, kubelet, cgroups) and CI must run it");
+        }
+        eprintln!("SKIP (node tier): not running as root; a real node needs root");
+        return Ok(());
+    }
+    eprintln!("test: node tier: a real node joins the test environment");
+    testenv::up(true, true)?;
+    let report = node_e2e()?;
+    println!(
+        "node tier: {} passed, 0 failed (limit {}m in {:.1} s; throttled {:.3} → {:.3}; \
+         limits changed by the daemon's restart: {})",
+        report.passed.len(),
+        report.raised_to,
+        report.raise_seconds,
+        report.throttled_before,
+        report.throttled_after,
+        if report.daemon_restart_changes.is_empty() {
+            "none".to_owned()
+        } else {
+            report.daemon_restart_changes.join(", ")
+        }
+    );
+    Ok(())
+}
+
+/// The end-to-end scenario on the test environment's node (it must be up).
+pub fn node_e2e() -> anyhow::Result<crate::e2e::Report> {
+    let node = testenv::node::TestNode::running()?;
+    crate::e2e::run_scenario(&node)
+}
+
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     setup::run(&setup::Options {})?;
     eprintln!("test: lints (rustfmt, clippy with warnings as errors)");
@@ -105,17 +144,19 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         kernel.join(", ")
     );
     run_cmd(&mut cargo_test(&kernel))?;
-    let (kubeconfig, started) = testenv::up(true)?;
+    let (kubeconfig, started) = testenv::up(true, false)?;
     // What `--all-targets` covers, less the kernel tier that already ran.
     let tests = run_cmd(
         cargo_test(&rest)
             .args(["--lib", "--bins", "--benches", "--examples"])
             .env(testenv::KUBECONFIG_ENV, &kubeconfig),
     );
-    // Stop the control plane even when tests failed, unless it was already
-    // running before (then it belongs to whoever started it).
+    let node = if tests.is_ok() { node_tier() } else { Ok(()) };
+    // Stop the control plane (and the node) even when tests failed, unless it
+    // was already running before (then it belongs to whoever started it).
     let stopped = if started { testenv::down() } else { Ok(()) };
     tests?;
+    node?;
     stopped?;
     if opts.no_demo {
         return Ok(());

@@ -36,6 +36,8 @@ use nix::{
 
 use crate::setup::{output_of, run_cmd};
 
+pub mod node;
+
 /// The Kubernetes release (kube-apiserver, kube-controller-manager, kubectl).
 pub const KUBERNETES_VERSION: &str = "v1.35.4";
 /// The etcd release (server module `go.etcd.io/etcd/server/v3`).
@@ -44,7 +46,13 @@ pub const ETCD_VERSION: &str = "v3.6.16";
 pub const KUBECONFIG_ENV: &str = "MBCAS_TESTENV_KUBECONFIG";
 
 const SERVICE_CIDR: &str = "10.0.0.0/24";
-const KUBE_COMMANDS: &[&str] = &["kube-apiserver", "kube-controller-manager", "kubectl"];
+const KUBE_COMMANDS: &[&str] = &[
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kubectl",
+    "kubelet",
+    "kube-scheduler",
+];
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
 
 #[derive(Debug, clap::Args)]
@@ -66,6 +74,11 @@ pub enum Sub {
         /// Fail instead of building when the binaries are not cached.
         #[arg(long)]
         no_build: bool,
+        /// Also start a real node (containerd, kubelet, kube-scheduler) that
+        /// runs pods in real cgroups; needs root. On an environment already up,
+        /// adds the node.
+        #[arg(long)]
+        with_node: bool,
     },
     /// Stop the processes `up` started and remove their data.
     Down,
@@ -94,8 +107,11 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let state = StateDir::new(opts.state_dir.as_deref());
     match &opts.command {
         Sub::Build => ensure_built().map(|_| ()),
-        Sub::Up { no_build } => {
-            let (kubeconfig, _) = up_in(&state, !no_build)?;
+        Sub::Up {
+            no_build,
+            with_node,
+        } => {
+            let (kubeconfig, _) = up_in(&state, !no_build, *with_node)?;
             println!("{}", kubeconfig.display());
             Ok(())
         }
@@ -105,6 +121,16 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         Sub::Status => {
             if is_up(&state) {
                 println!("up: {}", state.kubeconfig().display());
+                if node::is_up(&state) {
+                    let health = if node::kubelet_healthy(&state) {
+                        "kubelet healthz ok"
+                    } else {
+                        "kubelet healthz not answering"
+                    };
+                    println!("node {}: up ({health})", node::NODE_NAME);
+                } else if node::NodeDir::new(&state).exists() {
+                    println!("node {}: down (leftovers: run `down`)", node::NODE_NAME);
+                }
             } else {
                 println!("down");
             }
@@ -155,6 +181,9 @@ pub struct Binaries {
     pub apiserver: PathBuf,
     pub controller_manager: PathBuf,
     pub kubectl: PathBuf,
+    /// The node's kubelet and the scheduler that places pods on it (`--with-node`).
+    pub kubelet: PathBuf,
+    pub scheduler: PathBuf,
 }
 
 impl Binaries {
@@ -165,13 +194,21 @@ impl Binaries {
             apiserver: bin.join(format!("kube-apiserver-{KUBERNETES_VERSION}")),
             controller_manager: bin.join(format!("kube-controller-manager-{KUBERNETES_VERSION}")),
             kubectl: bin.join(format!("kubectl-{KUBERNETES_VERSION}")),
+            kubelet: bin.join(format!("kubelet-{KUBERNETES_VERSION}")),
+            scheduler: bin.join(format!("kube-scheduler-{KUBERNETES_VERSION}")),
         }
     }
 
     fn kube_present(&self) -> bool {
-        [&self.apiserver, &self.controller_manager, &self.kubectl]
-            .iter()
-            .all(|p| p.is_file())
+        [
+            &self.apiserver,
+            &self.controller_manager,
+            &self.kubectl,
+            &self.kubelet,
+            &self.scheduler,
+        ]
+        .iter()
+        .all(|p| p.is_file())
     }
 }
 
@@ -187,6 +224,12 @@ pub fn ensure_built() -> anyhow::Result<Binaries> {
         eprintln!("testenv: etcd {ETCD_VERSION} cached");
     } else {
         build_etcd(&bins)?;
+    }
+    let nbins = node::NodeBinaries::cached();
+    if nbins.present() {
+        eprintln!("testenv: containerd {} cached", node::CONTAINERD_VERSION);
+    } else {
+        node::build(&nbins)?;
     }
     Ok(bins)
 }
@@ -310,8 +353,8 @@ fn build_kubernetes(bins: &Binaries) -> anyhow::Result<()> {
     let dir = cache_dir().join(format!("build/kubernetes-{KUBERNETES_VERSION}"));
     fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
     eprintln!(
-        "testenv: building kube-apiserver, kube-controller-manager and kubectl {KUBERNETES_VERSION} \
-         in {} (first time only; about 10-15 minutes on 2 cores)",
+        "testenv: building kube-apiserver, kube-controller-manager, kubectl, kubelet and \
+         kube-scheduler {KUBERNETES_VERSION} in {} (first time only; about 10-15 minutes on 2 cores)",
         dir.display()
     );
     let go_mod_path = download_go_mod(&dir, "k8s.io/kubernetes", KUBERNETES_VERSION)?;
@@ -346,6 +389,8 @@ fn build_kubernetes(bins: &Binaries) -> anyhow::Result<()> {
         &bins.controller_manager,
     )?;
     install(&out.join("kubectl"), &bins.kubectl)?;
+    install(&out.join("kubelet"), &bins.kubelet)?;
+    install(&out.join("kube-scheduler"), &bins.scheduler)?;
     eprintln!(
         "testenv: Kubernetes {KUBERNETES_VERSION} built in {:.0?}",
         started.elapsed()
@@ -520,11 +565,34 @@ fn lock(state: &StateDir) -> anyhow::Result<File> {
     Ok(f)
 }
 
+/// The order in which `down` stops the components.
+const STOP_ORDER: &[&str] = &[
+    "kube-scheduler",
+    "kubelet",
+    "containerd",
+    "kube-controller-manager",
+    "kube-apiserver",
+    "etcd",
+];
+
 fn stop_all(state: &StateDir) -> anyhow::Result<()> {
-    // Reverse start order: controller-manager, apiserver, then etcd.
-    for s in read_pids(state).iter().rev() {
+    // The node's scheduler, kubelet and containerd, then controller-manager,
+    // apiserver and etcd, whatever order restarts left in the pids file.
+    let mut pids = read_pids(state);
+    pids.sort_by_key(|s| {
+        STOP_ORDER
+            .iter()
+            .position(|n| *n == s.name)
+            .unwrap_or(STOP_ORDER.len())
+    });
+    for s in &pids {
         stop(s);
     }
+    let node_result = if node::NodeDir::new(state).exists() {
+        node::clean_up(state)
+    } else {
+        Ok(())
+    };
     for s in read_pids(state) {
         let _ = fs::remove_file(state.args(&s.name));
     }
@@ -538,7 +606,7 @@ fn stop_all(state: &StateDir) -> anyhow::Result<()> {
             fs::remove_dir_all(&d).with_context(|| format!("remove {}", d.display()))?;
         }
     }
-    Ok(())
+    node_result
 }
 
 /// Stops the default test environment; a no-op when it is not up.
@@ -766,11 +834,11 @@ fn kubectl_ok(bins: &Binaries, kubeconfig: &Path, args: &[&str]) -> bool {
 /// Starts the test environment (building the binaries first when `build`);
 /// returns the absolute path of its admin kubeconfig, and `false` when it was
 /// already up (then the caller did not start it and should not stop it).
-pub fn up(build: bool) -> anyhow::Result<(PathBuf, bool)> {
-    up_in(&StateDir::new(None), build)
+pub fn up(build: bool, with_node: bool) -> anyhow::Result<(PathBuf, bool)> {
+    up_in(&StateDir::new(None), build, with_node)
 }
 
-fn up_in(state: &StateDir, build: bool) -> anyhow::Result<(PathBuf, bool)> {
+fn up_in(state: &StateDir, build: bool, with_node: bool) -> anyhow::Result<(PathBuf, bool)> {
     let bins = if build {
         ensure_built()?
     } else {
@@ -787,12 +855,21 @@ fn up_in(state: &StateDir, build: bool) -> anyhow::Result<(PathBuf, bool)> {
     let _lock = lock(state)?;
     if is_up(state) {
         eprintln!("testenv: already up");
+        if with_node && !node::is_up(state) {
+            add_node(state, &bins)?;
+            return Ok((state.kubeconfig(), true));
+        }
         return Ok((state.kubeconfig(), false));
     }
     // Leftovers of a crashed or interrupted run: stop what is ours, clear the rest.
     stop_all(state)?;
     let started = Instant::now();
-    let result = start(state, &bins);
+    let result = start(state, &bins).and_then(|kubeconfig| {
+        if with_node {
+            node::start(state, &bins, &kubeconfig)?;
+        }
+        Ok(kubeconfig)
+    });
     if result.is_err() {
         let _ = stop_all(state);
     }
@@ -802,6 +879,28 @@ fn up_in(state: &StateDir, build: bool) -> anyhow::Result<(PathBuf, bool)> {
         started.elapsed()
     );
     Ok((kubeconfig, true))
+}
+
+/// Adds the node to a running control plane; on failure removes what it started.
+fn add_node(state: &StateDir, bins: &Binaries) -> anyhow::Result<()> {
+    let result = node::start(state, bins, &state.kubeconfig());
+    if result.is_err() {
+        for s in read_pids(state).iter().rev() {
+            if node::NODE_COMPONENTS.contains(&s.name.as_str()) {
+                stop(s);
+            }
+        }
+        let pids: String = read_pids(state)
+            .iter()
+            .filter(|s| !node::NODE_COMPONENTS.contains(&s.name.as_str()))
+            .map(|s| format!("{} {} {}\n", s.name, s.pid, s.exe.display()))
+            .collect();
+        let _ = fs::write(state.pids(), pids);
+        if let Err(e) = node::clean_up(state) {
+            eprintln!("testenv: {e:#}");
+        }
+    }
+    result
 }
 
 fn start(state: &StateDir, bins: &Binaries) -> anyhow::Result<PathBuf> {
@@ -881,7 +980,11 @@ fn start(state: &StateDir, bins: &Binaries) -> anyhow::Result<PathBuf> {
     // deletion, ownerReference garbage collection.
     let cm_args: Vec<String> = vec![
         format!("--kubeconfig={}", kubeconfig.display()),
-        "--controllers=serviceaccount-token,serviceaccount,garbagecollector,namespace".into(),
+        // daemonset and root-ca-cert-publisher (the `kube-root-ca.crt`
+        // ConfigMap that service-account token volumes need) serve the node.
+        "--controllers=serviceaccount-token,serviceaccount,garbagecollector,namespace,daemonset,\
+         root-ca-cert-publisher"
+            .into(),
         format!("--service-account-private-key-file={}", p("sa.key")),
         format!("--root-ca-file={}", p("ca.crt")),
         "--leader-elect=false".into(),

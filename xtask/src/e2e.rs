@@ -1,0 +1,942 @@
+//! The end-to-end scenario, one piece of code for every cluster it runs on:
+//! the test environment's real node (`cargo xtask test`'s node tier,
+//! `cargo xtask node-e2e`) and a Kind cluster (`cargo xtask kind-e2e`).
+//!
+//! It applies `deploy/` with kustomize, waits for the DaemonSet to be ready,
+//! runs real workload pods (`mbcas burn` in the `mbcas` image) and checks, from
+//! the API and from the pods' real cgroups on the node:
+//! 1. a throttled Burstable pod's CPU limit is raised through `pods/resize`,
+//!    the kubelet writes the new quota into the container's cgroup, the pod's
+//!    status reports it, its PodAllocation reaches `Applied`, the container
+//!    does not restart and its throttled-period ratio falls;
+//! 2. the limit then holds still (no flapping), and restarts of the daemon,
+//!    the kubelet, containerd and the API server change no limit;
+//! 3. a two-container pod gets a limit per container, each in its own cgroup;
+//! 4. a Guaranteed pod, a `RestartContainer` pod and a kube-system pod keep
+//!    their limits and do not restart;
+//! 5. with the DaemonSet removed, `mbcas restore --all` puts every original
+//!    limit back on the running pods and deletes the PodAllocations.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::{Value, json};
+
+/// Where the scenario runs.
+pub trait Cluster {
+    /// kubectl, pointed at the cluster.
+    fn kubectl(&self) -> Command;
+    /// Runs `script` with `sh -c` on the node named `node`; its stdout.
+    fn on_node(&self, node: &str, script: &str) -> anyhow::Result<String>;
+    /// The kustomization to apply (`deploy/`, or an overlay of it).
+    fn deploy_dir(&self) -> PathBuf;
+    /// The kubeconfig `mbcas restore` uses from this machine.
+    fn kubeconfig(&self) -> Option<PathBuf>;
+    /// The image with `/usr/local/bin/mbcas` in it, present on the node.
+    fn image(&self) -> &str;
+    /// Kills one of the node's or the control plane's processes (`kubelet`,
+    /// `containerd`, `kube-apiserver`), waits `down`, starts it again and
+    /// waits until it serves. `Ok(false)`: this cluster cannot do that.
+    fn restart(&self, component: &str, down: Duration) -> anyhow::Result<bool>;
+    /// The last lines of the MBCAS daemon's log, for a failed run's report.
+    fn daemon_log(&self) -> String;
+}
+
+const NAMESPACE: &str = "mbcas-e2e";
+const DAEMON_NAMESPACE: &str = "mbcas-system";
+const BURNER: &str = "burner";
+const BURNER_LIMIT: u64 = 300;
+const DUO: &str = "duo";
+const DUO_LIMITS: [(&str, u64); 2] = [("app", 200), ("sidecar", 100)];
+const GUARANTEED: &str = "guaranteed";
+const RESTART: &str = "restart-on-resize";
+const SYSTEM_POD: &str = "mbcas-e2e-system";
+const UNTOUCHED_LIMIT: u64 = 200;
+const RAISE_TIMEOUT: Duration = Duration::from_secs(180);
+
+fn run(mut cmd: Command) -> anyhow::Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("failed to start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn kubectl(c: &dyn Cluster, args: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = c.kubectl();
+    cmd.args(args);
+    run(cmd)
+}
+
+fn apply(c: &dyn Cluster, object: &Value) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut cmd = c.kubectl();
+    cmd.args(["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().context("failed to start kubectl apply")?;
+    child
+        .stdin
+        .take()
+        .context("kubectl apply: no stdin")?
+        .write_all(object.to_string().as_bytes())
+        .context("kubectl apply: write")?;
+    let out = child.wait_with_output().context("kubectl apply")?;
+    if !out.status.success() {
+        bail!(
+            "kubectl apply failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Parses a CPU quantity as the API server prints it (`200m`, `1`, `1.5`) into millicores.
+pub fn millicores(q: &str) -> Option<u64> {
+    let q = q.trim();
+    match q.strip_suffix('m') {
+        Some(m) => m.parse().ok(),
+        None => q
+            .parse::<f64>()
+            .ok()
+            .filter(|c| c.is_finite() && *c >= 0.0)
+            .map(|c| (c * 1000.0).round() as u64),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Pods
+
+fn container(name: &str, image: &str, request: u64, limit: u64, burn: &[&str]) -> Value {
+    let mut args = vec!["burn"];
+    args.extend(burn);
+    json!({
+        "name": name,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "args": args,
+        "resources": {
+            "requests": {"cpu": format!("{request}m"), "memory": "16Mi"},
+            "limits": {"cpu": format!("{limit}m"), "memory": "64Mi"},
+        },
+    })
+}
+
+fn pod(namespace: &str, name: &str, containers: Vec<Value>) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/part-of": "mbcas-e2e"}},
+        "spec": {
+            "containers": containers,
+            "automountServiceAccountToken": false,
+            "terminationGracePeriodSeconds": 1,
+        },
+    })
+}
+
+fn workload(image: &str) -> Vec<Value> {
+    let burner = pod(
+        NAMESPACE,
+        BURNER,
+        vec![container(
+            "burn",
+            image,
+            100,
+            BURNER_LIMIT,
+            &["--percent", "50"],
+        )],
+    );
+    let duo = pod(
+        NAMESPACE,
+        DUO,
+        vec![
+            container("app", image, 50, DUO_LIMITS[0].1, &["--percent", "30"]),
+            container("sidecar", image, 20, DUO_LIMITS[1].1, &["--percent", "15"]),
+        ],
+    );
+    let mut guaranteed = pod(
+        NAMESPACE,
+        GUARANTEED,
+        vec![container(
+            "burn",
+            image,
+            UNTOUCHED_LIMIT,
+            UNTOUCHED_LIMIT,
+            &[],
+        )],
+    );
+    guaranteed["spec"]["containers"][0]["resources"]["requests"]["memory"] = json!("64Mi");
+    let mut restart = pod(
+        NAMESPACE,
+        RESTART,
+        vec![container("burn", image, 50, UNTOUCHED_LIMIT, &[])],
+    );
+    restart["spec"]["containers"][0]["resizePolicy"] =
+        json!([{"resourceName": "cpu", "restartPolicy": "RestartContainer"}]);
+    let system = pod(
+        "kube-system",
+        SYSTEM_POD,
+        vec![container("burn", image, 50, UNTOUCHED_LIMIT, &[])],
+    );
+    vec![burner, duo, guaranteed, restart, system]
+}
+
+/// One container as the API reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ContainerView {
+    name: String,
+    spec_limit: Option<u64>,
+    status_limit: Option<u64>,
+    restarts: u64,
+    id: String,
+}
+
+#[derive(Debug, Clone)]
+struct PodView {
+    node: String,
+    containers: Vec<ContainerView>,
+}
+
+fn pod_view(c: &dyn Cluster, namespace: &str, name: &str) -> anyhow::Result<PodView> {
+    let v: Value = serde_json::from_str(&kubectl(
+        c,
+        &["-n", namespace, "get", "pod", name, "-o", "json"],
+    )?)
+    .with_context(|| format!("pod {namespace}/{name}: bad JSON"))?;
+    let statuses = v["status"]["containerStatuses"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let containers = v["spec"]["containers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|ctr| {
+            let name = ctr["name"].as_str().unwrap_or_default().to_owned();
+            let status = statuses
+                .iter()
+                .find(|s| s["name"] == name.as_str())
+                .cloned()
+                .unwrap_or(Value::Null);
+            ContainerView {
+                spec_limit: ctr["resources"]["limits"]["cpu"]
+                    .as_str()
+                    .and_then(millicores),
+                status_limit: status["resources"]["limits"]["cpu"]
+                    .as_str()
+                    .and_then(millicores),
+                restarts: status["restartCount"].as_u64().unwrap_or(0),
+                id: status["containerID"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .rsplit("://")
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+                name,
+            }
+        })
+        .collect();
+    Ok(PodView {
+        node: v["spec"]["nodeName"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        containers,
+    })
+}
+
+fn first(p: &PodView) -> anyhow::Result<&ContainerView> {
+    p.containers.first().context("pod has no containers")
+}
+
+// ---------------------------------------------------------------------------
+// The container's cgroup, read on the node
+
+/// The container's CPU cgroup directory on the node (v1 `cpu` hierarchy or v2).
+fn cgroup_dir(c: &dyn Cluster, node: &str, container_id: &str) -> anyhow::Result<String> {
+    if container_id.len() < 12 || !container_id.chars().all(|ch| ch.is_ascii_hexdigit()) {
+        bail!("unexpected container id {container_id:?}");
+    }
+    let script = format!(
+        "for f in $(find /sys/fs/cgroup -maxdepth 9 -type d -name '*{container_id}*' 2>/dev/null); do \
+         if [ -f \"$f/cpu.cfs_quota_us\" ] || [ -f \"$f/cpu.max\" ]; then echo \"$f\"; fi; done"
+    );
+    let out = c.on_node(node, &script)?;
+    out.lines()
+        .next()
+        .map(str::to_owned)
+        .with_context(|| format!("no CPU cgroup of container {container_id} on the node"))
+}
+
+/// The CPU limit the kernel enforces on the cgroup, in millicores (None: unlimited).
+fn cgroup_limit(c: &dyn Cluster, node: &str, dir: &str) -> anyhow::Result<Option<u64>> {
+    let out = c.on_node(
+        node,
+        &format!(
+            "if [ -f {dir}/cpu.max ]; then cat {dir}/cpu.max; \
+         else echo \"$(cat {dir}/cpu.cfs_quota_us) $(cat {dir}/cpu.cfs_period_us)\"; fi"
+        ),
+    )?;
+    parse_quota(&out).with_context(|| format!("{dir}: unexpected quota {out:?}"))
+}
+
+fn parse_quota(text: &str) -> Option<Option<u64>> {
+    let mut it = text.split_whitespace();
+    let (quota, period) = (it.next()?, it.next()?.parse::<u64>().ok()?);
+    if quota == "max" || quota == "-1" {
+        return Some(None);
+    }
+    let quota: u64 = quota.parse().ok()?;
+    (period > 0).then(|| Some((quota * 1000).div_ceil(period)))
+}
+
+/// `(nr_periods, nr_throttled)` of the cgroup.
+fn cgroup_periods(c: &dyn Cluster, node: &str, dir: &str) -> anyhow::Result<(u64, u64)> {
+    let out = c.on_node(node, &format!("cat {dir}/cpu.stat"))?;
+    let get = |key: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(key)?.trim().parse::<u64>().ok())
+    };
+    match (get("nr_periods "), get("nr_throttled ")) {
+        (Some(p), Some(t)) => Ok((p, t)),
+        _ => bail!("{dir}/cpu.stat: no nr_periods/nr_throttled in {out:?}"),
+    }
+}
+
+fn ratio(a: (u64, u64), b: (u64, u64)) -> f64 {
+    let periods = b.0.saturating_sub(a.0);
+    if periods == 0 {
+        return 0.0;
+    }
+    b.1.saturating_sub(a.1) as f64 / periods as f64
+}
+
+// ---------------------------------------------------------------------------
+// The scenario
+
+fn phase(c: &dyn Cluster, name: &str) -> String {
+    kubectl(
+        c,
+        &[
+            "-n",
+            NAMESPACE,
+            "get",
+            "podallocation",
+            name,
+            "-o",
+            "jsonpath={.status.phase}",
+        ],
+    )
+    .unwrap_or_default()
+}
+
+fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut check: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    let mut last_error = None;
+    loop {
+        match check() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_error = Some(e),
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "timed out after {timeout:?} waiting for {what}{}",
+                last_error.map_or(String::new(), |e| format!(" (last error: {e:#})"))
+            );
+        }
+        sleep(every);
+    }
+}
+
+/// What the scenario measured, for the caller to print or record.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub raised_to: u64,
+    pub raise_seconds: f64,
+    pub throttled_before: f64,
+    pub throttled_after: f64,
+    pub limit_changes_in_steady_window: usize,
+    /// Limits that changed in the minute after the daemon's pod was recreated
+    /// (`pod/container → new limit`): a restart alone should change none.
+    pub daemon_restart_changes: Vec<String>,
+    pub passed: Vec<String>,
+}
+
+impl Report {
+    fn ok(&mut self, line: String) {
+        eprintln!("e2e: ok: {line}");
+        self.passed.push(line);
+    }
+}
+
+/// Runs the whole scenario; cleans up its pods and namespace either way.
+pub fn run_scenario(c: &dyn Cluster) -> anyhow::Result<Report> {
+    let result = scenario(c);
+    let _ = kubectl(c, &["delete", "namespace", NAMESPACE, "--wait=false"]);
+    let _ = kubectl(
+        c,
+        &[
+            "-n",
+            "kube-system",
+            "delete",
+            "pod",
+            SYSTEM_POD,
+            "--ignore-not-found",
+            "--wait=false",
+        ],
+    );
+    if result.is_err() {
+        for args in [
+            &["-n", DAEMON_NAMESPACE, "get", "pods", "-o", "wide"][..],
+            &["-n", NAMESPACE, "get", "podallocations", "-o", "wide"][..],
+        ] {
+            if let Ok(out) = kubectl(c, args) {
+                eprintln!("e2e: kubectl {}:\n{out}", args.join(" "));
+            }
+        }
+        eprintln!("e2e: the daemon's log:\n{}", c.daemon_log());
+    }
+    result
+}
+
+fn scenario(c: &dyn Cluster) -> anyhow::Result<Report> {
+    let mut report = Report::default();
+    let deploy = c.deploy_dir();
+    kubectl(c, &["apply", "-k", &deploy.display().to_string()])?;
+    kubectl(
+        c,
+        &[
+            "-n",
+            DAEMON_NAMESPACE,
+            "rollout",
+            "status",
+            "daemonset/mbcas",
+            "--timeout=180s",
+        ],
+    )
+    .context("the MBCAS DaemonSet did not become ready (its readiness probe is /readyz)")?;
+    report.ok("deploy/ applied with kustomize; the DaemonSet's pod is Ready (/readyz)".into());
+
+    let _ = kubectl(c, &["delete", "namespace", NAMESPACE, "--wait=true"]);
+    let _ = kubectl(
+        c,
+        &[
+            "-n",
+            "kube-system",
+            "delete",
+            "pod",
+            SYSTEM_POD,
+            "--ignore-not-found",
+        ],
+    );
+    kubectl(c, &["create", "namespace", NAMESPACE])?;
+    for p in workload(c.image()) {
+        apply(c, &p)?;
+    }
+    let started = Instant::now();
+    // The burner's cgroup as soon as its container exists: MBCAS raises a
+    // throttled pod within seconds, often before the pod reports Ready.
+    let (node, burner_dir) = wait_until(
+        &format!("{BURNER}'s container cgroup on the node"),
+        Duration::from_secs(120),
+        Duration::from_millis(100),
+        || {
+            let p = pod_view(c, NAMESPACE, BURNER)?;
+            let ctr = first(&p)?;
+            if ctr.id.is_empty() {
+                return Ok(None);
+            }
+            Ok(cgroup_dir(c, &p.node, &ctr.id)
+                .ok()
+                .map(|d| (p.node.clone(), d)))
+        },
+    )?;
+    let first_quota = cgroup_limit(c, &node, &burner_dir)?;
+    if first_quota.is_none_or(|q| q < BURNER_LIMIT) {
+        bail!(
+            "{BURNER}'s cgroup {burner_dir} enforces {first_quota:?} m, less than its {BURNER_LIMIT}m limit"
+        );
+    }
+    report.ok(format!(
+        "{BURNER}'s container cgroup found on the node ({burner_dir}), first quota read {first_quota:?}m"
+    ));
+
+    // 1. The raise, end to end: the quota the kernel enforces changes, then
+    // spec, status and the PodAllocation agree with it.
+    let (raised, at_raise) = wait_until(
+        &format!("MBCAS to raise {BURNER}'s quota above {BURNER_LIMIT}m"),
+        RAISE_TIMEOUT,
+        Duration::from_millis(100),
+        || {
+            let quota = cgroup_limit(c, &node, &burner_dir)?;
+            let periods = cgroup_periods(c, &node, &burner_dir)?;
+            Ok(quota.filter(|&q| q > BURNER_LIMIT).map(|q| (q, periods)))
+        },
+    )?;
+    report.raise_seconds = started.elapsed().as_secs_f64();
+    // The cgroup is new: its counters since creation are all under the first limit.
+    let at_start = (0, 0);
+    for pods in [NAMESPACE, "kube-system"] {
+        let what = if pods == NAMESPACE {
+            vec!["pod", "--all"]
+        } else {
+            vec!["pod", SYSTEM_POD]
+        };
+        let mut args = vec!["-n", pods, "wait", "--for=condition=Ready"];
+        args.extend(what);
+        args.push("--timeout=120s");
+        kubectl(c, &args)?;
+    }
+    let applied = wait_until(
+        &format!("the kubelet to actuate {BURNER}'s new limit"),
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        || {
+            let p = pod_view(c, NAMESPACE, BURNER)?;
+            let ctr = first(&p)?;
+            let quota = cgroup_limit(c, &node, &burner_dir)?;
+            let done = ctr.spec_limit.is_some()
+                && ctr.status_limit == ctr.spec_limit
+                && quota == ctr.spec_limit
+                && phase(c, BURNER) == "Applied";
+            Ok(done.then(|| (ctr.clone(), quota)))
+        },
+    )?;
+    let (ctr, quota) = applied;
+    if ctr.restarts != 0 {
+        bail!(
+            "{BURNER} restarted {} times during the resize",
+            ctr.restarts
+        );
+    }
+    report.raised_to = ctr.spec_limit.unwrap_or(raised);
+    report.ok(format!(
+        "{BURNER}: limit {BURNER_LIMIT}m → {raised}m after {:.1} s through pods/resize; \
+             spec {:?}m = status {:?}m = cgroup quota {:?}m; PodAllocation Applied; 0 restarts",
+        report.raise_seconds, ctr.spec_limit, ctr.status_limit, quota
+    ));
+
+    // 2. Steady: the limit holds, throttling is lower than before the raise.
+    let window = Duration::from_secs(30);
+    let mut limits = Vec::new();
+    let steady_start = cgroup_periods(c, &node, &burner_dir)?;
+    let window_start = Instant::now();
+    while window_start.elapsed() < window {
+        limits.push(first(&pod_view(c, NAMESPACE, BURNER)?)?.spec_limit);
+        sleep(Duration::from_secs(2));
+    }
+    let steady_end = cgroup_periods(c, &node, &burner_dir)?;
+    report.limit_changes_in_steady_window = limits.windows(2).filter(|w| w[0] != w[1]).count();
+    report.throttled_before = ratio(at_start, at_raise);
+    report.throttled_after = ratio(steady_start, steady_end);
+    if report.limit_changes_in_steady_window > 2 {
+        bail!(
+            "{BURNER}'s limit changed {} times in {window:?} of steady load (flapping): {limits:?}",
+            report.limit_changes_in_steady_window
+        );
+    }
+    if report.throttled_after >= report.throttled_before {
+        bail!(
+            "{BURNER}'s throttled-period ratio did not fall: {:.3} under {BURNER_LIMIT}m, {:.3} after the raise",
+            report.throttled_before,
+            report.throttled_after
+        );
+    }
+    report.ok(
+        format!(
+            "{BURNER}: throttled-period ratio {:.3} → {:.3} (cgroup cpu.stat); {} limit changes in {window:?} of steady load",
+            report.throttled_before, report.throttled_after, report.limit_changes_in_steady_window
+        ),
+    );
+
+    // 3. Two containers, a limit each, each in its own cgroup.
+    let duo = pod_view(c, NAMESPACE, DUO)?;
+    let mut raised_any = false;
+    for (name, original) in DUO_LIMITS {
+        let ctr = duo
+            .containers
+            .iter()
+            .find(|x| x.name == name)
+            .with_context(|| format!("{DUO} has no container {name}"))?;
+        let dir = cgroup_dir(c, &duo.node, &ctr.id)?;
+        let quota = cgroup_limit(c, &duo.node, &dir)?;
+        if quota != ctr.spec_limit || ctr.status_limit != ctr.spec_limit {
+            bail!(
+                "{DUO}/{name}: spec {:?}m, status {:?}m, cgroup {quota:?}m disagree",
+                ctr.spec_limit,
+                ctr.status_limit
+            );
+        }
+        if ctr.restarts != 0 {
+            bail!("{DUO}/{name} restarted {} times", ctr.restarts);
+        }
+        raised_any |= ctr.spec_limit.is_some_and(|l| l > original);
+    }
+    if !raised_any {
+        bail!(
+            "neither container of {DUO} was raised: {:?}",
+            duo.containers
+        );
+    }
+    report.ok(format!(
+        "{DUO}: per-container limits {}",
+        duo.containers
+            .iter()
+            .map(|x| format!("{}={:?}m", x.name, x.spec_limit))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+
+    // 4. Never touched.
+    for (namespace, name) in [
+        (NAMESPACE, GUARANTEED),
+        (NAMESPACE, RESTART),
+        ("kube-system", SYSTEM_POD),
+    ] {
+        let p = pod_view(c, namespace, name)?;
+        let ctr = first(&p)?;
+        let quota = cgroup_limit(c, &p.node, &cgroup_dir(c, &p.node, &ctr.id)?)?;
+        if ctr.spec_limit != Some(UNTOUCHED_LIMIT)
+            || quota != Some(UNTOUCHED_LIMIT)
+            || ctr.restarts != 0
+        {
+            bail!(
+                "{namespace}/{name} was touched: spec {:?}m, cgroup {quota:?}m, {} restarts",
+                ctr.spec_limit,
+                ctr.restarts
+            );
+        }
+    }
+    report.ok(format!(
+        "{GUARANTEED} (Guaranteed), {RESTART} (RestartContainer) and kube-system/{SYSTEM_POD} \
+             kept {UNTOUCHED_LIMIT}m in spec and cgroup, 0 restarts"
+    ));
+
+    // 5. Faults: nothing lost, no limit changed by a restart alone.
+    faults(c, &mut report, &node, &burner_dir)?;
+
+    // 6. Restore, with the daemon gone.
+    kubectl(
+        c,
+        &[
+            "-n",
+            DAEMON_NAMESPACE,
+            "delete",
+            "daemonset",
+            "mbcas",
+            "--wait=true",
+        ],
+    )?;
+    wait_until(
+        "the MBCAS pod to go",
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        || {
+            let out = kubectl(
+                c,
+                &[
+                    "-n",
+                    DAEMON_NAMESPACE,
+                    "get",
+                    "pods",
+                    "-l",
+                    "app.kubernetes.io/name=mbcas",
+                    "-o",
+                    "name",
+                ],
+            )?;
+            Ok(out.trim().is_empty().then_some(()))
+        },
+    )?;
+    let mut restore = Command::new(mbcas_exe());
+    restore.args(["restore", "--all", "--json"]);
+    if let Some(k) = c.kubeconfig() {
+        restore.arg("--kubeconfig").arg(k);
+    }
+    let restored = run(restore)?;
+    let expect: Vec<(&str, &str, u64)> = std::iter::once((BURNER, "burn", BURNER_LIMIT))
+        .chain(DUO_LIMITS.iter().map(|(n, l)| (DUO, *n, *l)))
+        .collect();
+    wait_until(
+        "the original limits back in spec, status and cgroups",
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        || {
+            for (pod_name, ctr_name, want) in &expect {
+                let p = pod_view(c, NAMESPACE, pod_name)?;
+                let ctr = p
+                    .containers
+                    .iter()
+                    .find(|x| x.name == *ctr_name)
+                    .context("container vanished")?;
+                let quota = cgroup_limit(c, &p.node, &cgroup_dir(c, &p.node, &ctr.id)?)?;
+                if ctr.spec_limit != Some(*want)
+                    || ctr.status_limit != Some(*want)
+                    || quota != Some(*want)
+                {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+    .with_context(|| format!("mbcas restore said: {restored}"))?;
+    let left = kubectl(c, &["get", "podallocations", "-A", "-o", "name"])?;
+    if !left.trim().is_empty() {
+        bail!("PodAllocations left after restore: {left}");
+    }
+    report.ok(
+        "with the DaemonSet deleted, `mbcas restore --all` put 300m/200m/100m back \
+         (spec, status, cgroup) and deleted every PodAllocation"
+            .into(),
+    );
+    // Leave MBCAS deployed, as found.
+    kubectl(c, &["apply", "-k", &deploy.display().to_string()])?;
+    Ok(report)
+}
+
+/// Every limit the scenario's pods have now: `pod/container → millicores`.
+fn limits_now(c: &dyn Cluster) -> anyhow::Result<Vec<(String, Option<u64>, u64)>> {
+    let mut v = Vec::new();
+    for name in [BURNER, DUO, GUARANTEED, RESTART] {
+        for ctr in pod_view(c, NAMESPACE, name)?.containers {
+            v.push((format!("{name}/{}", ctr.name), ctr.spec_limit, ctr.restarts));
+        }
+    }
+    Ok(v)
+}
+
+fn daemon_ready(c: &dyn Cluster) -> anyhow::Result<()> {
+    kubectl(
+        c,
+        &[
+            "-n",
+            DAEMON_NAMESPACE,
+            "rollout",
+            "status",
+            "daemonset/mbcas",
+            "--timeout=180s",
+        ],
+    )
+    .map(|_| ())
+}
+
+/// Kubelet, containerd and the API server restarted: after each, every pod
+/// still runs with the limits it had (a restart alone changes none), none
+/// restarted, and the burner's cgroup never enforced less than before while
+/// MBCAS was blind. Then the daemon's own pod is recreated (see below).
+fn faults(
+    c: &dyn Cluster,
+    report: &mut Report,
+    node: &str,
+    burner_dir: &str,
+) -> anyhow::Result<()> {
+    // Limits first settle: MBCAS lowers a raised limit towards the need a step
+    // per cooldown (30 s by default), so settled means unchanged for 60 s
+    // (five readings 15 s apart).
+    let mut readings = vec![limits_now(c)?];
+    let before = wait_until(
+        "the limits to settle (unchanged for 60 s) before the faults",
+        Duration::from_secs(360),
+        Duration::from_secs(15),
+        || {
+            readings.push(limits_now(c)?);
+            let n = readings.len();
+            Ok(
+                (n >= 5 && readings[n - 5..].windows(2).all(|w| w[0] == w[1]))
+                    .then(|| readings[n - 1].clone()),
+            )
+        },
+    )?;
+    report.ok(format!("limits settled before the faults: {before:?}"));
+    let burner_quota = cgroup_limit(c, node, burner_dir)?;
+    let check = |what: &str| -> anyhow::Result<()> {
+        // The API answers again; give the daemon two rounds to act, if it would.
+        wait_until(
+            &format!("the API server after {what}"),
+            Duration::from_secs(120),
+            Duration::from_secs(1),
+            || Ok(limits_now(c).ok()),
+        )?;
+        daemon_ready(c).with_context(|| format!("MBCAS not ready after {what}"))?;
+        sleep(Duration::from_secs(10));
+        let after = limits_now(c)?;
+        let quota = cgroup_limit(c, node, burner_dir)?;
+        if after != before {
+            bail!(
+                "{what} changed limits or restarted containers: before {before:?}, after {after:?}"
+            );
+        }
+        if quota < burner_quota {
+            bail!("{what}: {BURNER}'s cgroup quota fell from {burner_quota:?}m to {quota:?}m");
+        }
+        Ok(())
+    };
+    let mut done = Vec::new();
+    for (component, down) in [
+        ("kubelet", Duration::from_secs(5)),
+        ("containerd", Duration::from_secs(5)),
+        ("kube-apiserver", Duration::from_secs(15)),
+    ] {
+        if c.restart(component, down)? {
+            check(&format!("{component} restarted"))?;
+            done.push(component);
+        } else {
+            eprintln!("e2e: SKIP restarting {component}: this cluster cannot");
+        }
+    }
+    report.ok(format!(
+        "faults ({}): no limit changed, no container restarted, {BURNER}'s quota held at {burner_quota:?}m",
+        if done.is_empty() { "none possible here".to_owned() } else { done.join(", ") }
+    ));
+
+    // The daemon itself restarted: its pod deleted, the DaemonSet recreates it.
+    // What must hold: nothing lost (allocations, pods), no container restart,
+    // no limit below the pod's starting limit, the kernel enforcing the spec.
+    // Whether a restart alone leaves every limit as it was is measured and
+    // reported (the daemon's demand history starts empty).
+    kubectl(
+        c,
+        &[
+            "-n",
+            DAEMON_NAMESPACE,
+            "delete",
+            "pod",
+            "-l",
+            "app.kubernetes.io/name=mbcas",
+            "--wait=true",
+        ],
+    )?;
+    daemon_ready(c).context("MBCAS not ready after its pod was recreated")?;
+    let mut changed = Vec::new();
+    let observe = Instant::now();
+    while observe.elapsed() < Duration::from_secs(60) {
+        for (now, was) in limits_now(c)?.iter().zip(&before) {
+            if now.2 != was.2 {
+                bail!("{} restarted after the daemon restart", now.0);
+            }
+            if now.1 != was.1
+                && !changed
+                    .iter()
+                    .any(|(n, l): &(String, _)| *n == now.0 && *l == now.1)
+            {
+                changed.push((now.0.clone(), now.1));
+            }
+        }
+        sleep(Duration::from_secs(2));
+    }
+    let starting: [(&str, u64); 3] = [
+        ("burner/burn", BURNER_LIMIT),
+        ("duo/app", DUO_LIMITS[0].1),
+        ("duo/sidecar", DUO_LIMITS[1].1),
+    ];
+    for (name, limit, _) in limits_now(c)? {
+        if let Some((_, start)) = starting.iter().find(|(n, _)| *n == name)
+            && limit.is_none_or(|l| l < *start)
+        {
+            bail!(
+                "after the daemon restart {name}'s limit {limit:?}m is below its starting {start}m"
+            );
+        }
+    }
+    for name in [BURNER, DUO] {
+        if phase(c, name).is_empty() {
+            bail!("the PodAllocation of {name} was lost across the daemon restart");
+        }
+    }
+    let quota = cgroup_limit(c, node, burner_dir)?;
+    let spec = first(&pod_view(c, NAMESPACE, BURNER)?)?.spec_limit;
+    if quota != spec {
+        bail!(
+            "after the daemon restart {BURNER}'s cgroup enforces {quota:?}m, its spec says {spec:?}m"
+        );
+    }
+    report.daemon_restart_changes = changed
+        .iter()
+        .map(|(n, l)| format!("{n} → {l:?}m"))
+        .collect();
+    report.ok(format!(
+        "daemon restart: PodAllocations kept, 0 container restarts, no limit below its start; limit changes in the 60 s after it: {} ({})",
+        changed.len(),
+        if changed.is_empty() { "none".to_owned() } else { report.daemon_restart_changes.join(", ") }
+    ));
+    Ok(())
+}
+
+/// The `mbcas` binary of this checkout (for `mbcas restore`).
+fn mbcas_exe() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+        .join("target/debug/mbcas")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities() {
+        assert_eq!(millicores("200m"), Some(200));
+        assert_eq!(millicores("1.5"), Some(1500));
+        assert_eq!(millicores("2"), Some(2000));
+        assert_eq!(millicores(""), None);
+        assert_eq!(millicores("-1"), None);
+    }
+
+    #[test]
+    fn quotas_v1_and_v2() {
+        assert_eq!(parse_quota("30000 100000\n"), Some(Some(300)));
+        assert_eq!(parse_quota("max 100000"), Some(None));
+        assert_eq!(parse_quota("-1 100000"), Some(None));
+        assert_eq!(parse_quota("12345 100000"), Some(Some(124)));
+        assert_eq!(parse_quota("x"), None);
+        assert_eq!(parse_quota("1 0"), None);
+    }
+
+    #[test]
+    fn throttled_ratio_of_two_samples() {
+        assert!((ratio((10, 5), (110, 55)) - 0.5).abs() < 1e-9);
+        assert!(ratio((10, 5), (10, 5)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn workload_has_the_documented_shapes() {
+        let pods = workload("img");
+        assert_eq!(pods.len(), 5);
+        let g = &pods[2]["spec"]["containers"][0]["resources"];
+        assert_eq!(g["requests"]["cpu"], g["limits"]["cpu"]);
+        assert_eq!(g["requests"]["memory"], g["limits"]["memory"]);
+        assert_eq!(
+            pods[3]["spec"]["containers"][0]["resizePolicy"][0]["restartPolicy"],
+            "RestartContainer"
+        );
+        assert_eq!(pods[4]["metadata"]["namespace"], "kube-system");
+        assert_eq!(
+            pods[1]["spec"]["containers"].as_array().map(Vec::len),
+            Some(2)
+        );
+    }
+}
