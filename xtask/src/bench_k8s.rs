@@ -337,9 +337,9 @@ async fn daemon_counter(addr: &str, name: &str) -> BTreeMap<String, f64> {
 type Key = (String, String, String);
 
 #[derive(Debug, Default, Clone)]
-struct Requests(BTreeMap<Key, f64>);
+pub(crate) struct Requests(BTreeMap<Key, f64>);
 
-const WRITE_VERBS: &[&str] = &[
+pub(crate) const WRITE_VERBS: &[&str] = &[
     "POST",
     "PUT",
     "PATCH",
@@ -348,7 +348,7 @@ const WRITE_VERBS: &[&str] = &[
     "DELETECOLLECTION",
 ];
 
-fn parse_requests(text: &str) -> Requests {
+pub(crate) fn parse_requests(text: &str) -> Requests {
     let mut out = BTreeMap::new();
     for l in text.lines() {
         let Some(rest) = l.strip_prefix("apiserver_request_total{") else {
@@ -375,7 +375,7 @@ fn parse_requests(text: &str) -> Requests {
 
 impl Requests {
     /// What happened between `self` (before) and `after`, non-zero only.
-    fn delta(&self, after: &Self) -> Self {
+    pub(crate) fn delta(&self, after: &Self) -> Self {
         Self(
             after
                 .0
@@ -385,14 +385,14 @@ impl Requests {
                 .collect(),
         )
     }
-    fn get(&self, verbs: &[&str], resource: &str, sub: &str) -> f64 {
+    pub(crate) fn get(&self, verbs: &[&str], resource: &str, sub: &str) -> f64 {
         self.0
             .iter()
             .filter(|((v, r, s), _)| verbs.contains(&v.as_str()) && r == resource && s == sub)
             .map(|(_, n)| n)
             .sum()
     }
-    fn writes(&self) -> Self {
+    pub(crate) fn writes(&self) -> Self {
         Self(
             self.0
                 .iter()
@@ -401,10 +401,10 @@ impl Requests {
                 .collect(),
         )
     }
-    fn total(&self) -> f64 {
+    pub(crate) fn total(&self) -> f64 {
         self.0.values().sum()
     }
-    fn print(&self, indent: &str) {
+    pub(crate) fn print(&self, indent: &str) {
         for ((v, r, s), n) in &self.0 {
             let res = if s.is_empty() {
                 r.clone()

@@ -74,13 +74,13 @@ fn run(mut cmd: Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn kubectl(c: &dyn Cluster, args: &[&str]) -> anyhow::Result<String> {
+pub(crate) fn kubectl(c: &dyn Cluster, args: &[&str]) -> anyhow::Result<String> {
     let mut cmd = c.kubectl();
     cmd.args(args);
     run(cmd)
 }
 
-fn apply(c: &dyn Cluster, object: &Value) -> anyhow::Result<()> {
+pub(crate) fn apply(c: &dyn Cluster, object: &Value) -> anyhow::Result<()> {
     use std::io::Write as _;
     let mut cmd = c.kubectl();
     cmd.args(["apply", "-f", "-"])
@@ -120,7 +120,7 @@ pub fn millicores(q: &str) -> Option<u64> {
 // ---------------------------------------------------------------------------
 // Pods
 
-fn container(name: &str, image: &str, request: u64, limit: u64, burn: &[&str]) -> Value {
+pub(crate) fn container(name: &str, image: &str, request: u64, limit: u64, burn: &[&str]) -> Value {
     let mut args = vec!["burn"];
     args.extend(burn);
     json!({
@@ -135,7 +135,7 @@ fn container(name: &str, image: &str, request: u64, limit: u64, burn: &[&str]) -
     })
 }
 
-fn pod(namespace: &str, name: &str, containers: Vec<Value>) -> Value {
+pub(crate) fn pod(namespace: &str, name: &str, containers: Vec<Value>) -> Value {
     json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -197,21 +197,21 @@ fn workload(image: &str) -> Vec<Value> {
 
 /// One container as the API reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct ContainerView {
-    name: String,
-    spec_limit: Option<u64>,
-    status_limit: Option<u64>,
-    restarts: u64,
-    id: String,
+pub(crate) struct ContainerView {
+    pub name: String,
+    pub spec_limit: Option<u64>,
+    pub status_limit: Option<u64>,
+    pub restarts: u64,
+    pub id: String,
 }
 
 #[derive(Debug, Clone)]
-struct PodView {
-    node: String,
-    containers: Vec<ContainerView>,
+pub(crate) struct PodView {
+    pub node: String,
+    pub containers: Vec<ContainerView>,
 }
 
-fn pod_view(c: &dyn Cluster, namespace: &str, name: &str) -> anyhow::Result<PodView> {
+pub(crate) fn pod_view(c: &dyn Cluster, namespace: &str, name: &str) -> anyhow::Result<PodView> {
     let v: Value = serde_json::from_str(&kubectl(
         c,
         &["-n", namespace, "get", "pod", name, "-o", "json"],
@@ -261,7 +261,7 @@ fn pod_view(c: &dyn Cluster, namespace: &str, name: &str) -> anyhow::Result<PodV
     })
 }
 
-fn first(p: &PodView) -> anyhow::Result<&ContainerView> {
+pub(crate) fn first(p: &PodView) -> anyhow::Result<&ContainerView> {
     p.containers.first().context("pod has no containers")
 }
 
@@ -269,7 +269,11 @@ fn first(p: &PodView) -> anyhow::Result<&ContainerView> {
 // The container's cgroup, read on the node
 
 /// The container's CPU cgroup directory on the node (v1 `cpu` hierarchy or v2).
-fn cgroup_dir(c: &dyn Cluster, node: &str, container_id: &str) -> anyhow::Result<String> {
+pub(crate) fn cgroup_dir(
+    c: &dyn Cluster,
+    node: &str,
+    container_id: &str,
+) -> anyhow::Result<String> {
     if container_id.len() < 12 || !container_id.chars().all(|ch| ch.is_ascii_hexdigit()) {
         bail!("unexpected container id {container_id:?}");
     }
@@ -296,7 +300,7 @@ fn cgroup_limit(c: &dyn Cluster, node: &str, dir: &str) -> anyhow::Result<Option
     parse_quota(&out).with_context(|| format!("{dir}: unexpected quota {out:?}"))
 }
 
-fn parse_quota(text: &str) -> Option<Option<u64>> {
+pub(crate) fn parse_quota(text: &str) -> Option<Option<u64>> {
     let mut it = text.split_whitespace();
     let (quota, period) = (it.next()?, it.next()?.parse::<u64>().ok()?);
     if quota == "max" || quota == "-1" {
@@ -346,7 +350,7 @@ fn phase(c: &dyn Cluster, name: &str) -> String {
     .unwrap_or_default()
 }
 
-fn wait_until<T>(
+pub(crate) fn wait_until<T>(
     what: &str,
     timeout: Duration,
     every: Duration,
@@ -391,10 +395,14 @@ impl Report {
     }
 }
 
-/// Runs the whole scenario; cleans up its pods and namespace either way.
-pub fn run_scenario(c: &dyn Cluster) -> anyhow::Result<Report> {
-    let result = scenario(c);
-    let _ = kubectl(c, &["delete", "namespace", NAMESPACE, "--wait=false"]);
+/// Deletes the scenario's namespace and its kube-system pod (errors ignored:
+/// they may not exist).
+fn delete_workload(c: &dyn Cluster, wait: bool) {
+    let wait = if wait { "--wait=true" } else { "--wait=false" };
+    let _ = kubectl(
+        c,
+        &["delete", "namespace", NAMESPACE, "--ignore-not-found", wait],
+    );
     let _ = kubectl(
         c,
         &[
@@ -404,9 +412,15 @@ pub fn run_scenario(c: &dyn Cluster) -> anyhow::Result<Report> {
             "pod",
             SYSTEM_POD,
             "--ignore-not-found",
-            "--wait=false",
+            wait,
         ],
     );
+}
+
+/// Runs the whole scenario; cleans up its pods and namespace either way.
+pub fn run_scenario(c: &dyn Cluster) -> anyhow::Result<Report> {
+    let result = scenario(c);
+    delete_workload(c, false);
     if result.is_err() {
         for args in [
             &["-n", DAEMON_NAMESPACE, "get", "pods", "-o", "wide"][..],
@@ -425,32 +439,11 @@ fn scenario(c: &dyn Cluster) -> anyhow::Result<Report> {
     let mut report = Report::default();
     let deploy = c.deploy_dir();
     kubectl(c, &["apply", "-k", &deploy.display().to_string()])?;
-    kubectl(
-        c,
-        &[
-            "-n",
-            DAEMON_NAMESPACE,
-            "rollout",
-            "status",
-            "daemonset/mbcas",
-            "--timeout=180s",
-        ],
-    )
-    .context("the MBCAS DaemonSet did not become ready (its readiness probe is /readyz)")?;
+    daemon_ready(c)
+        .context("the MBCAS DaemonSet did not become ready (its readiness probe is /readyz)")?;
     report.ok("deploy/ applied with kustomize; the DaemonSet's pod is Ready (/readyz)".into());
 
-    let _ = kubectl(c, &["delete", "namespace", NAMESPACE, "--wait=true"]);
-    let _ = kubectl(
-        c,
-        &[
-            "-n",
-            "kube-system",
-            "delete",
-            "pod",
-            SYSTEM_POD,
-            "--ignore-not-found",
-        ],
-    );
+    delete_workload(c, true);
     kubectl(c, &["create", "namespace", NAMESPACE])?;
     for p in workload(c.image()) {
         apply(c, &p)?;
@@ -670,7 +663,7 @@ fn scenario(c: &dyn Cluster) -> anyhow::Result<Report> {
             Ok(out.trim().is_empty().then_some(()))
         },
     )?;
-    let mut restore = Command::new(mbcas_exe());
+    let mut restore = Command::new(build_mbcas()?);
     restore.args(["restore", "--all", "--json"]);
     if let Some(k) = c.kubeconfig() {
         restore.arg("--kubeconfig").arg(k);
@@ -885,12 +878,25 @@ fn faults(
     Ok(())
 }
 
-/// The `mbcas` binary of this checkout (for `mbcas restore`).
-fn mbcas_exe() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+/// Builds the `mbcas` binary of this checkout (debug, the one the tests use;
+/// a no-op when it is fresh) and returns its path: the node's image holds it,
+/// and the scenario runs `mbcas restore` with it from this machine.
+pub fn build_mbcas() -> anyhow::Result<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-        .join("target/debug/mbcas")
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    crate::setup::run_cmd(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "-p",
+        "mbcas-daemon",
+        "--bin",
+        "mbcas",
+    ]))?;
+    let exe = root.join("target/debug/mbcas");
+    if !exe.is_file() {
+        bail!("cargo build did not produce {}", exe.display());
+    }
+    Ok(exe)
 }
 
 #[cfg(test)]

@@ -155,14 +155,6 @@ impl Cluster for Kind {
 
 pub fn e2e(_opts: &Options) -> anyhow::Result<()> {
     check_prerequisites("kind-e2e")?;
-    // `mbcas restore` runs from this machine.
-    run_cmd(Command::new("cargo").current_dir(root()).args([
-        "build",
-        "-p",
-        "mbcas-daemon",
-        "--bin",
-        "mbcas",
-    ]))?;
     let report = e2e::run_scenario(&Kind)?;
     eprintln!(
         "kind-e2e: {} checks passed on {CLUSTER}",

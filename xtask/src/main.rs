@@ -2,6 +2,7 @@
 
 mod bench_k8s;
 mod bench_local;
+mod bench_node;
 mod bench_sensor;
 mod bench_sim;
 mod build_ebpf;
@@ -31,6 +32,9 @@ enum Command {
     BenchLocal(bench_local::Options),
     /// Measure Kubernetes mode on private control planes: 500 resizes, API requests, a 110-pod node (root).
     BenchK8s(bench_k8s::Options),
+    /// Measure MBCAS on the test environment's real node: onset → new quota, PATCH → status,
+    /// daemon CPU/RSS and API writes on a node of 40 pods (root).
+    BenchNode(bench_node::Options),
     /// Measure the eBPF sensor: per-program cost, events, drops, latency, own CPU/RSS (root).
     BenchSensor(bench_sensor::Options),
     /// Time the simulator at cluster scale (default 1000 nodes × 110 pods × 1 h): wall time, peak RSS.
@@ -51,7 +55,8 @@ enum Command {
     /// On the test environment's node (`testenv up --with-node`): the end-to-end
     /// scenario kind-e2e runs (DaemonSet, resizes on real cgroups, restore).
     NodeE2e,
-    /// A real etcd + kube-apiserver on loopback for the control-plane tests: build | up | down | status | kubectl.
+    /// A real etcd + kube-apiserver on loopback, and with `up --with-node` a real node:
+    /// build | up | down | status | kubectl | kill | start.
     Testenv(testenv::Options),
     /// Draw the PNG charts of a `mbcas simulate --out DIR` directory.
     SimCharts(sim_charts::ChartOptions),
@@ -69,6 +74,7 @@ fn main() -> anyhow::Result<()> {
         Command::BenchLocal(opts) => bench_local::run(&opts),
         Command::BenchSim(opts) => bench_sim::run(&opts),
         Command::BenchK8s(opts) => bench_k8s::run(&opts),
+        Command::BenchNode(opts) => bench_node::run(&opts),
         Command::Test(opts) => test::run(&opts),
         Command::KindUp(opts) => kind::up(&opts),
         Command::KindE2e(opts) => kind::e2e(&opts),

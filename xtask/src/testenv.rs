@@ -1,15 +1,17 @@
 //! `cargo xtask testenv build | up | down | status | kubectl -- ARGS`: a real
 //! Kubernetes control plane on loopback for the control-plane test tier.
 //!
-//! * `build`: build etcd, kube-apiserver, kube-controller-manager and kubectl
-//!   from their Go modules with the machine's Go toolchain, only when the
-//!   versioned binaries are not already cached under `~/.cache/mbcas/bin/`.
+//! * `build`: build etcd, kube-apiserver, kube-controller-manager, kubectl,
+//!   and the node's kubelet, kube-scheduler and containerd from their Go
+//!   modules with the machine's Go toolchain, only when the versioned binaries
+//!   are not already cached under `~/.cache/mbcas/bin/`.
 //! * `up`: start etcd, kube-apiserver (random free ports, generated
 //!   certificates, a static admin token, RBAC) and a kube-controller-manager
 //!   running only the service-account, namespace and garbage-collector
 //!   controllers; wait until `/readyz` is ok and the `default` ServiceAccount
 //!   exists; write an admin kubeconfig to `target/testenv/kubeconfig` and print
-//!   its path. Idempotent: when already up it says so.
+//!   its path. Idempotent: when already up it says so. `--with-node` also
+//!   starts a real node ([`node`]): containerd, kubelet, kube-scheduler.
 //! * `down`: stop exactly the processes `up` started (their pid and command
 //!   line are recorded) and remove the etcd data and credentials.
 //! * `kubectl -- ARGS`: the cached kubectl with the test environment's kubeconfig.
@@ -67,7 +69,8 @@ pub struct Options {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Sub {
-    /// Build and cache etcd, kube-apiserver, kube-controller-manager and kubectl (only when missing).
+    /// Build and cache etcd, kube-apiserver, kube-controller-manager, kubectl, kubelet,
+    /// kube-scheduler and containerd (only when missing).
     Build,
     /// Start the control plane on loopback (building first if needed); print the kubeconfig path.
     Up {
@@ -90,7 +93,8 @@ pub enum Sub {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Fault injection: SIGKILL one component (etcd, kube-apiserver, kube-controller-manager).
+    /// Fault injection: SIGKILL one component (etcd, kube-apiserver, kube-controller-manager;
+    /// with the node: containerd, kubelet, kube-scheduler).
     Kill {
         /// The component, as named in the state directory's `pids` file.
         component: String,

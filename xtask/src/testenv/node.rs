@@ -479,22 +479,6 @@ fn shared_libraries(exe: &Path) -> anyhow::Result<Vec<PathBuf>> {
         .collect())
 }
 
-/// The `mbcas` binary this checkout builds (debug, the one the tests use).
-fn mbcas_binary() -> anyhow::Result<PathBuf> {
-    run_cmd(Command::new("cargo").current_dir(workspace_root()).args([
-        "build",
-        "-p",
-        "mbcas-daemon",
-        "--bin",
-        "mbcas",
-    ]))?;
-    let exe = workspace_root().join("target/debug/mbcas");
-    if !exe.is_file() {
-        bail!("cargo build did not produce {}", exe.display());
-    }
-    Ok(exe)
-}
-
 fn build_images(node: &NodeDir, nbins: &NodeBinaries) -> anyhow::Result<Vec<PathBuf>> {
     let work = node.root.join("images");
     let pause = oci_archive(
@@ -503,7 +487,7 @@ fn build_images(node: &NodeDir, nbins: &NodeBinaries) -> anyhow::Result<Vec<Path
         &[(nbins.pause.clone(), PathBuf::from("/pause"))],
         &["/pause"],
     )?;
-    let exe = mbcas_binary()?;
+    let exe = crate::e2e::build_mbcas()?;
     let mut files = vec![(exe.clone(), PathBuf::from("/usr/local/bin/mbcas"))];
     for lib in shared_libraries(&exe)? {
         // The path as the loader looks it up, and where the file really is.

@@ -1,0 +1,442 @@
+//! `cargo xtask bench-node`: MBCAS on the test environment's real node
+//! (`testenv up --with-node`, started here when it is not up, and stopped
+//! again), deployed as its DaemonSet. Prints:
+//! 1. **onset → quota**: for `--trials` fresh Burstable pods (request 100m,
+//!    limit 300m, one spinning thread), the time from the container's first
+//!    throttled CFS period to the kubelet's new quota in its cgroup, p50/p99;
+//! 2. **PATCH → status**: `pods/resize` PATCHes (300m ↔ 400m, on a pod in an
+//!    excluded namespace so MBCAS leaves it alone), the time until the
+//!    kubelet's quota is in the cgroup and until `status.containerStatuses[].
+//!    resources` shows it, p50/p99;
+//! 3. **a full node**: `--pods` small pods, then `--seconds` of steady state:
+//!    the daemon's CPU share of one core (/proc/PID/stat), RSS and peak RSS,
+//!    and the API writes in that time (`apiserver_request_total` deltas), all
+//!    and per resize during part 1.
+//!
+//! Needs root. Figures, not assertions: the goals are printed beside them.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams},
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use serde_json::json;
+
+use crate::{
+    bench_k8s::{Requests, WRITE_VERBS, parse_requests},
+    bench_local::{proc_cpu_s, vm_hwm_kib},
+    e2e::{self, Cluster as _},
+    testenv::{self, node::TestNode},
+};
+
+#[derive(Debug, clap::Args)]
+pub struct Options {
+    /// Fresh pods timed from throttling onset to the new quota.
+    #[arg(long, default_value_t = 20)]
+    pub trials: usize,
+    /// PATCHes of pods/resize timed until the status shows them.
+    #[arg(long, default_value_t = 20)]
+    pub patches: usize,
+    /// Small pods on the node for the steady-state part.
+    #[arg(long, default_value_t = 40)]
+    pub pods: usize,
+    /// Length of the steady-state part.
+    #[arg(long, default_value_t = 300)]
+    pub seconds: u64,
+}
+
+const NS: &str = "mbcas-bench-node";
+const PERIOD_S: f64 = 0.1;
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn summary(name: &str, mut v: Vec<f64>, goal: &str) {
+    v.sort_by(f64::total_cmp);
+    println!(
+        "  {name:<44} n={:<3} p50 {:>7.3} s  p99 {:>7.3} s  max {:>7.3} s  {goal}",
+        v.len(),
+        percentile(&v, 50.0),
+        percentile(&v, 99.0),
+        v.last().copied().unwrap_or(f64::NAN)
+    );
+}
+
+/// `(quota in millicores, nr_periods, nr_throttled)` read from the cgroup directory.
+fn read_cgroup(dir: &Path) -> anyhow::Result<(Option<u64>, u64, u64)> {
+    let quota = if dir.join("cpu.max").is_file() {
+        fs::read_to_string(dir.join("cpu.max"))?
+    } else {
+        format!(
+            "{} {}",
+            fs::read_to_string(dir.join("cpu.cfs_quota_us"))?.trim(),
+            fs::read_to_string(dir.join("cpu.cfs_period_us"))?.trim()
+        )
+    };
+    let quota =
+        e2e::parse_quota(&quota).with_context(|| format!("{}: bad quota", dir.display()))?;
+    let stat = fs::read_to_string(dir.join("cpu.stat"))?;
+    let get = |k: &str| {
+        stat.lines()
+            .find_map(|l| l.strip_prefix(k)?.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Ok((quota, get("nr_periods "), get("nr_throttled ")))
+}
+
+fn requests(node: &TestNode) -> anyhow::Result<Requests> {
+    Ok(parse_requests(&e2e::kubectl(
+        node,
+        &["get", "--raw", "/metrics"],
+    )?))
+}
+
+fn container_dir(node: &TestNode, ns: &str, name: &str) -> anyhow::Result<PathBuf> {
+    e2e::wait_until(
+        &format!("{ns}/{name}'s container cgroup"),
+        Duration::from_secs(120),
+        Duration::from_millis(20),
+        || {
+            let p = e2e::pod_view(node, ns, name)?;
+            let ctr = e2e::first(&p)?;
+            if ctr.id.is_empty() {
+                return Ok(None);
+            }
+            Ok(e2e::cgroup_dir(node, &p.node, &ctr.id)
+                .ok()
+                .map(PathBuf::from))
+        },
+    )
+}
+
+/// Part 1: one trial. The burner is throttled from its first period on, so
+/// when its cgroup is first seen already throttled, the onset is `nr_periods`
+/// periods before that reading (each counted period is one 100 ms period in
+/// which it ran).
+fn onset_trial(node: &TestNode, i: usize) -> anyhow::Result<f64> {
+    let name = format!("onset-{i}");
+    let pod = e2e::pod(
+        NS,
+        &name,
+        vec![e2e::container("burn", node.image(), 100, 300, &[])],
+    );
+    e2e::apply(node, &pod)?;
+    let dir = container_dir(node, NS, &name)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut onset: Option<Instant> = None;
+    let result = loop {
+        let (quota, periods, throttled) = read_cgroup(&dir)?;
+        let now = Instant::now();
+        if onset.is_none() && throttled > 0 {
+            let back = Duration::from_secs_f64(periods.saturating_sub(1) as f64 * PERIOD_S);
+            onset = Some(now.checked_sub(back).unwrap_or(now));
+        }
+        if let (Some(q), Some(t0)) = (quota, onset)
+            && q > 300
+        {
+            break Ok(now.duration_since(t0).as_secs_f64());
+        }
+        if now > deadline {
+            break Err(anyhow::anyhow!(
+                "{name}: no new quota within 120 s (quota {quota:?}m, {throttled}/{periods} throttled)"
+            ));
+        }
+        sleep(Duration::from_millis(2));
+    };
+    let _ = e2e::kubectl(node, &["-n", NS, "delete", "pod", &name, "--wait=true"]);
+    result
+}
+
+async fn kube_client(kubeconfig: &Path) -> anyhow::Result<Client> {
+    let kc = Kubeconfig::read_from(kubeconfig)
+        .with_context(|| format!("read {}", kubeconfig.display()))?;
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .context("kubeconfig")?;
+    Client::try_from(cfg).context("client")
+}
+
+fn status_limit(p: &Pod) -> Option<u64> {
+    p.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .first()?
+        .resources
+        .as_ref()?
+        .limits
+        .as_ref()?
+        .get("cpu")
+        .and_then(|q| e2e::millicores(&q.0))
+}
+
+/// Part 2: PATCH pods/resize → cgroup, → status.
+async fn patch_trials(
+    node: &TestNode,
+    kubeconfig: &Path,
+    patches: usize,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let name = "mbcas-bench-resize";
+    let pod = e2e::pod(
+        "kube-system",
+        name,
+        vec![e2e::container(
+            "burn",
+            node.image(),
+            100,
+            300,
+            &["--percent", "1"],
+        )],
+    );
+    e2e::apply(node, &pod)?;
+    let dir = container_dir(node, "kube-system", name)?;
+    let pods: Api<Pod> = Api::namespaced(kube_client(kubeconfig).await?, "kube-system");
+    let (mut to_cgroup, mut to_status) = (Vec::new(), Vec::new());
+    for i in 0..patches {
+        let want: u64 = if i % 2 == 0 { 400 } else { 300 };
+        let patch = json!({"spec": {"containers": [
+            {"name": "burn", "resources": {"limits": {"cpu": format!("{want}m")}}}
+        ]}});
+        let t0 = Instant::now();
+        pods.patch_subresource(
+            "resize",
+            name,
+            &PatchParams::default(),
+            &Patch::Strategic(patch),
+        )
+        .await
+        .context("PATCH pods/resize")?;
+        let (mut cg, mut st) = (None, None);
+        while cg.is_none() || st.is_none() {
+            if t0.elapsed() > Duration::from_secs(60) {
+                bail!("resize {i} to {want}m not reported within 60 s");
+            }
+            if cg.is_none() && read_cgroup(&dir)?.0 == Some(want) {
+                cg = Some(t0.elapsed().as_secs_f64());
+            }
+            if st.is_none() && status_limit(&pods.get(name).await?) == Some(want) {
+                st = Some(t0.elapsed().as_secs_f64());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        to_cgroup.extend(cg);
+        to_status.extend(st);
+    }
+    let _ = e2e::kubectl(
+        node,
+        &["-n", "kube-system", "delete", "pod", name, "--wait=false"],
+    );
+    Ok((to_cgroup, to_status))
+}
+
+/// The daemon's pid on the host: the process in its container's cgroup.
+fn daemon_pid(node: &TestNode) -> anyhow::Result<u32> {
+    let name = e2e::kubectl(
+        node,
+        &[
+            "-n",
+            "mbcas-system",
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=mbcas",
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ],
+    )?;
+    let dir = container_dir(node, "mbcas-system", name.trim())?;
+    fs::read_to_string(dir.join("cgroup.procs"))
+        .with_context(|| format!("read {}/cgroup.procs", dir.display()))?
+        .lines()
+        .find_map(|l| l.trim().parse().ok())
+        .context("no process in the daemon's cgroup")
+}
+
+fn vm_rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")?
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+fn mbcas_writes(d: &Requests) -> f64 {
+    d.get(WRITE_VERBS, "podallocations", "")
+        + d.get(WRITE_VERBS, "podallocations", "status")
+        + d.get(WRITE_VERBS, "pods", "resize")
+        + d.get(WRITE_VERBS, "events", "")
+}
+
+pub fn run(opts: &Options) -> anyhow::Result<()> {
+    let (_, started) = testenv::up(true, true)?;
+    let result = bench(opts);
+    if started {
+        testenv::down()?;
+    }
+    result
+}
+
+fn bench(opts: &Options) -> anyhow::Result<()> {
+    let node = TestNode::running()?;
+    let kubeconfig = node.kubeconfig().context("no kubeconfig")?;
+    e2e::kubectl(
+        &node,
+        &["apply", "-k", &node.deploy_dir().display().to_string()],
+    )?;
+    e2e::kubectl(
+        &node,
+        &[
+            "-n",
+            "mbcas-system",
+            "rollout",
+            "status",
+            "daemonset/mbcas",
+            "--timeout=180s",
+        ],
+    )?;
+    let _ = e2e::kubectl(&node, &["delete", "namespace", NS, "--wait=true"]);
+    e2e::kubectl(&node, &["create", "namespace", NS])?;
+    println!(
+        "bench-node: MBCAS as its DaemonSet on the test node (containerd, kubelet v1.35.4, cgroup v1)"
+    );
+
+    // 1.
+    let before = requests(&node)?;
+    let mut onset = Vec::new();
+    for i in 0..opts.trials {
+        onset.push(onset_trial(&node, i)?);
+    }
+    let d = before.delta(&requests(&node)?);
+    let resizes = d.get(WRITE_VERBS, "pods", "resize");
+    summary(
+        "throttling onset → new quota in the cgroup",
+        onset,
+        "(goal p50 ≤ 2 s, p99 ≤ 5 s)",
+    );
+    println!(
+        "  API writes during part 1: {resizes:.0} resizes; MBCAS's writes (PodAllocation spec + status, \
+         pods/resize, events) {:.0} = {:.2} per resize (goal ≤ 3); all writes by verb and resource:",
+        mbcas_writes(&d),
+        mbcas_writes(&d) / resizes.max(1.0)
+    );
+    d.writes().print("    ");
+
+    // 2.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    let (to_cgroup, to_status) = rt.block_on(patch_trials(&node, &kubeconfig, opts.patches))?;
+    summary("PATCH pods/resize → quota in the cgroup", to_cgroup, "");
+    summary(
+        "PATCH pods/resize → status.containerStatuses",
+        to_status,
+        "",
+    );
+
+    // 3.
+    for i in 0..opts.pods {
+        let p = e2e::pod(
+            NS,
+            &format!("idle-{i}"),
+            vec![e2e::container(
+                "burn",
+                node.image(),
+                10,
+                100,
+                &["--percent", "1"],
+            )],
+        );
+        e2e::apply(&node, &p)?;
+    }
+    e2e::kubectl(
+        &node,
+        &[
+            "-n",
+            NS,
+            "wait",
+            "--for=condition=Ready",
+            "pod",
+            "--all",
+            "--timeout=300s",
+        ],
+    )?;
+    // Let the daemon see the new pods and settle before measuring.
+    sleep(Duration::from_secs(30));
+    let pid = daemon_pid(&node)?;
+    let (cpu0, t0, req0) = (proc_cpu_s(pid), Instant::now(), requests(&node)?);
+    sleep(Duration::from_secs(opts.seconds));
+    let (cpu1, secs, req1) = (
+        proc_cpu_s(pid),
+        t0.elapsed().as_secs_f64(),
+        requests(&node)?,
+    );
+    let d = req0.delta(&req1);
+    let minutes = secs / 60.0;
+    println!(
+        "  daemon on a node of {} pods for {secs:.0} s: CPU {:.2} % of one core, RSS {:.1} MiB, peak RSS {:.1} MiB",
+        opts.pods + 1,
+        100.0 * (cpu1 - cpu0) / secs,
+        vm_rss_kib(pid) as f64 / 1024.0,
+        vm_hwm_kib(pid) as f64 / 1024.0,
+    );
+    println!(
+        "  API writes in steady state: MBCAS {:.1}/min (goal 0); everything but leases {:.1}/min; by verb and resource:",
+        mbcas_writes(&d) / minutes,
+        (d.writes().total() - d.get(WRITE_VERBS, "leases", "")) / minutes
+    );
+    d.writes().print("    ");
+    let _ = e2e::kubectl(&node, &["delete", "namespace", NS, "--wait=false"]);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<f64> = (1..=20).map(f64::from).collect();
+        assert!((percentile(&v, 50.0) - 10.0).abs() < 1e-9);
+        assert!((percentile(&v, 99.0) - 20.0).abs() < 1e-9);
+        assert!(percentile(&[], 50.0).is_nan());
+    }
+
+    #[test]
+    fn cgroup_reading_v1_and_v2() {
+        let dir = std::env::temp_dir().join(format!("mbcas-bench-node-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap_or_default();
+        fs::write(dir.join("cpu.cfs_quota_us"), "30000\n").unwrap_or_default();
+        fs::write(dir.join("cpu.cfs_period_us"), "100000\n").unwrap_or_default();
+        fs::write(
+            dir.join("cpu.stat"),
+            "nr_periods 12\nnr_throttled 7\nthrottled_time 1\n",
+        )
+        .unwrap_or_default();
+        assert_eq!(read_cgroup(&dir).ok(), Some((Some(300), 12, 7)));
+        fs::write(dir.join("cpu.max"), "max 100000\n").unwrap_or_default();
+        assert_eq!(read_cgroup(&dir).ok(), Some((None, 12, 7)));
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
