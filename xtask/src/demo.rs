@@ -11,6 +11,9 @@
 //! kernel's own counters; at the end it writes a PNG chart per phase, a summary
 //! table, and (with `--json-out`) the summary as JSON. Every cgroup and process
 //! it made is removed on exit, on failure and on Ctrl-C. Needs root.
+//!
+//! `--kubernetes` runs the same consumers as real pods on the test
+//! environment's node, and MBCAS as its DaemonSet ([`k8s`]).
 
 use std::{
     io::IsTerminal as _,
@@ -22,6 +25,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use serde::Serialize;
+
+mod k8s;
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -36,6 +41,11 @@ pub struct Options {
     /// Where the charts and the summary table go.
     #[arg(long, value_name = "DIR", default_value = "target/demo")]
     pub report_dir: PathBuf,
+    /// Run the consumers as real pods on the test environment's node
+    /// (`cargo xtask testenv up --with-node`, started here if needed) and MBCAS
+    /// as its DaemonSet, instead of cgroups of this machine and local mode.
+    #[arg(long)]
+    pub kubernetes: bool,
 }
 
 struct Spec {
@@ -93,6 +103,8 @@ struct Tree {
     acct_root: Option<PathBuf>,
     v2: bool,
     children: Vec<Child>,
+    /// `mbcas run --report-jsonl` of the MBCAS phase.
+    report: Option<PathBuf>,
 }
 
 impl Tree {
@@ -108,6 +120,7 @@ impl Tree {
             acct_root: acct.map(|a| a.join(&name)),
             v2,
             children: Vec::new(),
+            report: None,
         };
         for d in std::iter::once(&t.cpu_root).chain(t.acct_root.iter()) {
             std::fs::create_dir(d)
@@ -173,40 +186,59 @@ impl Tree {
         }
         self.children.clear();
     }
+}
 
-    /// (usage ns, nr_periods, nr_throttled, limit m) of one consumer.
+/// `(usage ns, nr_periods, nr_throttled, limit m)` of one cgroup: `dir` in the
+/// cpu hierarchy (v1) or the unified one (v2), `acct` its cpuacct twin (v1).
+fn read_counters(
+    dir: &Path,
+    acct: Option<&Path>,
+    v2: bool,
+) -> anyhow::Result<(u64, u64, u64, u64)> {
+    let stat = std::fs::read_to_string(dir.join("cpu.stat"))?;
+    let get = |k: &str| {
+        stat.lines()
+            .find_map(|l| l.strip_prefix(k)?.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let (usage, limit) = if v2 {
+        let max = std::fs::read_to_string(dir.join("cpu.max"))?;
+        let q = max
+            .split_whitespace()
+            .next()
+            .and_then(|q| q.parse::<u64>().ok())
+            .map_or(CAPACITY_M, |q| q / 100);
+        (get("usage_usec ") * 1000, q)
+    } else {
+        let acct = acct.unwrap_or(dir);
+        let u = std::fs::read_to_string(acct.join("cpuacct.usage"))?
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0);
+        let q = std::fs::read_to_string(dir.join("cpu.cfs_quota_us"))?
+            .trim()
+            .parse::<i64>()
+            .unwrap_or(-1);
+        (u, u64::try_from(q).map_or(CAPACITY_M, |q| q / 100))
+    };
+    Ok((usage, get("nr_periods "), get("nr_throttled "), limit))
+}
+
+/// Where a phase reads its consumers from.
+trait Source {
+    /// `(usage ns, nr_periods, nr_throttled, limit m)` of the consumer `name`.
+    fn read(&self, name: &str) -> anyhow::Result<(u64, u64, u64, u64)>;
+    /// MBCAS's last decision reason per consumer, when MBCAS runs.
+    fn reasons(&self) -> Vec<(String, String)>;
+}
+
+impl Source for Tree {
     fn read(&self, name: &str) -> anyhow::Result<(u64, u64, u64, u64)> {
-        let dir = self.cpu_root.join(name);
-        let stat = std::fs::read_to_string(dir.join("cpu.stat"))?;
-        let get = |k: &str| {
-            stat.lines()
-                .find_map(|l| l.strip_prefix(k)?.trim().parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        let (usage, limit) = if self.v2 {
-            let max = std::fs::read_to_string(dir.join("cpu.max"))?;
-            let q = max
-                .split_whitespace()
-                .next()
-                .and_then(|q| q.parse::<u64>().ok())
-                .map_or(CAPACITY_M, |q| q / 100);
-            (get("usage_usec ") * 1000, q)
-        } else {
-            let acct = self
-                .acct_root
-                .as_ref()
-                .map_or_else(|| dir.clone(), |a| a.join(name));
-            let u = std::fs::read_to_string(acct.join("cpuacct.usage"))?
-                .trim()
-                .parse::<u64>()
-                .unwrap_or(0);
-            let q = std::fs::read_to_string(dir.join("cpu.cfs_quota_us"))?
-                .trim()
-                .parse::<i64>()
-                .unwrap_or(-1);
-            (u, u64::try_from(q).map_or(CAPACITY_M, |q| q / 100))
-        };
-        Ok((usage, get("nr_periods "), get("nr_throttled "), limit))
+        let acct = self.acct_root.as_ref().map(|a| a.join(name));
+        read_counters(&self.cpu_root.join(name), acct.as_deref(), self.v2)
+    }
+    fn reasons(&self) -> Vec<(String, String)> {
+        self.report.as_deref().map(last_reasons).unwrap_or_default()
     }
 }
 
@@ -281,11 +313,10 @@ struct Phase {
 }
 
 fn run_phase(
-    tree: &Tree,
+    tree: &dyn Source,
     label: &str,
     secs: u64,
     mut daemon: Option<&mut Child>,
-    report: Option<&Path>,
 ) -> anyhow::Result<Phase> {
     let mut prev: Vec<(u64, u64, u64, u64)> = SPECS
         .iter()
@@ -309,7 +340,7 @@ fn run_phase(
             .map(|s| tree.read(s.name))
             .collect::<anyhow::Result<_>>()?;
         let t = t0.elapsed().as_secs_f64();
-        let reasons = report.map(last_reasons).unwrap_or_default();
+        let reasons = tree.reasons();
         if tty {
             print!("\x1b[2J\x1b[H");
         }
@@ -537,23 +568,32 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::Handler(on_signal))
         };
     }
-
     let third = opts.duration / 3;
+    let [stat, open, mb] = if opts.kubernetes {
+        k8s::phases(third)?
+    } else {
+        local_phases(&opts.report_dir, &bin, third)?
+    };
+    finish(opts, &stat, &open, &mb)
+}
+
+/// The three phases on cgroups of this machine, MBCAS in local mode.
+fn local_phases(report_dir: &Path, bin: &Path, third: u64) -> anyhow::Result<[Phase; 3]> {
     let mut tree = Tree::new()?;
     tree.set_limits(Some(START_LIMIT_M))?;
-    tree.start_loads(&bin)?;
-    let stat = run_phase(&tree, "static limits", third, None, None)?;
+    tree.start_loads(bin)?;
+    let stat = run_phase(&tree, "static limits", third, None)?;
     tree.stop_children();
     tree.set_limits(None)?;
-    tree.start_loads(&bin)?;
-    let open = run_phase(&tree, "no limits", third, None, None)?;
+    tree.start_loads(bin)?;
+    let open = run_phase(&tree, "no limits", third, None)?;
     tree.stop_children();
     tree.set_limits(Some(START_LIMIT_M))?;
 
-    let report = opts.report_dir.join("mbcas-rounds.jsonl");
+    let report = report_dir.join("mbcas-rounds.jsonl");
     let _ = std::fs::remove_file(&report);
-    tree.start_loads(&bin)?;
-    let mut daemon = Command::new(&bin)
+    tree.start_loads(bin)?;
+    let mut daemon = Command::new(bin)
         .args([
             "--log-level",
             "warn",
@@ -572,29 +612,38 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         .stdin(Stdio::null())
         .spawn()
         .context("start mbcas run --mode local")?;
-    let result = run_phase(&tree, "MBCAS", third, Some(&mut daemon), Some(&report));
+    tree.report = Some(report);
+    let result = run_phase(&tree, "MBCAS", third, Some(&mut daemon));
     let pid = nix::unistd::Pid::from_raw(i32::try_from(daemon.id()).unwrap_or(0));
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
     let _ = daemon.wait();
     let mb = result?;
     tree.stop_children();
+    Ok([stat, open, mb])
+}
 
+/// Charts, summary table and JSON of the three phases.
+fn finish(opts: &Options, stat: &Phase, open: &Phase, mb: &Phase) -> anyhow::Result<()> {
     chart(
         &opts.report_dir.join("static.png"),
         "Static limits (300 m each)",
-        &stat,
+        stat,
     )?;
     chart(
         &opts.report_dir.join("nolimits.png"),
         "No limits (cpu.shares only)",
-        &open,
+        open,
     )?;
     chart(
         &opts.report_dir.join("mbcas.png"),
-        "MBCAS (local mode)",
-        &mb,
+        if opts.kubernetes {
+            "MBCAS (its DaemonSet, pods resized in place)"
+        } else {
+            "MBCAS (local mode)"
+        },
+        mb,
     )?;
-    let (s, n, m) = (summarise(&stat), summarise(&open), summarise(&mb));
+    let (s, n, m) = (summarise(stat), summarise(open), summarise(mb));
     let total_w: u64 = SPECS.iter().map(|s| s.shares).sum();
     let share = |p: &Phase, i: usize| {
         let all: f64 = p.series.iter().flatten().map(|x| x.usage_m).sum();
@@ -614,11 +663,11 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             name: sp.name,
             load: sp.load,
             weight_share: sp.shares as f64 / total_w as f64,
-            static_share: share(&stat, i),
-            nolimits_share: share(&open, i),
-            mbcas_share: share(&mb, i),
-            static_throttled_ratio: ratio(&stat, i),
-            mbcas_throttled_ratio: ratio(&mb, i),
+            static_share: share(stat, i),
+            nolimits_share: share(open, i),
+            mbcas_share: share(mb, i),
+            static_throttled_ratio: ratio(stat, i),
+            mbcas_throttled_ratio: ratio(mb, i),
         })
         .collect::<Vec<_>>();
     let mut table = String::new();

@@ -18,7 +18,7 @@
 //!    limit back on the running pods and deletes the PodAllocations.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::Command,
     thread::sleep,
     time::{Duration, Instant},
@@ -879,24 +879,11 @@ fn faults(
 }
 
 /// Builds the `mbcas` binary of this checkout (debug, the one the tests use;
-/// a no-op when it is fresh) and returns its path: the node's image holds it,
-/// and the scenario runs `mbcas restore` with it from this machine.
+/// a no-op when it is fresh) and returns its absolute path: the node's image
+/// holds it, and the scenario runs `mbcas restore` with it from this machine.
 pub fn build_mbcas() -> anyhow::Result<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-    crate::setup::run_cmd(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "-p",
-        "mbcas-daemon",
-        "--bin",
-        "mbcas",
-    ]))?;
-    let exe = root.join("target/debug/mbcas");
-    if !exe.is_file() {
-        bail!("cargo build did not produce {}", exe.display());
-    }
-    Ok(exe)
+    let exe = crate::host::build_mbcas(false)?;
+    std::path::absolute(&exe).with_context(|| format!("absolute path of {}", exe.display()))
 }
 
 #[cfg(test)]

@@ -173,6 +173,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         duration: 90,
         json_out: Some(out.clone()),
         report_dir: PathBuf::from("target/demo-ci"),
+        kubernetes: false,
     })?;
     let v: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(&out).with_context(|| format!("read {}", out.display()))?,
