@@ -69,6 +69,12 @@ pub struct ConsumerInput {
     pub floor: MilliCpu,
     pub cap: MilliCpu,
     pub exclusion: Option<Exclusion>,
+    /// The lowest limit the kernel enforced during the counters' window, when
+    /// the caller knows it and it may differ from `current`: in Kubernetes mode
+    /// the kubelet puts a resized quota into the cgroup about a second after
+    /// the spec changes, so the window after a raise ran partly under the old
+    /// limit. Throttling is charged to it; `None`: to `current`.
+    pub window_limit: Option<MilliCpu>,
 }
 
 /// The outcome for one consumer.
@@ -173,12 +179,13 @@ impl Engine {
             let est = match mem.last.map(|prev| Sample::new(&prev, &inp.counters)) {
                 Some(Ok(sample)) => {
                     let e = mem.estimator.update(&sample, &self.cfg.demand);
-                    mem.throttling.update(
-                        inp.current,
-                        e.throttled_ratio,
-                        target,
-                        sample.window_secs(),
-                    );
+                    // Charged to a limit just raised, the periods throttled
+                    // under the old one would teach a need of twice the new
+                    // limit, and raise after raise run to the cap (seen on a
+                    // real node: 800m → 1520m → 2280m → 3420m for 450m of use).
+                    let limit = inp.window_limit.map_or(inp.current, |w| w.min(inp.current));
+                    mem.throttling
+                        .update(limit, e.throttled_ratio, target, sample.window_secs());
                     Some(e)
                 }
                 Some(Err(e)) => {
@@ -313,6 +320,7 @@ mod tests {
             floor: MilliCpu(100),
             cap: MilliCpu(2000),
             exclusion: None,
+            window_limit: None,
         }
     }
 
@@ -364,6 +372,34 @@ mod tests {
             "fair-share increase: {r:?}"
         );
         assert_eq!(r.reason, Reason::IncreaseThrottled);
+    }
+
+    #[test]
+    fn throttling_is_charged_to_the_limit_the_window_ran_under() {
+        let mut e = Engine::new(EngineConfig::default());
+        let node = NodeInput::new(MilliCpu(2000));
+        let step = |e: &mut Engine, t: u64, c: Counters, current: u64, window: Option<u64>| {
+            let mut i = input("a", c, current);
+            i.window_limit = window.map(MilliCpu);
+            e.step(Duration::from_secs(t), &node, &[i])
+                .unwrap_or_else(|e| panic!("{e}"))
+                .rows[0]
+                .clone()
+        };
+        step(&mut e, 0, counters(0, 0, 0, 0, 0), 300, None);
+        // Fully throttled under 300 m: the memory learns 2 × 300 m.
+        let r = step(&mut e, 1, counters(1, 300, 700, 10, 10), 300, None);
+        assert!(r.need >= MilliCpu(600), "{r:?}");
+        // Raised to 1300 m in the spec; the kernel still enforced 300 m for
+        // part of the next window, whose throttled periods are the old limit's.
+        let r = step(&mut e, 2, counters(2, 750, 900, 20, 16), 1300, Some(300));
+        assert!(
+            r.need < MilliCpu(1300),
+            "stale throttling must not teach 2 × 1300 m: {r:?}"
+        );
+        // Throttled under 1300 m itself: that is learnt.
+        let r = step(&mut e, 6, counters(6, 5950, 3900, 60, 56), 1300, Some(1300));
+        assert!(r.need >= MilliCpu(2600), "{r:?}");
     }
 
     #[test]

@@ -86,6 +86,9 @@ pub struct NodeLoop {
     throttled: HashSet<u64>,
     /// Pod cgroup ids of managed pods.
     managed_ids: HashSet<u64>,
+    /// The quota each pod's cgroup had at the last round (millicores), by pod
+    /// cgroup id: with the one read now, what the kernel enforced in between.
+    last_quota: HashMap<u64, MilliCpu>,
     live_labels: HashMap<String, PodLabels>,
 }
 
@@ -117,6 +120,7 @@ impl NodeLoop {
             metrics,
             start: Instant::now(),
             throttled: HashSet::new(),
+            last_quota: HashMap::new(),
             managed_ids: HashSet::new(),
             live_labels: HashMap::new(),
         }
@@ -168,6 +172,21 @@ impl NodeLoop {
         }))
     }
 
+    /// The lowest quota the pod's cgroup had at the last round and now (the
+    /// kubelet applies a resize about a second after the spec changes); `None`
+    /// when unlimited or unreadable. Records the quota read now in `live`.
+    fn window_limit(&self, dir: &CgroupDir, live: &mut HashMap<u64, MilliCpu>) -> Option<MilliCpu> {
+        let now = files::read_quota(&dir.path, dir.hierarchy)
+            .ok()
+            .and_then(|q| q.millicores())?;
+        live.insert(dir.id.0, now);
+        Some(
+            self.last_quota
+                .get(&dir.id.0)
+                .map_or(now, |before| (*before).min(now)),
+        )
+    }
+
     /// One round: read, decide, publish.
     pub async fn round(&mut self) -> Result<(RoundSummary, Option<StepOutcome>), NodeLoopError> {
         let timer = self.metrics.loop_timer();
@@ -206,6 +225,7 @@ impl NodeLoop {
         }
         let capacity = policy::node_capacity(allocatable, unmanaged);
         let mut inputs = Vec::with_capacity(managed.len());
+        let mut live_quota: HashMap<u64, MilliCpu> = HashMap::new();
         let mut by_key: HashMap<PodKey, (PodFacts, u64, f64)> = HashMap::new();
         for facts in managed {
             let Some(dir) = self.pod_dir(&facts) else {
@@ -249,10 +269,12 @@ impl NodeLoop {
                     .market
                     .cap(original, floor, capacity.max(floor)),
                 exclusion: None,
+                window_limit: self.window_limit(&dir, &mut live_quota),
             });
             by_key.insert(key, (facts, dir.id.0, weight));
         }
         summary.managed = inputs.len();
+        self.last_quota = live_quota;
         let node = NodeInput {
             capacity,
             other_weight: unmanaged_weight,

@@ -386,6 +386,8 @@ impl LocalLoop {
                     self.capacity,
                 ),
                 exclusion: None,
+                // Local mode writes the quota itself, at once.
+                window_limit: None,
             });
             weights.push(weight);
         }

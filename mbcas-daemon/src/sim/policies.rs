@@ -140,6 +140,8 @@ impl SimPolicy for Mbcas {
                     floor: MilliCpu(p.request_m.max(100)),
                     cap: MilliCpu::ZERO,
                     exclusion: p.excluded.then_some(Exclusion::Guaranteed),
+                    // The simulator enforces a limit the moment it is set.
+                    window_limit: None,
                 })
                 .collect();
         }
