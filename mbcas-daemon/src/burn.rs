@@ -148,8 +148,7 @@ mod tests {
 
     fn cpu_s() -> f64 {
         use nix::sys::{resource, time::TimeValLike as _};
-        let u =
-            resource::getrusage(resource::UsageWho::RUSAGE_SELF).unwrap_or_else(|e| panic!("{e}"));
+        let u = resource::getrusage(resource::UsageWho::RUSAGE_SELF).unwrap();
         (u.user_time().num_microseconds() + u.system_time().num_microseconds()) as f64 / 1e6
     }
 

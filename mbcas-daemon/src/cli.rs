@@ -64,8 +64,7 @@ mod tests {
 
     #[test]
     fn global_flags_parse() {
-        let cli = Cli::try_parse_from(["mbcas", "--log-format", "json", "version"])
-            .unwrap_or_else(|e| panic!("{e}"));
+        let cli = Cli::try_parse_from(["mbcas", "--log-format", "json", "version"]).unwrap();
         assert_eq!(cli.log_format, LogFormat::Json);
         assert_eq!(cli.log_level, "info");
     }

@@ -349,7 +349,7 @@ mod tests {
             &NodeInput::new(MilliCpu(2000)),
             &[input("a", counters(0, 0, 0, 0, 0), 200)],
         );
-        let first = first.unwrap_or_else(|e| panic!("{e}"));
+        let first = first.unwrap();
         assert!(
             !first.rows[0].changed(),
             "nothing is known before the first window"
@@ -361,7 +361,7 @@ mod tests {
                 &NodeInput::new(MilliCpu(2000)),
                 &[input("a", counters(1, 200, 800, 10, 10), 200)],
             )
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         let r = &second.rows[0];
         // 1000 m of demand, 5 % headroom.
         assert_eq!(r.need, MilliCpu(1050));
@@ -381,10 +381,7 @@ mod tests {
         let step = |e: &mut Engine, t: u64, c: Counters, current: u64, window: Option<u64>| {
             let mut i = input("a", c, current);
             i.window_limit = window.map(MilliCpu);
-            e.step(Duration::from_secs(t), &node, &[i])
-                .unwrap_or_else(|e| panic!("{e}"))
-                .rows[0]
-                .clone()
+            e.step(Duration::from_secs(t), &node, &[i]).unwrap().rows[0].clone()
         };
         step(&mut e, 0, counters(0, 0, 0, 0, 0), 300, None);
         // Fully throttled under 300 m: the memory learns 2 × 300 m.
@@ -409,7 +406,7 @@ mod tests {
         x.exclusion = Some(Exclusion::Guaranteed);
         let out = e
             .step(Duration::ZERO, &NodeInput::new(MilliCpu(1000)), &[x])
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         assert_eq!(out.rows[0].reason, Reason::ExcludedGuaranteed);
         assert_eq!(out.rows[0].bound, None);
     }
@@ -435,7 +432,7 @@ mod tests {
                 &NodeInput::new(MilliCpu(2000)),
                 &[input("a", counters(2, 10, 0, 1, 0), 500)],
             )
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         assert_eq!(reset.rows[0].need, need);
     }
 
@@ -452,7 +449,7 @@ mod tests {
                 &NodeInput::new(MilliCpu(2000)),
                 &inputs,
             )
-            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap()
         };
         let _ = step(&mut e, 0, &["a", "b"]);
         let both = step(&mut e, 1, &["a", "b"]);

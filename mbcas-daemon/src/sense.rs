@@ -305,7 +305,7 @@ mod tests {
             "poll",
             "--json",
         ])
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         let Command::Sense(a) = cli.command else {
             panic!("not sense")
         };

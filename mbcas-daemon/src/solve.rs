@@ -297,7 +297,7 @@ mod tests {
                 {"id": "a", "weight": 1, "floor_millicores": 100, "cap_millicores": 1000, "need_millicores": 900},
                 {"id": "b", "weight": 1, "floor_millicores": 100, "cap_millicores": 1000, "need_millicores": 900}]}"#,
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         assert_eq!(
             out.allocations
                 .iter()

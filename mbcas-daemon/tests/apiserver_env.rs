@@ -93,7 +93,7 @@ async fn discovery_lists_pods_resize() {
         .resources
         .iter()
         .find(|r| r.name == "pods/resize")
-        .unwrap_or_else(|| panic!("no pods/resize in /api/v1"));
+        .expect("no pods/resize in /api/v1");
     for verb in ["get", "patch", "update"] {
         assert!(
             resize.verbs.iter().any(|v| v == verb),

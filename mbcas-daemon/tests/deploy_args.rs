@@ -12,16 +12,13 @@ use mbcas::{
 fn daemonset_args_parse() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let ds: DaemonSet = serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
-    let spec = ds
-        .spec
-        .and_then(|s| s.template.spec)
-        .unwrap_or_else(|| panic!("no pod spec"));
+    let ds: DaemonSet = serde_saphyr::from_str(&text).unwrap();
+    let spec = ds.spec.and_then(|s| s.template.spec).expect("no pod spec");
     let c = spec
         .containers
         .iter()
         .find(|c| c.name == "mbcas")
-        .unwrap_or_else(|| panic!("no mbcas container"));
+        .expect("no mbcas container");
     let mut argv = vec!["mbcas".to_owned()];
     argv.extend(c.command.clone().unwrap_or_default().into_iter().skip(1));
     // `$(VAR)` is expanded by the kubelet; stand in a value.

@@ -1,5 +1,7 @@
 //! `deploy/` stays true: every YAML parses, the Kubernetes objects deserialize
 //! into their API types, and the DaemonSet has what the daemon needs.
+// Test helpers: an unwrap that fails is the test failing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
     collections::BTreeMap,
@@ -16,7 +18,7 @@ fn deploy_dir() -> PathBuf {
 fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
     let entries = std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     for entry in entries {
-        let path = entry.unwrap_or_else(|e| panic!("{e}")).path();
+        let path = entry.unwrap().path();
         if path.is_dir() {
             yaml_files(&path, out);
         } else if path.extension().is_some_and(|x| x == "yaml" || x == "yml") {
@@ -84,8 +86,8 @@ fn daemonset_runs_in_the_namespace_with_host_access_and_probes() {
     let ds: DaemonSet = serde_json::from_value(one(&docs, "daemonset.yaml").clone())
         .unwrap_or_else(|e| panic!("daemonset.yaml is not a DaemonSet: {e}"));
     assert_eq!(ds.metadata.namespace.as_deref(), Some(ns_name.as_str()));
-    let spec = ds.spec.unwrap_or_else(|| panic!("no spec"));
-    let pod = spec.template.spec.unwrap_or_else(|| panic!("no pod spec"));
+    let spec = ds.spec.expect("no spec");
+    let pod = spec.template.spec.expect("no pod spec");
     let labels = spec
         .template
         .metadata
@@ -142,7 +144,7 @@ fn daemonset_runs_in_the_namespace_with_host_access_and_probes() {
         .iter()
         .flatten()
         .find(|p| p.name.as_deref() == Some("metrics"))
-        .unwrap_or_else(|| panic!("no metrics port"));
+        .expect("no metrics port");
     let addr = env
         .get("MBCAS_METRICS_ADDR")
         .and_then(|e| e.value.clone())
@@ -161,10 +163,7 @@ fn daemonset_runs_in_the_namespace_with_host_access_and_probes() {
             .unwrap_or_else(|| panic!("no {path} probe"));
         assert_eq!(get.path.as_deref(), Some(path));
     }
-    let res = c
-        .resources
-        .as_ref()
-        .unwrap_or_else(|| panic!("no resources"));
+    let res = c.resources.as_ref().expect("no resources");
     assert!(
         res.requests
             .as_ref()
@@ -194,10 +193,7 @@ fn daemonset_runs_in_the_namespace_with_host_access_and_probes() {
             .unwrap_or_else(|| panic!("{host} not mounted"));
         assert_eq!(volumes.get(vol).map(String::as_str), Some(host), "{host}");
     }
-    let sc = c
-        .security_context
-        .as_ref()
-        .unwrap_or_else(|| panic!("no securityContext"));
+    let sc = c.security_context.as_ref().expect("no securityContext");
     assert_eq!(
         sc.privileged,
         Some(true),
@@ -210,14 +206,10 @@ fn kind_config_pins_a_node_image_with_in_place_resize() {
     let docs = documents();
     let cfg = one(&docs, "kind-config.yaml");
     assert_eq!(cfg["kind"], "Cluster");
-    let nodes = cfg["nodes"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no nodes"));
+    let nodes = cfg["nodes"].as_array().expect("no nodes");
     assert!(nodes.iter().any(|n| n["role"] == "control-plane"));
     for n in nodes {
-        let image = n["image"]
-            .as_str()
-            .unwrap_or_else(|| panic!("node without image"));
+        let image = n["image"].as_str().expect("node without image");
         assert!(
             image.starts_with("kindest/node:v1.35."),
             "{image}: in-place resize needs Kubernetes 1.35"
@@ -283,12 +275,8 @@ fn daemonset_environment_is_read_by_the_cli() {
     use mbcas::cli::{Cli, Command};
 
     let docs = documents();
-    let ds: DaemonSet = serde_json::from_value(one(&docs, "daemonset.yaml").clone())
-        .unwrap_or_else(|e| panic!("{e}"));
-    let pod = ds
-        .spec
-        .and_then(|s| s.template.spec)
-        .unwrap_or_else(|| panic!("no pod spec"));
+    let ds: DaemonSet = serde_json::from_value(one(&docs, "daemonset.yaml").clone()).unwrap();
+    let pod = ds.spec.and_then(|s| s.template.spec).expect("no pod spec");
     let c = &pod.containers[0];
 
     // What the kubelet would put in each variable.
@@ -321,7 +309,7 @@ fn daemonset_environment_is_read_by_the_cli() {
     let cmd = Cli::command();
     let run = cmd
         .find_subcommand("run")
-        .unwrap_or_else(|| panic!("mbcas has no run subcommand"));
+        .expect("mbcas has no run subcommand");
     let flags: Vec<(String, String)> = cmd
         .get_arguments()
         .chain(run.get_arguments())
@@ -345,7 +333,7 @@ fn daemonset_environment_is_read_by_the_cli() {
     };
     assert_eq!(run.mode, mbcas::run::Mode::Kubernetes);
     assert_eq!(run.kubernetes.node_name.as_deref(), Some("kind-worker"));
-    let cfg = run.decision.validate().unwrap_or_else(|e| panic!("{e}"));
+    let cfg = run.decision.validate().unwrap();
     assert!(cfg.is_excluded_namespace("mbcas-system"));
     assert_eq!(cfg.metrics_addr.port(), 9090);
 }
@@ -357,7 +345,7 @@ fn committed_crd_matches_the_rust_types() {
     let path = deploy_dir().join("crds/podallocations.allocation.mbcas.io.yaml");
     let committed =
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let generated = mbcas::k8s::crd::crd_yaml().unwrap_or_else(|e| panic!("{e}"));
+    let generated = mbcas::k8s::crd::crd_yaml().unwrap();
     assert!(
         committed == generated,
         "{} drifted from the Rust types; regenerate it with `mbcas crd`",

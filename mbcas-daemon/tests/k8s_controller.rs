@@ -42,7 +42,7 @@ async fn crd_is_served_and_rejects_nonsense() {
         &kube::discovery::ApiResource::erase::<PodAllocation>(&()),
     );
     let obj = |v: &serde_json::Value| -> kube::api::DynamicObject {
-        serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{e}"))
+        serde_json::from_value(v.clone()).unwrap()
     };
     let good = serde_json::json!({
         "apiVersion": "allocation.mbcas.io/v1alpha1", "kind": "PodAllocation",
@@ -300,7 +300,7 @@ async fn pods_mbcas_must_not_touch_are_skipped_and_untouched() {
         let pod = Api::<Pod>::namespaced(client.clone(), ns_name)
             .get(name)
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         assert_eq!(cpu_limit(&pod), Some(MilliCpu(500)), "{name} was resized");
     }
     daemon.stop().await;
@@ -323,7 +323,7 @@ async fn an_allocation_for_a_missing_pod_fails_with_a_reason() {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     pods.delete("ghost", &kube::api::DeleteParams::default().grace_period(0))
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     eventually("the pod to be gone", WAIT, || async {
         pods.get_opt("ghost").await.ok().filter(Option::is_none)
     })
@@ -331,7 +331,7 @@ async fn an_allocation_for_a_missing_pod_fails_with_a_reason() {
     let daemon = Daemon::start(client.clone(), &node.name, &[]);
     // Written without an owner (the pod is gone, the garbage collector would
     // take it otherwise): the controller must say why nothing happens.
-    let facts = PodFacts::from_pod(&pod).unwrap_or_else(|e| panic!("{e}"));
+    let facts = PodFacts::from_pod(&pod).unwrap();
     let mut pa = allocation_for(
         &facts,
         &node.name,
@@ -351,7 +351,7 @@ async fn an_allocation_for_a_missing_pod_fails_with_a_reason() {
             &Patch::Apply(&pa),
         )
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let pa = eventually("the allocation to be Failed", WAIT, || async {
         phase_is(&client, &ns.name, "ghost", Phase::Failed).await
     })
@@ -406,10 +406,7 @@ async fn writer_creates_updates_and_collects_allocations() {
             }
         }
     });
-    store
-        .wait_until_ready()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    store.wait_until_ready().await.unwrap();
     let writer = Writer::new(client.clone(), node.name.clone(), store.clone());
     let why = Why {
         demand: MilliCpu(600),
@@ -417,7 +414,7 @@ async fn writer_creates_updates_and_collects_allocations() {
         price: 2.0,
         reason: "increase",
     };
-    let facts = PodFacts::from_pod(&pod).unwrap_or_else(|e| panic!("{e}"));
+    let facts = PodFacts::from_pod(&pod).unwrap();
     let pa = allocation_for(&facts, &node.name, MilliCpu(600), &why);
     assert_eq!(writer.publish(&pa).await.ok(), Some(true), "first write");
     let stored = eventually("the allocation in the store", WAIT, || async {
@@ -442,7 +439,7 @@ async fn writer_creates_updates_and_collects_allocations() {
     })
     .await;
     // Garbage: an allocation whose pod is deleted goes.
-    let gone_facts = PodFacts::from_pod(&gone).unwrap_or_else(|e| panic!("{e}"));
+    let gone_facts = PodFacts::from_pod(&gone).unwrap();
     writer
         .publish(&allocation_for(
             &gone_facts,
@@ -451,7 +448,7 @@ async fn writer_creates_updates_and_collects_allocations() {
             &why,
         ))
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     eventually("gone's allocation in the store", WAIT, || async {
         writer.stored(&ns.name, "gone")
     })
@@ -459,7 +456,7 @@ async fn writer_creates_updates_and_collects_allocations() {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     pods.delete("gone", &kube::api::DeleteParams::default().grace_period(0))
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     // The node's pod store, as the daemon keeps it.
     let (pod_store, pod_writer) = kube::runtime::reflector::store::<Pod>();
     let pod_api: Api<Pod> = Api::all(client.clone());
@@ -480,10 +477,7 @@ async fn writer_creates_updates_and_collects_allocations() {
             }
         }
     });
-    pod_store
-        .wait_until_ready()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    pod_store.wait_until_ready().await.unwrap();
     eventually("the deleted pod to leave the store", WAIT, || async {
         pod_store
             .get(&kube::runtime::reflector::ObjectRef::new("gone").within(&ns.name))
@@ -491,10 +485,7 @@ async fn writer_creates_updates_and_collects_allocations() {
             .then_some(())
     })
     .await;
-    let deleted = writer
-        .collect_garbage(&pod_store)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let deleted = writer.collect_garbage(&pod_store).await.unwrap();
     // The garbage collector of kube-controller-manager may have been faster (ownerReference).
     assert!(deleted <= 1);
     eventually("gone's allocation to be deleted", WAIT, || async {
@@ -546,7 +537,7 @@ async fn restore_puts_original_limits_back_and_removes_allocations() {
     };
     let report = mbcas::k8s::restore::restore(client.clone(), &args)
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     assert_eq!(
         report.restored,
         vec![format!("{}/r", ns.name)],
@@ -554,7 +545,7 @@ async fn restore_puts_original_limits_back_and_removes_allocations() {
     );
     assert!(report.failed.is_empty(), "{report:?}");
     assert_eq!(report.deleted, 1);
-    let p = pods.get("r").await.unwrap_or_else(|e| panic!("{e}"));
+    let p = pods.get("r").await.unwrap();
     assert_eq!(cpu_limit(&p), Some(MilliCpu(400)));
     assert!(allocation(&client, &ns.name, "r").await.is_none());
 }

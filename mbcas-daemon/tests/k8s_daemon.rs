@@ -4,6 +4,8 @@
 //! mapped (`--test-pod-cgroups`) onto a cgroup the test creates with real
 //! burners, and the test plays the kubelet: it writes the pod's CPU limit into
 //! that cgroup's quota and reports it in the pod's status.
+// Test helpers: an unwrap that fails is the test failing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -101,13 +103,13 @@ async fn the_daemon_follows_real_demand_through_pod_allocations_and_resizes() {
         format!("{}/hot", ns.name): hot.path,
         format!("{}/idle", ns.name): idle.path,
     });
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let map_file = dir.path().join("pod-cgroups.json");
-    std::fs::write(&map_file, map.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&map_file, map.to_string()).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let metrics_addr = format!("127.0.0.1:{port}");
 
     let stop_kubelet = CancellationToken::new();
@@ -205,7 +207,7 @@ async fn the_daemon_follows_real_demand_through_pod_allocations_and_resizes() {
 
     // The idle pod stays within its request and the node (spare capacity may
     // be lent to it: limits are ceilings, at least its weighted share).
-    let idle_pod = pods.get("idle").await.unwrap_or_else(|e| panic!("{e}"));
+    let idle_pod = pods.get("idle").await.unwrap();
     let idle_limit = cpu_limit(&idle_pod);
     assert!(
         idle_limit.is_some_and(|l| l >= MilliCpu(100) && l <= MilliCpu(2000)),
@@ -238,10 +240,8 @@ async fn reqwest_get(url: &str) -> String {
         .unwrap_or_else(|e| panic!("{url}: {e}"));
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let mut out = String::new();
-    s.read_to_string(&mut out)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    s.read_to_string(&mut out).await.unwrap();
     out
 }

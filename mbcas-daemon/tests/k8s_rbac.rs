@@ -117,10 +117,7 @@ async fn the_service_account_can_do_the_daemons_job() {
             }
         })
     };
-    store
-        .wait_until_ready()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    store.wait_until_ready().await.unwrap();
     let writer = Writer::new(sa.clone(), node.name.clone(), store.clone());
     let why = Why {
         demand: MilliCpu(700),
@@ -129,7 +126,7 @@ async fn the_service_account_can_do_the_daemons_job() {
         reason: "increase_throttled",
     };
     for p in [&pod, &gone] {
-        let facts = PodFacts::from_pod(p).unwrap_or_else(|e| panic!("{e}"));
+        let facts = PodFacts::from_pod(p).unwrap();
         writer
             .publish(&allocation_for(&facts, &node.name, MilliCpu(700), &why))
             .await
@@ -161,7 +158,7 @@ async fn the_service_account_can_do_the_daemons_job() {
     // Garbage collection, as the ServiceAccount.
     pods.delete("gone", &kube::api::DeleteParams::default().grace_period(0))
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let pod_store = {
         let (r, w) = kube::runtime::reflector::store::<Pod>();
         let api: Api<Pod> = Api::all(sa.clone());
@@ -184,10 +181,7 @@ async fn the_service_account_can_do_the_daemons_job() {
         });
         r
     };
-    pod_store
-        .wait_until_ready()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    pod_store.wait_until_ready().await.unwrap();
     eventually("gone to leave the pod store", WAIT, || async {
         pod_store
             .get(&kube::runtime::reflector::ObjectRef::new("gone").within(&ns.name))

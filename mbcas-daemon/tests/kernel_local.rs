@@ -1,6 +1,8 @@
 //! Kernel tier: local mode end to end on real cgroups with real burners.
 //! `mbcas run --mode local` is started as a process, its per-round JSON report is
 //! read back, and the kernel's own counters are checked.
+// Test helpers: an unwrap that fails is the test failing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -117,7 +119,7 @@ impl Run {
         };
         let pid = nix::unistd::Pid::from_raw(i32::try_from(d.id()).unwrap_or(0));
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
-        let out = d.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+        let out = d.wait_with_output().unwrap();
         assert!(out.status.success(), "mbcas run exited with {}", out.status);
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
@@ -380,7 +382,7 @@ fn removed_consumer_and_foreign_quota_change() {
         log.contains("behind MBCAS's back"),
         "foreign change logged:\n{log}"
     );
-    let last = rounds.last().unwrap_or_else(|| panic!("no rounds"));
+    let last = rounds.last().expect("no rounds");
     assert!(
         consumer_at(last, "gone").is_none(),
         "removed consumer forgotten"

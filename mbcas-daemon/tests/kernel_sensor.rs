@@ -1,5 +1,7 @@
 //! Kernel tier: the eBPF sensor on the real kernel, against `cpu.stat`.
 //! Runs as root on this machine (CI included); elsewhere it skips loudly.
+// Test helpers: an unwrap that fails is the test failing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -35,26 +37,24 @@ async fn compare(tag: &str, limit: u64, burners: usize) {
     let mut ebpf = Sensor::start(SensorMode::Ebpf, false)
         .unwrap_or_else(|e| panic!("eBPF sensor must load here: {e:#?}"));
     assert_eq!(ebpf.kind(), SensorKind::Ebpf);
-    let poll = Sensor::start(SensorMode::Poll, false).unwrap_or_else(|e| panic!("{e}"));
-    let mut rx = ebpf
-        .take_events()
-        .unwrap_or_else(|| panic!("eBPF sensor has events"));
+    let poll = Sensor::start(SensorMode::Poll, false).unwrap();
+    let mut rx = ebpf.take_events().expect("eBPF sensor has events");
     for _ in 0..burners {
         cg.spin();
     }
-    let dir = CgroupDir::open(&cg.path).unwrap_or_else(|e| panic!("{e}"));
+    let dir = CgroupDir::open(&cg.path).unwrap();
     assert_eq!(dir.id.0, cg.inode(), "cgroup id is the directory's inode");
 
     // Let the period timer see the group and throttling start.
     tokio::time::sleep(Duration::from_millis(500)).await;
     drain(&mut rx, dir.id.0);
-    let e0 = ebpf.read(&dir).unwrap_or_else(|e| panic!("{e}"));
-    let p0 = poll.read(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let e0 = ebpf.read(&dir).unwrap();
+    let p0 = poll.read(&dir).unwrap();
     let s0 = cg.cpu_stat();
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let e1 = ebpf.read(&dir).unwrap_or_else(|e| panic!("{e}"));
-    let p1 = poll.read(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let e1 = ebpf.read(&dir).unwrap();
+    let p1 = poll.read(&dir).unwrap();
     let s1 = cg.cpu_stat();
     let window = t0.elapsed();
     let events = drain(&mut rx, dir.id.0);
@@ -159,7 +159,7 @@ fn sense_reports_vanished_and_missing_cgroups() {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     // Remove one cgroup mid-window.
     gone.kill_burners();
@@ -167,7 +167,7 @@ fn sense_reports_vanished_and_missing_cgroups() {
     if let Some(a) = &gone.acct {
         let _ = std::fs::remove_dir(a);
     }
-    let out = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

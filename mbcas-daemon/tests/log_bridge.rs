@@ -35,13 +35,11 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Buffer {
 #[test]
 fn log_crate_records_are_bridged_into_tracing_json() {
     let buf = Buffer::default();
-    init_with_writer("info,mbcas_ebpf=debug", LogFormat::Json, buf.clone())
-        .unwrap_or_else(|e| panic!("{e}"));
+    init_with_writer("info,mbcas_ebpf=debug", LogFormat::Json, buf.clone()).unwrap();
     log::debug!(target: "mbcas_ebpf", "period timer for cgroup {} throttled", 4242);
     log::trace!(target: "mbcas_ebpf", "filtered out");
     log::debug!(target: "other", "filtered out too");
-    let text = String::from_utf8(buf.0.lock().unwrap_or_else(|p| p.into_inner()).clone())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let text = String::from_utf8(buf.0.lock().unwrap_or_else(|p| p.into_inner()).clone()).unwrap();
     let lines: Vec<serde_json::Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))

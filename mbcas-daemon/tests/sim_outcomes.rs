@@ -2,6 +2,8 @@
 //! every shipped scenario over several seeds. A claim that does not hold stays
 //! here, `#[ignore]`d with its numbers, so the failure is documented and loud
 //! (`cargo test -- --ignored` shows it).
+// Test helpers: an unwrap that fails is the test failing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
     collections::HashMap,
@@ -44,7 +46,7 @@ fn run(scenario: &str, policy: &str, seed: u64) -> PolicyMetrics {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../scenarios")
         .join(format!("{scenario}.json"));
-    let s = Scenario::from_file(&path).unwrap_or_else(|e| panic!("{e}"));
+    let s = Scenario::from_file(&path).unwrap();
     let m = run_policy(&s, policy, seed).unwrap_or_else(|| panic!("{policy} unknown"));
     if let Ok(mut c) = cache.lock() {
         c.insert(key, m.clone());
@@ -251,7 +253,7 @@ per_scenario!(fair_under_contention:
 fn every_shipped_scenario_is_covered() {
     let mut shipped: Vec<String> =
         std::fs::read_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios"))
-            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap()
             .filter_map(|e| e.ok())
             .filter_map(|e| {
                 e.file_name()

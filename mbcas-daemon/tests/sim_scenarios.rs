@@ -7,11 +7,11 @@ fn shipped_scenarios_run() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
-        let path = entry.unwrap_or_else(|e| panic!("{e}")).path();
+        let path = entry.unwrap().path();
         if path.extension().is_none_or(|x| x != "json") {
             continue;
         }
-        let s = Scenario::from_file(&path).unwrap_or_else(|e| panic!("{e}"));
+        let s = Scenario::from_file(&path).unwrap();
         for p in policies::ALL {
             let m = run_policy(&s, p, 1).unwrap_or_else(|| panic!("{p} unknown"));
             assert!(m.pods > 0, "{}: {p}: no pods", path.display());
@@ -33,30 +33,30 @@ fn shipped_scenarios_run() {
 
 #[test]
 fn bad_scenario_exits_2_naming_field_and_line() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("bad.json");
     std::fs::write(
         &f,
         "{\"name\": \"x\",\n \"duration_s\": -5,\n \"nodes\": []}",
     )
-    .unwrap_or_else(|e| panic!("{e}"));
+    .unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mbcas"))
         .args(["simulate", "--scenario"])
         .arg(&f)
         .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("duration_s"));
     std::fs::write(
         &f,
         "{\"name\": \"x\",\n \"duration_s\": 5,\n \"nodes\": [{\"name\": 3}]}",
     )
-    .unwrap_or_else(|e| panic!("{e}"));
+    .unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mbcas"))
         .args(["simulate", "--scenario"])
         .arg(&f)
         .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(

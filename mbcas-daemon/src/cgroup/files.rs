@@ -190,26 +190,26 @@ mod tests {
     use super::*;
 
     fn dir() -> tempfile::TempDir {
-        tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"))
+        tempfile::tempdir().unwrap()
     }
 
     fn put(d: &Path, f: &str, v: &str) {
-        std::fs::write(d.join(f), v).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(d.join(f), v).unwrap();
     }
 
     #[test]
     fn quota_v2_round_trip() {
         let d = dir();
         put(d.path(), "cpu.max", "max 100000\n");
-        let q = read_quota(d.path(), Hierarchy::V2).unwrap_or_else(|e| panic!("{e}"));
+        let q = read_quota(d.path(), Hierarchy::V2).unwrap();
         assert_eq!((q.quota_us, q.millicores()), (None, None));
         write_quota(
             d.path(),
             Hierarchy::V2,
             Quota::from_millicores(MilliCpu(250), 100_000),
         )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let q = read_quota(d.path(), Hierarchy::V2).unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
+        let q = read_quota(d.path(), Hierarchy::V2).unwrap();
         assert_eq!(q.millicores(), Some(MilliCpu(250)));
         put(d.path(), "cpu.max", "lots 100000\n");
         assert!(matches!(
@@ -236,7 +236,7 @@ mod tests {
             Hierarchy::V1,
             Quota::from_millicores(MilliCpu(1500), 100_000),
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         assert_eq!(
             std::fs::read_to_string(d.path().join("cpu.cfs_quota_us"))
                 .ok()

@@ -114,14 +114,14 @@ mod tests {
 
     #[test]
     fn follows_cgroups_as_they_come_and_go() {
-        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let tmp = tempfile::tempdir().unwrap();
         let uid = "5f1d2c3b_aaaa_4bbb_8ccc_0123456789ab";
         let cid = "0123456789abcdef0123456789abcdef";
         let pod = tmp.path().join(format!(
             "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid}.slice"
         ));
         let ctr = pod.join(format!("cri-containerd-{cid}.scope"));
-        std::fs::create_dir_all(&ctr).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::create_dir_all(&ctr).unwrap();
         let mut idx = CgroupIndex::new(tmp.path());
         let first = idx.rescan();
         assert_eq!(first.added.len(), 5);
@@ -134,7 +134,7 @@ mod tests {
             pods.iter()
                 .all(|(_, p)| p.pod_uid == "5f1d2c3b-aaaa-4bbb-8ccc-0123456789ab")
         );
-        std::fs::remove_dir(&ctr).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::remove_dir(&ctr).unwrap();
         let second = idx.rescan();
         assert_eq!(second.removed, vec![ctr_id]);
         assert!(second.added.is_empty());

@@ -179,15 +179,14 @@ mod tests {
 
     #[test]
     fn systemd_classes_and_pod_level() {
-        let g = p(&format!("kubepods.slice/kubepods-pod{UID_}.slice"))
-            .unwrap_or_else(|| panic!("guaranteed"));
+        let g = p(&format!("kubepods.slice/kubepods-pod{UID_}.slice")).expect("guaranteed");
         assert_eq!((g.qos, g.container), (QosClass::Guaranteed, None));
         let b = p(&format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice/crio-{CID}.scope"))
-            .unwrap_or_else(|| panic!("besteffort"));
+            .expect("besteffort");
         assert_eq!(b.qos, QosClass::BestEffort);
         assert_eq!(b.container.map(|c| c.runtime), Some(Runtime::CriO));
         let d = p(&format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice/docker-{CID}.scope"))
-            .unwrap_or_else(|| panic!("docker"));
+            .expect("docker");
         assert_eq!(d.container.map(|c| c.runtime), Some(Runtime::Docker));
         assert_eq!(
             p(&format!(
@@ -202,7 +201,7 @@ mod tests {
         let got = p(&format!(
             "/sys/fs/cgroup/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-burstable.slice/kubelet-kubepods-burstable-pod{UID_}.slice/cri-containerd-{CID}.scope"
         ))
-        .unwrap_or_else(|| panic!("kind"));
+        .expect("kind");
         assert_eq!((got.qos, got.pod_uid.as_str()), (QosClass::Burstable, UID));
         assert_eq!(got.container.map(|c| c.id), Some(CID.to_owned()));
     }
@@ -212,10 +211,10 @@ mod tests {
         let b = p(&format!(
             "/sys/fs/cgroup/cpu/kubepods/burstable/pod{UID}/{CID}"
         ))
-        .unwrap_or_else(|| panic!("cgroupfs"));
+        .expect("cgroupfs");
         assert_eq!((b.qos, b.pod_uid.as_str()), (QosClass::Burstable, UID));
         assert_eq!(b.container.map(|c| c.runtime), Some(Runtime::Unknown));
-        let g = p(&format!("kubepods/pod{UID}")).unwrap_or_else(|| panic!("guaranteed"));
+        let g = p(&format!("kubepods/pod{UID}")).expect("guaranteed");
         assert_eq!((g.qos, g.container), (QosClass::Guaranteed, None));
         assert_eq!(
             p(&format!("kubepods/besteffort/pod{UID}")).map(|x| x.qos),

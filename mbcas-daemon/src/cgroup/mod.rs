@@ -140,21 +140,20 @@ mod tests {
 
     #[test]
     fn detects_hybrid_v1_v2() {
-        let h = Layout::from_mountinfo(HYBRID, |_| Some(String::new()))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let h = Layout::from_mountinfo(HYBRID, |_| Some(String::new())).unwrap();
         assert_eq!(h.kind, LayoutKind::Hybrid);
         assert_eq!(h.cpu_root, PathBuf::from("/sys/fs/cgroup/cpu"));
         assert_eq!(
             h.cpuacct_root,
             Some(PathBuf::from("/sys/fs/cgroup/cpuacct"))
         );
-        let v2 = Layout::from_mountinfo(V2, |_| Some("cpuset cpu io memory pids\n".into()))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let v2 =
+            Layout::from_mountinfo(V2, |_| Some("cpuset cpu io memory pids\n".into())).unwrap();
         assert_eq!(
             (v2.kind, v2.cpu_root.as_path()),
             (LayoutKind::V2, Path::new("/sys/fs/cgroup"))
         );
-        let v1 = Layout::from_mountinfo(V1, |_| None).unwrap_or_else(|e| panic!("{e}"));
+        let v1 = Layout::from_mountinfo(V1, |_| None).unwrap();
         assert_eq!((v1.kind, v1.cpuacct_root.clone()), (LayoutKind::V1, None));
         assert!(matches!(
             Layout::from_mountinfo(V2, |_| Some("memory pids".into())),

@@ -14,7 +14,7 @@ fn parse(args: &[&str]) -> Result<DecisionArgs, clap::Error> {
 }
 
 fn config(args: &[&str]) -> Result<DecisionConfig, ConfigError> {
-    parse(args).unwrap_or_else(|e| panic!("{e}")).validate()
+    parse(args).unwrap().validate()
 }
 
 #[test]
@@ -38,7 +38,7 @@ fn assert_no_mbcas_env() {
 #[test]
 fn defaults_are_the_documented_ones() {
     assert_no_mbcas_env();
-    let c = config(&[]).unwrap_or_else(|e| panic!("{e}"));
+    let c = config(&[]).unwrap();
     assert_eq!(c.tick, Duration::from_secs(1));
     assert_eq!(c.debounce, Duration::from_millis(200));
     assert_eq!(
@@ -62,10 +62,7 @@ fn defaults_are_the_documented_ones() {
     );
     assert!(c.is_excluded_namespace("mbcas-system"));
     assert!(!c.is_excluded_namespace("default"));
-    assert_eq!(
-        c.metrics_addr,
-        "0.0.0.0:9090".parse().unwrap_or_else(|e| panic!("{e}"))
-    );
+    assert_eq!(c.metrics_addr, "0.0.0.0:9090".parse().unwrap());
 }
 
 #[test]
@@ -110,7 +107,7 @@ fn every_flag_is_parsed_into_the_typed_config() {
         "--metrics-addr",
         "127.0.0.1:9100",
     ])
-    .unwrap_or_else(|e| panic!("{e}"));
+    .unwrap();
     assert_eq!(c.tick, Duration::from_millis(500));
     assert_eq!(c.debounce, Duration::from_millis(50));
     assert_eq!(c.market.min_limit, MilliCpu(250));
@@ -295,7 +292,7 @@ fn value_parsers() {
 
 #[test]
 fn cap_follows_the_factor_within_floor_and_capacity() {
-    let mut m = config(&[]).unwrap_or_else(|e| panic!("{e}")).market;
+    let mut m = config(&[]).unwrap().market;
     assert_eq!(
         m.cap(MilliCpu(500), MilliCpu(100), MilliCpu(4000)),
         MilliCpu(4000)

@@ -76,7 +76,7 @@ fn bursty_on_off_keeps_need_above_mean() {
         let d = if i % 2 == 0 { 1000.0 } else { 0.0 };
         last = Some(e.update(&window(d, 4000.0, 0.0), &cfg()));
     }
-    let last = last.unwrap_or_else(|| panic!("no estimate"));
+    let last = last.expect("no estimate");
     // Fast-up / slow-down keeps the estimate in the upper part of the range.
     assert!(last.smoothed > 600.0 && last.smoothed < 1000.0, "{last:?}");
     assert!(last.need.0 as f64 >= 1.2 * 600.0);
@@ -129,7 +129,7 @@ fn variable_demand_carries_its_deviation_and_peak_as_headroom() {
         let d = if i % 2 == 0 { 300.0 } else { 700.0 };
         last = Some(e.update(&window(d, 4000.0, 0.0), &cfg()));
     }
-    let est = last.unwrap_or_else(|| panic!("no estimate"));
+    let est = last.expect("no estimate");
     // The estimate sits between the two levels (nearer the top: it rises fast
     // and falls slowly), so the deviation is 200–330 m.
     assert!(est.deviation > 150.0 && est.deviation < 350.0, "{est:?}");
@@ -143,7 +143,7 @@ fn variable_demand_carries_its_deviation_and_peak_as_headroom() {
     for _ in 0..30 {
         last = Some(steady.update(&window(500.0, 4000.0, 0.0), &cfg()));
     }
-    let est = last.unwrap_or_else(|| panic!("no estimate"));
+    let est = last.expect("no estimate");
     assert!(est.deviation < 1.0, "{est:?}");
     assert_eq!(est.need, MilliCpu(530));
 }
@@ -201,7 +201,7 @@ fn samples_from_counters() {
         nr_throttled: 6,
         psi_some_ns: Some(9),
     };
-    let s = Sample::new(&a, &b).unwrap_or_else(|e| panic!("{e}"));
+    let s = Sample::new(&a, &b).unwrap();
     assert_eq!(s.window_ns, SEC);
     assert_eq!(s.nr_periods, 10);
     assert_eq!(s.nr_throttled, 5);

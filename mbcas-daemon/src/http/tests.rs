@@ -71,8 +71,8 @@ async fn request(addr: SocketAddr, method: &str, path: &str) -> Reply {
 fn dechunk(mut s: &str) -> String {
     let mut out = String::new();
     loop {
-        let (size, rest) = s.split_once("\r\n").unwrap_or_else(|| panic!("bad chunk"));
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or_else(|e| panic!("{e}"));
+        let (size, rest) = s.split_once("\r\n").expect("bad chunk");
+        let n = usize::from_str_radix(size.trim(), 16).unwrap();
         if n == 0 {
             return out;
         }
@@ -88,10 +88,8 @@ struct Server {
 }
 
 async fn start(metrics: Metrics, readiness: Readiness) -> Server {
-    let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
+    let addr = listener.local_addr().unwrap();
     let cancel = CancellationToken::new();
     let task = tokio::spawn(serve(listener, metrics, readiness, cancel.clone()));
     Server { addr, cancel, task }
@@ -130,7 +128,7 @@ async fn metrics_endpoint_serves_openmetrics() {
     // A pod that goes disappears from the next scrape.
     metrics.remove_pod(&pod);
     let r = request(srv.addr, "GET", "/metrics").await;
-    let e = openmetrics::parse(&r.body).unwrap_or_else(|e| panic!("{e}"));
+    let e = openmetrics::parse(&r.body).unwrap();
     assert_eq!(e.samples("mbcas_pod_allocation_cores").count(), 0);
     assert_eq!(
         e.value("mbcas_decisions_total", &[("reason", "increase")]),
@@ -149,23 +147,17 @@ async fn readyz_flips_only_when_every_component_is_ready() {
     assert_eq!(r.body, "informers: not ready\nsensor: not ready\n");
     assert_eq!(request(srv.addr, "GET", "/healthz").await.status, 200);
 
-    readiness
-        .mark_ready(SENSOR)
-        .unwrap_or_else(|e| panic!("{e}"));
+    readiness.mark_ready(SENSOR).unwrap();
     let r = request(srv.addr, "GET", "/readyz").await;
     assert_eq!(r.status, 503, "sensor alone is not enough");
     assert_eq!(r.body, "informers: not ready\n");
 
-    readiness
-        .mark_ready(INFORMERS)
-        .unwrap_or_else(|e| panic!("{e}"));
+    readiness.mark_ready(INFORMERS).unwrap();
     let r = request(srv.addr, "GET", "/readyz").await;
     assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
 
     // Losing a component makes the daemon unready again.
-    readiness
-        .set(INFORMERS, false)
-        .unwrap_or_else(|e| panic!("{e}"));
+    readiness.set(INFORMERS, false).unwrap();
     assert_eq!(request(srv.addr, "GET", "/readyz").await.status, 503);
     srv.stop().await;
 }
@@ -192,14 +184,9 @@ async fn cancel_stops_the_server_and_frees_the_port() {
 
 #[tokio::test]
 async fn bind_error_names_the_address() {
-    let first = bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let addr = first.local_addr().unwrap_or_else(|e| panic!("{e}"));
-    let err = bind(addr)
-        .await
-        .err()
-        .unwrap_or_else(|| panic!("second bind succeeded"));
+    let first = bind(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
+    let addr = first.local_addr().unwrap();
+    let err = bind(addr).await.expect_err("second bind succeeded");
     assert!(err.to_string().contains(&addr.to_string()), "{err}");
 }
 

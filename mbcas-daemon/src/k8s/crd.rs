@@ -422,8 +422,7 @@ mod tests {
                 "reason": "ResizeRequested"
             })
         );
-        let back: PodAllocationStatus =
-            serde_json::from_value(json).unwrap_or_else(|e| panic!("{e}"));
+        let back: PodAllocationStatus = serde_json::from_value(json).unwrap();
         assert_eq!(back, st);
         let bad = serde_json::json!({"phase": "Exploded"});
         assert!(serde_json::from_value::<PodAllocationStatus>(bad).is_err());
@@ -460,7 +459,7 @@ mod tests {
 
     #[test]
     fn yaml_is_what_a_yaml_parser_reads_back_as_the_crd() {
-        let yaml = crd_yaml().unwrap_or_else(|e| panic!("{e}"));
+        let yaml = crd_yaml().unwrap();
         let parsed: serde_json::Value =
             serde_saphyr::from_str(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
         let direct = serde_json::to_value(PodAllocation::crd()).unwrap_or_default();

@@ -586,29 +586,25 @@ mod tests {
             #[command(flatten)]
             d: DecisionArgs,
         }
-        A::try_parse_from(["x"])
-            .unwrap_or_else(|e| panic!("{e}"))
-            .d
-            .validate()
-            .unwrap_or_else(|e| panic!("{e}"))
+        A::try_parse_from(["x"]).unwrap().d.validate().unwrap()
     }
 
     /// A cgroup-v2-shaped consumer directory.
     fn consumer(root: &Path, name: &str, usage_us: u64) {
         let d = root.join(name);
-        std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("{e}"));
-        std::fs::write(d.join("cpu.max"), "20000 100000\n").unwrap_or_else(|e| panic!("{e}"));
-        std::fs::write(d.join("cpu.weight"), "100\n").unwrap_or_else(|e| panic!("{e}"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("cpu.max"), "20000 100000\n").unwrap();
+        std::fs::write(d.join("cpu.weight"), "100\n").unwrap();
         std::fs::write(
             d.join("cpu.stat"),
             format!("usage_usec {usage_us}\nnr_periods 10\nnr_throttled 0\nthrottled_usec 0\n"),
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     }
 
     #[test]
     fn bad_files_are_counted_and_the_loop_keeps_running() {
-        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let tmp = tempfile::tempdir().unwrap();
         for n in ["good", "garbage", "unreadable", "removed"] {
             consumer(tmp.path(), n, 1000);
         }
@@ -619,17 +615,16 @@ mod tests {
             sensor: SensorMode::Poll,
             report_jsonl: None,
         };
-        let mut lp = LocalLoop::new(&args, cfg(), false).unwrap_or_else(|e| panic!("{e}"));
-        let first = lp.round().unwrap_or_else(|e| panic!("{e}"));
+        let mut lp = LocalLoop::new(&args, cfg(), false).unwrap();
+        let first = lp.round().unwrap();
         assert_eq!(first.rows.len(), 4);
         // Garbage in one cpu.stat, a cpu.stat that cannot be read as a file, a consumer removed.
-        std::fs::write(tmp.path().join("garbage/cpu.stat"), "usage_usec lots\n")
-            .unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(tmp.path().join("garbage/cpu.stat"), "usage_usec lots\n").unwrap();
         let unreadable = tmp.path().join("unreadable/cpu.stat");
-        std::fs::remove_file(&unreadable).unwrap_or_else(|e| panic!("{e}"));
-        std::fs::create_dir(&unreadable).unwrap_or_else(|e| panic!("{e}"));
-        std::fs::remove_dir_all(tmp.path().join("removed")).unwrap_or_else(|e| panic!("{e}"));
-        let second = lp.round().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::remove_file(&unreadable).unwrap();
+        std::fs::create_dir(&unreadable).unwrap();
+        std::fs::remove_dir_all(tmp.path().join("removed")).unwrap();
+        let second = lp.round().unwrap();
         let keys: Vec<&str> = second.rows.iter().map(|r| r.key.as_str()).collect();
         assert_eq!(
             keys,
@@ -645,15 +640,15 @@ mod tests {
             tmp.path().join("garbage/cpu.stat"),
             "usage_usec 5000\nnr_periods 20\nnr_throttled 0\nthrottled_usec 0\n",
         )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let third = lp.round().unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
+        let third = lp.round().unwrap();
         assert_eq!(third.rows.len(), 2);
         assert_eq!(lp.stats().rounds, 3);
     }
 
     #[test]
     fn bad_arguments_are_refused() {
-        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let tmp = tempfile::tempdir().unwrap();
         let mut args = LocalArgs {
             local_root: None,
             capacity_millicores: None,

@@ -314,7 +314,7 @@ mod tests {
         let text = "# HELP a_seconds A.\n# TYPE a_seconds histogram\n# UNIT a_seconds seconds\n\
             a_seconds_sum 1.5\na_seconds_count 2\na_seconds_bucket{le=\"1.0\"} 1\na_seconds_bucket{le=\"+Inf\"} 2\n\
             # TYPE b counter\nb_total{x=\"q\\\"\\\\\\n\"} 3\n# EOF\n";
-        let e = parse(text).unwrap_or_else(|e| panic!("{e}"));
+        let e = parse(text).unwrap();
         assert_eq!(e.value("b_total", &[("x", "q\"\\\n")]), Some(3.0));
         assert_eq!(e.family("a_seconds").map(|f| f.samples.len()), Some(4));
     }

@@ -4,7 +4,7 @@ use super::{openmetrics, *};
 use crate::policy::Reason;
 
 fn scrape(m: &Metrics) -> openmetrics::Exposition {
-    let text = m.encode().unwrap_or_else(|e| panic!("{e}"));
+    let text = m.encode().unwrap();
     openmetrics::parse(&text).unwrap_or_else(|e| panic!("{e}\n---\n{text}"))
 }
 
@@ -139,7 +139,7 @@ fn removed_pods_disappear_from_every_family() {
             "{name}"
         );
     }
-    let text = m.encode().unwrap_or_else(|e| panic!("{e}"));
+    let text = m.encode().unwrap();
     assert!(!text.contains("web-1"), "{text}");
 
     // retain_pods drops every pod not listed.
@@ -248,9 +248,7 @@ fn dashboard_queries_only_exposed_metrics() {
         .flat_map(|f| &f.samples)
         .map(|s| s.name.as_str())
         .collect();
-    let panels = dash["panels"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no panels"));
+    let panels = dash["panels"].as_array().expect("no panels");
     let mut used = std::collections::BTreeSet::new();
     let mut exprs = 0;
     for p in panels {

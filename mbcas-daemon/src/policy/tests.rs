@@ -419,7 +419,7 @@ fn closed_loop(demands: &[f64], capacity: u64, secs: u64) -> Vec<Vec<(u64, Milli
             overcommit: crate::market::DEFAULT_OVERCOMMIT,
             bids,
         })
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         let views: Vec<PodView> = outcome
             .allocations
             .iter()

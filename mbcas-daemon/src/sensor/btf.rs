@@ -294,7 +294,7 @@ mod tests {
 
     #[test]
     fn finds_members_through_anonymous_structs() {
-        let btf = Btf::parse(&blob()).unwrap_or_else(|e| panic!("{e}"));
+        let btf = Btf::parse(&blob()).unwrap();
         assert_eq!(
             btf.field("s", "a").ok(),
             Some(Field {
@@ -336,7 +336,7 @@ mod tests {
             eprintln!("SKIP: no kernel BTF at {}", path.display());
             return;
         }
-        let btf = Btf::from_file(path).unwrap_or_else(|e| panic!("{e}"));
+        let btf = Btf::from_file(path).unwrap();
         for (s, m) in [
             ("hrtimer", "function"),
             ("cfs_bandwidth", "period_timer"),

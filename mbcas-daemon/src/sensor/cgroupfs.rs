@@ -263,12 +263,12 @@ mod tests {
 
     #[test]
     fn parses_v1_and_v2() {
-        let c = parse_cpu_stat(V1, Hierarchy::V1).unwrap_or_else(|e| panic!("{e}"));
+        let c = parse_cpu_stat(V1, Hierarchy::V1).unwrap();
         assert_eq!(
             (c.nr_periods, c.nr_throttled, c.throttled_ns),
             (120, 100, 7_990_000_000)
         );
-        let c = parse_cpu_stat(V2, Hierarchy::V2).unwrap_or_else(|e| panic!("{e}"));
+        let c = parse_cpu_stat(V2, Hierarchy::V2).unwrap();
         assert_eq!(
             (c.nr_periods, c.nr_throttled, c.throttled_ns, c.usage_ns),
             (10, 9, 800_000, Some(2_000_000))
@@ -305,35 +305,35 @@ mod tests {
 
     #[test]
     fn fixture_dirs_v1_and_v2() {
-        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let tmp = tempfile::tempdir().unwrap();
         let v2 = tmp.path().join("v2");
-        std::fs::create_dir_all(&v2).unwrap_or_else(|e| panic!("{e}"));
-        std::fs::write(v2.join("cpu.stat"), V2).unwrap_or_else(|e| panic!("{e}"));
-        std::fs::write(v2.join("cpu.max"), "20000 100000\n").unwrap_or_else(|e| panic!("{e}"));
-        let d = CgroupDir::open(&v2).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::create_dir_all(&v2).unwrap();
+        std::fs::write(v2.join("cpu.stat"), V2).unwrap();
+        std::fs::write(v2.join("cpu.max"), "20000 100000\n").unwrap();
+        let d = CgroupDir::open(&v2).unwrap();
         assert_eq!(d.hierarchy, Hierarchy::V2);
         assert_eq!(d.read().map(|c| c.usage_ns).ok().flatten(), Some(2_000_000));
 
         let cpu = tmp.path().join("cpu/g");
         let acct = tmp.path().join("cpuacct/g");
         for d in [&cpu, &acct] {
-            std::fs::create_dir_all(d).unwrap_or_else(|e| panic!("{e}"));
+            std::fs::create_dir_all(d).unwrap();
         }
-        std::fs::write(cpu.join("cpu.stat"), V1).unwrap_or_else(|e| panic!("{e}"));
-        std::fs::write(acct.join("cpuacct.usage"), "123456\n").unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(cpu.join("cpu.stat"), V1).unwrap();
+        std::fs::write(acct.join("cpuacct.usage"), "123456\n").unwrap();
         let mounts = Mounts {
             cpu: Some(tmp.path().join("cpu")),
             cpuacct: Some(tmp.path().join("cpuacct")),
         };
-        let d = CgroupDir::open_with_mounts(&cpu, &mounts).unwrap_or_else(|e| panic!("{e}"));
+        let d = CgroupDir::open_with_mounts(&cpu, &mounts).unwrap();
         assert_eq!(d.hierarchy, Hierarchy::V1);
-        let c = d.read().unwrap_or_else(|e| panic!("{e}"));
+        let c = d.read().unwrap();
         assert_eq!((c.nr_throttled, c.usage_ns), (100, Some(123_456)));
 
         // Garbage, then the cgroup vanishing.
-        std::fs::write(cpu.join("cpu.stat"), "nr_periods lots\n").unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(cpu.join("cpu.stat"), "nr_periods lots\n").unwrap();
         assert!(matches!(d.read(), Err(CgroupFsError::Malformed { .. })));
-        std::fs::remove_dir_all(&cpu).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::remove_dir_all(&cpu).unwrap();
         assert!(matches!(d.read(), Err(CgroupFsError::Vanished { .. })));
         assert!(matches!(
             CgroupDir::open(&cpu),

@@ -282,13 +282,13 @@ mod tests {
     async fn fake_sensor_reports_what_it_is_told() {
         let (mut sensor, handle) = Sensor::fake();
         assert_eq!(sensor.kind(), SensorKind::Fake);
-        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let tmp = tempfile::tempdir().unwrap();
         std::fs::write(
             tmp.path().join("cpu.stat"),
             "nr_periods 0\nnr_throttled 0\nthrottled_time 0\n",
         )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let dir = CgroupDir::open(tmp.path()).unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
+        let dir = CgroupDir::open(tmp.path()).unwrap();
         handle.set(
             dir.id,
             CpuCounters {
@@ -298,9 +298,9 @@ mod tests {
                 usage_ns: Some(6),
             },
         );
-        let c = sensor.read(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let c = sensor.read(&dir).unwrap();
         assert_eq!((c.nr_periods, c.nr_throttled, c.usage_ns), (10, 4, Some(6)));
-        let mut rx = sensor.take_events().unwrap_or_else(|| panic!("events"));
+        let mut rx = sensor.take_events().expect("events");
         assert!(
             handle
                 .emit(ThrottleEvent {
@@ -314,17 +314,16 @@ mod tests {
 
     #[test]
     fn poll_source_reads_files() {
-        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let tmp = tempfile::tempdir().unwrap();
         std::fs::write(
             tmp.path().join("cpu.stat"),
             "usage_usec 10\nnr_periods 3\nnr_throttled 2\nthrottled_usec 1\n",
         )
-        .unwrap_or_else(|e| panic!("{e}"));
-        std::fs::write(tmp.path().join("cpu.max"), "max 100000\n")
-            .unwrap_or_else(|e| panic!("{e}"));
-        let sensor = Sensor::start(SensorMode::Poll, false).unwrap_or_else(|e| panic!("{e}"));
-        let dir = CgroupDir::open(tmp.path()).unwrap_or_else(|e| panic!("{e}"));
-        let c = sensor.read(&dir).unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
+        std::fs::write(tmp.path().join("cpu.max"), "max 100000\n").unwrap();
+        let sensor = Sensor::start(SensorMode::Poll, false).unwrap();
+        let dir = CgroupDir::open(tmp.path()).unwrap();
+        let c = sensor.read(&dir).unwrap();
         assert_eq!(
             (c.nr_throttled, c.throttled_ns, c.usage_ns),
             (2, 1000, Some(10_000))

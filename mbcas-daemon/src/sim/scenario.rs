@@ -363,7 +363,7 @@ mod tests {
 
     #[test]
     fn parses_and_evaluates_demand() {
-        let s = Scenario::parse(OK, "ok.json").unwrap_or_else(|e| panic!("{e}"));
+        let s = Scenario::parse(OK, "ok.json").unwrap();
         let d = &s.nodes[0].pods[0].demand;
         assert_eq!((d.at(1.0), d.at(6.0)), (100.0, 900.0));
         assert_eq!(d.steps(10.0), vec![5.0]);

@@ -1,7 +1,7 @@
 use super::{scenario::Scenario, *};
 
 fn scenario(json: &str) -> Scenario {
-    Scenario::parse(json, "test").unwrap_or_else(|e| panic!("{e}"))
+    Scenario::parse(json, "test").unwrap()
 }
 
 #[test]
@@ -10,7 +10,7 @@ fn one_pod_quota_20_demand_100_throttles_every_period() {
         r#"{"name": "one", "duration_s": 10, "nodes": [{"name": "n", "capacity_m": 2000,
             "pods": [{"name": "p", "request_m": 100, "limit_m": 200, "demand": {"kind": "steady", "m": 1000}}]}]}"#,
     );
-    let m = run_policy(&s, "static", 1).unwrap_or_else(|| panic!("policy"));
+    let m = run_policy(&s, "static", 1).expect("policy");
     assert_eq!(m.throttled_ratio_p50, 1.0);
     // Usage is the quota, 20 % of the node: Σ limits − Σ usage = 0.
     assert!(m.slack_pct.abs() < 1e-9, "{m:?}");
@@ -25,8 +25,8 @@ fn mbcas_removes_throttling_a_static_limit_causes() {
         r#"{"name": "one", "duration_s": 60, "nodes": [{"name": "n", "capacity_m": 4000,
             "pods": [{"name": "p", "request_m": 100, "limit_m": 200, "demand": {"kind": "steady", "m": 1000}}]}]}"#,
     );
-    let st = run_policy(&s, "static", 1).unwrap_or_else(|| panic!("static"));
-    let mb = run_policy(&s, "mbcas", 1).unwrap_or_else(|| panic!("mbcas"));
+    let st = run_policy(&s, "static", 1).expect("static");
+    let mb = run_policy(&s, "mbcas", 1).expect("mbcas");
     assert!(mb.throttled_ratio_p50 < 0.2, "{mb:?}");
     assert!(
         mb.unmet_core_seconds < st.unmet_core_seconds / 5.0,
@@ -86,7 +86,7 @@ fn threads_do_not_change_results() {
                 threads,
             },
         )
-        .unwrap_or_else(|| panic!("mbcas"));
+        .expect("mbcas");
         (r, seen)
     };
     let (one, seen1) = run(1);
@@ -111,8 +111,8 @@ fn request_latency_is_reported_per_pod_and_a_tight_quota_delays_bursts() {
               {"name": "steady", "request_m": 100, "limit_m": 1000, "demand": {"kind": "steady", "m": 0},
                "requests": {"rate_per_s": 50, "cpu_ms": 1, "threads": 2}}]}]}"#,
     );
-    let st = run_policy(&s, "static", 1).unwrap_or_else(|| panic!("static"));
-    let nl = run_policy(&s, "nolimits", 1).unwrap_or_else(|| panic!("nolimits"));
+    let st = run_policy(&s, "static", 1).expect("static");
+    let nl = run_policy(&s, "nolimits", 1).expect("nolimits");
     let per = |m: &PolicyMetrics, pod: &str| {
         m.latency_by_pod
             .get(pod)

@@ -99,7 +99,7 @@ pub async fn create_pod(client: &Client, ns: &str, node: &str, p: &PodSpec<'_>) 
         "metadata": {"name": p.name, "labels": p.labels},
         "spec": {"nodeName": node, "containers": [container]}
     }))
-    .unwrap_or_else(|e| panic!("{e}"));
+    .unwrap();
     Api::<Pod>::namespaced(client.clone(), ns)
         .create(&PostParams::default(), &pod)
         .await
@@ -109,7 +109,7 @@ pub async fn create_pod(client: &Client, ns: &str, node: &str, p: &PodSpec<'_>) 
 /// Plays the kubelet: reports the pod Running with the CPU limits of its spec.
 pub async fn kubelet_reports(client: &Client, ns: &str, name: &str) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let pod = pods.get(name).await.unwrap_or_else(|e| panic!("{e}"));
+    let pod = pods.get(name).await.unwrap();
     let statuses: Vec<serde_json::Value> = pod
         .spec
         .iter()
@@ -141,7 +141,7 @@ pub fn cpu_limit(pod: &Pod) -> Option<MilliCpu> {
 
 /// A PodAllocation asking `desired` for the pod's single container.
 pub async fn write_allocation(client: &Client, pod: &Pod, node: &str, desired: MilliCpu) {
-    let facts = PodFacts::from_pod(pod).unwrap_or_else(|e| panic!("{e}"));
+    let facts = PodFacts::from_pod(pod).unwrap();
     let pa = allocation_for(
         &facts,
         node,
@@ -187,7 +187,7 @@ impl Daemon {
         let Command::Run(args) = cli.command else {
             panic!("not a run command")
         };
-        let cfg = args.decision.validate().unwrap_or_else(|e| panic!("{e}"));
+        let cfg = args.decision.validate().unwrap();
         let stop = CancellationToken::new();
         let s = stop.clone();
         let task =
@@ -218,7 +218,7 @@ trait ParseArgs {
 impl ParseArgs for Cli {
     fn try_parse_from_args(argv: &[&str]) -> Cli {
         use clap::Parser as _;
-        Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{e}"))
+        Cli::try_parse_from(argv).unwrap()
     }
 }
 

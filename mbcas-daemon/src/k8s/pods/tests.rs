@@ -1,7 +1,7 @@
 use super::*;
 
 fn pod(v: serde_json::Value) -> Pod {
-    serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}"))
+    serde_json::from_value(v).unwrap()
 }
 
 fn burstable(ns: &str, labels: serde_json::Value) -> Pod {
@@ -51,8 +51,7 @@ fn quantities_round_up_to_millicores_like_kubernetes() {
 
 #[test]
 fn facts_of_a_burstable_pod() {
-    let f = PodFacts::from_pod(&burstable("default", serde_json::json!({})))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let f = PodFacts::from_pod(&burstable("default", serde_json::json!({}))).unwrap();
     assert_eq!(f.request(), MilliCpu(350));
     assert_eq!(f.limit(), Some(MilliCpu(1500)));
     assert_eq!(f.status_limit(), Some(MilliCpu(1500)));
@@ -65,14 +64,13 @@ fn facts_of_a_burstable_pod() {
 
 #[test]
 fn exclusions_follow_the_safety_rules() {
-    let ns = PodFacts::from_pod(&burstable("kube-system", serde_json::json!({})))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let ns = PodFacts::from_pod(&burstable("kube-system", serde_json::json!({}))).unwrap();
     assert_eq!(ns.exclusion(&excluded()), Some(Exclusion::Namespace));
     let ign = PodFacts::from_pod(&burstable(
         "default",
         serde_json::json!({"mbcas.io/ignore": "true"}),
     ))
-    .unwrap_or_else(|e| panic!("{e}"));
+    .unwrap();
     assert_eq!(ign.exclusion(&excluded()), Some(Exclusion::OptedOut));
 
     let mut p = burstable("default", serde_json::json!({}));
@@ -83,14 +81,14 @@ fn exclusions_follow_the_safety_rules() {
                 restart_policy: "RestartContainer".into(),
             }]);
     }
-    let f = PodFacts::from_pod(&p).unwrap_or_else(|e| panic!("{e}"));
+    let f = PodFacts::from_pod(&p).unwrap();
     assert_eq!(f.exclusion(&excluded()), Some(Exclusion::RestartPolicy));
 
     let mut p = burstable("default", serde_json::json!({}));
     if let Some(spec) = p.spec.as_mut() {
         spec.containers[1].resources = None;
     }
-    let f = PodFacts::from_pod(&p).unwrap_or_else(|e| panic!("{e}"));
+    let f = PodFacts::from_pod(&p).unwrap();
     assert_eq!(f.limit(), None);
     assert_eq!(f.exclusion(&excluded()), Some(Exclusion::NoLimit));
 }
@@ -101,7 +99,7 @@ fn guaranteed_is_recognised_with_or_without_status() {
         "limits": {"cpu": "1", "memory": "1Gi"}}}]});
     let mut p = pod(serde_json::json!({
         "metadata": {"name": "g", "namespace": "default", "uid": "u-2"}, "spec": spec}));
-    let f = PodFacts::from_pod(&p).unwrap_or_else(|e| panic!("{e}"));
+    let f = PodFacts::from_pod(&p).unwrap();
     assert_eq!(f.qos, QosClass::Guaranteed);
     assert_eq!(f.exclusion(&excluded()), Some(Exclusion::Guaranteed));
     assert!(!f.running);
@@ -111,7 +109,7 @@ fn guaranteed_is_recognised_with_or_without_status() {
             "requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "1", "memory": "1Gi"}}))
         .ok();
     }
-    let f = PodFacts::from_pod(&p).unwrap_or_else(|e| panic!("{e}"));
+    let f = PodFacts::from_pod(&p).unwrap();
     assert_eq!(f.qos, QosClass::Burstable);
 }
 
@@ -167,7 +165,7 @@ fn resize_conditions_are_read() {
                 {"type": cond, "status": "True", "reason": reason, "message": "too big"}]))
             .ok();
         }
-        let f = PodFacts::from_pod(&p).unwrap_or_else(|e| panic!("{e}"));
+        let f = PodFacts::from_pod(&p).unwrap();
         assert_eq!(f.resize, want, "{cond} {reason}");
     }
 }
@@ -178,7 +176,7 @@ fn priority_weighting_is_off_by_default_and_bounded() {
     if let Some(s) = p.spec.as_mut() {
         s.priority = Some(2_000_000_000);
     }
-    let f = PodFacts::from_pod(&p).unwrap_or_else(|e| panic!("{e}"));
+    let f = PodFacts::from_pod(&p).unwrap();
     assert_eq!(f.weight(false), 350.0);
     assert_eq!(f.weight(true), 1050.0);
 }
@@ -186,7 +184,7 @@ fn priority_weighting_is_off_by_default_and_bounded() {
 #[test]
 fn prune_keeps_what_the_facts_need() {
     let mut p = burstable("default", serde_json::json!({"mbcas.io/ignore": "false"}));
-    let before = PodFacts::from_pod(&p).unwrap_or_else(|e| panic!("{e}"));
+    let before = PodFacts::from_pod(&p).unwrap();
     prune(&mut p);
     assert_eq!(PodFacts::from_pod(&p), Ok(before));
 }

@@ -464,7 +464,7 @@ mod mocked {
                         .status(StatusCode::CREATED)
                         .body(Body::from(b"{\"metadata\":{}}".to_vec()))
                 };
-                send.send_response(resp.unwrap_or_else(|e| panic!("{e}")));
+                send.send_response(resp.unwrap());
             }
         });
         (Client::new(svc, "default"), calls)
@@ -472,7 +472,7 @@ mod mocked {
 
     fn context(client: Client) -> Arc<Context> {
         let (store, mut writer) = reflector::store::<Pod>();
-        let pod: Pod = serde_json::from_value(pod_json()).unwrap_or_else(|e| panic!("{e}"));
+        let pod: Pod = serde_json::from_value(pod_json()).unwrap();
         writer.apply_watcher_event(&watcher::Event::Apply(pod));
         Arc::new(Context::new(client, store, cfg(), None))
     }
@@ -507,7 +507,7 @@ mod mocked {
         let ctx = context(client);
         let action = reconcile(Arc::new(pa(700, None)), ctx.clone())
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         assert_eq!(action, Action::requeue(Duration::from_secs(60)));
         assert_eq!(
             count(&calls, "/resize"),
