@@ -90,7 +90,7 @@ impl AppError {
     /// Configuration errors exit 64 like every other usage error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::NoNodeName | Self::Usage(_) => crate::cli::EXIT_USAGE,
+            Self::NoNodeName | Self::Usage(_) => crate::error::EXIT_USAGE,
             _ => 1,
         }
     }
@@ -197,7 +197,7 @@ pub async fn run_with_client(
         let (m, r, c) = (metrics.clone(), readiness.clone(), shutdown.clone());
         tasks.spawn(async move {
             if let Err(e) = http::serve(listener, m, r, c).await {
-                tracing::error!(error = %crate::sensor::error_chain(&e), "HTTP server failed");
+                tracing::error!(error = %crate::error::error_chain(&e), "HTTP server failed");
             }
             "http"
         });
@@ -421,7 +421,7 @@ pub fn main_kubernetes(args: &RunArgs, cfg: DecisionConfig, debug_log: bool) -> 
     match rt.block_on(run_kubernetes(args, cfg, debug_log, shutdown)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", crate::sensor::error_chain(&e));
+            eprintln!("error: {}", crate::error::error_chain(&e));
             ExitCode::from(e.exit_code())
         }
     }

@@ -5,9 +5,6 @@ use clap::{Parser, Subcommand};
 
 use crate::telemetry::LogFormat;
 
-/// Exit code for invalid configuration (sysexits EX_USAGE).
-pub const EXIT_USAGE: u8 = 64;
-
 #[derive(Debug, Parser)]
 #[command(
     name = "mbcas",

@@ -5,7 +5,7 @@
 //! and the default documented in `--help`. [`DecisionArgs::validate`] checks
 //! ranges and relations between flags and yields a [`DecisionConfig`] holding
 //! the core's own config types; a [`ConfigError`] names the flag, the value and
-//! what was expected, and the process exits with [`crate::cli::EXIT_USAGE`] (64).
+//! what was expected, and the process exits with [`crate::error::EXIT_USAGE`] (64).
 //!
 //! Value syntax:
 //! * durations: `1s`, `200ms`, `1.5s`, `4m`, `1h` (a bare number is seconds);
@@ -250,7 +250,7 @@ pub enum ConfigError {
 impl ConfigError {
     /// The process exit code for a configuration error (sysexits EX_USAGE).
     pub const fn exit_code(&self) -> u8 {
-        crate::cli::EXIT_USAGE
+        crate::error::EXIT_USAGE
     }
 }
 

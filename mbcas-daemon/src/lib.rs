@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod demand;
 pub mod engine;
+pub mod error;
 pub mod http;
 pub mod k8s;
 pub mod local;

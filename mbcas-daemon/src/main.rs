@@ -15,7 +15,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             let code = if e.use_stderr() {
-                mbcas::cli::EXIT_USAGE
+                mbcas::error::EXIT_USAGE
             } else {
                 0
             };
@@ -25,7 +25,7 @@ fn main() -> ExitCode {
     };
     if let Err(e) = mbcas::telemetry::init(&cli.log_level, cli.log_format) {
         eprintln!("error: {e}");
-        return ExitCode::from(mbcas::cli::EXIT_USAGE);
+        return ExitCode::from(mbcas::error::EXIT_USAGE);
     }
     let result: anyhow::Result<ExitCode> = match cli.command {
         Command::Version => {
@@ -137,7 +137,7 @@ fn run(args: &mbcas::run::RunArgs, log_level: &str) -> anyhow::Result<ExitCode> 
                         | mbcas::local::LocalError::ZeroCapacity),
                     ) => {
                         eprintln!("error: {e}");
-                        return Ok(ExitCode::from(mbcas::cli::EXIT_USAGE));
+                        return Ok(ExitCode::from(mbcas::error::EXIT_USAGE));
                     }
                     Err(e) => return Err(e.into()),
                 };
@@ -160,7 +160,7 @@ fn run(args: &mbcas::run::RunArgs, log_level: &str) -> anyhow::Result<ExitCode> 
                         shutdown.clone(),
                     ))),
                     Err(e) => {
-                        tracing::warn!(error = %mbcas::sensor::error_chain(&e), "metrics endpoint disabled");
+                        tracing::warn!(error = %mbcas::error::error_chain(&e), "metrics endpoint disabled");
                         None
                     }
                 };

@@ -10,10 +10,11 @@ use std::{collections::HashMap, path::PathBuf, time::Duration};
 use serde::Serialize;
 
 use crate::{
+    cgroup::CgroupDir,
+    error::error_chain,
     sensor::{
-        CgroupDir, Sensor, SensorError, SensorKind, SensorMode,
+        Sensor, SensorError, SensorKind, SensorMode,
         ebpf::{KernelStats, ProgramCost},
-        error_chain,
     },
     units::CgroupId,
 };

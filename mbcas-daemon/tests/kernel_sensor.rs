@@ -8,7 +8,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{TestCgroup, close, kernel_lock, kernel_tier_available};
-use mbcas::sensor::{CgroupDir, Sensor, SensorKind, SensorMode, ThrottleEvent};
+use mbcas::{
+    cgroup::CgroupDir,
+    sensor::{Sensor, SensorKind, SensorMode, ThrottleEvent},
+};
 use tokio::sync::mpsc::Receiver;
 
 fn runtime() -> tokio::runtime::Runtime {

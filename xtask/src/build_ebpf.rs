@@ -8,7 +8,7 @@ use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
 
-use crate::setup::run_cmd;
+use crate::cmd::run_cmd;
 
 #[derive(Debug, clap::Args)]
 pub struct Options {

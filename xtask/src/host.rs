@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::bail;
 
-use crate::setup::run_cmd;
+use crate::cmd::run_cmd;
 
 /// Roots of the hierarchies with the `cpu` (and, on v1 hybrids, `cpuacct`) controller.
 pub struct CgroupRoots {

@@ -19,8 +19,8 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
+    cmd::{output_of, run_cmd},
     e2e::{self, Cluster},
-    setup::{output_of, run_cmd},
 };
 
 const CLUSTER: &str = "mbcas";

@@ -6,6 +6,7 @@ mod bench_node;
 mod bench_sensor;
 mod bench_sim;
 mod build_ebpf;
+mod cmd;
 mod demo;
 mod e2e;
 mod host;

@@ -1,14 +1,17 @@
 //! `cargo xtask setup`: idempotent bootstrap of a fresh machine.
 //!
 //! Each step first checks whether its tool is already there and does nothing if
-//! so; only missing pieces are installed. Versions are pinned here and nowhere else.
+//! so; only missing pieces are installed. The eBPF toolchain is named in
+//! `mbcas-ebpf/ebpf-toolchain` (read here and by `mbcas-daemon/build.rs`),
+//! bpf-linker and the Debian packages here, the control-plane and node binaries
+//! in `testenv` (`KUBERNETES_VERSION`, `ETCD_VERSION`, `CONTAINERD_VERSION`).
 
 use std::process::Command;
 
-use anyhow::{Context as _, bail};
+use crate::cmd::{output_of, run_cmd};
 
 /// The nightly toolchain that builds the eBPF crate (LLVM 22, matches bpf-linker).
-pub const EBPF_TOOLCHAIN: &str = "nightly-2026-08-01";
+pub const EBPF_TOOLCHAIN: &str = include_str!("../../mbcas-ebpf/ebpf-toolchain").trim_ascii();
 /// bpf-linker release built against Debian's LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -39,25 +42,6 @@ pub fn run(_opts: &Options) -> anyhow::Result<()> {
     crate::testenv::ensure_built()?;
     eprintln!("setup: everything is installed");
     Ok(())
-}
-
-/// Runs a command, failing with its name when it does not succeed.
-pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("failed to start {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed: {status}");
-    }
-    Ok(())
-}
-
-/// Runs a command and returns its stdout, or `None` when it cannot run or fails.
-pub fn output_of(cmd: &mut Command) -> Option<String> {
-    let out = cmd.output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn debian_packages() -> anyhow::Result<()> {

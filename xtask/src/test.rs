@@ -21,10 +21,7 @@ use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
 
-use crate::{
-    setup::{self, run_cmd},
-    testenv,
-};
+use crate::{cmd::run_cmd, setup, testenv};
 
 #[derive(Debug, clap::Args)]
 pub struct Options {

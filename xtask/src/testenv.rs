@@ -36,7 +36,7 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::setup::{output_of, run_cmd};
+use crate::cmd::{output_of, run_cmd};
 
 pub mod node;
 

@@ -8,7 +8,7 @@
 
 use std::{io::ErrorKind, path::Path};
 
-use super::{CgroupFsError, Hierarchy};
+use super::{CgroupFsError, Hierarchy, dir::read_file as read};
 use crate::units::MilliCpu;
 
 /// A CFS bandwidth limit.
@@ -35,18 +35,6 @@ impl Quota {
             period_us,
         }
     }
-}
-
-fn read(path: &Path) -> Result<String, CgroupFsError> {
-    std::fs::read_to_string(path).map_err(|source| match source.kind() {
-        ErrorKind::NotFound => CgroupFsError::Vanished {
-            path: path.to_owned(),
-        },
-        _ => CgroupFsError::Unreadable {
-            path: path.to_owned(),
-            source,
-        },
-    })
 }
 
 fn write(path: &Path, value: &str) -> Result<(), CgroupFsError> {

@@ -8,17 +8,22 @@
 //!   `kubelet.slice`, and the QoS classes.
 //! * [`index::CgroupIndex`]: cgroup id (the directory's inode) ↔ path, rescanned
 //!   to follow cgroups as they come and go.
+//! * [`dir`]: a cgroup directory ([`CgroupDir`]: id, hierarchy, where its
+//!   usage lives) and its bandwidth counters (`cpu.stat`, `cpuacct.usage`).
 //! * [`files`]: `cpu.max` / `cpu.cfs_quota_us`+`cpu.cfs_period_us` (read and
-//!   write), `cpu.weight` / `cpu.shares`, `cpu.pressure`. The bandwidth counters
-//!   (`cpu.stat`, `cpuacct.usage`) are read by [`crate::sensor::cgroupfs`].
+//!   write), `cpu.weight` / `cpu.shares`, `cpu.pressure`.
+//!
+//! Every file is read through one function ([`dir::read_file`]): a file that
+//! is gone means the cgroup vanished.
 
+pub mod dir;
 pub mod files;
 pub mod index;
 pub mod kubernetes;
 
 use std::path::{Path, PathBuf};
 
-pub use crate::sensor::cgroupfs::{CgroupDir, CgroupFsError, CpuCounters, Hierarchy, Mounts};
+pub use dir::{CgroupDir, CgroupFsError, CpuCounters, Hierarchy, Mounts};
 
 /// How the machine mounts cgroups.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -240,7 +240,7 @@ impl NodeLoop {
                     continue;
                 }
                 Err(e) => {
-                    tracing::debug!(pod = %facts.name, error = %crate::sensor::error_chain(&e), "cgroup unreadable; left out this round");
+                    tracing::debug!(pod = %facts.name, error = %crate::error::error_chain(&e), "cgroup unreadable; left out this round");
                     summary.without_cgroup += 1;
                     continue;
                 }
@@ -368,7 +368,7 @@ impl NodeLoop {
         loop {
             match self.round().await {
                 Ok((s, _)) => tracing::debug!(?s, "round"),
-                Err(e) => tracing::warn!(error = %crate::sensor::error_chain(&e), "round failed"),
+                Err(e) => tracing::warn!(error = %crate::error::error_chain(&e), "round failed"),
             }
             self.export_sensor_stats();
             next += tick;
@@ -443,7 +443,7 @@ fn original_total(pa: &PodAllocation, uid: &str) -> Option<MilliCpu> {
 }
 
 fn log_publish_error(e: &PublishError) {
-    tracing::warn!(error = %crate::sensor::error_chain(e), "cannot write PodAllocations now; limits stay as they are");
+    tracing::warn!(error = %crate::error::error_chain(e), "cannot write PodAllocations now; limits stay as they are");
 }
 
 /// Reads `--test-pod-cgroups FILE`: a JSON object `{"namespace/name": "/sys/fs/cgroup/…"}`.

@@ -774,7 +774,7 @@ pub fn error_policy(pa: Arc<PodAllocation>, err: &ResizeError, ctx: Arc<Context>
     let key = ObjectRef::from_obj(pa.as_ref());
     let mem = ctx.memory(&key);
     let wait = ctx.cfg.backoff(mem.failures.max(1));
-    tracing::warn!(allocation = %key, error = %crate::sensor::error_chain(err), retry_in = ?wait, "reconcile failed");
+    tracing::warn!(allocation = %key, error = %crate::error::error_chain(err), retry_in = ?wait, "reconcile failed");
     Action::requeue(wait)
 }
 
@@ -799,7 +799,7 @@ pub async fn run(
         .for_each(|res| async move {
             match res {
                 Ok((obj, _)) => tracing::debug!(allocation = %obj, "reconciled"),
-                Err(e) => tracing::debug!(error = %crate::sensor::error_chain(&e), "controller"),
+                Err(e) => tracing::debug!(error = %crate::error::error_chain(&e), "controller"),
             }
         })
         .await;

@@ -309,7 +309,7 @@ impl LocalLoop {
                     self.stats.consumers_added += 1;
                 }
                 Err(e) => {
-                    tracing::warn!(consumer = %name, error = %crate::sensor::error_chain(&e), "cannot use consumer");
+                    tracing::warn!(consumer = %name, error = %crate::error::error_chain(&e), "cannot use consumer");
                     self.count_error(&e);
                 }
             }
@@ -348,7 +348,7 @@ impl LocalLoop {
                     continue;
                 }
                 Err(e) => {
-                    tracing::warn!(consumer = %c.name, error = %crate::sensor::error_chain(&e), "skipping consumer this round");
+                    tracing::warn!(consumer = %c.name, error = %crate::error::error_chain(&e), "skipping consumer this round");
                     failures.push(e.kind());
                     continue;
                 }
@@ -421,7 +421,7 @@ impl LocalLoop {
                     tracing::info!(consumer = %row.key, from = %row.from, to = %row.to, need = %row.need, reason = row.reason.as_str(), "quota changed");
                 }
                 Err(e) => {
-                    tracing::warn!(consumer = %row.key, error = %crate::sensor::error_chain(&e), "cannot write quota");
+                    tracing::warn!(consumer = %row.key, error = %crate::error::error_chain(&e), "cannot write quota");
                     *self.stats.errors.entry(e.kind()).or_default() += 1;
                 }
             }
@@ -525,7 +525,7 @@ impl LocalLoop {
                     tracing::info!(consumer = %c.name, quota = ?c.original.millicores(), "quota restored")
                 }
                 Err(e) => {
-                    tracing::warn!(consumer = %c.name, error = %crate::sensor::error_chain(&e), "cannot restore quota")
+                    tracing::warn!(consumer = %c.name, error = %crate::error::error_chain(&e), "cannot restore quota")
                 }
             }
         }

@@ -5,7 +5,7 @@
 //!   timer) and `tp_btf/sched_switch` keep a per-cgroup snapshot of the bandwidth
 //!   counters in a map and send [`ThrottleEvent`]s through a ring buffer on
 //!   throttling edges and while throttled. Events wake the decision loop.
-//! * **poll** ([`cgroupfs`]): the same counters read from `cpu.stat`; no events.
+//! * **poll** ([`crate::cgroup::dir`]): the same counters read from `cpu.stat`; no events.
 //! * **fake** ([`FakeHandle`]): counters and events set by tests.
 //!
 //! `SensorMode::Auto` tries eBPF and falls back to polling, saying why in the log
@@ -16,7 +16,6 @@
 //! [`ThrottleEvent`]s from [`Sensor::take_events`].
 
 pub mod btf;
-pub mod cgroupfs;
 pub mod ebpf;
 
 use std::{
@@ -24,11 +23,13 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-pub use cgroupfs::{CgroupDir, CgroupFsError, CpuCounters};
 pub use mbcas_common::ThrottleEvent;
 use tokio::sync::mpsc;
 
-use crate::units::CgroupId;
+use crate::{
+    cgroup::{CgroupDir, CgroupFsError, CpuCounters},
+    units::CgroupId,
+};
 
 /// Capacity of the event channel between the ring-buffer reader and the consumer.
 pub const EVENT_CHANNEL: usize = 16 * 1024;
@@ -154,7 +155,7 @@ impl Sensor {
                 })
             }
             Err(e) if mode == SensorMode::Auto => {
-                let reason = error_chain(&e);
+                let reason = crate::error::error_chain(&e);
                 tracing::warn!(reason = %reason, "eBPF sensor unavailable; falling back to polling cpu.stat");
                 Ok(Self {
                     source: Source::Poll,
@@ -260,18 +261,6 @@ fn counters(id: CgroupId, c: CpuCounters, episodes: u64) -> CgroupCounters {
         usage_ns: c.usage_ns,
         episodes,
     }
-}
-
-/// An error and its causes on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

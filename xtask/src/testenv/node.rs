@@ -41,7 +41,7 @@ use super::{
     Binaries, StateDir, cache_dir, download_go_mod, free_ports, go, go_directives, install,
     kubectl_ok, read_pids, runs, spawn, tools_go, wait_for, workspace_root,
 };
-use crate::setup::{output_of, run_cmd};
+use crate::cmd::{output_of, run_cmd};
 
 /// The containerd release built for the node (`github.com/containerd/containerd/v2`).
 pub const CONTAINERD_VERSION: &str = "v2.2.9";
