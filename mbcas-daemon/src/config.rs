@@ -231,6 +231,25 @@ impl DecisionConfig {
     pub fn is_excluded_namespace(&self, ns: &str) -> bool {
         self.excluded_namespaces.contains(ns)
     }
+
+    /// What the engine needs of it.
+    pub fn engine(&self) -> crate::engine::EngineConfig {
+        crate::engine::EngineConfig {
+            demand: self.demand,
+            policy: self.policy,
+            overcommit: self.market.overcommit,
+            reserve: self.market.node_reserve,
+        }
+    }
+
+    /// How the decision loop paces its rounds.
+    pub fn pacing(&self) -> crate::decision::Pacing {
+        crate::decision::Pacing {
+            tick: self.tick,
+            debounce: self.debounce,
+            throttled_threshold: self.policy.throttled_threshold,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]

@@ -29,27 +29,46 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{self, Metrics};
 
-/// Readiness component: the sensor has attached (or fallen back) and delivers samples.
-pub const SENSOR: &str = "sensor";
-/// Readiness component: the Kubernetes informers (pods, PodAllocations) have synced.
-pub const INFORMERS: &str = "informers";
+/// What the daemon waits for before it is ready.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Component {
+    /// The sensor has attached (or fallen back) and the decision loop runs.
+    Sensor,
+    /// The watch of this node's pods has synced.
+    Pods,
+    /// The watch of this node's PodAllocations has synced.
+    Allocations,
+    /// The watch of this node's Node object has synced.
+    Node,
+}
 
-/// Shared readiness: a fixed set of named components, each ready or not. The
-/// daemon is ready when all of them are. Cheap to clone; clones share state.
+impl Component {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Sensor => "sensor",
+            Self::Pods => "pods",
+            Self::Allocations => "allocations",
+            Self::Node => "node",
+        }
+    }
+}
+
+/// Shared readiness: a fixed set of components, each ready or not. The daemon
+/// is ready when all of them are. Cheap to clone; clones share state.
 #[derive(Clone, Debug)]
 pub struct Readiness {
-    components: Arc<Mutex<BTreeMap<&'static str, bool>>>,
+    components: Arc<Mutex<BTreeMap<Component, bool>>>,
 }
 
 impl Readiness {
     /// A readiness state with these components, none of them ready yet.
-    pub fn new(components: &[&'static str]) -> Self {
+    pub fn new(components: &[Component]) -> Self {
         Self {
             components: Arc::new(Mutex::new(components.iter().map(|&c| (c, false)).collect())),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<&'static str, bool>> {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<Component, bool>> {
         // A panicking holder cannot leave the map inconsistent (single inserts).
         match self.components.lock() {
             Ok(g) => g,
@@ -58,19 +77,29 @@ impl Readiness {
     }
 
     /// Marks a component ready (or not ready again, e.g. after a watch broke).
-    pub fn set(&self, component: &'static str, ready: bool) -> Result<(), HttpError> {
-        match self.lock().get_mut(component) {
+    pub fn set(&self, component: Component, ready: bool) -> Result<(), HttpError> {
+        match self.lock().get_mut(&component) {
             Some(v) => {
                 *v = ready;
                 Ok(())
             }
-            None => Err(HttpError::UnknownComponent { component }),
+            None => Err(HttpError::UnknownComponent {
+                component: component.as_str(),
+            }),
         }
     }
 
     /// Marks a component ready.
-    pub fn mark_ready(&self, component: &'static str) -> Result<(), HttpError> {
+    pub fn mark_ready(&self, component: Component) -> Result<(), HttpError> {
         self.set(component, true)
+    }
+
+    /// [`Self::mark_ready`] where a component missing from the set is a
+    /// wiring fault: logged as an error, since `/readyz` would stay at 503.
+    pub fn ready(&self, component: Component) {
+        if let Err(e) = self.mark_ready(component) {
+            tracing::error!(error = %e, "readiness wiring fault");
+        }
     }
 
     /// Whether every component is ready.
@@ -78,12 +107,12 @@ impl Readiness {
         self.lock().values().all(|&r| r)
     }
 
-    /// The components not ready yet, in name order.
+    /// The components not ready yet.
     pub fn pending(&self) -> Vec<&'static str> {
         self.lock()
             .iter()
             .filter(|(_, r)| !**r)
-            .map(|(c, _)| *c)
+            .map(|(c, _)| c.as_str())
             .collect()
     }
 }

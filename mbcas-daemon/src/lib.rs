@@ -10,6 +10,7 @@ pub mod burn;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod decision;
 pub mod demand;
 pub mod engine;
 pub mod error;

@@ -41,13 +41,13 @@ fn main() -> ExitCode {
             }
             Err(e) => Err(e.into()),
         },
-        Command::Run(args) => run(&args, &cli.log_level),
+        Command::Run(args) => run(&args),
         Command::Burn(args) => {
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             mbcas::burn::burn(&args, stop);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sense(args) => run_sense(&args, &cli.log_level),
+        Command::Sense(args) => run_sense(&args),
         Command::Crd => mbcas::k8s::crd::crd_yaml()
             .map(|yaml| {
                 print!("{yaml}");
@@ -88,9 +88,9 @@ fn run_solve(args: &mbcas::solve::SolveArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn run_sense(args: &mbcas::sense::SenseArgs, log_level: &str) -> anyhow::Result<ExitCode> {
+fn run_sense(args: &mbcas::sense::SenseArgs) -> anyhow::Result<ExitCode> {
     use mbcas::sense;
-    let debug = log_level.contains("debug") || log_level.contains("trace");
+    let debug = mbcas::telemetry::ebpf_debug_enabled();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -107,88 +107,16 @@ fn run_sense(args: &mbcas::sense::SenseArgs, log_level: &str) -> anyhow::Result<
     Ok(ExitCode::SUCCESS)
 }
 
-fn run(args: &mbcas::run::RunArgs, log_level: &str) -> anyhow::Result<ExitCode> {
-    use mbcas::{local::LocalLoop, run::Mode};
-    let cfg = match args.decision.validate() {
-        Ok(c) => c,
+fn run(args: &mbcas::run::RunArgs) -> anyhow::Result<ExitCode> {
+    match args.decision.validate() {
+        Ok(cfg) => Ok(mbcas::app::main(
+            args,
+            cfg,
+            mbcas::telemetry::ebpf_debug_enabled(),
+        )),
         Err(e) => {
             eprintln!("error: {e:#}");
-            return Ok(ExitCode::from(e.exit_code()));
-        }
-    };
-    match args.mode {
-        Mode::Kubernetes => {
-            let debug = log_level.contains("debug") || log_level.contains("trace");
-            Ok(mbcas::app::main_kubernetes(args, cfg, debug))
-        }
-        Mode::Local => {
-            let cfg_addr = cfg.metrics_addr;
-            let debug = log_level.contains("debug") || log_level.contains("trace");
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
-            rt.block_on(async {
-                let lp = match LocalLoop::new(&args.local, cfg, debug) {
-                    Ok(lp) => lp,
-                    Err(
-                        e @ (mbcas::local::LocalError::NoRoot
-                        | mbcas::local::LocalError::BadRoot { .. }
-                        | mbcas::local::LocalError::ZeroCapacity),
-                    ) => {
-                        eprintln!("error: {e}");
-                        return Ok(ExitCode::from(mbcas::error::EXIT_USAGE));
-                    }
-                    Err(e) => return Err(e.into()),
-                };
-                let shutdown = tokio_util::sync::CancellationToken::new();
-                let signals = shutdown.clone();
-                tokio::spawn(async move {
-                    wait_for_signal().await;
-                    signals.cancel();
-                });
-                // /metrics, /healthz and /readyz; local mode runs without them
-                // (and says so) when the address is taken.
-                let metrics = mbcas::metrics::Metrics::new();
-                let readiness = mbcas::http::Readiness::new(&["sensor"]);
-                let _ = readiness.mark_ready("sensor");
-                let server = match mbcas::http::bind(cfg_addr).await {
-                    Ok(listener) => Some(tokio::spawn(mbcas::http::serve(
-                        listener,
-                        metrics.clone(),
-                        readiness,
-                        shutdown.clone(),
-                    ))),
-                    Err(e) => {
-                        tracing::warn!(error = %mbcas::error::error_chain(&e), "metrics endpoint disabled");
-                        None
-                    }
-                };
-                let stats = lp.with_metrics(metrics).run(shutdown).await?;
-                if let Some(server) = server {
-                    let _ = server.await;
-                }
-                tracing::info!(?stats, "local mode stopped");
-                Ok(ExitCode::SUCCESS)
-            })
-        }
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut i), Ok(mut t)) => {
-            tokio::select! {
-                _ = i.recv() => {}
-                _ = t.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+            Ok(ExitCode::from(e.exit_code()))
         }
     }
 }

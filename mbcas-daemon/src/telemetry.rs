@@ -20,11 +20,34 @@ pub enum LogFormat {
 /// Installs the global subscriber. `level` is an `EnvFilter` directive such as
 /// `info` or `mbcas=debug`; `RUST_LOG`, when set, wins.
 pub fn init(level: &str, format: LogFormat) -> Result<(), TelemetryError> {
-    init_with_writer(level, format, std::io::stderr)
+    install(
+        level,
+        format,
+        std::io::stderr,
+        std::io::stderr().is_terminal(),
+    )
 }
 
-/// [`init`] with another destination than stderr (tests capture the output).
+/// [`init`] with another destination than stderr (tests capture the output);
+/// text without colours.
 pub fn init_with_writer<W>(level: &str, format: LogFormat, writer: W) -> Result<(), TelemetryError>
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
+    install(level, format, writer, false)
+}
+
+/// The target of the eBPF programs' log records (aya-log).
+pub const EBPF_LOG_TARGET: &str = "mbcas_ebpf";
+
+/// Whether the installed filter (`--log-level`, or `RUST_LOG` when set) lets
+/// the eBPF programs' debug records through; the sensor then loads the
+/// programs with logging on. False before [`init`].
+pub fn ebpf_debug_enabled() -> bool {
+    tracing::enabled!(target: EBPF_LOG_TARGET, tracing::Level::DEBUG)
+}
+
+fn install<W>(level: &str, format: LogFormat, writer: W, ansi: bool) -> Result<(), TelemetryError>
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
@@ -39,11 +62,7 @@ where
     let registry = tracing_subscriber::registry().with(filter);
     let res = match format {
         LogFormat::Text => registry
-            .with(
-                fmt::layer()
-                    .with_ansi(std::io::stderr().is_terminal())
-                    .with_writer(std::io::stderr),
-            )
+            .with(fmt::layer().with_ansi(ansi).with_writer(writer))
             .try_init(),
         LogFormat::Json => registry
             .with(fmt::layer().json().with_writer(writer))

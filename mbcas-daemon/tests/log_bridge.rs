@@ -54,3 +54,49 @@ fn log_crate_records_are_bridged_into_tracing_json() {
     // A second subscriber cannot be installed: said, not panicked.
     assert!(init_with_writer("info", LogFormat::Text, Buffer::default()).is_err());
 }
+
+/// Set in the child process that [`text_format_goes_to_the_writer_and_rust_log_wins`] starts.
+const CHILD: &str = "MBCAS_LOG_BRIDGE_CHILD";
+
+/// One subscriber per process: the text-format checks run in a child process
+/// of this test binary, with `RUST_LOG` set for it alone.
+#[test]
+fn text_format_goes_to_the_writer_and_rust_log_wins() {
+    if std::env::var_os(CHILD).is_some() {
+        let buf = Buffer::default();
+        // RUST_LOG (warn,mbcas_ebpf=debug) wins over the level passed here.
+        init_with_writer("info", LogFormat::Text, buf.clone()).unwrap();
+        assert!(
+            mbcas::telemetry::ebpf_debug_enabled(),
+            "RUST_LOG asks for the eBPF programs' debug records"
+        );
+        tracing::warn!("warning to the writer");
+        tracing::info!("info filtered out by RUST_LOG");
+        let text =
+            String::from_utf8(buf.0.lock().unwrap_or_else(|p| p.into_inner()).clone()).unwrap();
+        assert!(text.contains("warning to the writer"), "{text:?}");
+        assert!(!text.contains("info filtered out"), "{text:?}");
+        assert!(
+            !text.contains('\x1b'),
+            "no colours in a captured log: {text:?}"
+        );
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "text_format_goes_to_the_writer_and_rust_log_wins",
+            "--test-threads=1",
+        ])
+        .env(CHILD, "1")
+        .env("RUST_LOG", "warn,mbcas_ebpf=debug")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "child: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

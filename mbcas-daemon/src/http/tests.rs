@@ -139,25 +139,25 @@ async fn metrics_endpoint_serves_openmetrics() {
 
 #[tokio::test]
 async fn readyz_flips_only_when_every_component_is_ready() {
-    let readiness = Readiness::new(&[SENSOR, INFORMERS]);
+    let readiness = Readiness::new(&[Component::Sensor, Component::Pods]);
     let srv = start(Metrics::new(), readiness.clone()).await;
 
     let r = request(srv.addr, "GET", "/readyz").await;
     assert_eq!(r.status, 503);
-    assert_eq!(r.body, "informers: not ready\nsensor: not ready\n");
+    assert_eq!(r.body, "sensor: not ready\npods: not ready\n");
     assert_eq!(request(srv.addr, "GET", "/healthz").await.status, 200);
 
-    readiness.mark_ready(SENSOR).unwrap();
+    readiness.mark_ready(Component::Sensor).unwrap();
     let r = request(srv.addr, "GET", "/readyz").await;
     assert_eq!(r.status, 503, "sensor alone is not enough");
-    assert_eq!(r.body, "informers: not ready\n");
+    assert_eq!(r.body, "pods: not ready\n");
 
-    readiness.mark_ready(INFORMERS).unwrap();
+    readiness.mark_ready(Component::Pods).unwrap();
     let r = request(srv.addr, "GET", "/readyz").await;
     assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
 
     // Losing a component makes the daemon unready again.
-    readiness.set(INFORMERS, false).unwrap();
+    readiness.set(Component::Pods, false).unwrap();
     assert_eq!(request(srv.addr, "GET", "/readyz").await.status, 503);
     srv.stop().await;
 }
@@ -192,12 +192,10 @@ async fn bind_error_names_the_address() {
 
 #[test]
 fn unknown_readiness_component_is_an_error() {
-    let r = Readiness::new(&[SENSOR]);
+    let r = Readiness::new(&[Component::Sensor]);
     assert!(matches!(
-        r.mark_ready("informer"),
-        Err(HttpError::UnknownComponent {
-            component: "informer"
-        })
+        r.mark_ready(Component::Node),
+        Err(HttpError::UnknownComponent { component: "node" })
     ));
     assert!(!r.is_ready());
     assert!(Readiness::new(&[]).is_ready());

@@ -2,10 +2,9 @@
 //!
 //! Every child directory of `--local-root` is a consumer: its weight is its
 //! `cpu.shares` (v1) or `cpu.weight` (v2), its floor the `--min-limit`, its cap the
-//! machine's capacity. Each round reads the consumers' counters through the
-//! sensor (eBPF or cpu.stat polling), runs the [`Engine`] (demand → market →
-//! policy) and writes the changed quotas directly. Throttle events wake the loop
-//! (after `--debounce`); otherwise it runs every `--tick`.
+//! machine's capacity. [`Local`] is the [`Mode`] of the shared
+//! [`crate::decision::DecisionLoop`]: each round it says who the consumers are,
+//! and it writes the changed quotas directly.
 //!
 //! Nothing stops the loop but a signal: a consumer that vanishes is dropped, a
 //! file that cannot be read or holds garbage skips that consumer for the round,
@@ -21,19 +20,18 @@ use std::{
 };
 
 use serde::Serialize;
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::{
     cgroup::{
-        CgroupDir, CgroupFsError, Hierarchy,
+        CgroupDir, CgroupFsError,
         files::{self, Quota},
     },
     config::DecisionConfig,
-    demand::Counters,
-    engine::{ConsumerInput, Engine, EngineConfig, EngineError, NodeInput, StepOutcome},
-    policy::Reason,
-    sensor::{Sensor, SensorError, SensorMode},
+    decision::{Census, Consumer, Mode, Unreadable},
+    engine::{NodeInput, StepOutcome},
+    error::error_chain,
+    metrics::PodLabels,
+    sensor::{SensorError, SensorMode},
     units::{MilliCpu, PodKey},
 };
 
@@ -93,8 +91,6 @@ pub enum LocalError {
     ZeroCapacity,
     #[error(transparent)]
     Sensor(#[from] SensorError),
-    #[error(transparent)]
-    Engine(#[from] EngineError),
     #[error("cannot write the round report to {path}")]
     Report {
         path: PathBuf,
@@ -106,6 +102,7 @@ pub enum LocalError {
 /// What went wrong while the loop kept running.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct LoopStats {
+    /// Rounds decided.
     pub rounds: u64,
     pub quota_writes: u64,
     pub consumers_added: u64,
@@ -113,10 +110,9 @@ pub struct LoopStats {
     pub external_changes: u64,
     /// Read/write errors by kind (`unreadable`, `malformed`, …).
     pub errors: BTreeMap<&'static str, u64>,
-    pub events: u64,
 }
 
-struct Consumer {
+struct LocalConsumer {
     name: String,
     dir: CgroupDir,
     original: Quota,
@@ -148,31 +144,26 @@ pub struct RoundReport<'a> {
     pub consumers: Vec<ConsumerReport<'a>>,
 }
 
-pub struct LocalLoop {
+/// Local mode as a [`Mode`]: the child cgroups of `--local-root`, quotas
+/// written directly.
+pub struct Local {
     root: PathBuf,
     capacity: MilliCpu,
     cfg: DecisionConfig,
     on_exit: OnExit,
-    sensor: Sensor,
-    engine: Engine,
-    consumers: BTreeMap<String, Consumer>,
+    consumers: BTreeMap<String, LocalConsumer>,
     stats: LoopStats,
     report: Option<Box<dyn std::io::Write + Send>>,
     report_path: PathBuf,
-    start: Instant,
-    /// Consumers throttled in the last round (their events do not wake the loop).
-    throttled: std::collections::HashSet<u64>,
-    /// Where the per-consumer and market series go (`/metrics`), when served.
-    metrics: Option<crate::metrics::Metrics>,
 }
 
 fn default_capacity() -> MilliCpu {
     MilliCpu(std::thread::available_parallelism().map_or(1, |n| n.get() as u64) * 1000)
 }
 
-impl LocalLoop {
-    /// Validates the arguments and starts the sensor (needs a tokio runtime).
-    pub fn new(args: &LocalArgs, cfg: DecisionConfig, debug_log: bool) -> Result<Self, LocalError> {
+impl Local {
+    /// Validates the arguments and opens the round report.
+    pub fn new(args: &LocalArgs, cfg: DecisionConfig) -> Result<Self, LocalError> {
         let root = args.local_root.clone().ok_or(LocalError::NoRoot)?;
         if !root.is_dir() {
             return Err(LocalError::BadRoot { path: root });
@@ -182,7 +173,6 @@ impl LocalLoop {
             Some(n) => MilliCpu(n),
             None => default_capacity(),
         };
-        let sensor = Sensor::start(args.sensor, debug_log)?;
         let (report, report_path): (Option<Box<dyn std::io::Write + Send>>, PathBuf) =
             match &args.report_jsonl {
                 None => (None, PathBuf::new()),
@@ -199,64 +189,44 @@ impl LocalLoop {
                     (Some(Box::new(f)), p.clone())
                 }
             };
-        let engine = Engine::new(EngineConfig {
-            demand: cfg.demand,
-            policy: cfg.policy,
-            overcommit: cfg.market.overcommit,
-            reserve: cfg.market.node_reserve,
-        });
-        tracing::info!(root = %root.display(), capacity = %capacity, sensor = sensor.kind().as_str(), "local mode");
+        tracing::info!(root = %root.display(), capacity = %capacity, "local mode");
         Ok(Self {
             root,
             capacity,
             cfg,
             on_exit: args.on_exit,
-            sensor,
-            engine,
             consumers: BTreeMap::new(),
             stats: LoopStats::default(),
             report,
             report_path,
-            start: Instant::now(),
-            throttled: std::collections::HashSet::new(),
-            metrics: None,
         })
     }
 
-    /// Publishes each round's figures to `metrics` (served on `/metrics`).
-    pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
-        metrics.set_sensor_mode(self.sensor.kind().as_str());
-        self.metrics = Some(metrics);
-        self
-    }
-
-    fn export(&self, outcome: &StepOutcome) {
-        let Some(m) = &self.metrics else { return };
-        m.set_market(outcome.price, outcome.capacity, outcome.overcommitted);
-        let mut live = Vec::with_capacity(outcome.rows.len());
-        for row in &outcome.rows {
-            let labels = crate::metrics::PodLabels::new("", row.key.to_string());
-            if let Some(e) = row.estimate {
-                m.set_pod_demand(&labels, e.smoothed, row.need);
-                m.set_pod_throttled_ratio(&labels, e.throttled_ratio);
-            }
-            m.set_pod_allocation(&labels, row.to);
-            m.inc_decision(row.reason.as_str());
-            live.push(labels);
-        }
-        m.retain_pods(live.iter());
-        if let Some(stats) = self.sensor.kernel_stats() {
-            m.observe_kernel_stats(&stats);
-        }
-        m.observe_program_costs(&self.sensor.program_costs());
+    /// Whether the arguments were refused (exit 64) rather than the machine.
+    pub fn is_usage_error(e: &LocalError) -> bool {
+        matches!(
+            e,
+            LocalError::NoRoot | LocalError::BadRoot { .. } | LocalError::ZeroCapacity
+        )
     }
 
     pub fn stats(&self) -> &LoopStats {
         &self.stats
     }
 
-    fn count_error(&mut self, e: &CgroupFsError) {
-        *self.stats.errors.entry(e.kind()).or_default() += 1;
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn count_error(&mut self, kind: &'static str) {
+        *self.stats.errors.entry(kind).or_default() += 1;
+    }
+
+    fn forget(&mut self, name: &str, why: &str) {
+        if self.consumers.remove(name).is_some() {
+            tracing::warn!(consumer = %name, "consumer cgroup {why}; forgetting it");
+            self.stats.consumers_removed += 1;
+        }
     }
 
     /// Finds new consumers and drops vanished ones.
@@ -276,17 +246,14 @@ impl LocalLoop {
                 tracing::warn!(root = %self.root.display(), error = %e, "cannot list consumers")
             }
         }
-        let names: Vec<&str> = seen.iter().map(|(n, _)| n.as_str()).collect();
         let gone: Vec<String> = self
             .consumers
             .keys()
-            .filter(|k| !names.contains(&k.as_str()))
+            .filter(|k| !seen.iter().any(|(n, _)| n == *k))
             .cloned()
             .collect();
         for name in gone {
-            tracing::warn!(consumer = %name, "consumer cgroup removed; forgetting it");
-            self.consumers.remove(&name);
-            self.stats.consumers_removed += 1;
+            self.forget(&name, "removed");
         }
         for (name, path) in seen {
             if self.consumers.contains_key(&name) {
@@ -299,7 +266,7 @@ impl LocalLoop {
                     tracing::info!(consumer = %name, id = %dir.id, quota = ?original.millicores(), "new consumer");
                     self.consumers.insert(
                         name.clone(),
-                        Consumer {
+                        LocalConsumer {
                             name,
                             dir,
                             original,
@@ -309,134 +276,47 @@ impl LocalLoop {
                     self.stats.consumers_added += 1;
                 }
                 Err(e) => {
-                    tracing::warn!(consumer = %name, error = %crate::error::error_chain(&e), "cannot use consumer");
-                    self.count_error(&e);
+                    tracing::warn!(consumer = %name, error = %error_chain(&e), "cannot use consumer");
+                    self.count_error(e.kind());
                 }
             }
         }
     }
 
-    /// One round: read, decide, write. Returns the engine's outcome.
-    pub fn round(&mut self) -> Result<StepOutcome, LocalError> {
-        let _timer = self
-            .metrics
-            .as_ref()
-            .map(crate::metrics::Metrics::loop_timer);
-        self.discover();
-        let now = self.start.elapsed();
-        let at_ns = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
-        let mut inputs = Vec::new();
-        let mut weights = Vec::new();
-        let mut vanished = Vec::new();
-        let mut failures = Vec::new();
-        for c in self.consumers.values_mut() {
-            let read = (|| -> Result<_, SensorError> {
-                let counters = self.sensor.read(&c.dir)?;
-                let quota = files::read_quota(&c.dir.path, c.dir.hierarchy)?;
-                let weight = files::read_weight(&c.dir.path, c.dir.hierarchy)?;
-                let psi = if c.dir.hierarchy == Hierarchy::V2 {
-                    files::read_pressure_some_ns(&c.dir.path)?
-                } else {
-                    None
-                };
-                Ok((counters, quota, weight, psi))
-            })();
-            let (counters, quota, weight, psi) = match read {
-                Ok(v) => v,
-                Err(SensorError::Cgroup(CgroupFsError::Vanished { .. })) => {
-                    vanished.push(c.name.clone());
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(consumer = %c.name, error = %crate::error::error_chain(&e), "skipping consumer this round");
-                    failures.push(e.kind());
-                    continue;
-                }
-            };
-            let current = quota.millicores().unwrap_or(self.capacity);
-            if let Some(w) = c.written
-                && w != current
-            {
-                tracing::warn!(consumer = %c.name, wrote = %w, found = %current, "quota changed behind MBCAS's back; taking it as the current limit");
-                self.stats.external_changes += 1;
-                c.written = None;
+    /// A consumer's current quota and weight; `None` (counted) when unreadable.
+    fn limits(&mut self, name: &str) -> Option<(MilliCpu, f64)> {
+        let c = self.consumers.get(name)?;
+        let read = files::read_quota(&c.dir.path, c.dir.hierarchy)
+            .and_then(|q| Ok((q, files::read_weight(&c.dir.path, c.dir.hierarchy)?)));
+        let (quota, weight) = match read {
+            Ok(v) => v,
+            Err(CgroupFsError::Vanished { .. }) => {
+                self.forget(name, "vanished");
+                return None;
             }
-            let Some(usage_ns) = counters.usage_ns else {
-                tracing::warn!(consumer = %c.name, "no CPU usage counter for this cgroup; skipping");
-                failures.push("no_usage");
-                continue;
-            };
-            inputs.push(ConsumerInput {
-                key: PodKey::from(c.name.as_str()),
-                counters: Counters {
-                    at_ns,
-                    usage_ns,
-                    throttled_ns: counters.throttled_ns,
-                    nr_periods: counters.nr_periods,
-                    nr_throttled: counters.nr_throttled,
-                    psi_some_ns: psi,
-                },
-                current,
-                original: c.original.millicores().unwrap_or(self.capacity),
-                weight,
-                floor: self.cfg.market.min_limit,
-                cap: self.cfg.market.cap(
-                    c.original.millicores().unwrap_or(self.capacity),
-                    self.cfg.market.min_limit,
-                    self.capacity,
-                ),
-                exclusion: None,
-                // Local mode writes the quota itself, at once.
-                window_limit: None,
-            });
-            weights.push(weight);
-        }
-        for kind in failures {
-            *self.stats.errors.entry(kind).or_default() += 1;
-        }
-        for name in vanished {
-            tracing::warn!(consumer = %name, "consumer cgroup vanished; forgetting it");
-            self.consumers.remove(&name);
-            self.stats.consumers_removed += 1;
-        }
-        let outcome = self
-            .engine
-            .step(now, &NodeInput::new(self.capacity), &inputs)?;
-        let threshold = self.cfg.policy.throttled_threshold;
-        self.throttled = outcome
-            .rows
-            .iter()
-            .filter(|r| r.estimate.is_some_and(|e| e.throttled_ratio > threshold))
-            .filter_map(|r| self.consumers.get(r.key.as_str()).map(|c| c.dir.id.0))
-            .collect();
-        for row in outcome.rows.iter().filter(|r| r.changed()) {
-            let Some(c) = self.consumers.get_mut(row.key.as_str()) else {
-                continue;
-            };
-            let q = Quota::from_millicores(row.to, c.original.period_us.max(1000));
-            match files::write_quota(&c.dir.path, c.dir.hierarchy, q) {
-                Ok(()) => {
-                    c.written = Some(row.to);
-                    self.stats.quota_writes += 1;
-                    tracing::info!(consumer = %row.key, from = %row.from, to = %row.to, need = %row.need, reason = row.reason.as_str(), "quota changed");
-                }
-                Err(e) => {
-                    tracing::warn!(consumer = %row.key, error = %crate::error::error_chain(&e), "cannot write quota");
-                    *self.stats.errors.entry(e.kind()).or_default() += 1;
-                }
+            Err(e) => {
+                tracing::warn!(consumer = %name, error = %error_chain(&e), "skipping consumer this round");
+                self.count_error(e.kind());
+                return None;
             }
+        };
+        let current = quota.millicores().unwrap_or(self.capacity);
+        let c = self.consumers.get_mut(name)?;
+        if let Some(w) = c.written
+            && w != current
+        {
+            tracing::warn!(consumer = %name, wrote = %w, found = %current, "quota changed behind MBCAS's back; taking it as the current limit");
+            self.stats.external_changes += 1;
+            c.written = None;
         }
-        self.stats.rounds += 1;
-        self.export(&outcome);
-        self.write_report(now, &outcome, &weights)?;
-        Ok(outcome)
+        Some((current, weight))
     }
 
     fn write_report(
         &mut self,
         now: Duration,
+        consumers: &[Consumer],
         o: &StepOutcome,
-        weights: &[f64],
     ) -> Result<(), LocalError> {
         let Some(out) = self.report.as_mut() else {
             return Ok(());
@@ -444,21 +324,17 @@ impl LocalLoop {
         let consumers = o
             .rows
             .iter()
-            .zip(weights)
-            .map(|(r, &weight)| ConsumerReport {
+            .zip(consumers)
+            .map(|(r, c)| ConsumerReport {
                 name: r.key.as_str(),
-                weight,
+                weight: c.weight,
                 usage_m: r.estimate.map(|e| e.usage),
                 demand_m: r.estimate.map(|e| e.smoothed),
                 need_m: r.need.0,
                 allocation_m: r.allocation.0,
                 limit_m: r.to.0,
                 throttled_ratio: r.estimate.map_or(0.0, |e| e.throttled_ratio),
-                reason: if r.changed() || r.reason != Reason::Unchanged {
-                    r.reason.as_str()
-                } else {
-                    "unchanged"
-                },
+                reason: r.reason.as_str(),
                 changed: r.changed(),
             })
             .collect();
@@ -478,42 +354,88 @@ impl LocalLoop {
             .and_then(|()| out.flush())
             .map_err(|source| LocalError::Report { path, source })
     }
+}
 
-    /// Runs rounds until `shutdown`, then applies `--on-exit`.
-    pub async fn run(mut self, shutdown: CancellationToken) -> Result<LoopStats, LocalError> {
-        let mut events = self.sensor.take_events();
-        let tick = self.cfg.tick;
-        let debounce = self.cfg.debounce;
-        let mut next = Instant::now();
-        loop {
-            self.round()?;
-            next += tick;
-            if next < Instant::now() {
-                next = Instant::now() + tick;
-            }
-            let woke = tokio::select! {
-                () = shutdown.cancelled() => break,
-                () = tokio::time::sleep_until(next) => false,
-                ev = self.next_onset(&mut events) => ev,
+impl Mode for Local {
+    type Error = LocalError;
+
+    fn census(&mut self) -> Option<Census> {
+        self.discover();
+        let names: Vec<String> = self.consumers.keys().cloned().collect();
+        let market = self.cfg.market;
+        let mut consumers = Vec::with_capacity(names.len());
+        for name in names {
+            let Some((current, weight)) = self.limits(&name) else {
+                continue;
             };
-            if woke {
-                self.stats.events += 1;
-                // Debounce: let a burst of events settle, then decide once.
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(debounce) => {}
+            let Some(c) = self.consumers.get(&name) else {
+                continue;
+            };
+            let original = c.original.millicores().unwrap_or(self.capacity);
+            consumers.push(Consumer {
+                key: PodKey::from(name.as_str()),
+                dir: c.dir.clone(),
+                labels: PodLabels::new("", name.as_str()),
+                current,
+                original,
+                weight,
+                floor: market.min_limit,
+                cap: market.cap(original, market.min_limit, self.capacity),
+                // Local mode writes the quota itself, at once.
+                window_limit: None,
+            });
+        }
+        Some(Census {
+            node: NodeInput::new(self.capacity),
+            consumers,
+        })
+    }
+
+    fn unreadable(&mut self, consumer: &Consumer, why: &Unreadable) {
+        let name = consumer.key.as_str();
+        match why {
+            Unreadable::Failed(SensorError::Cgroup(CgroupFsError::Vanished { .. })) => {
+                self.forget(name, "vanished");
+            }
+            Unreadable::Failed(e) => {
+                tracing::warn!(consumer = %name, error = %error_chain(e), "skipping consumer this round");
+                self.count_error(why.kind());
+            }
+            Unreadable::NoUsage => {
+                tracing::warn!(consumer = %name, "no CPU usage counter for this cgroup; skipping");
+                self.count_error(why.kind());
+            }
+        }
+    }
+
+    async fn actuate(
+        &mut self,
+        now: Duration,
+        consumers: &[Consumer],
+        outcome: &StepOutcome,
+    ) -> Result<(), LocalError> {
+        self.stats.rounds += 1;
+        for row in outcome.rows.iter().filter(|r| r.changed()) {
+            let Some(c) = self.consumers.get_mut(row.key.as_str()) else {
+                continue;
+            };
+            let q = Quota::from_millicores(row.to, c.original.period_us.max(1000));
+            match files::write_quota(&c.dir.path, c.dir.hierarchy, q) {
+                Ok(()) => {
+                    c.written = Some(row.to);
+                    self.stats.quota_writes += 1;
+                    tracing::info!(consumer = %row.key, from = %row.from, to = %row.to, need = %row.need, reason = row.reason.as_str(), "quota changed");
                 }
-                if let Some(rx) = events.as_mut() {
-                    while rx.try_recv().is_ok() {
-                        self.stats.events += 1;
-                    }
+                Err(e) => {
+                    tracing::warn!(consumer = %row.key, error = %error_chain(&e), "cannot write quota");
+                    self.count_error(e.kind());
                 }
             }
         }
-        self.finish();
-        Ok(self.stats)
+        self.write_report(now, consumers, outcome)
     }
 
+    /// Applies `--on-exit`.
     fn finish(&mut self) {
         if self.on_exit == OnExit::Keep {
             tracing::info!("leaving the quotas as they are (--on-exit keep)");
@@ -525,50 +447,10 @@ impl LocalLoop {
                     tracing::info!(consumer = %c.name, quota = ?c.original.millicores(), "quota restored")
                 }
                 Err(e) => {
-                    tracing::warn!(consumer = %c.name, error = %crate::error::error_chain(&e), "cannot restore quota")
+                    tracing::warn!(consumer = %c.name, error = %error_chain(&e), "cannot restore quota")
                 }
             }
         }
-    }
-
-    /// Waits for a throttle event that marks the *onset* of throttling for a
-    /// consumer (one not throttled in the last round); events of consumers already
-    /// known to be throttled are counted and left to the tick.
-    async fn next_onset(
-        &self,
-        events: &mut Option<tokio::sync::mpsc::Receiver<crate::sensor::ThrottleEvent>>,
-    ) -> bool {
-        loop {
-            let Some(ev) = recv(events).await else {
-                return false;
-            };
-            if ev.kind == mbcas_common::EVENT_PERIOD_THROTTLED
-                && !self.throttled.contains(&ev.cgroup_id)
-                && self.consumers.values().any(|c| c.dir.id.0 == ev.cgroup_id)
-            {
-                return true;
-            }
-        }
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-}
-
-/// Waits for the next throttle event; never resolves without an event stream.
-async fn recv(
-    events: &mut Option<tokio::sync::mpsc::Receiver<crate::sensor::ThrottleEvent>>,
-) -> Option<crate::sensor::ThrottleEvent> {
-    match events {
-        Some(rx) => match rx.recv().await {
-            Some(ev) => Some(ev),
-            None => {
-                *events = None;
-                std::future::pending().await
-            }
-        },
-        None => std::future::pending().await,
     }
 }
 
@@ -577,7 +459,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::config::DecisionArgs;
+    use crate::{config::DecisionArgs, decision::DecisionLoop, metrics::Metrics, sensor::Sensor};
 
     fn cfg() -> DecisionConfig {
         use clap::Parser as _;
@@ -602,8 +484,24 @@ mod tests {
         .unwrap();
     }
 
-    #[test]
-    fn bad_files_are_counted_and_the_loop_keeps_running() {
+    fn decision_loop(args: &LocalArgs) -> DecisionLoop<Local> {
+        let cfg = cfg();
+        let (engine, pacing) = (cfg.engine(), cfg.pacing());
+        let local = Local::new(args, cfg).unwrap();
+        let sensor = Sensor::start(SensorMode::Poll, false).unwrap();
+        DecisionLoop::new(local, sensor, engine, pacing, Metrics::new())
+    }
+
+    fn rows(o: Option<StepOutcome>) -> Vec<String> {
+        o.expect("a decision")
+            .rows
+            .iter()
+            .map(|r| r.key.to_string())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn bad_files_are_counted_and_the_loop_keeps_running() {
         let tmp = tempfile::tempdir().unwrap();
         for n in ["good", "garbage", "unreadable", "removed"] {
             consumer(tmp.path(), n, 1000);
@@ -615,23 +513,20 @@ mod tests {
             sensor: SensorMode::Poll,
             report_jsonl: None,
         };
-        let mut lp = LocalLoop::new(&args, cfg(), false).unwrap();
-        let first = lp.round().unwrap();
-        assert_eq!(first.rows.len(), 4);
+        let mut lp = decision_loop(&args);
+        assert_eq!(rows(lp.round().await.unwrap()).len(), 4);
         // Garbage in one cpu.stat, a cpu.stat that cannot be read as a file, a consumer removed.
         std::fs::write(tmp.path().join("garbage/cpu.stat"), "usage_usec lots\n").unwrap();
         let unreadable = tmp.path().join("unreadable/cpu.stat");
         std::fs::remove_file(&unreadable).unwrap();
         std::fs::create_dir(&unreadable).unwrap();
         std::fs::remove_dir_all(tmp.path().join("removed")).unwrap();
-        let second = lp.round().unwrap();
-        let keys: Vec<&str> = second.rows.iter().map(|r| r.key.as_str()).collect();
         assert_eq!(
-            keys,
+            rows(lp.round().await.unwrap()),
             vec!["good"],
             "only the healthy consumer is decided this round"
         );
-        let st = lp.stats();
+        let st = lp.mode().stats();
         assert_eq!(st.errors.get("malformed"), Some(&1), "{st:?}");
         assert_eq!(st.errors.get("unreadable"), Some(&1), "{st:?}");
         assert_eq!(st.consumers_removed, 1, "{st:?}");
@@ -641,9 +536,9 @@ mod tests {
             "usage_usec 5000\nnr_periods 20\nnr_throttled 0\nthrottled_usec 0\n",
         )
         .unwrap();
-        let third = lp.round().unwrap();
-        assert_eq!(third.rows.len(), 2);
-        assert_eq!(lp.stats().rounds, 3);
+        assert_eq!(rows(lp.round().await.unwrap()).len(), 2);
+        assert_eq!(lp.mode().stats().rounds, 3);
+        assert_eq!(lp.counts().rounds, 3);
     }
 
     #[test]
@@ -656,19 +551,16 @@ mod tests {
             sensor: SensorMode::Poll,
             report_jsonl: None,
         };
-        assert!(matches!(
-            LocalLoop::new(&args, cfg(), false),
-            Err(LocalError::NoRoot)
-        ));
+        assert!(matches!(Local::new(&args, cfg()), Err(LocalError::NoRoot)));
         args.local_root = Some(tmp.path().join("missing"));
         assert!(matches!(
-            LocalLoop::new(&args, cfg(), false),
+            Local::new(&args, cfg()),
             Err(LocalError::BadRoot { .. })
         ));
         args.local_root = Some(tmp.path().to_owned());
         args.capacity_millicores = Some(0);
         assert!(matches!(
-            LocalLoop::new(&args, cfg(), false),
+            Local::new(&args, cfg()),
             Err(LocalError::ZeroCapacity)
         ));
     }

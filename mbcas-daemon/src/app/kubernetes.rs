@@ -13,13 +13,14 @@
 //!   allocation stores are synced (so nothing is deleted or decided from a
 //!   partial view).
 //!
-//! A task that ends on its own (which none should) ends the process after the
-//! others drain, so the DaemonSet restarts it; SIGTERM/SIGINT drain within
+//! Each task ends with its name and, when it failed, why. A task that ends on
+//! its own (which none should) ends the process after the others drain, with
+//! that reason, so the DaemonSet restarts it; SIGTERM/SIGINT drain within
 //! `--grace-period`. State lives in the cluster (PodAllocations and their
 //! status) and the cgroups, so a restart rebuilds it: no limit is changed by a
 //! restart alone.
 
-use std::{process::ExitCode, sync::Arc};
+use std::sync::Arc;
 
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Node;
@@ -33,10 +34,12 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     cgroup::Layout,
     config::DecisionConfig,
-    http::{self, Readiness},
+    decision::DecisionLoop,
+    error::error_chain,
+    http::{self, Component, Readiness},
     k8s::{
         crd::{GROUP, NODE_LABEL, PodAllocation, VERSION},
-        node::{NodeLoop, NodeLoopConfig, read_pod_cgroups},
+        node::{NodeLoopConfig, NodePods, read_pod_cgroups},
         pods,
         publish::Writer,
         resize::{self, ControllerConfig},
@@ -82,9 +85,14 @@ pub enum AppError {
     Sensor(#[from] crate::sensor::SensorError),
     #[error(transparent)]
     Http(#[from] crate::http::HttpError),
-    #[error("task {task} stopped unexpectedly")]
-    TaskEnded { task: &'static str },
+    #[error("internal fault: {0}")]
+    Internal(&'static str),
+    #[error("task {task} stopped unexpectedly: {why}")]
+    TaskEnded { task: &'static str, why: String },
 }
+
+/// How a task ended: its name, and why when it failed.
+type TaskEnd = (&'static str, Result<(), String>);
 
 impl AppError {
     /// Configuration errors exit 64 like every other usage error.
@@ -170,7 +178,7 @@ pub async fn run_with_client(
     tracing::info!(node = %node, decide = ?k.decide, "API server offers pods/resize; PodAllocation CRD installed");
 
     let metrics = Metrics::new();
-    let mut components = vec!["pods", "allocations", "node"];
+    let mut components = vec![Component::Pods, Component::Allocations, Component::Node];
     let decide = k.decide == Decide::On;
     let mut loop_parts = None;
     if decide {
@@ -184,37 +192,32 @@ pub async fn run_with_client(
             );
         }
         metrics.set_sensor_mode(sensor.kind().as_str());
-        components.push("sensor");
+        components.push(Component::Sensor);
         loop_parts = Some((layout.cpu_root.clone(), sensor));
     }
     let readiness = Readiness::new(&components);
     let listener = http::bind(cfg.metrics_addr).await?;
     tracing::debug!(addr = ?listener.local_addr().ok(), "metrics listener bound");
 
-    let mut tasks: JoinSet<&'static str> = JoinSet::new();
+    let mut tasks: JoinSet<TaskEnd> = JoinSet::new();
     // HTTP.
     {
         let (m, r, c) = (metrics.clone(), readiness.clone(), shutdown.clone());
         tasks.spawn(async move {
-            if let Err(e) = http::serve(listener, m, r, c).await {
-                tracing::error!(error = %crate::error::error_chain(&e), "HTTP server failed");
-            }
-            "http"
+            let served = http::serve(listener, m, r, c).await;
+            ("http", served.map_err(|e| error_chain(&e)))
         });
     }
     // This node's pods, shared by the decision loop and the controller.
     let (pod_store, pod_writer, pod_stream) = pods::pod_reflector(client.clone(), &node);
     let Some(pod_events) = pod_writer.subscribe() else {
-        return Err(AppError::Usage(
-            "pod reflector has no subscriber support".into(),
-        ));
+        return Err(AppError::Internal("the pod reflector offers no subscriber"));
     };
     {
         let c = shutdown.clone();
         tasks.spawn(async move {
             let s = pod_stream.reflect_shared(pod_writer).applied_objects();
-            drive(s, c, "pods").await;
-            "pods"
+            drive(s, c, "pods").await
         });
     }
     // This node's PodAllocations.
@@ -224,10 +227,7 @@ pub async fn run_with_client(
         let wc = watcher::Config::default().labels(&format!("{NODE_LABEL}={node}"));
         let s = watcher(api, wc).default_backoff().reflect(pa_writer);
         let c = shutdown.clone();
-        tasks.spawn(async move {
-            drive(s, c, "allocations").await;
-            "allocations"
-        });
+        tasks.spawn(async move { drive(s, c, "allocations").await });
     }
     let (node_store, node_stream) = pods::node_reflector(client.clone(), &node);
     {
@@ -238,8 +238,7 @@ pub async fn run_with_client(
                 c,
                 "node",
             )
-            .await;
-            "node"
+            .await
         });
     }
     // Readiness follows the stores. One task waits on them and passes the news
@@ -261,19 +260,21 @@ pub async fn run_with_client(
             tokio::select! {
                 () = c.cancelled() => {}
                 () = async {
-                    let _ = ps.wait_until_ready().await;
-                    let _ = r.mark_ready("pods");
+                    // A store whose writer is gone never becomes ready:
+                    // the watch task ends and says so.
+                    if ps.wait_until_ready().await.is_err() { return; }
+                    r.ready(Component::Pods);
                     pods_synced.cancel();
-                    let _ = as_.wait_until_ready().await;
-                    let _ = r.mark_ready("allocations");
-                    let _ = ns.wait_until_ready().await;
-                    let _ = r.mark_ready("node");
+                    if as_.wait_until_ready().await.is_err() { return; }
+                    r.ready(Component::Allocations);
+                    if ns.wait_until_ready().await.is_err() { return; }
+                    r.ready(Component::Node);
                     all_synced.cancel();
                     tracing::info!("pod, allocation and node watches synced");
                     c.cancelled().await;
                 } => {}
             }
-            "readiness"
+            ("readiness", Ok(()))
         });
     }
     // The resize controller.
@@ -293,7 +294,7 @@ pub async fn run_with_client(
         tasks.spawn(async move {
             // Reconcile only against a synced pod store.
             tokio::select! {
-                () = c.cancelled() => return "controller",
+                () = c.cancelled() => return ("controller", Ok(())),
                 () = synced.cancelled() => {}
             }
             tracing::info!(
@@ -301,12 +302,13 @@ pub async fn run_with_client(
                 "pod store synced; resize controller started"
             );
             resize::run(ctx, pod_events, c).await;
-            "controller"
+            ("controller", Ok(()))
         });
     }
     // The decision loop.
     if let Some((cgroup_root, sensor)) = loop_parts {
         let writer = Writer::new(client.clone(), node.clone(), pa_store.clone());
+        let (engine, pacing) = (cfg.engine(), cfg.pacing());
         let lcfg = NodeLoopConfig {
             node: node.clone(),
             decision: cfg.clone(),
@@ -324,20 +326,15 @@ pub async fn run_with_client(
         );
         tasks.spawn(async move {
             tokio::select! {
-                () = c.cancelled() => return "decisions",
+                () = c.cancelled() => return ("decisions", Ok(())),
                 () = synced.cancelled() => {}
             }
-            let _ = r.mark_ready("sensor");
-            NodeLoop::new(lcfg, sensor, ps, ns, writer, m).run(c).await;
-            "decisions"
-        });
-    }
-    {
-        let c = shutdown.clone();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("signal received; draining");
-            c.cancel();
+            r.ready(Component::Sensor);
+            let pods = NodePods::new(lcfg, ps, ns, writer);
+            let decided = DecisionLoop::new(pods, sensor, engine, pacing, m)
+                .run(c)
+                .await;
+            ("decisions", decided.map(drop).map_err(|e| match e {}))
         });
     }
     // The first task to end decides: a signal (clean), or a failure.
@@ -345,14 +342,15 @@ pub async fn run_with_client(
     let failed = if shutdown.is_cancelled() {
         None
     } else {
-        let name = match first {
-            Some(Ok(name)) => name,
-            Some(Err(_)) => "a task (panicked)",
-            None => "none",
+        let (task, why) = match first {
+            Some(Ok((task, Ok(())))) => (task, "it returned".to_owned()),
+            Some(Ok((task, Err(why)))) => (task, why),
+            Some(Err(e)) => ("a task", format!("it panicked or was cancelled: {e}")),
+            None => ("none", "no task was running".to_owned()),
         };
-        tracing::error!(task = name, "task ended on its own; stopping the daemon");
+        tracing::error!(task, why = %why, "task ended on its own; stopping the daemon");
         shutdown.cancel();
-        Some(name)
+        Some((task, why))
     };
     let grace = k.grace_period;
     let drained =
@@ -362,13 +360,14 @@ pub async fn run_with_client(
         tasks.abort_all();
     }
     match failed {
-        Some(task) => Err(AppError::TaskEnded { task }),
+        Some((task, why)) => Err(AppError::TaskEnded { task, why }),
         None => Ok(()),
     }
 }
 
-/// Polls a watch stream until shutdown, logging errors (watchers retry with backoff).
-async fn drive<S, T, E>(stream: S, shutdown: CancellationToken, what: &'static str)
+/// Polls a watch stream until shutdown, logging errors (watchers retry with
+/// backoff). A stream that ends is a fault: it says so.
+async fn drive<S, T, E>(stream: S, shutdown: CancellationToken, what: &'static str) -> TaskEnd
 where
     S: futures::Stream<Item = Result<T, E>>,
     E: std::fmt::Display,
@@ -376,53 +375,12 @@ where
     futures::pin_mut!(stream);
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => return (what, Ok(())),
             next = stream.next() => match next {
                 Some(Ok(_)) => {}
                 Some(Err(e)) => tracing::warn!(watch = what, error = %e, "watch error; retrying"),
-                None => return,
+                None => return (what, Err("the watch stream ended".to_owned())),
             },
-        }
-    }
-}
-
-pub async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut i), Ok(mut t)) => {
-            tokio::select! {
-                _ = i.recv() => {}
-                _ = t.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
-/// `mbcas run --mode kubernetes` as the binary calls it.
-pub fn main_kubernetes(args: &RunArgs, cfg: DecisionConfig, debug_log: bool) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let shutdown = CancellationToken::new();
-    match rt.block_on(run_kubernetes(args, cfg, debug_log, shutdown)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {}", crate::error::error_chain(&e));
-            ExitCode::from(e.exit_code())
         }
     }
 }

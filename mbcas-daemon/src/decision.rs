@@ -1,0 +1,349 @@
+//! The decision loop both modes run: sensor → counters → [`Engine`] → actuator.
+//!
+//! A [`Mode`] says who the consumers are each round (local mode: the child
+//! cgroups of `--local-root`; Kubernetes mode: this node's managed pods joined
+//! to their pod cgroups) and how a changed decision is carried out (a quota
+//! write, or a PodAllocation the resize controller applies). Everything else is
+//! here, once: the pacing (a round every `--tick`, and `--debounce` after a
+//! consumer starts being throttled), reading counters and pressure through the
+//! sensor, the engine step, the metrics, and the stop.
+//!
+//! A consumer whose counters cannot be read this round is left out of it (its
+//! limit stays) and reported to the mode; an engine error skips the round. Only
+//! the mode's actuator can end the loop with an error (local mode: the round
+//! report cannot be written).
+
+use std::{collections::HashSet, future::Future, time::Duration};
+
+use tokio::{sync::mpsc, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    cgroup::{CgroupDir, Hierarchy, files},
+    demand::Counters,
+    engine::{ConsumerInput, Engine, EngineConfig, NodeInput, StepOutcome},
+    error::error_chain,
+    metrics::{Metrics, PodLabels},
+    sensor::{Sensor, SensorError, ThrottleEvent},
+    units::{CgroupId, MilliCpu, PodKey},
+};
+
+/// One consumer in this round, as the mode found it.
+#[derive(Clone, Debug)]
+pub struct Consumer {
+    pub key: PodKey,
+    pub dir: CgroupDir,
+    /// Its series on `/metrics`.
+    pub labels: PodLabels,
+    /// The limit in effect now.
+    pub current: MilliCpu,
+    /// The limit when MBCAS first saw it.
+    pub original: MilliCpu,
+    pub weight: f64,
+    pub floor: MilliCpu,
+    pub cap: MilliCpu,
+    /// See [`ConsumerInput::window_limit`].
+    pub window_limit: Option<MilliCpu>,
+}
+
+/// Who takes part in this round, and what the node offers them.
+#[derive(Clone, Debug)]
+pub struct Census {
+    pub node: NodeInput,
+    pub consumers: Vec<Consumer>,
+}
+
+/// Why a consumer's counters could not be used this round.
+#[derive(Debug)]
+pub enum Unreadable {
+    Failed(SensorError),
+    /// The cgroup has no CPU usage counter (v1 without `cpuacct`).
+    NoUsage,
+}
+
+impl Unreadable {
+    /// A short, bounded label for metrics and counts.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Failed(e) => e.kind(),
+            Self::NoUsage => "no_usage",
+        }
+    }
+}
+
+/// What differs between local mode and Kubernetes mode.
+pub trait Mode {
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// This round's consumers; `None` when no decision can be made this round
+    /// (the mode says why in its log).
+    fn census(&mut self) -> Option<Census>;
+
+    /// A consumer of the census whose counters could not be read; it sits this
+    /// round out.
+    fn unreadable(&mut self, consumer: &Consumer, why: &Unreadable);
+
+    /// Carries out the round's decisions (`outcome.rows`, in the order of
+    /// `consumers`: only the changed ones need acting on).
+    fn actuate(
+        &mut self,
+        now: Duration,
+        consumers: &[Consumer],
+        outcome: &StepOutcome,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// The consumer a cgroup belongs to, when it is not a consumer's own cgroup
+    /// (Kubernetes mode: a container cgroup inside a pod cgroup).
+    fn owner(&self, _cgroup: CgroupId) -> Option<CgroupId> {
+        None
+    }
+
+    /// Called once when the loop stops, also after an error.
+    fn finish(&mut self) {}
+}
+
+/// Pacing of the loop.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Pacing {
+    /// A round at least this often.
+    pub tick: Duration,
+    /// After the onset of throttling, wait this long for the burst to settle.
+    pub debounce: Duration,
+    /// Consumers whose throttled-period ratio is above this are known throttled:
+    /// their events do not wake the loop.
+    pub throttled_threshold: f64,
+}
+
+/// What the loop did, for the logs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoopCounts {
+    pub rounds: u64,
+    pub skipped_rounds: u64,
+    pub engine_errors: u64,
+    /// Throttle events received.
+    pub events: u64,
+    /// Rounds started early by the onset of throttling.
+    pub woken: u64,
+}
+
+pub struct DecisionLoop<M> {
+    mode: M,
+    sensor: Sensor,
+    engine: Engine,
+    metrics: Metrics,
+    pacing: Pacing,
+    start: Instant,
+    /// Cgroup ids of this round's consumers.
+    ids: HashSet<CgroupId>,
+    /// Cgroup ids of the consumers throttled in the last round.
+    throttled: HashSet<CgroupId>,
+    counts: LoopCounts,
+}
+
+impl<M: Mode> DecisionLoop<M> {
+    pub fn new(
+        mode: M,
+        sensor: Sensor,
+        engine: EngineConfig,
+        pacing: Pacing,
+        metrics: Metrics,
+    ) -> Self {
+        metrics.set_sensor_mode(sensor.kind().as_str());
+        Self {
+            mode,
+            sensor,
+            engine: Engine::new(engine),
+            metrics,
+            pacing,
+            start: Instant::now(),
+            ids: HashSet::new(),
+            throttled: HashSet::new(),
+            counts: LoopCounts::default(),
+        }
+    }
+
+    pub fn mode(&self) -> &M {
+        &self.mode
+    }
+
+    pub fn counts(&self) -> LoopCounts {
+        self.counts
+    }
+
+    /// One round: census, read, decide, actuate, export. `Ok(None)`: no
+    /// decision this round (no census, or the engine refused the inputs).
+    pub async fn round(&mut self) -> Result<Option<StepOutcome>, M::Error> {
+        let timer = self.metrics.loop_timer();
+        let Some(census) = self.mode.census() else {
+            self.counts.skipped_rounds += 1;
+            return Ok(None);
+        };
+        let now = self.start.elapsed();
+        let at_ns = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
+        let mut consumers = Vec::with_capacity(census.consumers.len());
+        let mut inputs = Vec::with_capacity(census.consumers.len());
+        for c in census.consumers {
+            match self.read(&c.dir, at_ns) {
+                Ok(counters) => {
+                    inputs.push(ConsumerInput {
+                        key: c.key.clone(),
+                        counters,
+                        current: c.current,
+                        original: c.original,
+                        weight: c.weight,
+                        floor: c.floor,
+                        cap: c.cap,
+                        exclusion: None,
+                        window_limit: c.window_limit,
+                    });
+                    consumers.push(c);
+                }
+                Err(why) => self.mode.unreadable(&c, &why),
+            }
+        }
+        self.ids = consumers.iter().map(|c| c.dir.id).collect();
+        let outcome = match self.engine.step(now, &census.node, &inputs) {
+            Ok(o) => o,
+            Err(e) => {
+                self.counts.engine_errors += 1;
+                tracing::warn!(error = %error_chain(&e), "no decisions this round");
+                return Ok(None);
+            }
+        };
+        self.counts.rounds += 1;
+        let threshold = self.pacing.throttled_threshold;
+        self.throttled = outcome
+            .rows
+            .iter()
+            .zip(&consumers)
+            .filter(|(r, _)| r.estimate.is_some_and(|e| e.throttled_ratio > threshold))
+            .map(|(_, c)| c.dir.id)
+            .collect();
+        let acted = self.mode.actuate(now, &consumers, &outcome).await;
+        self.export(&consumers, &outcome);
+        drop(timer);
+        acted.map(|()| Some(outcome))
+    }
+
+    /// The consumer's counters now, with its pressure on v2.
+    fn read(&self, dir: &CgroupDir, at_ns: u64) -> Result<Counters, Unreadable> {
+        let c = self.sensor.read(dir).map_err(Unreadable::Failed)?;
+        let psi = if dir.hierarchy == Hierarchy::V2 {
+            files::read_pressure_some_ns(&dir.path)
+                .map_err(|e| Unreadable::Failed(SensorError::Cgroup(e)))?
+        } else {
+            None
+        };
+        let usage_ns = c.usage_ns.ok_or(Unreadable::NoUsage)?;
+        Ok(Counters {
+            at_ns,
+            usage_ns,
+            throttled_ns: c.throttled_ns,
+            nr_periods: c.nr_periods,
+            nr_throttled: c.nr_throttled,
+            psi_some_ns: psi,
+        })
+    }
+
+    fn export(&self, consumers: &[Consumer], outcome: &StepOutcome) {
+        let m = &self.metrics;
+        m.set_market(outcome.price, outcome.capacity, outcome.overcommitted);
+        for (row, c) in outcome.rows.iter().zip(consumers) {
+            if let Some(e) = row.estimate {
+                m.set_pod_demand(&c.labels, e.smoothed, row.need);
+                m.set_pod_throttled_ratio(&c.labels, e.throttled_ratio);
+            }
+            m.set_pod_allocation(&c.labels, row.to);
+            m.inc_decision(row.reason.as_str());
+        }
+        m.retain_pods(consumers.iter().map(|c| &c.labels));
+        self.export_sensor_stats();
+    }
+
+    fn export_sensor_stats(&self) {
+        if let Some(stats) = self.sensor.kernel_stats() {
+            self.metrics.observe_kernel_stats(&stats);
+        }
+        self.metrics
+            .observe_program_costs(&self.sensor.program_costs());
+    }
+
+    /// Runs rounds every `tick`, and `debounce` after the onset of throttling,
+    /// until `shutdown`; then lets the mode finish. Returns the mode.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<M, M::Error> {
+        let result = self.pace(&shutdown).await;
+        self.mode.finish();
+        tracing::info!(counts = ?self.counts, "decision loop stopped");
+        result.map(|()| self.mode)
+    }
+
+    async fn pace(&mut self, shutdown: &CancellationToken) -> Result<(), M::Error> {
+        let mut events = self.sensor.take_events();
+        let mut next = Instant::now();
+        loop {
+            let round = self.round().await;
+            if round.is_err() {
+                self.export_sensor_stats();
+            }
+            round?;
+            next += self.pacing.tick;
+            if next < Instant::now() {
+                next = Instant::now() + self.pacing.tick;
+            }
+            let woke = tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep_until(next) => false,
+                () = self.next_onset(&mut events) => true,
+            };
+            if woke {
+                self.counts.woken += 1;
+                // Debounce: let a burst of events settle, then decide once.
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(self.pacing.debounce) => {}
+                }
+                if let Some(rx) = events.as_mut() {
+                    let mut n = 0;
+                    while rx.try_recv().is_ok() {
+                        n += 1;
+                    }
+                    self.count_events(n);
+                }
+            }
+        }
+    }
+
+    fn count_events(&mut self, n: u64) {
+        self.counts.events += n;
+        self.metrics.add_ebpf_events(n);
+    }
+
+    /// Whether `ev` marks the onset of throttling of a consumer: its cgroup (or
+    /// one the mode says belongs to it) was not throttled in the last round.
+    fn is_onset(&self, ev: &ThrottleEvent) -> bool {
+        let id = CgroupId(ev.cgroup_id);
+        ev.kind == mbcas_common::EVENT_PERIOD_THROTTLED
+            && !self.throttled.contains(&id)
+            && (self.ids.contains(&id)
+                || self.mode.owner(id).is_some_and(|o| self.ids.contains(&o)))
+    }
+
+    /// Waits for an event that marks an onset; events of consumers already
+    /// known throttled are counted and left to the tick. Never resolves
+    /// without an event stream.
+    async fn next_onset(&mut self, events: &mut Option<mpsc::Receiver<ThrottleEvent>>) {
+        loop {
+            let Some(rx) = events.as_mut() else {
+                return std::future::pending().await;
+            };
+            let Some(ev) = rx.recv().await else {
+                *events = None;
+                continue;
+            };
+            self.count_events(1);
+            if self.is_onset(&ev) {
+                return;
+            }
+        }
+    }
+}
