@@ -7,6 +7,8 @@
 //! directory on v1 and v2), never by the cgroup of whatever task happens to run.
 #![no_std]
 
+pub mod quantity;
+
 use core::mem::size_of;
 
 /// Ring buffer carrying [`ThrottleEvent`]s to user space.

@@ -445,22 +445,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-/// Parses a CPU quantity: `100m` (millicores) or `0.5` / `2` (cores).
+/// Parses a CPU quantity as Kubernetes writes it: `100m` (millicores) or
+/// `0.5` / `2` (cores); see [`mbcas_common::quantity::millicores`].
 pub fn parse_cpu(s: &str) -> Result<MilliCpu, String> {
-    let t = s.trim();
-    let millis = if let Some(n) = t.strip_suffix('m') {
-        n.parse::<u64>()
-            .map_err(|_| format!("{s:?} is not a CPU amount (e.g. 100m or 0.5)"))?
-    } else {
-        let cores: f64 = t
-            .parse()
-            .map_err(|_| format!("{s:?} is not a CPU amount (e.g. 100m or 0.5)"))?;
-        if !((0.0..=1e6).contains(&cores)) {
-            return Err(format!("{s:?}: must be between 0 and 1000000 cores"));
-        }
-        (cores * 1000.0).round() as u64
-    };
-    Ok(MilliCpu(millis))
+    let m = mbcas_common::quantity::millicores(s)
+        .ok_or_else(|| format!("{s:?} is not a CPU amount (e.g. 100m or 0.5)"))?;
+    if m > 1_000_000_000 {
+        return Err(format!("{s:?}: must be between 0 and 1000000 cores"));
+    }
+    Ok(MilliCpu(m))
 }
 
 /// Parses a fraction: `10%` or `0.1`.

@@ -25,8 +25,9 @@ pub struct SenseArgs {
     /// directory, e.g. /sys/fs/cgroup/cpu/mygroup; on v2 /sys/fs/cgroup/mygroup.
     #[arg(long = "cgroup", value_name = "DIR", required = true)]
     pub cgroups: Vec<PathBuf>,
-    /// Length of the window, in seconds.
-    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    /// Length of the window (`20`, `20s`, `500ms`; a bare number is seconds;
+    /// at most a day).
+    #[arg(long, value_name = "DURATION", value_parser = parse_window)]
     pub duration: Duration,
     /// Which sensor to use.
     #[arg(long, value_enum, default_value_t)]
@@ -36,14 +37,12 @@ pub struct SenseArgs {
     pub json: bool,
 }
 
-fn parse_secs(s: &str) -> Result<Duration, String> {
-    let v: f64 = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
-        return Err(format!("{s}: must be > 0 and ≤ 86400 seconds"));
+fn parse_window(s: &str) -> Result<Duration, String> {
+    let d = crate::config::parse_duration(s)?;
+    if d.is_zero() || d > Duration::from_secs(86_400) {
+        return Err(format!("{s}: must be > 0 and at most a day"));
     }
-    Ok(Duration::from_secs_f64(v))
+    Ok(d)
 }
 
 #[derive(Debug, Serialize)]

@@ -8,13 +8,12 @@
 //! default the pods' total; `demand_millicores` default the need). Output:
 //! `{"price": λ, "budget_millicores": B, "overcommitted": bool,
 //! "allocations": [{"id", "millicores", "base_millicores", "bound"}]}`.
-//! Invalid input exits with code 2 and a message naming the field; nothing is
-//! printed on stdout then.
+//! Unknown fields are refused. Invalid input exits with code 2 and a message
+//! naming the field; nothing is printed on stdout then.
 
 use std::{io::Read as _, path::PathBuf};
 
-use serde::Serialize;
-use serde_json::{Map, Value};
+use serde::{Deserialize, Serialize};
 
 use crate::{
     market::{self, Bid, MarketInput},
@@ -118,162 +117,132 @@ fn field_err(field: impl Into<String>, problem: impl Into<String>) -> SolveError
     }
 }
 
-fn get<'a>(obj: &'a Map<String, Value>, path: &str, key: &str) -> Result<&'a Value, SolveError> {
-    obj.get(key)
-        .ok_or_else(|| field_err(join(path, key), "missing"))
+/// The input as written; what serde cannot check is checked in [`parse`].
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Input {
+    capacity_millicores: Millicores,
+    overcommit: Option<f64>,
+    idle_millicores: Option<Millicores>,
+    total_weight: Option<f64>,
+    pods: Vec<PodInput>,
 }
 
-fn join(path: &str, key: &str) -> String {
-    if path.is_empty() {
-        key.to_owned()
-    } else {
-        format!("{path}.{key}")
-    }
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PodInput {
+    id: String,
+    weight: f64,
+    floor_millicores: Millicores,
+    cap_millicores: Millicores,
+    need_millicores: Millicores,
+    demand_millicores: Option<Millicores>,
 }
 
-fn millicores(v: &Value, field: &str) -> Result<MilliCpu, SolveError> {
-    match v {
-        Value::Number(n) => {
-            if let Some(u) = n.as_u64() {
-                return Ok(MilliCpu(u));
+/// A whole, non-negative number of millicores.
+#[derive(Clone, Copy, Debug)]
+struct Millicores(MilliCpu);
+
+impl<'de> Deserialize<'de> for Millicores {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let n = serde_json::Number::deserialize(d)?;
+        match n.as_u64() {
+            Some(u) => Ok(Self(MilliCpu(u))),
+            None if n.as_f64().is_some_and(|f| f < 0.0) => {
+                Err(D::Error::custom(format!("must not be negative, got {n}")))
             }
-            match n.as_f64() {
-                Some(f) if f < 0.0 => {
-                    Err(field_err(field, format!("must not be negative, got {n}")))
-                }
-                _ => Err(field_err(
-                    field,
-                    format!("must be a whole number of millicores, got {n}"),
-                )),
-            }
+            None => Err(D::Error::custom(format!(
+                "must be a whole number of millicores, got {n}"
+            ))),
         }
-        other => Err(field_err(
-            field,
-            format!("must be a number, got {}", kind(other)),
-        )),
-    }
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 
 /// Turns JSON text into a validated market input; errors name the field.
 pub fn parse(text: &str) -> Result<MarketInput, SolveError> {
-    let root: Value = serde_json::from_str(text).map_err(SolveError::Syntax)?;
-    let obj = root
-        .as_object()
-        .ok_or_else(|| field_err("(root)", "must be an object"))?;
-    let capacity = millicores(get(obj, "", "capacity_millicores")?, "capacity_millicores")?;
-    let overcommit = match obj.get("overcommit") {
-        None => market::DEFAULT_OVERCOMMIT,
-        Some(Value::Number(n)) if n.as_f64().is_some_and(|r| r.is_finite() && r >= 1.0) => {
-            n.as_f64().unwrap_or(market::DEFAULT_OVERCOMMIT)
+    let de = &mut serde_json::Deserializer::from_str(text);
+    let input: Input = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            return SolveError::Syntax(inner);
         }
-        Some(other) => {
+        let msg = inner.to_string();
+        // "missing field `x` at line …": name the field itself.
+        let missing = msg
+            .strip_prefix("missing field `")
+            .and_then(|m| m.split_once('`'))
+            .map(|(field, _)| field.to_owned());
+        let problem = msg.split(" at line ").next().unwrap_or(&msg).to_owned();
+        match missing {
+            Some(field) if path == "." => field_err(field, "missing"),
+            Some(field) => field_err(format!("{path}.{field}"), "missing"),
+            None if path == "." => field_err("(root)", problem),
+            None => field_err(path, problem),
+        }
+    })?;
+    let overcommit = match input.overcommit {
+        None => market::DEFAULT_OVERCOMMIT,
+        Some(r) if r.is_finite() && r >= 1.0 => r,
+        Some(r) => {
             return Err(field_err(
                 "overcommit",
-                format!("must be a number ≥ 1, got {other}"),
+                format!("must be a number ≥ 1, got {r}"),
             ));
         }
     };
-    let idle = match obj.get("idle_millicores") {
-        None => MilliCpu::ZERO,
-        Some(v) => millicores(v, "idle_millicores")?,
-    };
-    let total_weight = match obj.get("total_weight") {
-        None => None,
-        Some(Value::Number(n)) if n.as_f64().is_some_and(|w| w.is_finite() && w > 0.0) => {
-            n.as_f64()
-        }
-        Some(other) => {
-            return Err(field_err(
-                "total_weight",
-                format!("must be a number > 0, got {other}"),
-            ));
-        }
-    };
-    let pods = get(obj, "", "pods")?
-        .as_array()
-        .ok_or_else(|| field_err("pods", "must be an array"))?;
-    let mut bids = Vec::with_capacity(pods.len());
+    if let Some(w) = input.total_weight
+        && !(w.is_finite() && w > 0.0)
+    {
+        return Err(field_err(
+            "total_weight",
+            format!("must be a number > 0, got {w}"),
+        ));
+    }
+    let mut bids = Vec::with_capacity(input.pods.len());
     let mut seen = std::collections::HashMap::new();
-    for (i, pod) in pods.iter().enumerate() {
+    for (i, p) in input.pods.into_iter().enumerate() {
         let path = format!("pods[{i}]");
-        let p = pod
-            .as_object()
-            .ok_or_else(|| field_err(&path, "must be an object"))?;
-        let id = match get(p, &path, "id")? {
-            Value::String(s) if !s.is_empty() => s.clone(),
-            Value::String(_) => return Err(field_err(join(&path, "id"), "must not be empty")),
-            other => {
-                return Err(field_err(
-                    join(&path, "id"),
-                    format!("must be a string, got {}", kind(other)),
-                ));
-            }
-        };
-        if let Some(first) = seen.insert(id.clone(), i) {
+        if p.id.is_empty() {
+            return Err(field_err(format!("{path}.id"), "must not be empty"));
+        }
+        if let Some(first) = seen.insert(p.id.clone(), i) {
             return Err(field_err(
-                join(&path, "id"),
-                format!("duplicate id {id:?} (also pods[{first}])"),
+                format!("{path}.id"),
+                format!("duplicate id {:?} (also pods[{first}])", p.id),
             ));
         }
-        let wfield = join(&path, "weight");
-        let weight = match get(p, &path, "weight")? {
-            Value::Number(n) => n.as_f64().unwrap_or(f64::NAN),
-            other => {
-                return Err(field_err(
-                    wfield,
-                    format!("must be a number, got {}", kind(other)),
-                ));
-            }
-        };
-        if !(weight.is_finite() && weight > 0.0) {
-            return Err(field_err(wfield, format!("must be > 0, got {weight}")));
+        if !(p.weight.is_finite() && p.weight > 0.0) {
+            return Err(field_err(
+                format!("{path}.weight"),
+                format!("must be > 0, got {}", p.weight),
+            ));
         }
-        let floor = millicores(
-            get(p, &path, "floor_millicores")?,
-            &join(&path, "floor_millicores"),
-        )?;
-        let cap = millicores(
-            get(p, &path, "cap_millicores")?,
-            &join(&path, "cap_millicores"),
-        )?;
-        let need = millicores(
-            get(p, &path, "need_millicores")?,
-            &join(&path, "need_millicores"),
-        )?;
-        let demand = match p.get("demand_millicores") {
-            None => need,
-            Some(v) => millicores(v, &join(&path, "demand_millicores"))?,
-        };
+        let (floor, cap, need) = (
+            p.floor_millicores.0,
+            p.cap_millicores.0,
+            p.need_millicores.0,
+        );
         if floor > cap {
             return Err(field_err(
-                join(&path, "floor_millicores"),
+                format!("{path}.floor_millicores"),
                 format!("floor {} is above cap_millicores {}", floor.0, cap.0),
             ));
         }
         bids.push(Bid {
-            key: PodKey::from(id),
-            weight,
+            key: PodKey::from(p.id),
+            weight: p.weight,
             floor,
             cap,
-            demand,
+            demand: p.demand_millicores.map_or(need, |d| d.0),
             need,
         });
     }
     Ok(MarketInput {
-        capacity,
-        total_weight,
-        idle,
+        capacity: input.capacity_millicores.0,
+        total_weight: input.total_weight,
+        idle: input.idle_millicores.map_or(MilliCpu::ZERO, |m| m.0),
         overcommit,
         bids,
     })
@@ -325,5 +294,14 @@ mod tests {
                 .starts_with("overcommit")
         );
         assert!(err_of("[").contains("not JSON"));
+        assert!(
+            err_of(r#"{"capacity_millicores": 5, "pods": [], "idle": 1}"#)
+                .contains("unknown field `idle`"),
+            "a misspelt field is refused, not ignored"
+        );
+        assert!(
+            err_of(r#"{"capacity_millicores": 5, "pods": [{"id": "a"}]}"#)
+                .starts_with("pods[0].weight: missing")
+        );
     }
 }

@@ -117,7 +117,7 @@ impl Run {
         let Some(d) = self.daemon.take() else {
             return String::new();
         };
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(d.id()).unwrap_or(0));
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(d.id()).expect("pid fits a pid_t"));
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
         let out = d.wait_with_output().unwrap();
         assert!(out.status.success(), "mbcas run exited with {}", out.status);

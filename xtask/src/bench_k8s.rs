@@ -214,8 +214,7 @@ impl Kid {
 
 impl Drop for Kid {
     fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).unwrap_or(0));
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = crate::cmd::signal(&self.0, nix::sys::signal::Signal::SIGTERM);
         for _ in 0..150 {
             if matches!(self.0.try_wait(), Ok(Some(_))) {
                 return;
@@ -514,13 +513,8 @@ fn limit_m(pod: &Pod) -> Option<u64> {
         .as_ref()?
         .limits
         .as_ref()?
-        .get("cpu")?
-        .0
-        .clone();
-    match q.strip_suffix('m') {
-        Some(m) => m.parse().ok(),
-        None => q.parse::<f64>().ok().map(|c| (c * 1000.0).round() as u64),
-    }
+        .get("cpu")?;
+    crate::e2e::millicores(&q.0)
 }
 
 /// Plays the kubelet for one pod: Running, with the CPU resources of its spec.

@@ -154,8 +154,9 @@ pub(crate) fn vm_hwm_kib(pid: u32) -> u64 {
 }
 
 fn stop(mut d: Child) {
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(d.id()).unwrap_or(0));
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+    if let Err(e) = crate::cmd::signal(&d, nix::sys::signal::Signal::SIGINT) {
+        eprintln!("bench-local: {e:#}");
+    }
     let _ = d.wait();
 }
 

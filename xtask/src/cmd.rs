@@ -22,3 +22,12 @@ pub fn output_of(cmd: &mut Command) -> Option<String> {
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// Sends `signal` to a child process we started. A pid that does not fit a
+/// `pid_t` is an error, never 0 (which would signal our whole process group).
+pub fn signal(child: &std::process::Child, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+    let pid = i32::try_from(child.id())
+        .with_context(|| format!("pid {} does not fit a pid_t", child.id()))?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+        .with_context(|| format!("cannot send {signal} to pid {pid}"))
+}

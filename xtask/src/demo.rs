@@ -614,8 +614,9 @@ fn local_phases(report_dir: &Path, bin: &Path, third: u64) -> anyhow::Result<[Ph
         .context("start mbcas run --mode local")?;
     tree.report = Some(report);
     let result = run_phase(&tree, "MBCAS", third, Some(&mut daemon));
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(daemon.id()).unwrap_or(0));
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+    if let Err(e) = crate::cmd::signal(&daemon, nix::sys::signal::Signal::SIGINT) {
+        eprintln!("demo: {e:#}");
+    }
     let _ = daemon.wait();
     let mb = result?;
     tree.stop_children();

@@ -104,18 +104,8 @@ pub(crate) fn apply(c: &dyn Cluster, object: &Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Parses a CPU quantity as the API server prints it (`200m`, `1`, `1.5`) into millicores.
-pub fn millicores(q: &str) -> Option<u64> {
-    let q = q.trim();
-    match q.strip_suffix('m') {
-        Some(m) => m.parse().ok(),
-        None => q
-            .parse::<f64>()
-            .ok()
-            .filter(|c| c.is_finite() && *c >= 0.0)
-            .map(|c| (c * 1000.0).round() as u64),
-    }
-}
+/// Millicores of a CPU quantity as the API server prints it (`200m`, `1`, `1.5`).
+pub use mbcas_common::quantity::millicores;
 
 // ---------------------------------------------------------------------------
 // Pods
@@ -889,15 +879,6 @@ pub fn build_mbcas() -> anyhow::Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quantities() {
-        assert_eq!(millicores("200m"), Some(200));
-        assert_eq!(millicores("1.5"), Some(1500));
-        assert_eq!(millicores("2"), Some(2000));
-        assert_eq!(millicores(""), None);
-        assert_eq!(millicores("-1"), None);
-    }
 
     #[test]
     fn quotas_v1_and_v2() {

@@ -282,7 +282,8 @@ fn value_parsers() {
     assert_eq!(parse_cpu("100m"), Ok(MilliCpu(100)));
     assert_eq!(parse_cpu("1.5"), Ok(MilliCpu(1500)));
     assert_eq!(parse_cpu("2"), Ok(MilliCpu(2000)));
-    assert!(parse_cpu("1.5m").is_err());
+    // Kubernetes rounds sub-millicore amounts up (Quantity.MilliValue()).
+    assert_eq!(parse_cpu("1.5m"), Ok(MilliCpu(2)));
     assert!(parse_cpu("-1").is_err());
     assert_eq!(parse_fraction("10%"), Ok(0.1));
     assert_eq!(parse_fraction("0.25"), Ok(0.25));

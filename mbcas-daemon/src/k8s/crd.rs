@@ -173,34 +173,24 @@ pub struct QuantityError {
 }
 
 impl CpuQuantity {
+    /// Refuses what [`CPU_QUANTITY_PATTERN`] refuses; the value itself is read
+    /// by the one quantity parser, [`mbcas_common::quantity::millicores`].
     pub fn parse(s: &str) -> Result<Self, QuantityError> {
-        let err = || QuantityError {
-            value: s.to_owned(),
-        };
         let digits = |d: &str| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit());
-        if let Some(m) = s.strip_suffix('m') {
-            if !digits(m) {
-                return Err(err());
-            }
-            return m
-                .parse::<u64>()
-                .map(|v| Self(MilliCpu(v)))
-                .map_err(|_| err());
-        }
-        let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
-        if !digits(whole) || (s.contains('.') && !digits(frac)) || frac.len() > 3 {
-            return Err(err());
-        }
-        let w: u64 = whole.parse().map_err(|_| err())?;
-        let f: u64 = if frac.is_empty() {
-            0
-        } else {
-            format!("{frac:0<3}").parse().map_err(|_| err())?
+        let shaped = match s.strip_suffix('m') {
+            Some(m) => digits(m),
+            None => match s.split_once('.') {
+                Some((whole, frac)) => digits(whole) && digits(frac) && frac.len() <= 3,
+                None => digits(s),
+            },
         };
-        w.checked_mul(1000)
-            .and_then(|v| v.checked_add(f))
-            .map(|v| Self(MilliCpu(v)))
-            .ok_or_else(err)
+        shaped
+            .then(|| mbcas_common::quantity::millicores(s))
+            .flatten()
+            .map(|m| Self(MilliCpu(m)))
+            .ok_or_else(|| QuantityError {
+                value: s.to_owned(),
+            })
     }
 
     pub const fn millis(self) -> MilliCpu {

@@ -80,61 +80,10 @@ pub enum PodError {
     },
 }
 
-/// Millicores of a Kubernetes quantity, rounded up like `Quantity.MilliValue()`.
-///
-/// Accepts decimal numbers with an optional exponent (`1e3`, `1.5E-1`) or one of
-/// the SI (`n u m k M G T P E`) or binary (`Ki Mi Gi Ti Pi Ei`) suffixes;
-/// refuses negative values and garbage.
+/// Millicores of a Kubernetes quantity, rounded up like `Quantity.MilliValue()`
+/// (see [`mbcas_common::quantity::millicores`]).
 pub fn quantity_millis(s: &str) -> Option<MilliCpu> {
-    let s = s.trim();
-    let num_end = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+'))
-        .unwrap_or(s.len());
-    let (num, suffix) = s.split_at(num_end);
-    let num = num.strip_prefix('+').unwrap_or(num);
-    if num.is_empty() || num == "." || num.matches('.').count() > 1 || num.contains('+') {
-        return None;
-    }
-    // Scale to milli-units as an exact decimal: value = digits × 10^exp10 × 2^exp2.
-    let (exp10, exp2): (i32, u32) = match suffix {
-        "" => (3, 0),
-        "n" => (-6, 0),
-        "u" => (-3, 0),
-        "m" => (0, 0),
-        "k" => (6, 0),
-        "M" => (9, 0),
-        "G" => (12, 0),
-        "T" => (15, 0),
-        "P" => (18, 0),
-        "E" => (21, 0),
-        "Ki" => (3, 10),
-        "Mi" => (3, 20),
-        "Gi" => (3, 30),
-        "Ti" => (3, 40),
-        "Pi" => (3, 50),
-        "Ei" => (3, 60),
-        e if e.starts_with(['e', 'E']) => {
-            let x: i32 = e[1..].parse().ok()?;
-            (x.checked_add(3)?, 0)
-        }
-        _ => return None,
-    };
-    let (whole, frac) = num.split_once('.').unwrap_or((num, ""));
-    let digits = format!("{whole}{frac}");
-    let mut mantissa: u128 = if digits.is_empty() {
-        0
-    } else {
-        digits.parse().ok()?
-    };
-    let exp = exp10 - i32::try_from(frac.len()).ok()?;
-    if exp >= 0 {
-        mantissa = mantissa.checked_mul(10u128.checked_pow(u32::try_from(exp).ok()?)?)?;
-    } else {
-        let div = 10u128.checked_pow(u32::try_from(-exp).ok()?)?;
-        mantissa = mantissa.div_ceil(div);
-    }
-    mantissa = mantissa.checked_mul(1u128.checked_shl(exp2)?)?;
-    u64::try_from(mantissa).ok().map(MilliCpu)
+    mbcas_common::quantity::millicores(s).map(MilliCpu)
 }
 
 fn cpu_of(

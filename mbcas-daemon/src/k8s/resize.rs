@@ -587,6 +587,27 @@ fn is_conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 409)
 }
 
+/// PATCHes `pods/resize` with the new CPU limits, retrying a conflict (409)
+/// twice at once: the kubelet updates the pod's status concurrently.
+pub(crate) async fn patch_resize(
+    pods: &Api<Pod>,
+    name: &str,
+    changes: &[(String, MilliCpu)],
+) -> Result<Pod, kube::Error> {
+    let patch = resize_patch(changes);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match pods
+            .patch_resize(name, &PatchParams::default(), &Patch::Strategic(&patch))
+            .await
+        {
+            Err(e) if is_conflict(&e) && attempt < 3 => continue,
+            other => return other,
+        }
+    }
+}
+
 async fn write_status(
     api: &Api<PodAllocation>,
     name: &str,
@@ -674,23 +695,7 @@ pub async fn reconcile(pa: Arc<PodAllocation>, ctx: Arc<Context>) -> Result<Acti
             mem.original = Some(status.original.clone());
             ctx.remember(key.clone(), mem.clone());
         }
-        let patch = resize_patch(changes);
-        let mut attempt = 0;
-        let result = loop {
-            attempt += 1;
-            match pods
-                .patch_resize(
-                    &pa.spec.pod_name,
-                    &PatchParams::default(),
-                    &Patch::Strategic(&patch),
-                )
-                .await
-            {
-                Err(e) if is_conflict(&e) && attempt < 3 => continue,
-                other => break other,
-            }
-        };
-        match result {
+        match patch_resize(&pods, &pa.spec.pod_name, changes).await {
             Ok(_) => {
                 mem.last_change = Some(now);
                 mem.patched = Some(changes.clone());

@@ -13,14 +13,13 @@ use std::{path::PathBuf, process::ExitCode};
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api, Client, ResourceExt as _,
-    api::{DeleteParams, ListParams, Patch, PatchParams},
+    api::{DeleteParams, ListParams},
 };
 use serde::Serialize;
 
 use super::{
     crd::{NODE_LABEL, PodAllocation},
     pods::PodFacts,
-    resize::resize_patch,
 };
 use crate::units::MilliCpu;
 
@@ -122,23 +121,13 @@ pub async fn restore(client: Client, args: &RestoreArgs) -> Result<RestoreReport
                 continue;
             }
             Ok(c) if c.is_empty() => report.unchanged.push(id.clone()),
-            Ok(c) => {
-                let patch = resize_patch(&c);
-                match pods
-                    .patch_resize(
-                        &pa.spec.pod_name,
-                        &PatchParams::default(),
-                        &Patch::Strategic(&patch),
-                    )
-                    .await
-                {
-                    Ok(_) => report.restored.push(id.clone()),
-                    Err(e) => {
-                        report.failed.push(format!("{id}: resize refused: {e}"));
-                        continue;
-                    }
+            Ok(c) => match super::resize::patch_resize(&pods, &pa.spec.pod_name, &c).await {
+                Ok(_) => report.restored.push(id.clone()),
+                Err(e) => {
+                    report.failed.push(format!("{id}: resize refused: {e}"));
+                    continue;
                 }
-            }
+            },
         }
         let pas: Api<PodAllocation> = Api::namespaced(client.clone(), &ns);
         match pas.delete(&pa.name_any(), &DeleteParams::default()).await {

@@ -354,8 +354,10 @@ impl EbpfSensor {
 
 /// Registers a map-backed object with the tokio reactor for readability.
 fn readable_fd<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
-    // SAFETY: `inner` (a ring buffer) owns its map's file descriptor, which stays
-    // open and refers to the same map for as long as the AsyncFd owns `inner`.
+    // SAFETY: both callers pass an object that owns a ring-buffer map's file
+    // descriptor (our event ring buffer, and aya-log's logger over its own);
+    // the descriptor stays open and refers to the same map for as long as the
+    // AsyncFd owns `inner`.
     unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
 }

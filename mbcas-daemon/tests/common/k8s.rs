@@ -28,7 +28,8 @@ use super::apiserver::eventually;
 
 pub const WAIT: Duration = Duration::from_secs(30);
 
-/// Installs (or updates) the CRD from the committed YAML and waits until it is served.
+/// Installs (or updates) the CRD as the code generates it (`PodAllocation::crd()`,
+/// what `mbcas crd` prints) and waits until it is served.
 pub async fn install_crd(client: &Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let crd = PodAllocation::crd();

@@ -865,7 +865,7 @@ pub(super) fn start(state: &StateDir, bins: &Binaries, kubeconfig: &Path) -> any
 
 /// SIGKILLs `pids` and waits (up to 10 s) until they are gone.
 fn kill_all(pids: &[i32]) {
-    for &pid in pids {
+    for &pid in pids.iter().filter(|&&p| p > 0) {
         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
     let deadline = Instant::now() + Duration::from_secs(10);
