@@ -167,13 +167,27 @@ fn quantity(m: MilliCpu) -> CpuQuantity {
     CpuQuantity(m)
 }
 
-/// Decides what to do about one PodAllocation. Pure.
+/// A container's limit now and the one this controller will ask for.
+#[derive(Clone, Debug, PartialEq)]
+struct Desired {
+    name: String,
+    current: MilliCpu,
+    desired: MilliCpu,
+}
+
+/// Why an allocation cannot be acted on: its phase, reason code and message.
+type Refusal = (Phase, &'static str, String);
+
+/// Decides what to do about one PodAllocation. Pure: the controller's clock
+/// (`now`, for cooldowns and backoffs) and the wall clock (`wall`, for the
+/// condition's transition time) come in.
 pub fn plan(
     pa: &PodAllocation,
     pod: Option<Result<&PodFacts, String>>,
     cfg: &ControllerConfig,
     mem: &Memory,
     now: Duration,
+    wall: Timestamp,
 ) -> Plan {
     let old = pa.status.clone().unwrap_or_default();
     let mut status = PodAllocationStatus {
@@ -181,61 +195,143 @@ pub fn plan(
         observed_generation: pa.metadata.generation,
         ..Default::default()
     };
+    let done = |status, resize, event, requeue| finish(&old, status, resize, event, requeue, wall);
+    let refused = |mut status: PodAllocationStatus, (phase, reason, message): Refusal| {
+        status.phase = phase;
+        status.reason = Some(reason.to_owned());
+        status.message = Some(message);
+        done(status, None, None, None)
+    };
+    let pod = match admit(pa, pod, cfg) {
+        Ok(pod) => pod,
+        Err(refusal) => return refused(status, refusal),
+    };
+    let mut notes: Vec<String> = Vec::new();
+    let desired = match safe_limits(pa, pod, cfg, &mut notes) {
+        Ok(d) => d,
+        Err(refusal) => return refused(status, refusal),
+    };
+    status.original = originals(status.original, mem, pod);
+    record_applied(&mut status, pod);
+    let cooling = mem
+        .last_change
+        .map(|t| t + cfg.cooldown)
+        .filter(|&until| until > now);
+    let (changes, held_until) = changes_to_make(&desired, cooling, &mut notes);
+    let note = (!notes.is_empty()).then(|| notes.join("; "));
+    let total_desired = MilliCpu(desired.iter().map(|d| d.desired.get()).sum());
+    if !changes.is_empty() {
+        // The change this controller patched a moment ago, on a copy of the pod
+        // the watch has not updated yet (the allocation's own status write can
+        // wake the controller first): wait for the watch, not patch again.
+        if mem.patched.as_ref() == Some(&changes)
+            && let Some(settled) = mem
+                .last_change
+                .map(|t| t + cfg.own_patch_settle)
+                .filter(|&t| t > now)
+        {
+            return Plan {
+                status: old,
+                resize: None,
+                event: None,
+                requeue: Some(settled - now),
+            };
+        }
+        if let Some(retry) = mem.retry_at.filter(|&t| t > now) {
+            // Still backing off after a failure: keep the failure on record.
+            status.phase = Phase::Failed;
+            status.reason = old.reason.clone().or(Some("ResizeFailed".to_owned()));
+            status.message = old.message.clone();
+            return done(status, None, None, Some(retry - now));
+        }
+        let event = request(
+            &mut status,
+            &desired,
+            &changes,
+            note.as_deref(),
+            total_desired,
+        );
+        return done(
+            status,
+            Some(changes),
+            Some(event),
+            Some(cfg.pending_recheck),
+        );
+    }
+    // The spec holds what we want (or a decrease is held): what does the kubelet say?
+    let requeue_held = held_until.map(|t| t.saturating_sub(now));
+    let (event, requeue) = kubelet_verdict(
+        &mut status,
+        pod,
+        &desired,
+        note.as_deref(),
+        total_desired,
+        requeue_held,
+        cfg.pending_recheck,
+    );
+    done(status, None, event, requeue)
+}
+
+/// The pod this allocation is for, or why it cannot be acted on.
+fn admit<'a>(
+    pa: &PodAllocation,
+    pod: Option<Result<&'a PodFacts, String>>,
+    cfg: &ControllerConfig,
+) -> Result<&'a PodFacts, Refusal> {
     let pod_id = format!(
         "{}/{}",
         pa.namespace().unwrap_or_default(),
         pa.spec.pod_name
     );
-    let failed = |mut status: PodAllocationStatus, reason: &str, message: String| {
-        status.phase = Phase::Failed;
-        status.reason = Some(reason.to_owned());
-        status.message = Some(message);
-        status
-    };
     let pod = match pod {
         None => {
-            let st = failed(
-                status,
+            return Err((
+                Phase::Failed,
                 "PodNotFound",
                 format!("pod {pod_id} does not exist on node {}", cfg.node_name),
-            );
-            return finish(&old, st, None, None, None);
+            ));
         }
-        Some(Err(e)) => {
-            let st = failed(status, "InvalidPod", e);
-            return finish(&old, st, None, None, None);
-        }
+        Some(Err(e)) => return Err((Phase::Failed, "InvalidPod", e)),
         Some(Ok(p)) => p,
     };
     if pod.uid != pa.spec.pod_uid {
-        let st = failed(
-            status,
+        return Err((
+            Phase::Failed,
             "PodReplaced",
             format!(
                 "pod {pod_id} now has UID {}, this allocation was made for {}",
                 pod.uid, pa.spec.pod_uid
             ),
-        );
-        return finish(&old, st, None, None, None);
+        ));
     }
     if let Some(ex) = pod.exclusion(&cfg.excluded_namespaces) {
         let (reason, message) = exclusion_reason(ex);
-        status.phase = Phase::Skipped;
-        status.reason = Some(reason.to_owned());
-        status.message = Some(message.to_owned());
-        return finish(&old, status, None, None, None);
+        return Err((Phase::Skipped, reason, message.to_owned()));
     }
-    // Desired limits per container, made safe.
-    let mut notes: Vec<String> = Vec::new();
-    let mut desired: Vec<(String, MilliCpu, MilliCpu)> = Vec::new(); // (name, current, desired)
+    Ok(pod)
+}
+
+/// The desired limit of each container, made safe: never below the request,
+/// never 0, within the step limits. What was changed goes into `notes`.
+fn safe_limits(
+    pa: &PodAllocation,
+    pod: &PodFacts,
+    cfg: &ControllerConfig,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Desired>, Refusal> {
+    let mut desired = Vec::with_capacity(pa.spec.containers.len());
     for want in &pa.spec.containers {
         let Some(c) = pod.containers.iter().find(|c| c.name == want.name) else {
-            let st = failed(
-                status,
+            return Err((
+                Phase::Failed,
                 "InvalidSpec",
-                format!("container {:?} is not in pod {pod_id}", want.name),
-            );
-            return finish(&old, st, None, None, None);
+                format!(
+                    "container {:?} is not in pod {}/{}",
+                    want.name,
+                    pa.namespace().unwrap_or_default(),
+                    pa.spec.pod_name
+                ),
+            ));
         };
         // exclusion() guarantees every container has a limit here.
         let current = c.limit.unwrap_or(want.cpu_limit.millis());
@@ -263,44 +359,35 @@ pub fn plan(
             ));
             d = lo.max(c.request);
         }
-        desired.push((c.name.clone(), current, d));
+        desired.push(Desired {
+            name: c.name.clone(),
+            current,
+            desired: d,
+        });
     }
-    if status.original.is_empty()
-        && let Some(o) = &mem.original
-    {
-        status.original = o.clone();
+    Ok(desired)
+}
+
+/// The original limits on record: the status's, else what this controller
+/// recorded and the watch has not shown yet, else the pod's limits now.
+fn originals(recorded: Vec<OriginalLimit>, mem: &Memory, pod: &PodFacts) -> Vec<OriginalLimit> {
+    if !recorded.is_empty() {
+        return recorded;
     }
-    if status.original.is_empty() {
-        status.original = pod
-            .containers
-            .iter()
-            .map(|c| OriginalLimit {
-                name: c.name.clone(),
-                cpu_limit: c.limit.map(quantity),
-            })
-            .collect();
+    if let Some(o) = &mem.original {
+        return o.clone();
     }
-    let cooling = mem
-        .last_change
-        .map(|t| t + cfg.cooldown)
-        .filter(|&until| until > now);
-    let mut changes: Vec<(String, MilliCpu)> = Vec::new();
-    let mut held_until = None;
-    for (name, current, d) in &desired {
-        if d == current {
-            continue;
-        }
-        if d < current
-            && let Some(until) = cooling
-        {
-            notes.push(format!("{name}: decrease held for the cooldown"));
-            held_until = Some(until);
-            continue;
-        }
-        changes.push((name.clone(), *d));
-    }
-    let note = (!notes.is_empty()).then(|| notes.join("; "));
-    let total_desired = MilliCpu(desired.iter().map(|(_, _, d)| d.get()).sum());
+    pod.containers
+        .iter()
+        .map(|c| OriginalLimit {
+            name: c.name.clone(),
+            cpu_limit: c.limit.map(quantity),
+        })
+        .collect()
+}
+
+/// The limits the kubelet reports, when it reports one for every container.
+fn record_applied(status: &mut PodAllocationStatus, pod: &PodFacts) {
     let applied: Option<Vec<ContainerAllocation>> = pod
         .containers
         .iter()
@@ -311,141 +398,161 @@ pub fn plan(
             })
         })
         .collect();
-    if let Some(a) = &applied {
+    if let Some(a) = applied {
         status.applied_cpu_limit = Some(quantity(MilliCpu(
             a.iter().map(|c| c.cpu_limit.millis().get()).sum(),
         )));
-        status.applied = a.clone();
+        status.applied = a;
     }
-    if !changes.is_empty() {
-        // The change this controller patched a moment ago, on a copy of the pod
-        // the watch has not updated yet (the allocation's own status write can
-        // wake the controller first): wait for the watch, not patch again.
-        if mem.patched.as_ref() == Some(&changes)
-            && let Some(settled) = mem
-                .last_change
-                .map(|t| t + cfg.own_patch_settle)
-                .filter(|&t| t > now)
+}
+
+/// The containers to patch, and until when a decrease is held for the cooldown.
+fn changes_to_make(
+    desired: &[Desired],
+    cooling: Option<Duration>,
+    notes: &mut Vec<String>,
+) -> (Vec<(String, MilliCpu)>, Option<Duration>) {
+    let mut changes = Vec::new();
+    let mut held_until = None;
+    for d in desired {
+        if d.desired == d.current {
+            continue;
+        }
+        if d.desired < d.current
+            && let Some(until) = cooling
         {
-            return Plan {
-                status: old,
-                resize: None,
-                event: None,
-                requeue: Some(settled - now),
-            };
+            notes.push(format!("{}: decrease held for the cooldown", d.name));
+            held_until = Some(until);
+            continue;
         }
-        if let Some(retry) = mem.retry_at.filter(|&t| t > now) {
-            // Still backing off after a failure: keep the failure on record.
-            status.phase = Phase::Failed;
-            status.reason = old.reason.clone().or(Some("ResizeFailed".to_owned()));
-            status.message = old.message.clone();
-            return finish(&old, status, None, None, Some(retry - now));
-        }
-        status.phase = Phase::Pending;
-        status.reason = Some("ResizeRequested".to_owned());
-        let what = changes
-            .iter()
-            .map(|(n, d)| {
-                let cur = desired
-                    .iter()
-                    .find(|x| &x.0 == n)
-                    .map_or(MilliCpu::ZERO, |x| x.1);
-                format!("{n}: {cur} → {d}")
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
-        status.message = Some(match &note {
-            Some(n) => format!("CPU limit {what} requested ({n})"),
-            None => format!("CPU limit {what} requested"),
-        });
-        let event = PlannedEvent {
-            warning: false,
-            reason: "ResizeRequested",
-            note: format!("MBCAS requested CPU limit {what} (total {total_desired})"),
-        };
-        return finish(
-            &old,
-            status,
-            Some(changes),
-            Some(event),
-            Some(cfg.pending_recheck),
-        );
+        changes.push((d.name.clone(), d.desired));
     }
-    // The spec holds what we want (or a decrease is held): what does the kubelet say?
-    let reported_all = desired.iter().all(|(name, current, _)| {
+    (changes, held_until)
+}
+
+/// The status and event of a resize about to be requested.
+fn request(
+    status: &mut PodAllocationStatus,
+    desired: &[Desired],
+    changes: &[(String, MilliCpu)],
+    note: Option<&str>,
+    total_desired: MilliCpu,
+) -> PlannedEvent {
+    status.phase = Phase::Pending;
+    status.reason = Some("ResizeRequested".to_owned());
+    let what = changes
+        .iter()
+        .map(|(n, d)| {
+            let cur = desired
+                .iter()
+                .find(|x| &x.name == n)
+                .map_or(MilliCpu::ZERO, |x| x.current);
+            format!("{n}: {cur} → {d}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    status.message = Some(match note {
+        Some(n) => format!("CPU limit {what} requested ({n})"),
+        None => format!("CPU limit {what} requested"),
+    });
+    PlannedEvent {
+        warning: false,
+        reason: "ResizeRequested",
+        note: format!("MBCAS requested CPU limit {what} (total {total_desired})"),
+    }
+}
+
+/// With the spec as wanted: the status from what the kubelet reports, the
+/// event to publish and when to look again.
+fn kubelet_verdict(
+    status: &mut PodAllocationStatus,
+    pod: &PodFacts,
+    desired: &[Desired],
+    note: Option<&str>,
+    total_desired: MilliCpu,
+    requeue_held: Option<Duration>,
+    pending_recheck: Duration,
+) -> (Option<PlannedEvent>, Option<Duration>) {
+    let reported_all = desired.iter().all(|d| {
         pod.containers
             .iter()
-            .find(|c| &c.name == name)
-            .is_some_and(|c| c.status_limit == Some(*current))
+            .find(|c| c.name == d.name)
+            .is_some_and(|c| c.status_limit == Some(d.current))
     });
-    let requeue_held = held_until.map(|t| t.saturating_sub(now));
+    let mut set = |phase, reason: &str, message: String| {
+        status.phase = phase;
+        status.reason = Some(reason.to_owned());
+        status.message = Some(message);
+    };
+    let failure = |note: String| PlannedEvent {
+        warning: true,
+        reason: "ResizeFailed",
+        note,
+    };
     match &pod.resize {
         ResizeState::Infeasible(m) => {
-            let st = failed(
-                status,
+            set(
+                Phase::Failed,
                 "Infeasible",
                 format!("the kubelet cannot resize the pod: {m}"),
             );
-            let ev = PlannedEvent {
-                warning: true,
-                reason: "ResizeFailed",
-                note: format!("resize infeasible: {m}"),
-            };
-            finish(&old, st, None, Some(ev), None)
+            (Some(failure(format!("resize infeasible: {m}"))), None)
         }
         ResizeState::Error(m) => {
-            let st = failed(
-                status,
+            set(
+                Phase::Failed,
                 "ResizeError",
                 format!("the kubelet failed to resize the pod: {m}"),
             );
-            let ev = PlannedEvent {
-                warning: true,
-                reason: "ResizeFailed",
-                note: format!("resize error: {m}"),
-            };
-            finish(&old, st, None, Some(ev), None)
+            (Some(failure(format!("resize error: {m}"))), None)
         }
         ResizeState::Deferred(m) => {
-            status.phase = Phase::Pending;
-            status.reason = Some("ResizeDeferred".to_owned());
-            status.message = Some(format!("the kubelet deferred the resize: {m}"));
-            finish(&old, status, None, None, Some(cfg.pending_recheck))
+            set(
+                Phase::Pending,
+                "ResizeDeferred",
+                format!("the kubelet deferred the resize: {m}"),
+            );
+            (None, Some(pending_recheck))
         }
         ResizeState::Idle | ResizeState::InProgress if reported_all => {
-            status.phase = Phase::Applied;
-            status.reason = Some("ResizeApplied".to_owned());
-            status.message = Some(match &note {
-                Some(n) => format!("the kubelet reports CPU limit {total_desired} ({n})"),
-                None => format!("the kubelet reports CPU limit {total_desired}"),
-            });
+            set(
+                Phase::Applied,
+                "ResizeApplied",
+                match note {
+                    Some(n) => format!("the kubelet reports CPU limit {total_desired} ({n})"),
+                    None => format!("the kubelet reports CPU limit {total_desired}"),
+                },
+            );
             let ev = PlannedEvent {
                 warning: false,
                 reason: "ResizeApplied",
                 note: format!("CPU limit {total_desired} applied"),
             };
-            finish(&old, status, None, Some(ev), requeue_held)
+            (Some(ev), requeue_held)
         }
         ResizeState::Idle | ResizeState::InProgress => {
-            status.phase = Phase::Pending;
-            status.reason = Some("WaitingForKubelet".to_owned());
-            status.message = Some(format!(
-                "the pod's spec has CPU limit {total_desired}; the kubelet has not reported it yet"
-            ));
-            let recheck = requeue_held.map_or(cfg.pending_recheck, |h| h.min(cfg.pending_recheck));
-            finish(&old, status, None, None, Some(recheck))
+            set(
+                Phase::Pending,
+                "WaitingForKubelet",
+                format!(
+                    "the pod's spec has CPU limit {total_desired}; the kubelet has not reported it yet"
+                ),
+            );
+            let recheck = requeue_held.map_or(pending_recheck, |h| h.min(pending_recheck));
+            (None, Some(recheck))
         }
     }
 }
 
-/// Adds the `Applied` condition (its transition time kept unless its status
-/// changed) and drops events that repeat the phase already on record.
+/// Adds the `Applied` condition (its transition time, `wall`, kept unless its
+/// status changed) and drops events that repeat the phase already on record.
 fn finish(
     old: &PodAllocationStatus,
     mut status: PodAllocationStatus,
     resize: Option<Vec<(String, MilliCpu)>>,
     event: Option<PlannedEvent>,
     requeue: Option<Duration>,
+    wall: Timestamp,
 ) -> Plan {
     let cond_status = match status.phase {
         Phase::Applied => "True",
@@ -455,7 +562,7 @@ fn finish(
     let prev = old.conditions.iter().find(|c| c.type_ == CONDITION_APPLIED);
     let last_transition_time = match prev {
         Some(p) if p.status == cond_status => p.last_transition_time.clone(),
-        _ => Time(Timestamp::now()),
+        _ => Time(wall),
     };
     status.conditions = vec![Condition {
         type_: CONDITION_APPLIED.to_owned(),
@@ -680,12 +787,12 @@ pub async fn reconcile(pa: Arc<PodAllocation>, ctx: Arc<Context>) -> Result<Acti
         &ctx.cfg,
         &mem,
         now,
+        Timestamp::now(),
     );
     tracing::debug!(allocation = %key, pod_found = pod_obj.is_some(), phase = %plan.status.phase, reason = ?plan.status.reason, resize = ?plan.resize, "reconcile");
     // What the server holds (updated below when this reconcile writes it).
     let mut old = pa.status.clone().unwrap_or_default();
     let mut status = plan.status.clone();
-    let mut event = plan.event.clone();
     if let Some(changes) = &plan.resize {
         if old.original.is_empty() && mem.original.is_none() {
             // The original limits are on record before anything changes (with
@@ -710,34 +817,13 @@ pub async fn reconcile(pa: Arc<PodAllocation>, ctx: Arc<Context>) -> Result<Acti
                 mem.failures += 1;
                 let wait = ctx.cfg.backoff(mem.failures);
                 mem.retry_at = Some(now + wait);
-                let msg = match &e {
-                    kube::Error::Api(s) => s.message.clone(),
-                    other => other.to_string(),
-                };
-                status.phase = Phase::Failed;
-                status.reason = Some("ResizeRejected".to_owned());
-                status.message = Some(format!("the API server refused the resize: {msg}"));
-                status.conditions.iter_mut().for_each(|c| {
-                    c.status = "False".to_owned();
-                    c.reason = "ResizeRejected".to_owned();
-                    c.message = status.message.clone().unwrap_or_default();
-                });
-                event = Some(PlannedEvent {
-                    warning: true,
-                    reason: "ResizeFailed",
-                    note: format!("resize refused: {msg}"),
-                });
+                let ev = rejected(&mut status, &e);
                 if let Some(m) = &ctx.metrics {
                     m.inc_resize("rejected");
                 }
-                tracing::warn!(pod = %format!("{ns}/{}", pa.spec.pod_name), error = %msg, retry_in = ?wait, "resize refused");
+                tracing::warn!(pod = %format!("{ns}/{}", pa.spec.pod_name), error = %ev.note, retry_in = ?wait, "resize refused");
                 ctx.remember(key, mem);
-                if status != old {
-                    write_status(&pas, &name, &status).await?;
-                }
-                if let Some(ev) = &event {
-                    publish(&ctx, &pa, ev).await;
-                }
+                record(&ctx, &pas, &pa, &old, &status, Some(&ev)).await?;
                 return Ok(Action::requeue(wait));
             }
             Err(source) => {
@@ -763,15 +849,51 @@ pub async fn reconcile(pa: Arc<PodAllocation>, ctx: Arc<Context>) -> Result<Acti
         mem.retry_at = None;
     }
     ctx.remember(key, mem);
-    if status != old {
-        write_status(&pas, &name, &status).await?;
-    }
-    if let Some(ev) = &event {
-        publish(&ctx, &pa, ev).await;
-    }
+    record(&ctx, &pas, &pa, &old, &status, plan.event.as_ref()).await?;
     Ok(plan
         .requeue
         .map_or_else(Action::await_change, Action::requeue))
+}
+
+/// Marks the status of a resize the API server refused; the event to publish.
+fn rejected(status: &mut PodAllocationStatus, e: &kube::Error) -> PlannedEvent {
+    let msg = match e {
+        kube::Error::Api(s) => s.message.clone(),
+        other => other.to_string(),
+    };
+    let message = format!("the API server refused the resize: {msg}");
+    status.phase = Phase::Failed;
+    status.reason = Some("ResizeRejected".to_owned());
+    status.message = Some(message.clone());
+    for c in &mut status.conditions {
+        c.status = "False".to_owned();
+        c.reason = "ResizeRejected".to_owned();
+        c.message = message.clone();
+    }
+    PlannedEvent {
+        warning: true,
+        reason: "ResizeFailed",
+        note: format!("resize refused: {msg}"),
+    }
+}
+
+/// Writes the status when it differs from what the server holds, then
+/// publishes the event.
+async fn record(
+    ctx: &Context,
+    pas: &Api<PodAllocation>,
+    pa: &PodAllocation,
+    old: &PodAllocationStatus,
+    status: &PodAllocationStatus,
+    event: Option<&PlannedEvent>,
+) -> Result<(), ResizeError> {
+    if status != old {
+        write_status(pas, &pa.name_any(), status).await?;
+    }
+    if let Some(ev) = event {
+        publish(ctx, pa, ev).await;
+    }
+    Ok(())
 }
 
 /// Transient failures wait at least the configured failure backoff (1 min).

@@ -61,6 +61,11 @@ fn at(s: u64) -> Duration {
     Duration::from_secs(s)
 }
 
+/// The wall clock a plan is made at (condition transition times).
+fn wall() -> Timestamp {
+    Timestamp::from_second(1_800_000_000).unwrap()
+}
+
 #[test]
 fn first_increase_records_the_original_and_requests_a_resize() {
     let f = facts(500, 250, Some(500));
@@ -70,6 +75,7 @@ fn first_increase_records_the_original_and_requests_a_resize() {
         &cfg(),
         &Memory::default(),
         at(100),
+        wall(),
     );
     assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(700))]));
     assert_eq!(p.status.phase, Phase::Pending);
@@ -106,6 +112,7 @@ fn the_original_is_never_overwritten() {
         &cfg(),
         &Memory::default(),
         at(0),
+        wall(),
     );
     assert_eq!(p.status.original, old.original);
 }
@@ -120,6 +127,7 @@ fn never_below_the_request_and_max_step_is_enforced_again() {
         &cfg(),
         &Memory::default(),
         at(0),
+        wall(),
     );
     assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(300))]));
     assert!(
@@ -138,6 +146,7 @@ fn never_below_the_request_and_max_step_is_enforced_again() {
         &cfg(),
         &Memory::default(),
         at(0),
+        wall(),
     );
     assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(750))]));
 }
@@ -149,12 +158,12 @@ fn decreases_wait_for_the_cooldown_increases_do_not() {
         last_change: Some(at(100)),
         ..Default::default()
     };
-    let p = plan(&pa(600, None), Some(Ok(&f)), &cfg(), &mem, at(110));
+    let p = plan(&pa(600, None), Some(Ok(&f)), &cfg(), &mem, at(110), wall());
     assert_eq!(p.resize, None);
     assert_eq!(p.requeue, Some(at(20)));
-    let p = plan(&pa(600, None), Some(Ok(&f)), &cfg(), &mem, at(131));
+    let p = plan(&pa(600, None), Some(Ok(&f)), &cfg(), &mem, at(131), wall());
     assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(600))]));
-    let p = plan(&pa(1000, None), Some(Ok(&f)), &cfg(), &mem, at(110));
+    let p = plan(&pa(1000, None), Some(Ok(&f)), &cfg(), &mem, at(110), wall());
     assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(1000))]));
 }
 
@@ -178,6 +187,7 @@ fn its_own_patch_is_not_repeated_while_the_pod_watch_catches_up() {
         &cfg(),
         &mem,
         at(101),
+        wall(),
     );
     assert_eq!(p.resize, None);
     assert_eq!(p.event, None);
@@ -190,6 +200,7 @@ fn its_own_patch_is_not_repeated_while_the_pod_watch_catches_up() {
         &cfg(),
         &mem,
         at(101),
+        wall(),
     );
     assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(750))]));
     // Still not seen after the settle time (someone put it back): patched again.
@@ -199,6 +210,7 @@ fn its_own_patch_is_not_repeated_while_the_pod_watch_catches_up() {
         &cfg(),
         &mem,
         at(111),
+        wall(),
     );
     assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(700))]));
 }
@@ -212,6 +224,7 @@ fn applied_once_the_kubelet_reports_the_limit() {
         &cfg(),
         &Memory::default(),
         at(0),
+        wall(),
     );
     assert_eq!(p.resize, None);
     assert_eq!(p.status.phase, Phase::Pending);
@@ -224,6 +237,7 @@ fn applied_once_the_kubelet_reports_the_limit() {
         &cfg(),
         &Memory::default(),
         at(1),
+        wall(),
     );
     assert_eq!(p.status.phase, Phase::Applied);
     assert_eq!(p.event.as_ref().map(|e| e.reason), Some("ResizeApplied"));
@@ -235,6 +249,7 @@ fn applied_once_the_kubelet_reports_the_limit() {
         &cfg(),
         &Memory::default(),
         at(50),
+        wall(),
     );
     assert_eq!(again.status, p.status);
     assert_eq!(again.event, None);
@@ -251,6 +266,7 @@ fn kubelet_refusals_are_failures_deferrals_are_pending() {
         &cfg(),
         &Memory::default(),
         at(0),
+        wall(),
     );
     assert_eq!(p.status.phase, Phase::Failed);
     assert_eq!(p.status.reason.as_deref(), Some("Infeasible"));
@@ -262,6 +278,7 @@ fn kubelet_refusals_are_failures_deferrals_are_pending() {
         &cfg(),
         &Memory::default(),
         at(0),
+        wall(),
     );
     assert_eq!(p.status.phase, Phase::Pending);
     assert_eq!(p.status.reason.as_deref(), Some("ResizeDeferred"));
@@ -269,7 +286,14 @@ fn kubelet_refusals_are_failures_deferrals_are_pending() {
 
 #[test]
 fn missing_replaced_and_unmanaged_pods_are_never_patched() {
-    let p = plan(&pa(700, None), None, &cfg(), &Memory::default(), at(0));
+    let p = plan(
+        &pa(700, None),
+        None,
+        &cfg(),
+        &Memory::default(),
+        at(0),
+        wall(),
+    );
     assert_eq!(p.status.phase, Phase::Failed);
     assert_eq!(p.status.reason.as_deref(), Some("PodNotFound"));
     assert_eq!(p.resize, None);
@@ -282,6 +306,7 @@ fn missing_replaced_and_unmanaged_pods_are_never_patched() {
         &cfg(),
         &Memory::default(),
         at(0),
+        wall(),
     );
     assert_eq!(p.status.reason.as_deref(), Some("PodReplaced"));
     assert_eq!(p.resize, None);
@@ -311,6 +336,7 @@ fn missing_replaced_and_unmanaged_pods_are_never_patched() {
             &cfg(),
             &Memory::default(),
             at(0),
+            wall(),
         );
         assert_eq!(p.status.phase, Phase::Skipped, "{reason}");
         assert_eq!(p.status.reason.as_deref(), Some(reason));
@@ -323,6 +349,7 @@ fn missing_replaced_and_unmanaged_pods_are_never_patched() {
         &cfg_ns,
         &Memory::default(),
         at(0),
+        wall(),
     );
     assert_eq!(p.status.reason.as_deref(), Some("ExcludedNamespace"));
     assert_eq!(p.resize, None);
@@ -333,6 +360,7 @@ fn missing_replaced_and_unmanaged_pods_are_never_patched() {
         &cfg(),
         &Memory::default(),
         at(0),
+        wall(),
     );
     assert_eq!(p.status.reason.as_deref(), Some("InvalidPod"));
 }
@@ -342,7 +370,7 @@ fn unknown_containers_are_an_invalid_spec() {
     let f = facts(500, 250, Some(500));
     let mut a = pa(700, None);
     a.spec.containers[0].name = "nope".into();
-    let p = plan(&a, Some(Ok(&f)), &cfg(), &Memory::default(), at(0));
+    let p = plan(&a, Some(Ok(&f)), &cfg(), &Memory::default(), at(0), wall());
     assert_eq!(p.status.phase, Phase::Failed);
     assert_eq!(p.status.reason.as_deref(), Some("InvalidSpec"));
 }
@@ -361,11 +389,18 @@ fn after_a_failure_the_controller_backs_off() {
         retry_at: Some(at(160)),
         ..Default::default()
     };
-    let p = plan(&pa(700, Some(old)), Some(Ok(&f)), &cfg(), &mem, at(100));
+    let p = plan(
+        &pa(700, Some(old)),
+        Some(Ok(&f)),
+        &cfg(),
+        &mem,
+        at(100),
+        wall(),
+    );
     assert_eq!(p.resize, None);
     assert_eq!(p.status.phase, Phase::Failed);
     assert_eq!(p.requeue, Some(at(60)));
-    let p = plan(&pa(700, None), Some(Ok(&f)), &cfg(), &mem, at(161));
+    let p = plan(&pa(700, None), Some(Ok(&f)), &cfg(), &mem, at(161), wall());
     assert!(p.resize.is_some());
     let c = cfg();
     assert_eq!(c.backoff(1), at(60));
@@ -386,7 +421,7 @@ fn a_stale_allocation_does_not_rerecord_the_original() {
         last_change: Some(at(1)),
         ..Default::default()
     };
-    let p = plan(&pa(700, None), Some(Ok(&f)), &cfg(), &mem, at(2));
+    let p = plan(&pa(700, None), Some(Ok(&f)), &cfg(), &mem, at(2), wall());
     assert_eq!(p.status.original, mem.original.unwrap_or_default());
 }
 
@@ -406,7 +441,29 @@ mod mocked {
 
     use super::*;
 
-    type Calls = Arc<Mutex<Vec<String>>>;
+    /// One request as the mocked server saw it.
+    #[derive(Clone, Debug)]
+    struct Call {
+        method: String,
+        path: String,
+        query: String,
+        content_type: String,
+        body: serde_json::Value,
+    }
+
+    impl Call {
+        /// `METHOD path`, for sequences.
+        fn line(&self) -> String {
+            format!("{} {}", self.method, self.path)
+        }
+    }
+
+    type Calls = Arc<Mutex<Vec<Call>>>;
+
+    const STATUS: &str =
+        "PATCH /apis/allocation.mbcas.io/v1alpha1/namespaces/default/podallocations/web/status";
+    const RESIZE: &str = "PATCH /api/v1/namespaces/default/pods/web/resize";
+    const EVENT: &str = "POST /apis/events.k8s.io/v1/namespaces/default/events";
 
     fn status_body(code: u16, reason: &str) -> Body {
         Body::from(
@@ -434,11 +491,30 @@ mod mocked {
         let calls: Calls = Arc::default();
         let rec = calls.clone();
         tokio::spawn(async move {
+            use http_body_util::BodyExt as _;
             let mut codes = resize_codes.into_iter();
             while let Some((req, send)) = handle.next_request().await {
                 let path = req.uri().path().to_owned();
+                let (parts, body) = req.into_parts();
+                let bytes = body
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let call = Call {
+                    method: parts.method.to_string(),
+                    path: path.clone(),
+                    query: parts.uri.query().unwrap_or_default().to_owned(),
+                    content_type: parts
+                        .headers
+                        .get(http::header::CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned(),
+                    body: serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+                };
                 if let Ok(mut c) = rec.lock() {
-                    c.push(format!("{} {path}", req.method()));
+                    c.push(call);
                 }
                 let resp = if path.ends_with("/resize") {
                     match codes.next() {
@@ -477,11 +553,53 @@ mod mocked {
         Arc::new(Context::new(client, store, cfg(), None))
     }
 
-    fn count(calls: &Calls, needle: &str) -> usize {
-        calls
-            .lock()
-            .map(|c| c.iter().filter(|x| x.contains(needle)).count())
-            .unwrap_or(0)
+    fn taken(calls: &Calls) -> Vec<Call> {
+        calls.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    fn lines(calls: &[Call]) -> Vec<String> {
+        calls.iter().map(Call::line).collect()
+    }
+
+    /// A status write as the controller must send it: server-side apply on the
+    /// status subresource, forced, with its own field manager.
+    fn assert_status_apply(c: &Call, phase: &str, reason: &str) {
+        assert_eq!(c.line(), STATUS);
+        assert_eq!(c.content_type, "application/apply-patch+yaml", "{c:?}");
+        assert!(c.query.contains("fieldManager=mbcas-daemon"), "{c:?}");
+        assert!(c.query.contains("force=true"), "{c:?}");
+        assert_eq!(c.body["kind"], "PodAllocation", "{c:?}");
+        assert_eq!(c.body["status"]["phase"], phase, "{c:?}");
+        assert_eq!(c.body["status"]["reason"], reason, "{c:?}");
+        assert_eq!(
+            c.body["status"]["original"],
+            serde_json::json!([{"name": "app", "cpuLimit": "500m"}]),
+            "the original limit is on record in every status write: {c:?}"
+        );
+    }
+
+    /// The resize: a strategic-merge patch of the CPU limit only.
+    fn assert_resize(c: &Call, millicores: u64) {
+        assert_eq!(c.line(), RESIZE);
+        assert_eq!(
+            c.content_type, "application/strategic-merge-patch+json",
+            "{c:?}"
+        );
+        assert_eq!(
+            c.body,
+            serde_json::json!({"spec": {"containers": [{"name": "app", "resources": {
+                "limits": {"cpu": format!("{millicores}m")}}}]}}),
+            "only the CPU limit is patched: {c:?}"
+        );
+    }
+
+    fn assert_event(c: &Call, type_: &str, reason: &str) {
+        assert_eq!(c.line(), EVENT);
+        assert_eq!(c.body["type"], type_, "{c:?}");
+        assert_eq!(c.body["reason"], reason, "{c:?}");
+        assert_eq!(c.body["regarding"]["kind"], "Pod", "{c:?}");
+        assert_eq!(c.body["regarding"]["name"], "web", "{c:?}");
+        assert_eq!(c.body["regarding"]["uid"], "uid-1", "{c:?}");
     }
 
     #[tokio::test]
@@ -490,12 +608,17 @@ mod mocked {
         let ctx = context(client);
         let out = reconcile(Arc::new(pa(700, None)), ctx.clone()).await;
         assert!(out.is_ok(), "{out:?}");
+        let c = taken(&calls);
         assert_eq!(
-            count(&calls, "PATCH /api/v1/namespaces/default/pods/web/resize"),
-            3
+            lines(&c),
+            [STATUS, RESIZE, RESIZE, RESIZE, EVENT],
+            "original on record, two conflicts retried at once, then the event"
         );
-        // Original recorded before the patch, final status after it.
-        assert!(count(&calls, "/podallocations/web/status") >= 1);
+        assert_status_apply(&c[0], "Pending", "ResizeRequested");
+        for r in &c[1..4] {
+            assert_resize(r, 700);
+        }
+        assert_event(&c[4], "Normal", "ResizeRequested");
         let mem = ctx.memory(&ObjectRef::new("web").within("default"));
         assert_eq!(mem.failures, 0);
         assert!(mem.last_change.is_some());
@@ -509,11 +632,21 @@ mod mocked {
             .await
             .unwrap();
         assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+        let c = taken(&calls);
         assert_eq!(
-            count(&calls, "/resize"),
-            1,
-            "a refusal is not retried at once"
+            lines(&c),
+            [STATUS, RESIZE, STATUS, EVENT],
+            "a refusal is not retried at once; it is recorded and told"
         );
+        assert_status_apply(&c[0], "Pending", "ResizeRequested");
+        assert_resize(&c[1], 700);
+        assert_status_apply(&c[2], "Failed", "ResizeRejected");
+        assert_eq!(
+            c[2].body["status"]["conditions"][0]["status"], "False",
+            "{:?}",
+            c[2]
+        );
+        assert_event(&c[3], "Warning", "ResizeFailed");
         let mem = ctx.memory(&ObjectRef::new("web").within("default"));
         assert_eq!(mem.failures, 1);
         // Within the backoff the next reconcile does not patch again.
@@ -524,11 +657,13 @@ mod mocked {
         };
         let again = reconcile(Arc::new(pa(700, Some(failed))), ctx.clone()).await;
         assert!(again.is_ok(), "{again:?}");
+        let c = taken(&calls);
         assert_eq!(
-            count(&calls, "/resize"),
-            1,
-            "patched again during the backoff"
+            lines(&c[4..]),
+            [STATUS],
+            "within the backoff: the failure kept on record, no patch"
         );
+        assert_status_apply(&c[4], "Failed", "ResizeRejected");
     }
 
     #[tokio::test]
@@ -542,11 +677,13 @@ mod mocked {
                 matches!(err, Err(ResizeError::Resize { .. })),
                 "{code}: {err:?}"
             );
+            let c = taken(&calls);
             assert_eq!(
-                count(&calls, "/resize"),
-                1,
-                "{code}: retried without backoff"
+                lines(&c),
+                [STATUS, RESIZE],
+                "{code}: original on record, one patch, no retry without backoff"
             );
+            assert_resize(&c[1], 700);
             let Err(e) = err else { continue };
             let action = error_policy(pa, &e, ctx.clone());
             assert_eq!(action, Action::requeue(Duration::from_secs(60)), "{code}");
