@@ -23,10 +23,14 @@
 use std::sync::Arc;
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::{
     Api, Client,
-    runtime::{WatchStreamExt as _, reflector, watcher},
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, ReflectHandle, Store},
+        watcher,
+    },
 };
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -179,84 +183,154 @@ pub async fn run_with_client(
 
     let metrics = Metrics::new();
     let mut components = vec![Component::Pods, Component::Allocations, Component::Node];
-    let decide = k.decide == Decide::On;
-    let mut loop_parts = None;
-    if decide {
-        let layout = Layout::detect()?;
-        tracing::info!(layout = ?layout.kind, cpu_root = %layout.cpu_root.display(), "cgroup layout");
-        let sensor = Sensor::start(args.local.sensor, debug_log)?;
-        if let Some(why) = sensor.fallback_reason() {
-            tracing::warn!(
-                reason = why,
-                "eBPF sensor unavailable; polling cpu.stat instead"
-            );
+    let sensing = match k.decide {
+        Decide::On => {
+            components.push(Component::Sensor);
+            Some(start_sensor(args, debug_log, &metrics)?)
         }
-        metrics.set_sensor_mode(sensor.kind().as_str());
-        components.push(Component::Sensor);
-        loop_parts = Some((layout.cpu_root.clone(), sensor));
-    }
+        Decide::Off => None,
+    };
     let readiness = Readiness::new(&components);
     let listener = http::bind(cfg.metrics_addr).await?;
     tracing::debug!(addr = ?listener.local_addr().ok(), "metrics listener bound");
 
-    let mut tasks: JoinSet<TaskEnd> = JoinSet::new();
-    // HTTP.
+    let mut tasks = Tasks {
+        set: JoinSet::new(),
+        shutdown,
+    };
     {
-        let (m, r, c) = (metrics.clone(), readiness.clone(), shutdown.clone());
-        tasks.spawn(async move {
+        let (m, r, c) = (metrics.clone(), readiness.clone(), tasks.shutdown.clone());
+        tasks.set.spawn(async move {
             let served = http::serve(listener, m, r, c).await;
             ("http", served.map_err(|e| error_chain(&e)))
         });
     }
-    // This node's pods, shared by the decision loop and the controller.
-    let (pod_store, pod_writer, pod_stream) = pods::pod_reflector(client.clone(), &node);
-    let Some(pod_events) = pod_writer.subscribe() else {
-        return Err(AppError::Internal("the pod reflector offers no subscriber"));
-    };
-    {
-        let c = shutdown.clone();
-        tasks.spawn(async move {
+    let watches = tasks.watch(&client, &node)?;
+    let synced = tasks.follow_readiness(&watches, &readiness);
+    let mut ccfg = ControllerConfig::new(node.clone());
+    ccfg.excluded_namespaces = cfg.excluded_namespaces.clone();
+    ccfg.cooldown = cfg.policy.cooldown;
+    ccfg.max_step_up = cfg.policy.max_step_up;
+    ccfg.max_step_down = cfg.policy.max_step_down;
+    let ctx = Arc::new(resize::Context::new(
+        client.clone(),
+        watches.pods.clone(),
+        ccfg,
+        Some(metrics.clone()),
+    ));
+    tasks.controller(ctx, watches.pod_events, synced.pods.clone());
+    if let Some((cgroup_root, sensor)) = sensing {
+        let writer = Writer::new(client.clone(), node.clone(), watches.allocations.clone());
+        let (engine, pacing) = (cfg.engine(), cfg.pacing());
+        let mode = NodePods::new(
+            NodeLoopConfig {
+                node: node.clone(),
+                decision: cfg,
+                priority_weighting: k.priority_weighting,
+                cgroup_root,
+                pod_cgroups,
+            },
+            watches.pods.clone(),
+            watches.node.clone(),
+            writer,
+        );
+        let decisions = DecisionLoop::new(mode, sensor, engine, pacing, metrics);
+        tasks.decisions(decisions, readiness, synced.all);
+    }
+    tasks.join(k.grace_period).await
+}
+
+/// Finds the cgroup layout and starts the sensor, saying which runs and why.
+fn start_sensor(
+    args: &RunArgs,
+    debug_log: bool,
+    metrics: &Metrics,
+) -> Result<(std::path::PathBuf, Sensor), AppError> {
+    let layout = Layout::detect()?;
+    tracing::info!(layout = ?layout.kind, cpu_root = %layout.cpu_root.display(), "cgroup layout");
+    let sensor = Sensor::start(args.local.sensor, debug_log)?;
+    if let Some(why) = sensor.fallback_reason() {
+        tracing::warn!(
+            reason = why,
+            "eBPF sensor unavailable; polling cpu.stat instead"
+        );
+    }
+    metrics.set_sensor_mode(sensor.kind().as_str());
+    Ok((layout.cpu_root, sensor))
+}
+
+/// The stores of this node's watches.
+struct Watches {
+    /// This node's pods, shared by the decision loop and the controller.
+    pods: Store<Pod>,
+    pod_events: ReflectHandle<Pod>,
+    allocations: Store<PodAllocation>,
+    node: Store<Node>,
+}
+
+/// Tokens cancelled as the stores sync.
+struct Synced {
+    pods: CancellationToken,
+    all: CancellationToken,
+}
+
+/// The daemon's tasks, under one cancellation token.
+struct Tasks {
+    set: JoinSet<TaskEnd>,
+    shutdown: CancellationToken,
+}
+
+impl Tasks {
+    /// Starts the watches of this node's pods, PodAllocations and Node object.
+    fn watch(&mut self, client: &Client, node: &str) -> Result<Watches, AppError> {
+        let (pods, pod_writer, pod_stream) = pods::pod_reflector(client.clone(), node);
+        let Some(pod_events) = pod_writer.subscribe() else {
+            return Err(AppError::Internal("the pod reflector offers no subscriber"));
+        };
+        let c = self.shutdown.clone();
+        self.set.spawn(async move {
             let s = pod_stream.reflect_shared(pod_writer).applied_objects();
             drive(s, c, "pods").await
         });
-    }
-    // This node's PodAllocations.
-    let (pa_store, pa_writer) = reflector::store::<PodAllocation>();
-    {
+        let (allocations, pa_writer) = reflector::store::<PodAllocation>();
         let api: Api<PodAllocation> = Api::all(client.clone());
         let wc = watcher::Config::default().labels(&format!("{NODE_LABEL}={node}"));
         let s = watcher(api, wc).default_backoff().reflect(pa_writer);
-        let c = shutdown.clone();
-        tasks.spawn(async move { drive(s, c, "allocations").await });
-    }
-    let (node_store, node_stream) = pods::node_reflector(client.clone(), &node);
-    {
-        let c = shutdown.clone();
-        tasks.spawn(async move {
-            drive(
-                node_stream.map(Ok::<(), std::convert::Infallible>),
-                c,
-                "node",
-            )
-            .await
+        let c = self.shutdown.clone();
+        self.set
+            .spawn(async move { drive(s, c, "allocations").await });
+        let (node_store, node_stream) = pods::node_reflector(client.clone(), node);
+        let c = self.shutdown.clone();
+        self.set.spawn(async move {
+            let s = node_stream.map(Ok::<(), std::convert::Infallible>);
+            drive(s, c, "node").await
         });
+        Ok(Watches {
+            pods,
+            pod_events,
+            allocations,
+            node: node_store,
+        })
     }
-    // Readiness follows the stores. One task waits on them and passes the news
-    // on: in kube-runtime 5.0 `Store::wait_until_ready` wakes only the last of
-    // several concurrent waiters (its oneshot keeps one waker), so no other
-    // task may wait on a store directly.
-    let pods_synced = CancellationToken::new();
-    let all_synced = CancellationToken::new();
-    {
+
+    /// Readiness follows the stores. One task waits on them and passes the
+    /// news on: in kube-runtime 5.0 `Store::wait_until_ready` wakes only the
+    /// last of several concurrent waiters (its oneshot keeps one waker), so no
+    /// other task may wait on a store directly.
+    fn follow_readiness(&mut self, w: &Watches, readiness: &Readiness) -> Synced {
+        let synced = Synced {
+            pods: CancellationToken::new(),
+            all: CancellationToken::new(),
+        };
         let (ps, as_, ns, r, c) = (
-            pod_store.clone(),
-            pa_store.clone(),
-            node_store.clone(),
+            w.pods.clone(),
+            w.allocations.clone(),
+            w.node.clone(),
             readiness.clone(),
-            shutdown.clone(),
+            self.shutdown.clone(),
         );
-        let (pods_synced, all_synced) = (pods_synced.clone(), all_synced.clone());
-        tasks.spawn(async move {
+        let (pods_synced, all_synced) = (synced.pods.clone(), synced.all.clone());
+        self.set.spawn(async move {
             tokio::select! {
                 () = c.cancelled() => {}
                 () = async {
@@ -276,92 +350,80 @@ pub async fn run_with_client(
             }
             ("readiness", Ok(()))
         });
+        synced
     }
-    // The resize controller.
-    let mut ccfg = ControllerConfig::new(node.clone());
-    ccfg.excluded_namespaces = cfg.excluded_namespaces.clone();
-    ccfg.cooldown = cfg.policy.cooldown;
-    ccfg.max_step_up = cfg.policy.max_step_up;
-    ccfg.max_step_down = cfg.policy.max_step_down;
-    let ctx = Arc::new(resize::Context::new(
-        client.clone(),
-        pod_store.clone(),
-        ccfg,
-        Some(metrics.clone()),
-    ));
-    {
-        let (c, ps, synced) = (shutdown.clone(), pod_store.clone(), pods_synced.clone());
-        tasks.spawn(async move {
+
+    /// The resize controller, once the pod store is synced.
+    fn controller(
+        &mut self,
+        ctx: Arc<resize::Context>,
+        pod_events: ReflectHandle<Pod>,
+        synced: CancellationToken,
+    ) {
+        let c = self.shutdown.clone();
+        self.set.spawn(async move {
             // Reconcile only against a synced pod store.
             tokio::select! {
                 () = c.cancelled() => return ("controller", Ok(())),
                 () = synced.cancelled() => {}
             }
             tracing::info!(
-                pods = ps.state().len(),
+                pods = ctx.pods.state().len(),
                 "pod store synced; resize controller started"
             );
             resize::run(ctx, pod_events, c).await;
             ("controller", Ok(()))
         });
     }
-    // The decision loop.
-    if let Some((cgroup_root, sensor)) = loop_parts {
-        let writer = Writer::new(client.clone(), node.clone(), pa_store.clone());
-        let (engine, pacing) = (cfg.engine(), cfg.pacing());
-        let lcfg = NodeLoopConfig {
-            node: node.clone(),
-            decision: cfg.clone(),
-            priority_weighting: k.priority_weighting,
-            cgroup_root,
-            pod_cgroups,
-        };
-        let (c, ps, ns, r, m, synced) = (
-            shutdown.clone(),
-            pod_store.clone(),
-            node_store.clone(),
-            readiness.clone(),
-            metrics.clone(),
-            all_synced.clone(),
-        );
-        tasks.spawn(async move {
+
+    /// The decision loop, once every store is synced (so nothing is deleted or
+    /// decided from a partial view).
+    fn decisions(
+        &mut self,
+        decisions: DecisionLoop<NodePods>,
+        readiness: Readiness,
+        synced: CancellationToken,
+    ) {
+        let c = self.shutdown.clone();
+        self.set.spawn(async move {
             tokio::select! {
                 () = c.cancelled() => return ("decisions", Ok(())),
                 () = synced.cancelled() => {}
             }
-            r.ready(Component::Sensor);
-            let pods = NodePods::new(lcfg, ps, ns, writer);
-            let decided = DecisionLoop::new(pods, sensor, engine, pacing, m)
-                .run(c)
-                .await;
+            readiness.ready(Component::Sensor);
+            let decided = decisions.run(c).await;
             ("decisions", decided.map(drop).map_err(|e| match e {}))
         });
     }
-    // The first task to end decides: a signal (clean), or a failure.
-    let first = tasks.join_next().await;
-    let failed = if shutdown.is_cancelled() {
-        None
-    } else {
-        let (task, why) = match first {
-            Some(Ok((task, Ok(())))) => (task, "it returned".to_owned()),
-            Some(Ok((task, Err(why)))) => (task, why),
-            Some(Err(e)) => ("a task", format!("it panicked or was cancelled: {e}")),
-            None => ("none", "no task was running".to_owned()),
+
+    /// Waits for the first task to end: a signal (clean), or a failure that
+    /// stops the others. They get `grace` to drain.
+    async fn join(mut self, grace: std::time::Duration) -> Result<(), AppError> {
+        let first = self.set.join_next().await;
+        let failed = if self.shutdown.is_cancelled() {
+            None
+        } else {
+            let (task, why) = match first {
+                Some(Ok((task, Ok(())))) => (task, "it returned".to_owned()),
+                Some(Ok((task, Err(why)))) => (task, why),
+                Some(Err(e)) => ("a task", format!("it panicked or was cancelled: {e}")),
+                None => ("none", "no task was running".to_owned()),
+            };
+            tracing::error!(task, why = %why, "task ended on its own; stopping the daemon");
+            self.shutdown.cancel();
+            Some((task, why))
         };
-        tracing::error!(task, why = %why, "task ended on its own; stopping the daemon");
-        shutdown.cancel();
-        Some((task, why))
-    };
-    let grace = k.grace_period;
-    let drained =
-        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
-    if drained.is_err() {
-        tracing::warn!(grace = ?grace, "tasks did not drain in time; exiting");
-        tasks.abort_all();
-    }
-    match failed {
-        Some((task, why)) => Err(AppError::TaskEnded { task, why }),
-        None => Ok(()),
+        let set = &mut self.set;
+        let drained =
+            tokio::time::timeout(grace, async { while set.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!(grace = ?grace, "tasks did not drain in time; exiting");
+            self.set.abort_all();
+        }
+        match failed {
+            Some((task, why)) => Err(AppError::TaskEnded { task, why }),
+            None => Ok(()),
+        }
     }
 }
 
