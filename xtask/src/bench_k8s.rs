@@ -40,10 +40,7 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
 };
 
-use crate::{
-    bench_local::{proc_cpu_s, vm_hwm_kib},
-    testenv::Binaries,
-};
+use crate::testenv::Binaries;
 
 const NS: &str = "mbcas-bench";
 const NODE: &str = "mbcas-bench-node";
@@ -589,46 +586,11 @@ async fn scale(opts: &Options, bin: &Path, plane: &ControlPlane) -> anyhow::Resu
     let (mut daemon, addr) = start_daemon(bin, plane, "off", &[])?;
     let ready = wait_ready(&mut daemon, &addr).await?;
     let before = plane.requests()?;
-
-    // All PodAllocations, PARALLEL at a time; then poll until every pod's spec has the new limit.
-    let pas = allocations_api(&client);
     let t0 = Instant::now();
-    futures::stream::iter(&pods)
-        .map(|pod| {
-            let pas = pas.clone();
-            async move {
-                let name = pod.metadata.name.clone().unwrap_or_default();
-                pas.patch(
-                    &name,
-                    &PatchParams::apply("mbcas-bench").force(),
-                    &Patch::Apply(allocation(pod, DESIRED)),
-                )
-                .await
-                .with_context(|| format!("apply PodAllocation {name}"))
-            }
-        })
-        .buffer_unordered(PARALLEL)
-        .try_collect::<Vec<_>>()
-        .await?;
+    apply_allocations(&client, &pods, DESIRED).await?;
     let written = t0.elapsed();
     let api: Api<Pod> = Api::namespaced(client.clone(), NS);
-    let mut polls = 0u64;
-    let converged = loop {
-        polls += 1;
-        let list = api.list(&ListParams::default()).await?;
-        let done = list
-            .items
-            .iter()
-            .filter(|p| limit_m(p) == Some(DESIRED))
-            .count();
-        if done == n {
-            break t0.elapsed();
-        }
-        if t0.elapsed() > Duration::from_secs(600) {
-            bail!("only {done}/{n} pods resized after 600 s");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let (polls, converged) = wait_for_limits(&api, n, DESIRED, t0).await?;
     // Let the last status writes and events land before the second reading.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let d = before.delta(&plane.requests()?);
@@ -649,19 +611,6 @@ async fn scale(opts: &Options, bin: &Path, plane: &ControlPlane) -> anyhow::Resu
         bail!("mbcas exited during the run: {st}");
     }
     drop(daemon);
-
-    let resize_patches = d.get(&["PATCH"], "pods", "resize");
-    let per = |x: f64| x / resize_patches.max(1.0);
-    let status_writes = d.get(WRITE_VERBS, "podallocations", "status");
-    let events = d.get(&["POST", "PATCH"], "events", "");
-    let bench_own = d.get(&["APPLY", "PATCH"], "podallocations", "") + polls as f64;
-    // Non-resource requests (/metrics scrapes, /readyz) are not the daemon's.
-    let resource_requests: f64 =
-        d.0.iter()
-            .filter(|((_, r, _), _)| !r.is_empty())
-            .map(|(_, n)| n)
-            .sum();
-    let others = resource_requests - bench_own;
     println!();
     println!(
         "== controller at scale: {n} pods, {n} PodAllocations ({BEFORE}m → {DESIRED}m), --decide off =="
@@ -684,6 +633,82 @@ async fn scale(opts: &Options, bin: &Path, plane: &ControlPlane) -> anyhow::Resu
         n as f64 / converged.as_secs_f64()
     );
     println!("  mbcas_resizes_total                 {resizes:?}");
+    print_resize_requests(&d, polls);
+    println!(
+        "  steady state after the kubelet reported all {n} pods, {} s:",
+        opts.seconds
+    );
+    print_steady_state(&quiet, opts.seconds);
+    Ok(())
+}
+
+/// Applies one PodAllocation per pod asking for `desired` millicores,
+/// PARALLEL at a time.
+async fn apply_allocations(client: &Client, pods: &[Pod], desired: u64) -> anyhow::Result<()> {
+    let pas = allocations_api(client);
+    futures::stream::iter(pods)
+        .map(|pod| {
+            let pas = pas.clone();
+            async move {
+                let name = pod.metadata.name.clone().unwrap_or_default();
+                pas.patch(
+                    &name,
+                    &PatchParams::apply("mbcas-bench").force(),
+                    &Patch::Apply(allocation(pod, desired)),
+                )
+                .await
+                .with_context(|| format!("apply PodAllocation {name}"))
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .try_collect::<Vec<_>>()
+        .await?;
+    Ok(())
+}
+
+/// Polls until every one of the `n` pods' spec has `desired` millicores:
+/// the number of polls and the time since `t0`.
+async fn wait_for_limits(
+    api: &Api<Pod>,
+    n: usize,
+    desired: u64,
+    t0: Instant,
+) -> anyhow::Result<(u64, Duration)> {
+    let mut polls = 0u64;
+    loop {
+        polls += 1;
+        let list = api.list(&ListParams::default()).await?;
+        let done = list
+            .items
+            .iter()
+            .filter(|p| limit_m(p) == Some(desired))
+            .count();
+        if done == n {
+            return Ok((polls, t0.elapsed()));
+        }
+        if t0.elapsed() > Duration::from_secs(600) {
+            bail!("only {done}/{n} pods resized after 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The API requests of the resizes, per resize, apart from the bench's own
+/// (its PodAllocation applies and its `polls` pod lists).
+fn print_resize_requests(d: &Requests, polls: u64) {
+    let resize_patches = d.get(&["PATCH"], "pods", "resize");
+    let per = |x: f64| x / resize_patches.max(1.0);
+    let status_writes = d.get(WRITE_VERBS, "podallocations", "status");
+    let events = d.get(&["POST", "PATCH"], "events", "");
+    let bench_applies = d.get(&["APPLY", "PATCH"], "podallocations", "");
+    let bench_own = bench_applies + polls as f64;
+    // Non-resource requests (/metrics scrapes, /readyz) are not the daemon's.
+    let resource_requests: f64 =
+        d.0.iter()
+            .filter(|((_, r, _), _)| !r.is_empty())
+            .map(|(_, n)| n)
+            .sum();
+    let others = resource_requests - bench_own;
     println!("  API requests (apiserver_request_total deltas, write → converged + 5 s):");
     println!("    pods/resize PATCH                 {resize_patches:>10.0}");
     println!(
@@ -694,10 +719,10 @@ async fn scale(opts: &Options, bin: &Path, plane: &ControlPlane) -> anyhow::Resu
         "    events POST/PATCH                 {events:>10.0}  ({:.2}/resize)",
         per(events)
     );
+    let writes = d.writes().total() - bench_applies;
     println!(
-        "    all writes except the bench's PodAllocation applies: {:.0} ({:.2}/resize)",
-        d.writes().total() - d.get(&["APPLY", "PATCH"], "podallocations", ""),
-        per(d.writes().total() - d.get(&["APPLY", "PATCH"], "podallocations", ""))
+        "    all writes except the bench's PodAllocation applies: {writes:.0} ({:.2}/resize)",
+        per(writes)
     );
     println!(
         "    all resource requests except the bench's ({bench_own:.0}): {others:.0} ({:.2}/resize; includes watches and kube-controller-manager)",
@@ -705,10 +730,10 @@ async fn scale(opts: &Options, bin: &Path, plane: &ControlPlane) -> anyhow::Resu
     );
     println!("    breakdown:");
     d.print("      ");
-    println!(
-        "  steady state after the kubelet reported all {n} pods, {} s:",
-        opts.seconds
-    );
+}
+
+/// The writes of a quiet window of `seconds` (goal: none but the apiserver's leases).
+fn print_steady_state(quiet: &Requests, seconds: u64) {
     let w = quiet.writes();
     // The kube-apiserver renews its own identity Lease every 10 s: not MBCAS.
     let leases = w.get(&["PUT", "PATCH", "POST"], "leases", "");
@@ -716,11 +741,10 @@ async fn scale(opts: &Options, bin: &Path, plane: &ControlPlane) -> anyhow::Resu
     println!(
         "    API writes but leases             {:>10.0}  ({:.1}/min; goal 0)",
         others,
-        others * 60.0 / opts.seconds as f64
+        others * 60.0 / seconds as f64
     );
     println!("    lease renewals (kube-apiserver)   {leases:>10.0}");
     w.print("      ");
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -733,49 +757,7 @@ async fn node(opts: &Options, bin: &Path, plane: &ControlPlane) -> anyhow::Resul
     let client = plane.client().await?;
     setup_cluster(plane, &client, cores * 1000).await?;
     let shape = move |i: usize| if i < hot { (50, 200) } else { (10, 100) };
-
-    let roots = crate::host::CgroupRoots::detect()?;
-    if roots.v2 {
-        bail!("bench-k8s --part node supports cgroup v1 (this project's CI machines) only");
-    }
-    let mut cg = Cgroups::default();
-    let name = format!("mbcas-bench-k8s-{}", std::process::id());
-    cg.mkdir(roots.cpu.join(&name))?;
-    if let Some(a) = &roots.cpuacct {
-        cg.mkdir(a.join(&name))?;
-    }
-    let mut map = serde_json::Map::new();
-    let mut dirs = Vec::new();
-    for i in 0..n {
-        let d = cg.mkdir(roots.cpu.join(&name).join(pod_name(i)))?;
-        let acct = match &roots.cpuacct {
-            Some(a) => Some(cg.mkdir(a.join(&name).join(pod_name(i)))?),
-            None => None,
-        };
-        write(&d.join("cpu.cfs_period_us"), "100000")?;
-        write(&d.join("cpu.cfs_quota_us"), &(shape(i).1 * 100).to_string())?;
-        map.insert(
-            format!("{NS}/{}", pod_name(i)),
-            d.display().to_string().into(),
-        );
-        dirs.push((d, acct));
-    }
-    let map_file = plane.dir.join("pod-cgroups.json");
-    write(&map_file, &serde_json::Value::Object(map).to_string())?;
-    for (d, acct) in dirs.iter().take(hot) {
-        let kid = Kid(Command::new("sh")
-            .args(["-c", "while :; do :; done"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .context("spawn burner")?);
-        let pid = kid.pid().to_string();
-        cg.burners.push(kid);
-        write(&d.join("cgroup.procs"), &pid)?;
-        if let Some(a) = acct {
-            write(&a.join("cgroup.procs"), &pid)?;
-        }
-    }
+    let node = FakeNode::create(plane, n, hot, shape)?;
 
     let pods = create_pods(&client, n, shape).await?;
     let api: Api<Pod> = Api::namespaced(client.clone(), NS);
@@ -784,57 +766,26 @@ async fn node(opts: &Options, bin: &Path, plane: &ControlPlane) -> anyhow::Resul
         .buffer_unordered(PARALLEL)
         .try_collect::<Vec<_>>()
         .await?;
-
-    // The stand-in kubelet: spec limit → cgroup quota, then the pod's status.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let kubelet_writes = Arc::new(AtomicU64::new(0));
-    let kubelet = {
-        let (api, stop, count) = (api.clone(), stop.clone(), kubelet_writes.clone());
-        let quota: BTreeMap<String, PathBuf> = (0..n)
-            .map(|i| (pod_name(i), dirs[i].0.join("cpu.cfs_quota_us")))
-            .collect();
-        let mut applied: BTreeMap<String, u64> =
-            (0..n).map(|i| (pod_name(i), shape(i).1)).collect();
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok(list) = api.list(&ListParams::default()).await {
-                    for p in &list.items {
-                        let name = p.metadata.name.clone().unwrap_or_default();
-                        let (Some(lim), Some(file)) = (limit_m(p), quota.get(&name)) else {
-                            continue;
-                        };
-                        if applied.get(&name) == Some(&lim) {
-                            continue;
-                        }
-                        if std::fs::write(file, (lim * 100).to_string()).is_ok()
-                            && kubelet_reports(&api, p).await.is_ok()
-                        {
-                            applied.insert(name, lim);
-                            count.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        })
-    };
+    let kubelet = stand_in_kubelet(&api, &node, shape, stop.clone(), kubelet_writes.clone());
 
     let before = plane.requests()?;
-    let map_arg = map_file.display().to_string();
+    let map_arg = node.map_file.display().to_string();
     let (mut daemon, addr) = start_daemon(bin, plane, "on", &["--test-pod-cgroups", &map_arg])?;
     let ready = wait_ready(&mut daemon, &addr).await;
     let result = async {
         let ready = ready?;
         let pid = daemon.pid();
-        let c0 = proc_cpu_s(pid);
+        let c0 = crate::procs::cpu_seconds(pid);
         let t0 = Instant::now();
         tokio::time::sleep(Duration::from_secs(opts.seconds)).await;
-        let c1 = proc_cpu_s(pid);
+        let c1 = crate::procs::cpu_seconds(pid);
         let window = t0.elapsed().as_secs_f64();
         if let Ok(Some(st)) = daemon.0.try_wait() {
             bail!("mbcas exited during the run: {st}");
         }
-        let hwm = vm_hwm_kib(pid);
+        let hwm = crate::procs::status_kib(pid, "VmHWM");
         let d = before.delta(&plane.requests()?);
         let resizes = daemon_counter(&addr, "mbcas_resizes_total").await;
         let pas = allocations_api(&client).list(&ListParams::default()).await?.items.len();
@@ -858,8 +809,114 @@ async fn node(opts: &Options, bin: &Path, plane: &ControlPlane) -> anyhow::Resul
     stop.store(true, Ordering::Relaxed);
     let _ = kubelet.await;
     drop(daemon);
-    drop(cg);
+    drop(node);
     result
+}
+
+/// A node without a kubelet: one cgroup per pod (quota from its shape), a
+/// burner in each of the first `hot`, and the `--test-pod-cgroups` file that
+/// tells the daemon which cgroup is whose. Removed on drop.
+struct FakeNode {
+    /// Held for its `Drop`: burners stopped, cgroups removed.
+    _cgroups: Cgroups,
+    /// The quota file of each pod's cgroup, by pod name.
+    quota_files: BTreeMap<String, PathBuf>,
+    map_file: PathBuf,
+}
+
+impl FakeNode {
+    fn create(
+        plane: &ControlPlane,
+        n: usize,
+        hot: usize,
+        shape: impl Fn(usize) -> (u64, u64),
+    ) -> anyhow::Result<Self> {
+        let roots = crate::host::CgroupRoots::detect()?;
+        if roots.v2 {
+            bail!("bench-k8s --part node supports cgroup v1 (this project's CI machines) only");
+        }
+        let mut cg = Cgroups::default();
+        let name = format!("mbcas-bench-k8s-{}", std::process::id());
+        cg.mkdir(roots.cpu.join(&name))?;
+        if let Some(a) = &roots.cpuacct {
+            cg.mkdir(a.join(&name))?;
+        }
+        let mut map = serde_json::Map::new();
+        let mut quota_files = BTreeMap::new();
+        for i in 0..n {
+            let d = cg.mkdir(roots.cpu.join(&name).join(pod_name(i)))?;
+            let acct = match &roots.cpuacct {
+                Some(a) => Some(cg.mkdir(a.join(&name).join(pod_name(i)))?),
+                None => None,
+            };
+            write(&d.join("cpu.cfs_period_us"), "100000")?;
+            write(&d.join("cpu.cfs_quota_us"), &(shape(i).1 * 100).to_string())?;
+            map.insert(
+                format!("{NS}/{}", pod_name(i)),
+                d.display().to_string().into(),
+            );
+            quota_files.insert(pod_name(i), d.join("cpu.cfs_quota_us"));
+            if i < hot {
+                let kid = Kid(Command::new("sh")
+                    .args(["-c", "while :; do :; done"])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .context("spawn burner")?);
+                let pid = kid.pid().to_string();
+                cg.burners.push(kid);
+                write(&d.join("cgroup.procs"), &pid)?;
+                if let Some(a) = &acct {
+                    write(&a.join("cgroup.procs"), &pid)?;
+                }
+            }
+        }
+        let map_file = plane.dir.join("pod-cgroups.json");
+        write(&map_file, &serde_json::Value::Object(map).to_string())?;
+        Ok(Self {
+            _cgroups: cg,
+            quota_files,
+            map_file,
+        })
+    }
+}
+
+/// The stand-in kubelet: each pod's spec limit → its cgroup quota, then the
+/// pod's status, every 500 ms until `stop`; counts the quotas it wrote.
+fn stand_in_kubelet(
+    api: &Api<Pod>,
+    node: &FakeNode,
+    shape: impl Fn(usize) -> (u64, u64),
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    count: Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<()> {
+    let api = api.clone();
+    let quota = node.quota_files.clone();
+    let mut applied: BTreeMap<String, u64> = (0..quota.len())
+        .map(|i| (pod_name(i), shape(i).1))
+        .collect();
+    tokio::spawn(async move {
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok(list) = api.list(&ListParams::default()).await {
+                for p in &list.items {
+                    let name = p.metadata.name.clone().unwrap_or_default();
+                    let (Some(lim), Some(file)) = (limit_m(p), quota.get(&name)) else {
+                        continue;
+                    };
+                    if applied.get(&name) == Some(&lim) {
+                        continue;
+                    }
+                    if std::fs::write(file, (lim * 100).to_string()).is_ok()
+                        && kubelet_reports(&api, p).await.is_ok()
+                    {
+                        applied.insert(name, lim);
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
 }
 
 fn workspace_root() -> PathBuf {

@@ -128,31 +128,6 @@ fn daemon(bin: &Path, root: &Path) -> anyhow::Result<Child> {
         .context("start mbcas run")
 }
 
-pub(crate) fn proc_cpu_s(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |x| x.1);
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // Fields 14 and 15 (utime, stime) are at 11 and 12 after the comm field; USER_HZ is 100 on Linux.
-    let ticks: u64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0)
-        + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-    ticks as f64 / 100.0
-}
-
-pub(crate) fn vm_hwm_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("VmHWM:")?
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
-}
-
 fn stop(mut d: Child) {
     if let Err(e) = crate::cmd::signal(&d, nix::sys::signal::Signal::SIGINT) {
         eprintln!("bench-local: {e:#}");
@@ -176,10 +151,10 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         let d = daemon(&bin, &root)?;
         let pid = d.id();
         std::thread::sleep(Duration::from_secs(3));
-        let c0 = proc_cpu_s(pid);
+        let c0 = crate::procs::cpu_seconds(pid);
         std::thread::sleep(Duration::from_secs(opts.seconds));
-        let c1 = proc_cpu_s(pid);
-        let hwm = vm_hwm_kib(pid);
+        let c1 = crate::procs::cpu_seconds(pid);
+        let hwm = crate::procs::status_kib(pid, "VmHWM");
         stop(d);
         println!(
             "local mode, 100 consumers, {} s: {:.2} % of one core, peak RSS {:.1} MiB",

@@ -33,8 +33,8 @@ use serde_json::json;
 
 use crate::{
     bench_k8s::{Requests, WRITE_VERBS, parse_requests},
-    bench_local::{proc_cpu_s, vm_hwm_kib},
     e2e::{self, Cluster as _},
+    procs,
     testenv::{self, node::TestNode},
 };
 
@@ -266,21 +266,6 @@ fn daemon_pid(node: &TestNode) -> anyhow::Result<u32> {
         .context("no process in the daemon's cgroup")
 }
 
-fn vm_rss_kib(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("VmRSS:")?
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
-}
-
 fn mbcas_writes(d: &Requests) -> f64 {
     d.get(WRITE_VERBS, "podallocations", "")
         + d.get(WRITE_VERBS, "podallocations", "status")
@@ -385,10 +370,10 @@ fn bench(opts: &Options) -> anyhow::Result<()> {
     // Let the daemon see the new pods and settle before measuring.
     sleep(Duration::from_secs(30));
     let pid = daemon_pid(&node)?;
-    let (cpu0, t0, req0) = (proc_cpu_s(pid), Instant::now(), requests(&node)?);
+    let (cpu0, t0, req0) = (procs::cpu_seconds(pid), Instant::now(), requests(&node)?);
     sleep(Duration::from_secs(opts.seconds));
     let (cpu1, secs, req1) = (
-        proc_cpu_s(pid),
+        procs::cpu_seconds(pid),
         t0.elapsed().as_secs_f64(),
         requests(&node)?,
     );
@@ -398,8 +383,8 @@ fn bench(opts: &Options) -> anyhow::Result<()> {
         "  daemon on a node of {} pods for {secs:.0} s: CPU {:.2} % of one core, RSS {:.1} MiB, peak RSS {:.1} MiB",
         opts.pods + 1,
         100.0 * (cpu1 - cpu0) / secs,
-        vm_rss_kib(pid) as f64 / 1024.0,
-        vm_hwm_kib(pid) as f64 / 1024.0,
+        procs::status_kib(pid, "VmRSS") as f64 / 1024.0,
+        procs::status_kib(pid, "VmHWM") as f64 / 1024.0,
     );
     println!(
         "  API writes in steady state: MBCAS {:.1}/min (goal 0); everything but leases {:.1}/min; by verb and resource:",

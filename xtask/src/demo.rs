@@ -19,7 +19,10 @@ use std::{
     io::IsTerminal as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        Arc, LazyLock,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -91,11 +94,8 @@ const SPECS: [Spec; 4] = [
     },
 ];
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: i32) {
-    STOP.store(true, Ordering::SeqCst);
-}
+/// Set by SIGINT/SIGTERM: the demo stops and cleans up.
+static STOP: LazyLock<Arc<AtomicBool>> = LazyLock::new(Arc::default);
 
 /// Everything the demo created; dropped in reverse order, also on error.
 struct Tree {
@@ -558,15 +558,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     register_font()?;
     std::fs::create_dir_all(&opts.report_dir)
         .with_context(|| format!("mkdir {}", opts.report_dir.display()))?;
-    for sig in [
-        nix::sys::signal::Signal::SIGINT,
-        nix::sys::signal::Signal::SIGTERM,
-    ] {
-        #[allow(unsafe_code)]
-        // SAFETY: `on_signal` is async-signal-safe: it only stores to an AtomicBool.
-        let _ = unsafe {
-            nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::Handler(on_signal))
-        };
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&STOP))
+            .with_context(|| format!("install the handler of signal {sig}"))?;
     }
     let third = opts.duration / 3;
     let [stat, open, mb] = if opts.kubernetes {
@@ -625,26 +619,44 @@ fn local_phases(report_dir: &Path, bin: &Path, third: u64) -> anyhow::Result<[Ph
 
 /// Charts, summary table and JSON of the three phases.
 fn finish(opts: &Options, stat: &Phase, open: &Phase, mb: &Phase) -> anyhow::Result<()> {
-    chart(
-        &opts.report_dir.join("static.png"),
-        "Static limits (300 m each)",
-        stat,
-    )?;
-    chart(
-        &opts.report_dir.join("nolimits.png"),
-        "No limits (cpu.shares only)",
-        open,
-    )?;
-    chart(
-        &opts.report_dir.join("mbcas.png"),
-        if opts.kubernetes {
-            "MBCAS (its DaemonSet, pods resized in place)"
-        } else {
-            "MBCAS (local mode)"
-        },
-        mb,
-    )?;
-    let (s, n, m) = (summarise(stat), summarise(open), summarise(mb));
+    let mb_title = if opts.kubernetes {
+        "MBCAS (its DaemonSet, pods resized in place)"
+    } else {
+        "MBCAS (local mode)"
+    };
+    let charts = [
+        ("static.png", "Static limits (300 m each)", stat),
+        ("nolimits.png", "No limits (cpu.shares only)", open),
+        ("mbcas.png", mb_title, mb),
+    ];
+    for (file, title, phase) in charts {
+        chart(&opts.report_dir.join(file), title, phase)?;
+    }
+    let summary = Summary {
+        static_: summarise(stat),
+        nolimits: summarise(open),
+        mbcas: summarise(mb),
+        consumers: consumer_summaries(stat, open, mb),
+    };
+    let table = markdown(&summary);
+    std::fs::write(opts.report_dir.join("summary.md"), &table)?;
+    println!("\n{table}");
+    println!(
+        "charts: {}",
+        charts
+            .map(|(f, _, _)| opts.report_dir.join(f).display().to_string())
+            .join(", ")
+    );
+    if let Some(out) = &opts.json_out {
+        std::fs::write(out, serde_json::to_string_pretty(&summary)?)
+            .with_context(|| format!("write {}", out.display()))?;
+        println!("summary JSON: {}", out.display());
+    }
+    Ok(())
+}
+
+/// Each consumer's share of the CPU used and throttled ratio, per phase.
+fn consumer_summaries(stat: &Phase, open: &Phase, mb: &Phase) -> Vec<ConsumerSummary> {
     let total_w: u64 = SPECS.iter().map(|s| s.shares).sum();
     let share = |p: &Phase, i: usize| {
         let all: f64 = p.series.iter().flatten().map(|x| x.usage_m).sum();
@@ -657,7 +669,7 @@ fn finish(opts: &Options, stat: &Phase, open: &Phase, mb: &Phase) -> anyhow::Res
             p.throttled[i] as f64 / p.periods[i] as f64
         }
     };
-    let consumers = SPECS
+    SPECS
         .iter()
         .enumerate()
         .map(|(i, sp)| ConsumerSummary {
@@ -670,7 +682,11 @@ fn finish(opts: &Options, stat: &Phase, open: &Phase, mb: &Phase) -> anyhow::Res
             static_throttled_ratio: ratio(stat, i),
             mbcas_throttled_ratio: ratio(mb, i),
         })
-        .collect::<Vec<_>>();
+        .collect()
+}
+
+/// The summary as two Markdown tables: the phases side by side, then the consumers.
+fn markdown(sum: &Summary) -> String {
     let mut table = String::new();
     table.push_str("| | static limits | no limits | MBCAS |\n|---|---|---|---|\n");
     type Row = (&'static str, fn(&PhaseSummary) -> String);
@@ -692,13 +708,13 @@ fn finish(opts: &Options, stat: &Phase, open: &Phase, mb: &Phase) -> anyhow::Res
     for (name, get) in rows {
         table.push_str(&format!(
             "| {name} | {} | {} | {} |\n",
-            get(&s),
-            get(&n),
-            get(&m)
+            get(&sum.static_),
+            get(&sum.nolimits),
+            get(&sum.mbcas)
         ));
     }
     table.push_str("\n| consumer | load | weight share | static share | no-limits share | MBCAS share | static throttled | MBCAS throttled |\n|---|---|---|---|---|---|---|---|\n");
-    for c in &consumers {
+    for c in &sum.consumers {
         table.push_str(&format!(
             "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
             c.name,
@@ -711,24 +727,5 @@ fn finish(opts: &Options, stat: &Phase, open: &Phase, mb: &Phase) -> anyhow::Res
             c.mbcas_throttled_ratio
         ));
     }
-    std::fs::write(opts.report_dir.join("summary.md"), &table)?;
-    println!("\n{table}");
-    println!(
-        "charts: {}, {} and {}",
-        opts.report_dir.join("static.png").display(),
-        opts.report_dir.join("nolimits.png").display(),
-        opts.report_dir.join("mbcas.png").display()
-    );
-    let summary = Summary {
-        static_: s,
-        nolimits: n,
-        mbcas: m,
-        consumers,
-    };
-    if let Some(out) = &opts.json_out {
-        std::fs::write(out, serde_json::to_string_pretty(&summary)?)
-            .with_context(|| format!("write {}", out.display()))?;
-        println!("summary JSON: {}", out.display());
-    }
-    Ok(())
+    table
 }

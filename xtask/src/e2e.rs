@@ -432,7 +432,28 @@ fn scenario(c: &dyn Cluster) -> anyhow::Result<Report> {
     daemon_ready(c)
         .context("the MBCAS DaemonSet did not become ready (its readiness probe is /readyz)")?;
     report.ok("deploy/ applied with kustomize; the DaemonSet's pod is Ready (/readyz)".into());
+    let burner = start_workload(c, &mut report)?;
+    let at_raise = check_raise(c, &mut report, &burner)?;
+    check_steady(c, &mut report, &burner, at_raise)?;
+    check_duo(c, &mut report)?;
+    check_untouched(c, &mut report)?;
+    // 5. Faults: nothing lost, no limit changed by a restart alone.
+    faults(c, &mut report, &burner.node, &burner.dir)?;
+    check_restore(c, &mut report)?;
+    // Leave MBCAS deployed, as found.
+    kubectl(c, &["apply", "-k", &deploy.display().to_string()])?;
+    Ok(report)
+}
 
+/// The burner's container cgroup, and when its pod was created.
+struct Burner {
+    node: String,
+    dir: String,
+    started: Instant,
+}
+
+/// Creates the workload's pods and finds the burner's container cgroup.
+fn start_workload(c: &dyn Cluster, report: &mut Report) -> anyhow::Result<Burner> {
     delete_workload(c, true);
     kubectl(c, &["create", "namespace", NAMESPACE])?;
     for p in workload(c.image()) {
@@ -441,7 +462,7 @@ fn scenario(c: &dyn Cluster) -> anyhow::Result<Report> {
     let started = Instant::now();
     // The burner's cgroup as soon as its container exists: MBCAS raises a
     // throttled pod within seconds, often before the pod reports Ready.
-    let (node, burner_dir) = wait_until(
+    let (node, dir) = wait_until(
         &format!("{BURNER}'s container cgroup on the node"),
         Duration::from_secs(120),
         Duration::from_millis(100),
@@ -456,16 +477,22 @@ fn scenario(c: &dyn Cluster) -> anyhow::Result<Report> {
                 .map(|d| (p.node.clone(), d)))
         },
     )?;
-    let first_quota = cgroup_limit(c, &node, &burner_dir)?;
+    let first_quota = cgroup_limit(c, &node, &dir)?;
     if first_quota.is_none_or(|q| q < BURNER_LIMIT) {
         bail!(
-            "{BURNER}'s cgroup {burner_dir} enforces {first_quota:?} m, less than its {BURNER_LIMIT}m limit"
+            "{BURNER}'s cgroup {dir} enforces {first_quota:?} m, less than its {BURNER_LIMIT}m limit"
         );
     }
     report.ok(format!(
-        "{BURNER}'s container cgroup found on the node ({burner_dir}), first quota read {first_quota:?}m"
+        "{BURNER}'s container cgroup found on the node ({dir}), first quota read {first_quota:?}m"
     ));
 
+    Ok(Burner { node, dir, started })
+}
+
+/// The raise, end to end; the burner's periods counters at the raise.
+fn check_raise(c: &dyn Cluster, report: &mut Report, b: &Burner) -> anyhow::Result<(u64, u64)> {
+    let (node, burner_dir, started) = (&b.node, &b.dir, b.started);
     // 1. The raise, end to end: the quota the kernel enforces changes, then
     // spec, status and the PodAllocation agree with it.
     let (raised, at_raise) = wait_until(
@@ -473,14 +500,12 @@ fn scenario(c: &dyn Cluster) -> anyhow::Result<Report> {
         RAISE_TIMEOUT,
         Duration::from_millis(100),
         || {
-            let quota = cgroup_limit(c, &node, &burner_dir)?;
-            let periods = cgroup_periods(c, &node, &burner_dir)?;
+            let quota = cgroup_limit(c, node, burner_dir)?;
+            let periods = cgroup_periods(c, node, burner_dir)?;
             Ok(quota.filter(|&q| q > BURNER_LIMIT).map(|q| (q, periods)))
         },
     )?;
     report.raise_seconds = started.elapsed().as_secs_f64();
-    // The cgroup is new: its counters since creation are all under the first limit.
-    let at_start = (0, 0);
     for pods in [NAMESPACE, "kube-system"] {
         let what = if pods == NAMESPACE {
             vec!["pod", "--all"]
@@ -499,7 +524,7 @@ fn scenario(c: &dyn Cluster) -> anyhow::Result<Report> {
         || {
             let p = pod_view(c, NAMESPACE, BURNER)?;
             let ctr = first(&p)?;
-            let quota = cgroup_limit(c, &node, &burner_dir)?;
+            let quota = cgroup_limit(c, node, burner_dir)?;
             let done = ctr.spec_limit.is_some()
                 && ctr.status_limit == ctr.spec_limit
                 && quota == ctr.spec_limit
@@ -521,16 +546,29 @@ fn scenario(c: &dyn Cluster) -> anyhow::Result<Report> {
         report.raise_seconds, ctr.spec_limit, ctr.status_limit, quota
     ));
 
+    Ok(at_raise)
+}
+
+/// Steady: the limit holds, throttling is lower than before the raise.
+fn check_steady(
+    c: &dyn Cluster,
+    report: &mut Report,
+    b: &Burner,
+    at_raise: (u64, u64),
+) -> anyhow::Result<()> {
+    let (node, burner_dir) = (&b.node, &b.dir);
+    // The cgroup is new: its counters since creation are all under the first limit.
+    let at_start = (0, 0);
     // 2. Steady: the limit holds, throttling is lower than before the raise.
     let window = Duration::from_secs(30);
     let mut limits = Vec::new();
-    let steady_start = cgroup_periods(c, &node, &burner_dir)?;
+    let steady_start = cgroup_periods(c, node, burner_dir)?;
     let window_start = Instant::now();
     while window_start.elapsed() < window {
         limits.push(first(&pod_view(c, NAMESPACE, BURNER)?)?.spec_limit);
         sleep(Duration::from_secs(2));
     }
-    let steady_end = cgroup_periods(c, &node, &burner_dir)?;
+    let steady_end = cgroup_periods(c, node, burner_dir)?;
     report.limit_changes_in_steady_window = limits.windows(2).filter(|w| w[0] != w[1]).count();
     report.throttled_before = ratio(at_start, at_raise);
     report.throttled_after = ratio(steady_start, steady_end);
@@ -554,6 +592,11 @@ fn scenario(c: &dyn Cluster) -> anyhow::Result<Report> {
         ),
     );
 
+    Ok(())
+}
+
+/// Two containers, a limit each, each in its own cgroup.
+fn check_duo(c: &dyn Cluster, report: &mut Report) -> anyhow::Result<()> {
     // 3. Two containers, a limit each, each in its own cgroup.
     let duo = pod_view(c, NAMESPACE, DUO)?;
     let mut raised_any = false;
@@ -592,6 +635,11 @@ fn scenario(c: &dyn Cluster) -> anyhow::Result<Report> {
             .join(", ")
     ));
 
+    Ok(())
+}
+
+/// Guaranteed, RestartContainer and kube-system pods: never touched.
+fn check_untouched(c: &dyn Cluster, report: &mut Report) -> anyhow::Result<()> {
     // 4. Never touched.
     for (namespace, name) in [
         (NAMESPACE, GUARANTEED),
@@ -617,9 +665,11 @@ fn scenario(c: &dyn Cluster) -> anyhow::Result<Report> {
              kept {UNTOUCHED_LIMIT}m in spec and cgroup, 0 restarts"
     ));
 
-    // 5. Faults: nothing lost, no limit changed by a restart alone.
-    faults(c, &mut report, &node, &burner_dir)?;
+    Ok(())
+}
 
+/// Restore, with the daemon gone: the original limits back everywhere.
+fn check_restore(c: &dyn Cluster, report: &mut Report) -> anyhow::Result<()> {
     // 6. Restore, with the daemon gone.
     kubectl(
         c,
@@ -695,9 +745,7 @@ fn scenario(c: &dyn Cluster) -> anyhow::Result<Report> {
          (spec, status, cgroup) and deleted every PodAllocation"
             .into(),
     );
-    // Leave MBCAS deployed, as found.
-    kubectl(c, &["apply", "-k", &deploy.display().to_string()])?;
-    Ok(report)
+    Ok(())
 }
 
 /// Every limit the scenario's pods have now: `pod/container → millicores`.

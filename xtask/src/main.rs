@@ -11,6 +11,7 @@ mod demo;
 mod e2e;
 mod host;
 mod kind;
+mod procs;
 mod setup;
 mod sim_charts;
 mod test;

@@ -15,8 +15,7 @@ pub const EBPF_TOOLCHAIN: &str = include_str!("../../mbcas-ebpf/ebpf-toolchain")
 /// bpf-linker release built against Debian's LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
-/// LLVM for bpf-linker; `fonts-dejavu-core` gives the demo's charts their text;
-/// `openssl` makes the control-plane test environment's certificates; `runc`
+/// LLVM for bpf-linker; `fonts-dejavu-core` gives the demo's charts their text; `runc`
 /// (with seccomp, which a runc built without cgo lacks) and
 /// `containernetworking-plugins` (bridge, host-local, loopback) serve the
 /// test environment's node (`testenv up --with-node`).
@@ -26,7 +25,6 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libzstd-dev",
     "zlib1g-dev",
     "fonts-dejavu-core",
-    "openssl",
     "runc",
     "containernetworking-plugins",
 ];

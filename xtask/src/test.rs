@@ -30,17 +30,6 @@ pub struct Options {
     pub no_demo: bool,
 }
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
 /// Integration tests whose name starts with this are the kernel tier.
 const KERNEL_TIER: &str = "kernel_";
 
@@ -94,7 +83,7 @@ fn cargo_test(tests: &[String]) -> Command {
 /// The node tier: adds the real node to the running test environment and
 /// runs the end-to-end scenario on it.
 fn node_tier() -> anyhow::Result<()> {
-    if !is_root() {
+    if !crate::procs::is_root() {
         if std::env::var_os("CI").is_some() {
             bail!("the node tier needs root (containerd, kubelet, cgroups) and CI must run it");
         }
@@ -158,7 +147,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     if opts.no_demo {
         return Ok(());
     }
-    if !is_root() {
+    if !crate::procs::is_root() {
         if std::env::var_os("CI").is_some() {
             bail!("the demo tier needs root and CI must run it");
         }

@@ -1090,13 +1090,21 @@ impl TestNode {
             bail!("the test node is not up: run `cargo xtask testenv up --with-node` first");
         }
         let kubeconfig = state.kubeconfig();
-        let text = fs::read_to_string(&kubeconfig)
+        let config = kube::config::Kubeconfig::read_from(&kubeconfig)
             .with_context(|| format!("read {}", kubeconfig.display()))?;
-        let port = text
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("server: https://127.0.0.1:"))
-            .and_then(|p| p.trim().parse::<u16>().ok())
-            .with_context(|| format!("{}: no server port", kubeconfig.display()))?;
+        let port = config
+            .clusters
+            .iter()
+            .find_map(|c| {
+                let server = c.cluster.as_ref()?.server.as_deref()?;
+                server
+                    .rsplit_once(':')?
+                    .1
+                    .trim_end_matches('/')
+                    .parse::<u16>()
+                    .ok()
+            })
+            .with_context(|| format!("{}: no API server port", kubeconfig.display()))?;
         let [metrics] = free_ports()?;
         let overlay = NodeDir::new(&state).root.join("deploy");
         write_file(

@@ -1,0 +1,286 @@
+//! Building the control-plane and node binaries from their Go modules, and
+//! caching them under `~/.cache/mbcas/bin/`.
+
+use std::{
+    fs::{self},
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+
+use super::*;
+use crate::cmd::{output_of, run_cmd};
+
+pub(super) fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// `$MBCAS_TESTENV_CACHE_DIR`, else `~/.cache/mbcas`.
+pub(super) fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("MBCAS_TESTENV_CACHE_DIR") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    home.join(".cache/mbcas")
+}
+
+/// The cached, versioned binaries.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub etcd: PathBuf,
+    pub apiserver: PathBuf,
+    pub controller_manager: PathBuf,
+    pub kubectl: PathBuf,
+    /// The node's kubelet and the scheduler that places pods on it (`--with-node`).
+    pub kubelet: PathBuf,
+    pub scheduler: PathBuf,
+}
+
+impl Binaries {
+    pub fn cached() -> Self {
+        let bin = cache_dir().join("bin");
+        Self {
+            etcd: bin.join(format!("etcd-{ETCD_VERSION}")),
+            apiserver: bin.join(format!("kube-apiserver-{KUBERNETES_VERSION}")),
+            controller_manager: bin.join(format!("kube-controller-manager-{KUBERNETES_VERSION}")),
+            kubectl: bin.join(format!("kubectl-{KUBERNETES_VERSION}")),
+            kubelet: bin.join(format!("kubelet-{KUBERNETES_VERSION}")),
+            scheduler: bin.join(format!("kube-scheduler-{KUBERNETES_VERSION}")),
+        }
+    }
+
+    pub(super) fn kube_present(&self) -> bool {
+        [
+            &self.apiserver,
+            &self.controller_manager,
+            &self.kubectl,
+            &self.kubelet,
+            &self.scheduler,
+        ]
+        .iter()
+        .all(|p| p.is_file())
+    }
+}
+
+/// Builds whatever is not cached yet; returns the binaries.
+pub fn ensure_built() -> anyhow::Result<Binaries> {
+    let bins = Binaries::cached();
+    if bins.kube_present() {
+        eprintln!("testenv: Kubernetes {KUBERNETES_VERSION} binaries cached");
+    } else {
+        build_kubernetes(&bins)?;
+    }
+    if bins.etcd.is_file() {
+        eprintln!("testenv: etcd {ETCD_VERSION} cached");
+    } else {
+        build_etcd(&bins)?;
+    }
+    let nbins = node::NodeBinaries::cached();
+    if nbins.present() {
+        eprintln!("testenv: containerd {} cached", node::CONTAINERD_VERSION);
+    } else {
+        node::build(&nbins)?;
+    }
+    Ok(bins)
+}
+
+pub(super) fn go_binary() -> anyhow::Result<PathBuf> {
+    if output_of(Command::new("go").arg("version")).is_some() {
+        return Ok(PathBuf::from("go"));
+    }
+    let fallback = PathBuf::from("/usr/local/go/bin/go");
+    if fallback.is_file() {
+        return Ok(fallback);
+    }
+    bail!(
+        "the control-plane test environment is built with Go, and `go` is not on PATH \
+         (nor /usr/local/go/bin/go); install Go >= 1.26 and run it again"
+    )
+}
+
+/// `go` with the module and build caches under the MBCAS cache directory.
+pub(super) fn go(dir: &Path) -> anyhow::Result<Command> {
+    let mut cmd = Command::new(go_binary()?);
+    let cache = cache_dir().join("go");
+    cmd.current_dir(dir)
+        .env("GOMODCACHE", cache.join("mod"))
+        .env("GOCACHE", cache.join("build"))
+        .env("GOTOOLCHAIN", "local");
+    Ok(cmd)
+}
+
+/// Downloads `module@version` and returns the path of its go.mod.
+pub(super) fn download_go_mod(dir: &Path, module: &str, version: &str) -> anyhow::Result<PathBuf> {
+    let out = go(dir)?
+        .args(["mod", "download", "-json", &format!("{module}@{version}")])
+        .output()
+        .context("failed to run go mod download")?;
+    if !out.status.success() {
+        bail!(
+            "go mod download {module}@{version} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("go mod download {module}@{version}: bad JSON"))?;
+    v["GoMod"]
+        .as_str()
+        .map(PathBuf::from)
+        .with_context(|| format!("go mod download {module}@{version}: no GoMod in its output"))
+}
+
+/// The `go` and `godebug` lines of a go.mod, to repeat in the wrapper module.
+pub(super) fn go_directives(go_mod: &str) -> String {
+    go_mod
+        .lines()
+        .filter(|l| l.starts_with("go ") || l.starts_with("godebug "))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// The modules Kubernetes' go.mod replaces by its own `./staging/` copies.
+pub(super) fn staging_modules(go_mod: &str) -> Vec<String> {
+    go_mod
+        .lines()
+        .map(|l| l.trim().trim_start_matches("replace").trim())
+        .filter_map(|l| {
+            let (module, target) = l.split_once("=>")?;
+            target
+                .trim()
+                .starts_with("./staging/")
+                .then(|| module.trim().to_owned())
+        })
+        .collect()
+}
+
+/// `v1.35.4` → `v0.35.4`, the version of the published staging modules.
+pub(super) fn staging_version(kubernetes: &str) -> anyhow::Result<String> {
+    kubernetes
+        .strip_prefix("v1.")
+        .map(|rest| format!("v0.{rest}"))
+        .with_context(|| format!("unexpected Kubernetes version {kubernetes}"))
+}
+
+/// The wrapper module that builds `k8s.io/kubernetes` commands against the
+/// published staging modules.
+pub(super) fn kubernetes_wrapper_go_mod(upstream: &str, version: &str) -> anyhow::Result<String> {
+    let staging = staging_modules(upstream);
+    if staging.is_empty() {
+        bail!("k8s.io/kubernetes {version}: no ./staging/ replace directive in its go.mod");
+    }
+    let staging_version = staging_version(version)?;
+    let mut out = format!(
+        "module mbcas.io/testenv/kubernetes\n\n{}\nrequire k8s.io/kubernetes {version}\n\nreplace (\n",
+        go_directives(upstream)
+    );
+    for m in &staging {
+        out.push_str(&format!("\t{m} => {m} {staging_version}\n"));
+    }
+    out.push_str(")\n");
+    Ok(out)
+}
+
+pub(super) fn tools_go(imports: &[String]) -> String {
+    let mut out = String::from("//go:build tools\n\npackage tools\n\nimport (\n");
+    for i in imports {
+        out.push_str(&format!("\t_ \"{i}\"\n"));
+    }
+    out.push_str(")\n");
+    out
+}
+
+pub(super) fn install(built: &Path, dest: &Path) -> anyhow::Result<()> {
+    if let Some(parent) = dest.parent() {
+        fs::create_dir_all(parent).with_context(|| format!("mkdir {}", parent.display()))?;
+    }
+    fs::rename(built, dest)
+        .with_context(|| format!("move {} to {}", built.display(), dest.display()))
+}
+
+pub(super) fn build_kubernetes(bins: &Binaries) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let dir = cache_dir().join(format!("build/kubernetes-{KUBERNETES_VERSION}"));
+    fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+    eprintln!(
+        "testenv: building kube-apiserver, kube-controller-manager, kubectl, kubelet and \
+         kube-scheduler {KUBERNETES_VERSION} in {} (first time only; about 10-15 minutes on 2 cores)",
+        dir.display()
+    );
+    let go_mod_path = download_go_mod(&dir, "k8s.io/kubernetes", KUBERNETES_VERSION)?;
+    let upstream = fs::read_to_string(&go_mod_path)
+        .with_context(|| format!("read {}", go_mod_path.display()))?;
+    let wrapper = kubernetes_wrapper_go_mod(&upstream, KUBERNETES_VERSION)?;
+    fs::write(dir.join("go.mod"), wrapper).context("write wrapper go.mod")?;
+    let imports: Vec<String> = KUBE_COMMANDS
+        .iter()
+        .map(|c| format!("k8s.io/kubernetes/cmd/{c}"))
+        .collect();
+    fs::write(dir.join("tools.go"), tools_go(&imports)).context("write tools.go")?;
+    run_cmd(go(&dir)?.args(["mod", "tidy"]))?;
+    let staging_version = staging_version(KUBERNETES_VERSION)?;
+    let minor = KUBERNETES_VERSION.split('.').nth(1).unwrap_or("0");
+    let ldflags = format!(
+        "-X k8s.io/component-base/version.gitVersion={KUBERNETES_VERSION} \
+         -X k8s.io/component-base/version.gitMajor=1 \
+         -X k8s.io/component-base/version.gitMinor={minor} \
+         -X k8s.io/client-go/pkg/version.gitVersion={staging_version}"
+    );
+    let out = dir.join("out");
+    run_cmd(
+        go(&dir)?
+            .args(["build", "-ldflags", &ldflags, "-o"])
+            .arg(format!("{}/", out.display()))
+            .args(&imports),
+    )?;
+    install(&out.join("kube-apiserver"), &bins.apiserver)?;
+    install(
+        &out.join("kube-controller-manager"),
+        &bins.controller_manager,
+    )?;
+    install(&out.join("kubectl"), &bins.kubectl)?;
+    install(&out.join("kubelet"), &bins.kubelet)?;
+    install(&out.join("kube-scheduler"), &bins.scheduler)?;
+    eprintln!(
+        "testenv: Kubernetes {KUBERNETES_VERSION} built in {:.0?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+pub(super) fn build_etcd(bins: &Binaries) -> anyhow::Result<()> {
+    const MODULE: &str = "go.etcd.io/etcd/server/v3";
+    let started = Instant::now();
+    let dir = cache_dir().join(format!("build/etcd-{ETCD_VERSION}"));
+    fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+    eprintln!(
+        "testenv: building etcd {ETCD_VERSION} in {} (first time only)",
+        dir.display()
+    );
+    let go_mod_path = download_go_mod(&dir, MODULE, ETCD_VERSION)?;
+    let upstream = fs::read_to_string(&go_mod_path)
+        .with_context(|| format!("read {}", go_mod_path.display()))?;
+    fs::write(
+        dir.join("go.mod"),
+        format!(
+            "module mbcas.io/testenv/etcd\n\n{}\nrequire {MODULE} {ETCD_VERSION}\n",
+            go_directives(&upstream)
+        ),
+    )
+    .context("write wrapper go.mod")?;
+    fs::write(dir.join("tools.go"), tools_go(&[MODULE.to_owned()])).context("write tools.go")?;
+    run_cmd(go(&dir)?.args(["mod", "tidy"]))?;
+    let out = dir.join("out/etcd");
+    run_cmd(go(&dir)?.args(["build", "-o"]).arg(&out).arg(MODULE))?;
+    install(&out, &bins.etcd)?;
+    eprintln!(
+        "testenv: etcd {ETCD_VERSION} built in {:.0?}",
+        started.elapsed()
+    );
+    Ok(())
+}
