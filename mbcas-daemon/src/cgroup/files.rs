@@ -57,9 +57,70 @@ fn malformed(path: &Path, reason: impl Into<String>) -> CgroupFsError {
 }
 
 fn number(path: &Path, s: &str) -> Result<i64, CgroupFsError> {
+    parse_number(s).map_err(|reason| malformed(path, reason))
+}
+
+fn parse_number(s: &str) -> Result<i64, String> {
     s.trim()
         .parse::<i64>()
-        .map_err(|_| malformed(path, format!("expected a number, got {:?}", s.trim())))
+        .map_err(|_| format!("expected a number, got {:?}", s.trim()))
+}
+
+/// Parses v2's `cpu.max` (`QUOTA PERIOD`, `max PERIOD` = unlimited).
+pub fn parse_cpu_max(text: &str) -> Result<Quota, String> {
+    let mut it = text.split_whitespace();
+    let (Some(q), Some(p), None) = (it.next(), it.next(), it.next()) else {
+        return Err(format!("expected `QUOTA PERIOD`, got {:?}", text.trim()));
+    };
+    let period_us = u64::try_from(parse_number(p)?).map_err(|_| "negative period".to_owned())?;
+    let quota_us = if q == "max" {
+        None
+    } else {
+        Some(u64::try_from(parse_number(q)?).map_err(|_| "negative quota".to_owned())?)
+    };
+    Ok(Quota {
+        quota_us,
+        period_us,
+    })
+}
+
+/// Parses v1's `cpu.cfs_quota_us` (`-1` = unlimited) and `cpu.cfs_period_us`.
+pub fn parse_cfs(quota: &str, period: &str) -> Result<Quota, String> {
+    let q = parse_number(quota).map_err(|e| format!("cpu.cfs_quota_us: {e}"))?;
+    let p = parse_number(period).map_err(|e| format!("cpu.cfs_period_us: {e}"))?;
+    let period_us =
+        u64::try_from(p).map_err(|_| "cpu.cfs_period_us: negative period".to_owned())?;
+    Ok(Quota {
+        quota_us: u64::try_from(q).ok(),
+        period_us,
+    })
+}
+
+/// Parses `cpu.weight` (v2, 1…10000) or `cpu.shares` (v1, ≥ 2) into v2's scale.
+pub fn parse_weight(text: &str, h: Hierarchy) -> Result<f64, String> {
+    let w = parse_number(text)?;
+    match h {
+        Hierarchy::V2 if (1..=10_000).contains(&w) => Ok(w as f64),
+        Hierarchy::V2 => Err(format!("weight {w} outside 1…10000")),
+        Hierarchy::V1 if w >= 2 => Ok(w as f64 * 100.0 / 1024.0),
+        Hierarchy::V1 => Err(format!("shares {w} below 2")),
+    }
+}
+
+/// Parses `cpu.pressure`: the `some` line's `total=` (µs), in ns.
+pub fn parse_pressure_some_ns(text: &str) -> Result<u64, String> {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("some "))
+        .ok_or("no `some` line")?;
+    let total = line
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("total="))
+        .ok_or("no total= in the `some` line")?;
+    let us: u64 = total
+        .parse()
+        .map_err(|_| format!("total={total} is not a number"))?;
+    Ok(us.saturating_mul(1000))
 }
 
 /// Reads a cgroup's CFS quota.
@@ -67,39 +128,13 @@ pub fn read_quota(dir: &Path, h: Hierarchy) -> Result<Quota, CgroupFsError> {
     match h {
         Hierarchy::V2 => {
             let path = dir.join("cpu.max");
-            let text = read(&path)?;
-            let mut it = text.split_whitespace();
-            let (Some(q), Some(p), None) = (it.next(), it.next(), it.next()) else {
-                return Err(malformed(
-                    &path,
-                    format!("expected `QUOTA PERIOD`, got {:?}", text.trim()),
-                ));
-            };
-            let period_us = u64::try_from(number(&path, p)?)
-                .map_err(|_| malformed(&path, "negative period"))?;
-            let quota_us = if q == "max" {
-                None
-            } else {
-                Some(
-                    u64::try_from(number(&path, q)?)
-                        .map_err(|_| malformed(&path, "negative quota"))?,
-                )
-            };
-            Ok(Quota {
-                quota_us,
-                period_us,
-            })
+            parse_cpu_max(&read(&path)?).map_err(|reason| malformed(&path, reason))
         }
         Hierarchy::V1 => {
             let qp = dir.join("cpu.cfs_quota_us");
             let pp = dir.join("cpu.cfs_period_us");
-            let q = number(&qp, &read(&qp)?)?;
-            let p = number(&pp, &read(&pp)?)?;
-            let period_us = u64::try_from(p).map_err(|_| malformed(&pp, "negative period"))?;
-            Ok(Quota {
-                quota_us: u64::try_from(q).ok(),
-                period_us,
-            })
+            let (q, p) = (read(&qp)?, read(&pp)?);
+            parse_cfs(&q, &p).map_err(|reason| malformed(dir, reason))
         }
     }
 }
@@ -130,47 +165,25 @@ pub fn write_quota(dir: &Path, h: Hierarchy, q: Quota) -> Result<(), CgroupFsErr
 
 /// A cgroup's CPU weight, normalised to v2's scale (default 100).
 pub fn read_weight(dir: &Path, h: Hierarchy) -> Result<f64, CgroupFsError> {
-    match h {
-        Hierarchy::V2 => {
-            let p = dir.join("cpu.weight");
-            let w = number(&p, &read(&p)?)?;
-            if !(1..=10_000).contains(&w) {
-                return Err(malformed(&p, format!("weight {w} outside 1…10000")));
-            }
-            Ok(w as f64)
-        }
-        Hierarchy::V1 => {
-            let p = dir.join("cpu.shares");
-            let s = number(&p, &read(&p)?)?;
-            if s < 2 {
-                return Err(malformed(&p, format!("shares {s} below 2")));
-            }
-            Ok(s as f64 * 100.0 / 1024.0)
-        }
-    }
+    let path = dir.join(match h {
+        Hierarchy::V2 => "cpu.weight",
+        Hierarchy::V1 => "cpu.shares",
+    });
+    parse_weight(&read(&path)?, h).map_err(|reason| malformed(&path, reason))
 }
 
 /// Total `some` stall time from `cpu.pressure`, in ns (`None` where the file
 /// does not exist, e.g. cgroup v1).
 pub fn read_pressure_some_ns(dir: &Path) -> Result<Option<u64>, CgroupFsError> {
     let path = dir.join("cpu.pressure");
-    let text = match std::fs::read_to_string(&path) {
+    let text = match read(&path) {
         Ok(t) => t,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(CgroupFsError::Unreadable { path, source }),
+        Err(CgroupFsError::Vanished { .. }) => return Ok(None),
+        Err(e) => return Err(e),
     };
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("some "))
-        .ok_or_else(|| malformed(&path, "no `some` line"))?;
-    let total = line
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix("total="))
-        .ok_or_else(|| malformed(&path, "no total= in the `some` line"))?;
-    let us: u64 = total
-        .parse()
-        .map_err(|_| malformed(&path, format!("total={total} is not a number")))?;
-    Ok(Some(us.saturating_mul(1000)))
+    parse_pressure_some_ns(&text)
+        .map(Some)
+        .map_err(|reason| malformed(&path, reason))
 }
 
 #[cfg(test)]

@@ -50,10 +50,18 @@ fn strip_kubelet(s: &str) -> &str {
     s.strip_prefix("kubelet-").unwrap_or(s)
 }
 
+/// A pod UID as a path writes it: a UUID (8-4-4-4-12 hex digits, joined by
+/// `-`, or by `_` under the systemd driver), or the 32 hex digits of the
+/// config hash the kubelet gives a static pod.
 fn is_uid(s: &str) -> bool {
-    s.len() >= 32
-        && s.chars()
-            .all(|c| c.is_ascii_hexdigit() || c == '-' || c == '_')
+    let hex = |g: &str| !g.is_empty() && g.bytes().all(|b| b.is_ascii_hexdigit());
+    if s.len() == 32 {
+        return hex(s);
+    }
+    let groups: Vec<&str> = s.split(['-', '_']).collect();
+    groups.len() == 5
+        && groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
+        && groups.iter().all(|g| hex(g))
 }
 
 fn container_of(name: &str) -> Option<ContainerRef> {
@@ -150,6 +158,33 @@ pub fn parse(path: &Path) -> Option<PodCgroup> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by `cargo xtask fuzz` (kubepods_path): a 39-character "UID" was
+    /// taken for a pod's and recorded as its UID.
+    #[test]
+    fn only_uuids_and_static_pod_hashes_are_uids() {
+        let bad = "/sys/fs/cgroup/kubepods.slice/kubepods-pod0c5a1e72_4e1b_4f04f0b_9f3c_2a7c8d9e0f11.slice/crio-d733f974c67aca90fa67941144adb7a0e4fa92bfecc111bf0fc90dfbb86a3.scope";
+        assert_eq!(parse(Path::new(bad)), None);
+        let static_pod =
+            "/sys/fs/cgroup/cpu/kubepods/burstable/pod5ba4d5c9e88c4c4cd1a1cd3c0a9c9e6a";
+        assert_eq!(
+            parse(Path::new(static_pod)).map(|p| p.pod_uid),
+            Some("5ba4d5c9e88c4c4cd1a1cd3c0a9c9e6a".to_owned())
+        );
+        for uid in [
+            "0c5a1e72-4e1b-4f0b-9f3c-2a7c8d9e0f11",
+            "0c5a1e72_4e1b_4f0b_9f3c_2a7c8d9e0f11",
+        ] {
+            assert!(is_uid(uid), "{uid}");
+        }
+        for uid in [
+            "0c5a1e72-4e1b-4f0b-9f3c-2a7c8d9e0f1",
+            "g5ba4d5c9e88c4c4cd1a1cd3c0a9c9e6a",
+            "0c5a1e724e1b4f0b9f3c2a7c8d9e0f11aa",
+        ] {
+            assert!(!is_uid(uid), "{uid}");
+        }
+    }
 
     const UID: &str = "5f1d2c3b-aaaa-4bbb-8ccc-0123456789ab";
     const UID_: &str = "5f1d2c3b_aaaa_4bbb_8ccc_0123456789ab";

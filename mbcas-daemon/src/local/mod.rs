@@ -426,6 +426,11 @@ impl Mode for Local {
                     self.stats.quota_writes += 1;
                     tracing::info!(consumer = %row.key, from = %row.from, to = %row.to, need = %row.need, reason = row.reason.as_str(), "quota changed");
                 }
+                Err(CgroupFsError::Vanished { .. }) => {
+                    // Removed since the census: nothing to write to.
+                    let name = row.key.to_string();
+                    self.forget(&name, "vanished");
+                }
                 Err(e) => {
                     tracing::warn!(consumer = %row.key, error = %error_chain(&e), "cannot write quota");
                     self.count_error(e.kind());
