@@ -9,11 +9,14 @@ mod build_ebpf;
 mod cmd;
 mod demo;
 mod e2e;
+mod fuzz;
 mod host;
 mod kind;
 mod procs;
+mod prometheus;
 mod setup;
 mod sim_charts;
+mod soak;
 mod test;
 mod testenv;
 
@@ -45,6 +48,12 @@ enum Command {
     Demo(demo::Options),
     /// Build the eBPF programs (through mbcas-daemon's build script) and show the object.
     BuildEbpf(build_ebpf::Options),
+    /// Fuzz every parser of outside input (cgroup files, kubepods paths, BTF, CPU
+    /// quantities, scenarios, `mbcas solve` input, PodAllocations) N seconds each.
+    Fuzz(fuzz::Options),
+    /// Local mode under churn (consumers created and removed, loads changing) for N
+    /// minutes: RSS, file descriptors and per-consumer series must stay flat (root).
+    Soak(soak::Options),
     /// Run setup, then every test tier (unit, kernel, control plane).
     Test(test::Options),
     /// Create a Kind cluster (deploy/kind-config.yaml), build and load the image, deploy MBCAS.
@@ -78,6 +87,8 @@ fn main() -> anyhow::Result<()> {
         Command::BenchK8s(opts) => bench_k8s::run(&opts),
         Command::BenchNode(opts) => bench_node::run(&opts),
         Command::Test(opts) => test::run(&opts),
+        Command::Fuzz(opts) => fuzz::run(&opts),
+        Command::Soak(opts) => soak::run(&opts),
         Command::KindUp(opts) => kind::up(&opts),
         Command::KindE2e(opts) => kind::e2e(&opts),
         Command::KindDown(opts) => kind::down(&opts),

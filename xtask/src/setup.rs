@@ -15,6 +15,8 @@ pub const EBPF_TOOLCHAIN: &str = include_str!("../../mbcas-ebpf/ebpf-toolchain")
 /// bpf-linker release built against Debian's LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// cargo-fuzz, for `cargo xtask fuzz` (libFuzzer on the eBPF nightly).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// LLVM for bpf-linker; `fonts-dejavu-core` gives the demo's charts their text; `runc`
 /// (with seccomp, which a runc built without cgo lacks) and
 /// `containernetworking-plugins` (bridge, host-local, loopback) serve the
@@ -36,6 +38,8 @@ pub fn run(_opts: &Options) -> anyhow::Result<()> {
     debian_packages()?;
     ebpf_toolchain()?;
     bpf_linker()?;
+    cargo_fuzz()?;
+    crate::prometheus::tools()?;
     // etcd, kube-apiserver, kube-controller-manager, kubectl for the control-plane tier.
     crate::testenv::ensure_built()?;
     eprintln!("setup: everything is installed");
@@ -118,4 +122,25 @@ fn bpf_linker() -> anyhow::Result<()> {
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", LLVM_PREFIX),
     )
+}
+
+/// cargo-fuzz at its pinned version.
+pub fn cargo_fuzz() -> anyhow::Result<()> {
+    let version = output_of(Command::new("cargo").args(["fuzz", "--version"]));
+    if version
+        .as_deref()
+        .is_some_and(|v| v.contains(CARGO_FUZZ_VERSION))
+    {
+        eprintln!("setup: cargo-fuzz {CARGO_FUZZ_VERSION} present");
+        return Ok(());
+    }
+    eprintln!("setup: building cargo-fuzz {CARGO_FUZZ_VERSION} (about a minute)");
+    run_cmd(Command::new("cargo").args([
+        "install",
+        "cargo-fuzz",
+        "--locked",
+        "--force",
+        "--version",
+        CARGO_FUZZ_VERSION,
+    ]))
 }

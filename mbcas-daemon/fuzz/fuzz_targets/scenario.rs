@@ -1,0 +1,23 @@
+//! Simulator scenario files: refused with a message, or valid and simulable
+//! for a short while without a panic.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use mbcas::sim::scenario::Scenario;
+
+fuzz_target!(|text: &str| {
+    let Ok(mut s) = Scenario::parse(text, "fuzz") else {
+        return;
+    };
+    // Keep a run short: a few simulated seconds on a few nodes.
+    s.duration_s = s.duration_s.min(5.0);
+    let pods: u64 = s
+        .nodes
+        .iter()
+        .map(|n| u64::from(n.count) * n.pods.iter().map(|p| u64::from(p.count)).sum::<u64>())
+        .sum();
+    if pods > 64 {
+        return;
+    }
+    let _ = mbcas::sim::run_policy(&s, "mbcas", 1);
+});
