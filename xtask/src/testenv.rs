@@ -155,6 +155,7 @@ mod faults;
 mod pki;
 mod process;
 
+pub(crate) use self::build::cache_dir;
 pub use self::build::{Binaries, ensure_built};
 use self::{build::*, faults::*, pki::*, process::*};
 

@@ -21,7 +21,7 @@ pub(super) fn workspace_root() -> PathBuf {
 }
 
 /// `$MBCAS_TESTENV_CACHE_DIR`, else `~/.cache/mbcas`.
-pub(super) fn cache_dir() -> PathBuf {
+pub(crate) fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("MBCAS_TESTENV_CACHE_DIR") {
         return PathBuf::from(dir);
     }

@@ -1080,6 +1080,8 @@ pub struct TestNode {
     kubectl: PathBuf,
     kubeconfig: PathBuf,
     overlay: PathBuf,
+    /// Where the DaemonSet's pod serves `/metrics` (host network).
+    pub metrics: std::net::SocketAddr,
 }
 
 impl TestNode {
@@ -1115,6 +1117,7 @@ impl TestNode {
             kubectl: Binaries::cached().kubectl,
             kubeconfig,
             overlay,
+            metrics: std::net::SocketAddr::from(([127, 0, 0, 1], metrics)),
         })
     }
 }
