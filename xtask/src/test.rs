@@ -14,7 +14,9 @@
 //! 3. the node tier: a real node (containerd, kubelet, kube-scheduler) added
 //!    to that control plane, MBCAS deployed on it as its DaemonSet, and the
 //!    end-to-end scenario of [`crate::e2e`] (root; CI fails rather than skip);
-//! 4. a short `cargo xtask demo` whose JSON must show MBCAS throttling less than
+//! 4. a short bounded pass of every fuzz target (`cargo xtask fuzz`), then a
+//!    two-minute soak of local mode under churn (`cargo xtask soak`, root);
+//! 5. a short `cargo xtask demo` whose JSON must show MBCAS throttling less than
 //!    static limits (root only; outside CI it is skipped with a message).
 
 use std::{path::PathBuf, process::Command};
@@ -29,6 +31,12 @@ pub struct Options {
     #[arg(long)]
     pub no_demo: bool,
 }
+
+/// How long CI soaks local mode (`cargo xtask soak` defaults to 10 min).
+const SOAK_MINUTES: u64 = 2;
+
+/// How long CI fuzzes each target (`cargo xtask fuzz` defaults to 60 s).
+const FUZZ_SECONDS: u64 = 20;
 
 /// Integration tests whose name starts with this are the kernel tier.
 const KERNEL_TIER: &str = "kernel_";
@@ -113,14 +121,22 @@ fn node_tier() -> anyhow::Result<()> {
 /// The end-to-end scenario on the test environment's node (it must be up).
 pub fn node_e2e() -> anyhow::Result<crate::e2e::Report> {
     let node = testenv::node::TestNode::running()?;
-    crate::e2e::run_scenario(&node)
+    let report = crate::e2e::run_scenario(&node)?;
+    // The scenario leaves MBCAS deployed and the workload running, back at its
+    // original limits: the fresh daemon resizes it again while Prometheus
+    // scrapes, so every panel of the dashboard has something to show.
+    crate::prometheus::check_dashboard(node.metrics, std::time::Duration::from_secs(45))?;
+    Ok(report)
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     setup::run(&setup::Options {})?;
-    eprintln!("test: lints (rustfmt, clippy with warnings as errors)");
+    eprintln!(
+        "test: lints (rustfmt, clippy with warnings as errors) and alerting rules (promtool)"
+    );
     run_cmd(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
     run_cmd(Command::new("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    crate::prometheus::check_rules()?;
     let (kernel, rest) = integration_tests()?;
     if kernel.is_empty() {
         bail!("no `{KERNEL_TIER}*` integration tests found: the kernel tier would not run");
@@ -144,6 +160,22 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     tests?;
     node?;
     stopped?;
+    eprintln!("test: fuzz tier, a short bounded pass of every target");
+    crate::fuzz::run(&crate::fuzz::Options {
+        seconds: FUZZ_SECONDS,
+        dev: true,
+        target: None,
+    })?;
+    if crate::procs::is_root() {
+        eprintln!("test: soak tier, {SOAK_MINUTES} minutes of consumer churn in local mode");
+        crate::soak::run(&crate::soak::Options {
+            minutes: SOAK_MINUTES,
+        })?;
+    } else if std::env::var_os("CI").is_some() {
+        bail!("the soak tier needs root (cgroups) and CI must run it");
+    } else {
+        eprintln!("SKIP (soak tier): not running as root");
+    }
     if opts.no_demo {
         return Ok(());
     }
