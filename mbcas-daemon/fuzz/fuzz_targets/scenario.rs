@@ -19,5 +19,10 @@ fuzz_target!(|text: &str| {
     if pods > 64 {
         return;
     }
-    let _ = mbcas::sim::run_policy(&s, "mbcas", 1);
+    // One thread: a panic then happens on the fuzzer's thread, which writes the input out.
+    let opts = mbcas::sim::RunOptions {
+        threads: 1,
+        ..Default::default()
+    };
+    let _ = mbcas::sim::run_policy_with(&s, "mbcas", 1, opts);
 });

@@ -58,7 +58,8 @@ fn is_uid(s: &str) -> bool {
     if s.len() == 32 {
         return hex(s);
     }
-    let groups: Vec<&str> = s.split(['-', '_']).collect();
+    let sep = if s.contains('_') { '_' } else { '-' };
+    let groups: Vec<&str> = s.split(sep).collect();
     groups.len() == 5
         && groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
         && groups.iter().all(|g| hex(g))
@@ -151,6 +152,10 @@ pub fn parse(path: &Path) -> Option<PodCgroup> {
             _ => (QosClass::Guaranteed, 1),
         };
         let uid = rest.get(i)?.strip_prefix("pod")?;
+        // The cgroupfs driver writes the UID as it is, with `-`.
+        if uid.contains('_') {
+            return None;
+        }
         pod_below(rest, i, qos, uid, str::to_owned)
     }
 }

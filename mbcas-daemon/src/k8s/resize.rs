@@ -350,8 +350,11 @@ fn safe_limits(
         let hi = MilliCpu((current.get() as f64 * cfg.max_step_up).floor() as u64);
         let lo = MilliCpu((current.get() as f64 * cfg.max_step_down).ceil() as u64);
         if d > hi && hi > current {
-            notes.push(format!("{}: {} limited to {} (max step up)", c.name, d, hi));
-            d = hi;
+            // The step limit never takes a limit below the request (a limit
+            // under the request, which no valid pod has, stays at the request).
+            let to = hi.max(c.request);
+            notes.push(format!("{}: {} limited to {} (max step up)", c.name, d, to));
+            d = to;
         } else if d < lo && lo < current {
             notes.push(format!(
                 "{}: {} limited to {} (max step down)",

@@ -112,7 +112,53 @@ pub enum Demand {
     },
 }
 
+/// The largest CPU amount a scenario may state, in millicores (a million
+/// cores): beyond it the simulated nanosecond counters would overflow.
+pub const MAX_MILLICORES: f64 = 1e9;
+/// The longest scenario, in seconds (30 days).
+pub const MAX_DURATION_S: f64 = 30.0 * 86_400.0;
+
 impl Demand {
+    /// Amounts finite, ≥ 0 and at most [`MAX_MILLICORES`]; times finite and ≥ 0.
+    fn validate(&self) -> Result<(), &'static str> {
+        let (amounts, times): (Vec<f64>, Vec<f64>) = match self {
+            Self::Steady { m } => (vec![*m], vec![]),
+            Self::Step { from_m, to_m, at_s } => (vec![*from_m, *to_m], vec![*at_s]),
+            Self::Square {
+                on_m,
+                off_m,
+                on_s,
+                off_s,
+                phase_s,
+            } => (vec![*on_m, *off_m], vec![*on_s, *off_s, *phase_s]),
+            Self::Diurnal {
+                mean_m,
+                amplitude_m,
+                period_s,
+            } => (vec![*mean_m, amplitude_m.abs()], vec![*period_s]),
+            Self::Start {
+                m,
+                at_s,
+                spike_m,
+                spike_s,
+                stop_s,
+            } => (
+                vec![*m, spike_m.unwrap_or(0.0)],
+                vec![*at_s, *spike_s, stop_s.unwrap_or(0.0)],
+            ),
+        };
+        if !amounts
+            .iter()
+            .all(|v| v.is_finite() && (0.0..=MAX_MILLICORES).contains(v))
+        {
+            return Err("amounts must be between 0 and 1e9 millicores");
+        }
+        if !times.iter().all(|v| v.is_finite() && *v >= 0.0) {
+            return Err("times must be finite and ≥ 0");
+        }
+        Ok(())
+    }
+
     /// Demand in millicores at time `t` (seconds), before noise.
     pub fn at(&self, t: f64) -> f64 {
         match *self {
@@ -312,6 +358,9 @@ impl Scenario {
         if !(self.duration_s.is_finite() && self.duration_s > 0.0) {
             return bad("duration_s".into(), "must be > 0");
         }
+        if self.duration_s > MAX_DURATION_S {
+            return bad("duration_s".into(), "must be at most 30 days");
+        }
         if !(self.decision_interval_s >= 0.1 && self.decision_interval_s.is_finite()) {
             return bad("decision_interval_s".into(), "must be ≥ 0.1");
         }
@@ -322,8 +371,11 @@ impl Scenario {
             return bad("nodes".into(), "must list at least one node");
         }
         for (i, n) in self.nodes.iter().enumerate() {
-            if n.capacity_m == 0 {
-                return bad(format!("nodes[{i}].capacity_m"), "must be > 0");
+            if n.capacity_m == 0 || n.capacity_m as f64 > MAX_MILLICORES {
+                return bad(
+                    format!("nodes[{i}].capacity_m"),
+                    "must be > 0 and at most 1e9 (a million cores)",
+                );
             }
             if !(0.0..1.0).contains(&n.reserve) {
                 return bad(format!("nodes[{i}].reserve"), "must be in [0, 1)");
@@ -332,6 +384,14 @@ impl Scenario {
                 let f = |k: &str| format!("nodes[{i}].pods[{j}].{k}");
                 if p.limit_m.is_some_and(|l| l < p.request_m) {
                     return bad(f("limit_m"), "must be ≥ request_m");
+                }
+                if p.request_m as f64 > MAX_MILLICORES
+                    || p.limit_m.is_some_and(|l| l as f64 > MAX_MILLICORES)
+                {
+                    return bad(f("request_m"), "request and limit must be at most 1e9");
+                }
+                if let Err(e) = p.demand.validate() {
+                    return bad(f("demand"), e);
                 }
                 if p.weight.is_some_and(|w| !(w.is_finite() && w > 0.0)) {
                     return bad(f("weight"), "must be > 0");
@@ -360,6 +420,20 @@ mod tests {
     const OK: &str = r#"{"name": "t", "duration_s": 10,
       "nodes": [{"name": "n", "capacity_m": 1000,
         "pods": [{"name": "p", "request_m": 100, "limit_m": 200, "demand": {"kind": "step", "from_m": 100, "to_m": 900, "at_s": 5}}]}]}"#;
+
+    #[test]
+    /// Found by `cargo xtask fuzz` (scenario): a node of 1e15 millicores made
+    /// the simulated nanosecond counters overflow.
+    fn huge_amounts_are_refused() {
+        let huge_node = OK.replace("\"capacity_m\": 1000", "\"capacity_m\": 1000000000000000");
+        let e = Scenario::parse(&huge_node, "x").unwrap_err().to_string();
+        assert!(e.contains("capacity_m"), "{e}");
+        let huge_demand = OK.replace("\"to_m\": 900", "\"to_m\": 1e300");
+        let e = Scenario::parse(&huge_demand, "x").unwrap_err().to_string();
+        assert!(e.contains("demand"), "{e}");
+        let nan = OK.replace("\"at_s\": 5", "\"at_s\": -5");
+        assert!(Scenario::parse(&nan, "x").is_err());
+    }
 
     #[test]
     fn parses_and_evaluates_demand() {

@@ -425,6 +425,27 @@ fn a_stale_allocation_does_not_rerecord_the_original() {
     assert_eq!(p.status.original, mem.original.unwrap_or_default());
 }
 
+/// Found by `cargo xtask fuzz` (pod_allocation): with a limit under the
+/// request (which the API server never admits) the step-up limit asked for
+/// less than the request.
+#[test]
+fn the_step_limit_never_goes_below_the_request() {
+    let f = facts(50, 250, None);
+    let p = plan(
+        &pa(100, None),
+        Some(Ok(&f)),
+        &cfg(),
+        &Memory::default(),
+        at(0),
+        wall(),
+    );
+    let changes = p.resize.unwrap_or_default();
+    assert!(
+        changes.iter().all(|(_, l)| *l >= MilliCpu(250)),
+        "{changes:?}"
+    );
+}
+
 /// Mocked API server (tower-test): the answers a real server cannot easily be
 /// made to give (conflicts, throttling, internal errors) and what the
 /// controller does with them.
