@@ -45,6 +45,11 @@ pub trait Cluster {
     fn restart(&self, component: &str, down: Duration) -> anyhow::Result<bool>;
     /// The last lines of the MBCAS daemon's log, for a failed run's report.
     fn daemon_log(&self) -> String;
+    /// Where this machine reaches the daemon's `/metrics`, when it can: a
+    /// real Prometheus then checks the Grafana dashboard's queries.
+    fn metrics(&self) -> Option<std::net::SocketAddr> {
+        None
+    }
 }
 
 const NAMESPACE: &str = "mbcas-e2e";
@@ -435,6 +440,13 @@ fn scenario(c: &dyn Cluster) -> anyhow::Result<Report> {
     let burner = start_workload(c, &mut report)?;
     let at_raise = check_raise(c, &mut report, &burner)?;
     check_steady(c, &mut report, &burner, at_raise)?;
+    // With pods managed and resized: a real Prometheus answers every panel.
+    if let Some(addr) = c.metrics() {
+        let n = crate::prometheus::check_dashboard(addr, Duration::from_secs(20))?;
+        report.ok(format!(
+            "a real Prometheus scraping the daemon answers all {n} queries of the Grafana dashboard (and `up`) with series"
+        ));
+    }
     check_duo(c, &mut report)?;
     check_untouched(c, &mut report)?;
     // 5. Faults: nothing lost, no limit changed by a restart alone.

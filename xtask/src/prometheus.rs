@@ -164,7 +164,7 @@ fn get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
 
 /// Starts Prometheus scraping `target` (job `mbcas`) every second, lets it
 /// scrape for `scrape_for`, then runs every dashboard query (and `up`).
-/// Returns the queries that answered, or fails naming those that returned no
+/// Returns how many queries answered, or fails naming those that returned no
 /// series.
 pub fn check_dashboard(
     target: std::net::SocketAddr,

@@ -1187,6 +1187,10 @@ impl crate::e2e::Cluster for TestNode {
             out
         }
     }
+
+    fn metrics(&self) -> Option<std::net::SocketAddr> {
+        Some(self.metrics)
+    }
 }
 
 #[cfg(test)]
