@@ -242,12 +242,7 @@ impl Drop for Cgroups {
     fn drop(&mut self) {
         self.burners.clear();
         for d in self.dirs.iter().rev() {
-            for _ in 0..100 {
-                if !d.exists() || std::fs::remove_dir(d).is_ok() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            crate::host::remove_cgroup(d);
         }
     }
 }

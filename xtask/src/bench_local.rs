@@ -41,12 +41,7 @@ impl Drop for Guard {
             let _ = c.wait();
         }
         for d in self.dirs.iter().rev() {
-            for _ in 0..100 {
-                if !d.exists() || std::fs::remove_dir(d).is_ok() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            crate::host::remove_cgroup(d);
         }
     }
 }

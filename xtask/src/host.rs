@@ -63,3 +63,14 @@ pub fn build_mbcas(release: bool) -> anyhow::Result<PathBuf> {
         .join(if release { "release" } else { "debug" })
         .join("mbcas"))
 }
+
+/// Removes a cgroup directory we made, retrying for up to 2 s while the
+/// kernel still counts its last tasks (a missing directory is done).
+pub fn remove_cgroup(d: &Path) {
+    for _ in 0..100 {
+        if !d.exists() || std::fs::remove_dir(d).is_ok() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -45,12 +45,7 @@ impl Consumer {
         let _ = self.burner.kill();
         let _ = self.burner.wait();
         for d in self.dirs.iter().rev() {
-            for _ in 0..100 {
-                if !d.exists() || std::fs::remove_dir(d).is_ok() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            crate::host::remove_cgroup(d);
         }
     }
 }
