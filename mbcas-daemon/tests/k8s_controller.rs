@@ -534,6 +534,8 @@ async fn restore_puts_original_limits_back_and_removes_allocations() {
         all: false,
         kubeconfig: None,
         json: false,
+        stop_daemonset: None,
+        stop_timeout: Duration::from_secs(1),
     };
     let report = mbcas::k8s::restore::restore(client.clone(), &args)
         .await
@@ -548,4 +550,74 @@ async fn restore_puts_original_limits_back_and_removes_allocations() {
     let p = pods.get("r").await.unwrap();
     assert_eq!(cpu_limit(&p), Some(MilliCpu(400)));
     assert!(allocation(&client, &ns.name, "r").await.is_none());
+}
+
+/// `mbcas restore --stop-daemonset` (the Helm chart's pre-delete hook): the
+/// DaemonSet is deleted in the foreground and the command waits until it and
+/// the pods its selector matches are gone; a pod that stays is named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_stops_the_daemonset_and_waits_for_its_pods() {
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    use mbcas::k8s::restore::{RestoreError, stop_daemonset};
+    let Some(env) = TestEnv::get() else { return };
+    let client = env.client().await;
+    let ns = TestNamespace::new(env, &client, "stopds").await;
+    let sets: Api<DaemonSet> = Api::namespaced(client.clone(), &ns.name);
+    let labels = serde_json::json!({"app.kubernetes.io/name": "stopped"});
+    let set: DaemonSet = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "daemon"},
+        "spec": {
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                // No node carries this label: the DaemonSet runs no pod.
+                "spec": {"nodeSelector": {"mbcas.io/no-such-node": "true"},
+                         "containers": [{"name": "c", "image": "mbcas:dev"}]}
+            }
+        }
+    }))
+    .unwrap();
+    sets.create(&PostParams::default(), &set).await.unwrap();
+    let wait = Duration::from_secs(30);
+    assert!(
+        stop_daemonset(&client, &ns.name, "daemon", wait)
+            .await
+            .unwrap(),
+        "an existing DaemonSet was not reported as stopped"
+    );
+    assert!(sets.get_opt("daemon").await.unwrap().is_none());
+    assert!(
+        !stop_daemonset(&client, &ns.name, "daemon", wait)
+            .await
+            .unwrap(),
+        "a missing DaemonSet was reported as stopped"
+    );
+    // A pod its selector matches that does not go: the wait ends with an
+    // error naming it. Another controller owns it, so the DaemonSet controller
+    // does not adopt it and the garbage collector leaves it alone.
+    sets.create(&PostParams::default(), &set).await.unwrap();
+    let maps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(client.clone(), &ns.name);
+    let owner = maps
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({"metadata": {"name": "owner"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let stray: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "stray", "labels": labels, "ownerReferences": [{
+            "apiVersion": "v1", "kind": "ConfigMap", "name": "owner",
+            "uid": owner.metadata.uid, "controller": true}]},
+        "spec": {"containers": [{"name": "c", "image": "mbcas:dev"}]}
+    }))
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    pods.create(&PostParams::default(), &stray).await.unwrap();
+    match stop_daemonset(&client, &ns.name, "daemon", Duration::from_secs(3)).await {
+        Err(e @ RestoreError::DaemonSetNotGone { .. }) => {
+            assert!(e.to_string().contains("stray"), "{e}");
+        }
+        other => panic!("expected the stray pod to be named, got {other:?}"),
+    }
 }

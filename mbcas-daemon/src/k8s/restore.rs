@@ -1,6 +1,8 @@
 //! `mbcas restore`: put the recorded original CPU limits back and delete the
 //! PodAllocations (the uninstall path). Stop the DaemonSet first, or the
-//! daemon will decide again.
+//! daemon will decide again: `--stop-daemonset NAMESPACE/NAME` does it here
+//! (deletes it in the foreground and waits until its pods are gone), which is
+//! what the Helm chart's pre-delete hook runs.
 //!
 //! For each PodAllocation in scope: when its pod still exists with the same UID
 //! and the status records original limits that differ from the pod's current
@@ -8,9 +10,9 @@
 //! the PodAllocation is deleted. A pod whose resize is refused keeps its
 //! PodAllocation (so a later run can retry) and makes the command fail.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::Pod};
 use kube::{
     Api, Client, ResourceExt as _,
     api::{DeleteParams, ListParams},
@@ -38,6 +40,24 @@ pub struct RestoreArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// First delete this DaemonSet (the MBCAS daemons) and wait until its
+    /// pods are gone, so that no daemon decides again after the restore.
+    #[arg(long, value_name = "NAMESPACE/NAME", value_parser = parse_daemonset)]
+    pub stop_daemonset: Option<(String, String)>,
+    /// How long `--stop-daemonset` waits for the daemons' pods to go.
+    #[arg(long, value_name = "DURATION", default_value = "2m",
+          value_parser = crate::config::parse_duration)]
+    pub stop_timeout: Duration,
+}
+
+/// `NAMESPACE/NAME`, both non-empty.
+fn parse_daemonset(s: &str) -> Result<(String, String), String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns.to_owned(), name.to_owned()))
+        }
+        _ => Err(format!("expected NAMESPACE/NAME, got {s:?}")),
+    }
 }
 
 #[derive(Debug, Default, Serialize, PartialEq)]
@@ -60,6 +80,92 @@ pub enum RestoreError {
     Client(#[from] super::client::ClientError),
     #[error("writing the report")]
     Json(#[from] serde_json::Error),
+    #[error("stopping the DaemonSet {namespace}/{name}")]
+    StopDaemonSet {
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(
+        "the pods of the DaemonSet {namespace}/{name} were still there after {waited:?}: {left}"
+    )]
+    DaemonSetNotGone {
+        namespace: String,
+        name: String,
+        waited: Duration,
+        left: String,
+    },
+}
+
+/// Deletes the DaemonSet with foreground propagation and waits until it and
+/// every pod its selector matches are gone. `Ok(false)`: it did not exist.
+pub async fn stop_daemonset(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    timeout: Duration,
+) -> Result<bool, RestoreError> {
+    let fail = |source| RestoreError::StopDaemonSet {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        source,
+    };
+    let sets: Api<DaemonSet> = Api::namespaced(client.clone(), namespace);
+    let Some(set) = sets.get_opt(name).await.map_err(fail)? else {
+        return Ok(false);
+    };
+    let selector = set
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.match_labels.as_ref())
+        .map(|labels| {
+            labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default();
+    match sets.delete(name, &DeleteParams::foreground()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => return Err(fail(e)),
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let started = tokio::time::Instant::now();
+    loop {
+        let set_left = sets.get_opt(name).await.map_err(fail)?.is_some();
+        // An empty selector would match every pod of the namespace: then only
+        // the DaemonSet's own disappearance (foreground: after its pods) counts.
+        let pods_left: Vec<String> = if selector.is_empty() {
+            Vec::new()
+        } else {
+            pods.list(&ListParams::default().labels(&selector))
+                .await
+                .map_err(fail)?
+                .items
+                .iter()
+                .map(kube::ResourceExt::name_any)
+                .collect()
+        };
+        if !set_left && pods_left.is_empty() {
+            return Ok(true);
+        }
+        if started.elapsed() >= timeout {
+            let mut left = pods_left;
+            if set_left {
+                left.insert(0, format!("daemonset/{name}"));
+            }
+            return Err(RestoreError::DaemonSetNotGone {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                waited: timeout,
+                left: left.join(", "),
+            });
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// The patch that puts the original limits back, if any differ.
@@ -144,6 +250,15 @@ pub async fn restore(client: Client, args: &RestoreArgs) -> Result<RestoreReport
 /// `mbcas restore`.
 pub async fn run(args: &RestoreArgs) -> Result<ExitCode, RestoreError> {
     let client = super::client::client(args.kubeconfig.as_deref()).await?;
+    if let Some((ns, name)) = &args.stop_daemonset {
+        let stopped = stop_daemonset(&client, ns, name, args.stop_timeout).await?;
+        if !args.json {
+            println!(
+                "daemonset {ns}/{name} {}",
+                if stopped { "stopped" } else { "not found" }
+            );
+        }
+    }
     let report = restore(client, args).await?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
