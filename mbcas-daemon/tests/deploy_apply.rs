@@ -10,7 +10,8 @@
 //! API objects (Kind's cluster config, the kustomization, Grafana JSON) are
 //! skipped by their apiVersion group or extension, and `deploy/prometheus/`
 //! (alerting rules and their tests, Prometheus's own format, checked by
-//! promtool) by its directory.
+//! promtool) and `deploy/helm/` (templates, rendered and compared with these
+//! objects by `cargo xtask helm-check`) by their directories.
 // Test helpers: an unwrap that fails is the test failing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -44,7 +45,10 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in entries {
         let path = entry.unwrap().path();
         if path.is_dir() {
-            if path.file_name().is_some_and(|n| n == "prometheus") {
+            if path
+                .file_name()
+                .is_some_and(|n| n == "prometheus" || n == "helm")
+            {
                 continue;
             }
             yaml_files(&path, out);

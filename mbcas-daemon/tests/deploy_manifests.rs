@@ -21,8 +21,12 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
         let path = entry.unwrap().path();
         if path.is_dir() {
             // Prometheus's rules and their tests, not Kubernetes manifests
-            // (promtool checks them).
-            if path.file_name().is_some_and(|n| n == "prometheus") {
+            // (promtool checks them); the Helm chart's templates (helm lint
+            // and `cargo xtask helm-check` render and check them).
+            if path
+                .file_name()
+                .is_some_and(|n| n == "prometheus" || n == "helm")
+            {
                 continue;
             }
             yaml_files(&path, out);
@@ -356,4 +360,126 @@ fn committed_crd_matches_the_rust_types() {
         "{} drifted from the Rust types; regenerate it with `mbcas crd`",
         path.display()
     );
+}
+
+fn chart_dir() -> PathBuf {
+    deploy_dir().join("helm/mbcas")
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The chart carries copies of the CRD and the alerting rules (Helm reads
+/// only files inside the chart): they are the files of deploy/, and its
+/// appVersion is the workspace's version.
+#[test]
+fn helm_chart_copies_match_deploy() {
+    for (copy, original) in [
+        (
+            "crds/podallocations.allocation.mbcas.io.yaml",
+            "crds/podallocations.allocation.mbcas.io.yaml",
+        ),
+        ("files/mbcas-rules.yaml", "prometheus/mbcas-rules.yaml"),
+    ] {
+        assert!(
+            read(&chart_dir().join(copy)) == read(&deploy_dir().join(original)),
+            "deploy/helm/mbcas/{copy} differs from deploy/{original}: copy it again"
+        );
+    }
+    let chart: Value = serde_saphyr::from_str(&read(&chart_dir().join("Chart.yaml"))).unwrap();
+    assert_eq!(chart["appVersion"], env!("CARGO_PKG_VERSION"));
+}
+
+/// `config.fooBar` in the chart's values ↔ `mbcas run --foo-bar`: every
+/// decision flag of `mbcas run` has a value (the template passes it as the
+/// flag's MBCAS_* variable), the schema lists exactly those, and no value
+/// names a flag that does not exist.
+#[test]
+fn helm_values_name_every_decision_flag() {
+    use clap::CommandFactory as _;
+    // Set by the chart otherwise (downward API, log and metrics values), or
+    // not for Kubernetes mode.
+    const NOT_CONFIG: &[&str] = &[
+        "mode",
+        "node-name",
+        "daemon-namespace",
+        "metrics-addr",
+        "log-level",
+        "log-format",
+        "kubeconfig",
+        "local-root",
+        "capacity-millicores",
+        "on-exit",
+        "report-jsonl",
+        "test-pod-cgroups",
+        "help",
+    ];
+    let cmd = mbcas::cli::Cli::command();
+    let run = cmd.find_subcommand("run").expect("no `mbcas run`");
+    let mut flags: Vec<(String, String)> = run
+        .get_arguments()
+        .filter_map(|a| Some((a.get_long()?.to_owned(), a)))
+        .filter(|(long, _)| !NOT_CONFIG.contains(&long.as_str()))
+        .map(|(long, a)| {
+            let env = a
+                .get_env()
+                .unwrap_or_else(|| panic!("--{long} has no MBCAS_* variable"))
+                .to_string_lossy()
+                .into_owned();
+            let camel: String = long
+                .split('-')
+                .enumerate()
+                .map(|(i, w)| {
+                    if i == 0 {
+                        w.to_owned()
+                    } else {
+                        let mut c = w.chars();
+                        c.next()
+                            .map(|f| f.to_uppercase().chain(c).collect())
+                            .unwrap_or_default()
+                    }
+                })
+                .collect();
+            (camel, env)
+        })
+        .collect();
+    flags.sort();
+    let values: Value = serde_saphyr::from_str(&read(&chart_dir().join("values.yaml"))).unwrap();
+    let schema: Value =
+        serde_json::from_str(&read(&chart_dir().join("values.schema.json"))).unwrap();
+    let mut in_values: Vec<String> = values["config"]
+        .as_object()
+        .expect("values.yaml has no config")
+        .keys()
+        .cloned()
+        .collect();
+    in_values.sort();
+    let mut in_schema: Vec<String> = schema["properties"]["config"]["properties"]
+        .as_object()
+        .expect("the schema has no config")
+        .keys()
+        .cloned()
+        .collect();
+    in_schema.sort();
+    let names: Vec<String> = flags.iter().map(|(c, _)| c.clone()).collect();
+    assert_eq!(in_values, names, "values.yaml config vs `mbcas run` flags");
+    assert_eq!(
+        in_schema, names,
+        "values.schema.json config vs `mbcas run` flags"
+    );
+    // The template turns a key into MBCAS_<SNAKE_CASE>: it must be the flag's.
+    for (camel, env) in &flags {
+        let snake: String = camel
+            .chars()
+            .flat_map(|c| {
+                if c.is_ascii_uppercase() {
+                    vec!['_', c]
+                } else {
+                    vec![c.to_ascii_uppercase()]
+                }
+            })
+            .collect();
+        assert_eq!(format!("MBCAS_{snake}"), *env, "config.{camel}");
+    }
 }

@@ -15,7 +15,10 @@
 //! 4. a Guaranteed pod, a `RestartContainer` pod and a kube-system pod keep
 //!    their limits and do not restart;
 //! 5. with the DaemonSet removed, `mbcas restore --all` puts every original
-//!    limit back on the running pods and deletes the PodAllocations.
+//!    limit back on the running pods and deletes the PodAllocations;
+//! 6. the Helm chart (`deploy/helm/mbcas/`) installs the same daemon, which
+//!    resizes the burner again, and `helm uninstall`'s pre-delete hook stops
+//!    it and puts every original limit back.
 
 use std::{
     path::PathBuf,
@@ -49,6 +52,11 @@ pub trait Cluster {
     /// real Prometheus then checks the Grafana dashboard's queries.
     fn metrics(&self) -> Option<std::net::SocketAddr> {
         None
+    }
+    /// The Helm values this cluster needs on top of the chart's defaults (what
+    /// its kustomize overlay changes).
+    fn helm_values(&self) -> Value {
+        json!({})
     }
 }
 
@@ -448,10 +456,12 @@ fn scenario(c: &dyn Cluster) -> anyhow::Result<Report> {
         ));
     }
     check_duo(c, &mut report)?;
+    user_view(c);
     check_untouched(c, &mut report)?;
     // 5. Faults: nothing lost, no limit changed by a restart alone.
     faults(c, &mut report, &burner.node, &burner.dir)?;
     check_restore(c, &mut report)?;
+    check_helm(c, &mut report)?;
     // Leave MBCAS deployed, as found.
     kubectl(c, &["apply", "-k", &deploy.display().to_string()])?;
     Ok(report)
@@ -721,6 +731,22 @@ fn check_restore(c: &dyn Cluster, report: &mut Report) -> anyhow::Result<()> {
         restore.arg("--kubeconfig").arg(k);
     }
     let restored = run(restore)?;
+    wait_for_originals(c).with_context(|| format!("mbcas restore said: {restored}"))?;
+    let left = kubectl(c, &["get", "podallocations", "-A", "-o", "name"])?;
+    if !left.trim().is_empty() {
+        bail!("PodAllocations left after restore: {left}");
+    }
+    report.ok(
+        "with the DaemonSet deleted, `mbcas restore --all` put 300m/200m/100m back \
+         (spec, status, cgroup) and deleted every PodAllocation"
+            .into(),
+    );
+    Ok(())
+}
+
+/// Waits until the burner and the duo have their original limits in spec,
+/// status and cgroup.
+fn wait_for_originals(c: &dyn Cluster) -> anyhow::Result<()> {
     let expect: Vec<(&str, &str, u64)> = std::iter::once((BURNER, "burn", BURNER_LIMIT))
         .chain(DUO_LIMITS.iter().map(|(n, l)| (DUO, *n, *l)))
         .collect();
@@ -747,14 +773,131 @@ fn check_restore(c: &dyn Cluster, report: &mut Report) -> anyhow::Result<()> {
             Ok(Some(()))
         },
     )
-    .with_context(|| format!("mbcas restore said: {restored}"))?;
+}
+
+/// What an operator sees: `kubectl get podallocations -A` and the burner's
+/// events (printed for the log; the README shows a run's).
+fn user_view(c: &dyn Cluster) {
+    if let Ok(out) = kubectl(c, &["get", "podallocations", "-A"]) {
+        eprintln!("e2e: $ kubectl get podallocations -A\n{out}");
+    }
+    if let Ok(out) = kubectl(c, &["-n", NAMESPACE, "describe", "pod", BURNER]) {
+        let events = out
+            .split_once("\nEvents:")
+            .map_or("(no events)", |(_, e)| e);
+        eprintln!("e2e: $ kubectl -n {NAMESPACE} describe pod {BURNER}   # Events:{events}");
+    }
+}
+
+/// helm with the cluster's kubeconfig, in the daemon's namespace.
+fn helm(c: &dyn Cluster, args: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = crate::helm::helm()?;
+    if let Some(k) = c.kubeconfig() {
+        cmd.arg("--kubeconfig").arg(k);
+    }
+    cmd.args(["--namespace", DAEMON_NAMESPACE]).args(args);
+    run(cmd)
+}
+
+/// 6. The Helm chart: installed in place of deploy/, it runs the same daemon,
+/// which resizes the burner again; `helm uninstall` runs the pre-delete hook
+/// (`mbcas restore --all --stop-daemonset`), which stops the daemon and puts
+/// every original limit back before the chart's objects go.
+fn check_helm(c: &dyn Cluster, report: &mut Report) -> anyhow::Result<()> {
+    // The objects of deploy/ that the chart owns (the DaemonSet is already
+    // gone; the namespace stays the user's, and Helm leaves an existing CRD).
+    kubectl(
+        c,
+        &[
+            "-n",
+            DAEMON_NAMESPACE,
+            "delete",
+            "serviceaccount/mbcas",
+            "--ignore-not-found",
+        ],
+    )?;
+    kubectl(
+        c,
+        &[
+            "delete",
+            "clusterrole/mbcas-node-daemon",
+            "clusterrolebinding/mbcas-node-daemon",
+            "--ignore-not-found",
+        ],
+    )?;
+    let values = crate::helm::values_file("e2e", &c.helm_values())?;
+    let chart = crate::helm::chart_dir().display().to_string();
+    let values = values.display().to_string();
+    let installed = helm(
+        c,
+        &[
+            "install",
+            crate::helm::RELEASE,
+            &chart,
+            "-f",
+            &values,
+            "--wait",
+            "--timeout",
+            "3m",
+        ],
+    );
+    if let Err(e) = installed {
+        let _ = helm(c, &["uninstall", crate::helm::RELEASE, "--no-hooks"]);
+        return Err(e.context("helm install"));
+    }
+    let while_installed = |report: &mut Report| -> anyhow::Result<()> {
+        daemon_ready(c)?;
+        report.ok("helm install: the chart's DaemonSet is Ready (/readyz)".into());
+        let started = Instant::now();
+        let raised = wait_until(
+            "the chart's daemon to raise the burner again",
+            RAISE_TIMEOUT,
+            Duration::from_secs(1),
+            || {
+                let l = first(&pod_view(c, NAMESPACE, BURNER)?)?.spec_limit;
+                Ok(l.filter(|l| *l > BURNER_LIMIT))
+            },
+        )?;
+        report.ok(format!(
+            "helm install: the chart's daemon raised {BURNER} {BURNER_LIMIT}m → {raised}m in {:.1} s",
+            started.elapsed().as_secs_f64()
+        ));
+        Ok(())
+    };
+    let checked = while_installed(report);
+    let removed = helm(
+        c,
+        &[
+            "uninstall",
+            crate::helm::RELEASE,
+            "--wait",
+            "--timeout",
+            "4m",
+        ],
+    );
+    checked?;
+    let said = removed.context("helm uninstall (its pre-delete hook restores the limits)")?;
+    wait_for_originals(c).with_context(|| format!("helm uninstall said: {said}"))?;
     let left = kubectl(c, &["get", "podallocations", "-A", "-o", "name"])?;
-    if !left.trim().is_empty() {
-        bail!("PodAllocations left after restore: {left}");
+    let daemons = kubectl(
+        c,
+        &[
+            "-n",
+            DAEMON_NAMESPACE,
+            "get",
+            "daemonsets,jobs,serviceaccounts",
+            "-l",
+            "app.kubernetes.io/part-of=mbcas",
+            "-o",
+            "name",
+        ],
+    )?;
+    if !left.trim().is_empty() || !daemons.trim().is_empty() {
+        bail!("left after helm uninstall: {left}{daemons}");
     }
     report.ok(
-        "with the DaemonSet deleted, `mbcas restore --all` put 300m/200m/100m back \
-         (spec, status, cgroup) and deleted every PodAllocation"
+        "helm uninstall: the pre-delete hook stopped the daemon and put 300m/200m/100m back \
+         (spec, status, cgroup); no PodAllocation, DaemonSet or hook Job left"
             .into(),
     );
     Ok(())

@@ -10,6 +10,7 @@ mod cmd;
 mod demo;
 mod e2e;
 mod fuzz;
+mod helm;
 mod host;
 mod kind;
 mod procs;
@@ -54,6 +55,9 @@ enum Command {
     /// Local mode under churn (consumers created and removed, loads changing) for N
     /// minutes: RSS, file descriptors and per-consumer series must stay flat (root).
     Soak(soak::Options),
+    /// The Helm chart (deploy/helm/mbcas): helm lint, the values schema, and its rendered
+    /// objects against `kubectl kustomize deploy/`.
+    HelmCheck,
     /// Run setup, then every test tier (unit, kernel, control plane).
     Test(test::Options),
     /// Create a Kind cluster (deploy/kind-config.yaml), build and load the image, deploy MBCAS.
@@ -88,6 +92,7 @@ fn main() -> anyhow::Result<()> {
         Command::BenchNode(opts) => bench_node::run(&opts),
         Command::Test(opts) => test::run(&opts),
         Command::Fuzz(opts) => fuzz::run(&opts),
+        Command::HelmCheck => helm::check(),
         Command::Soak(opts) => soak::run(&opts),
         Command::KindUp(opts) => kind::up(&opts),
         Command::KindE2e(opts) => kind::e2e(&opts),

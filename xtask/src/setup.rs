@@ -40,6 +40,7 @@ pub fn run(_opts: &Options) -> anyhow::Result<()> {
     bpf_linker()?;
     cargo_fuzz()?;
     crate::prometheus::tools()?;
+    crate::helm::ensure()?;
     // etcd, kube-apiserver, kube-controller-manager, kubectl for the control-plane tier.
     crate::testenv::ensure_built()?;
     eprintln!("setup: everything is installed");

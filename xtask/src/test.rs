@@ -127,11 +127,13 @@ pub fn node_e2e() -> anyhow::Result<crate::e2e::Report> {
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     setup::run(&setup::Options {})?;
     eprintln!(
-        "test: lints (rustfmt, clippy with warnings as errors) and alerting rules (promtool)"
+        "test: lints (rustfmt, clippy with warnings as errors), alerting rules (promtool) and \
+         the Helm chart (helm lint, rendered objects against deploy/)"
     );
     run_cmd(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
     run_cmd(Command::new("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     crate::prometheus::check_rules()?;
+    crate::helm::check()?;
     let (kernel, rest) = integration_tests()?;
     if kernel.is_empty() {
         bail!("no `{KERNEL_TIER}*` integration tests found: the kernel tier would not run");

@@ -155,8 +155,8 @@ mod faults;
 mod pki;
 mod process;
 
-pub(crate) use self::build::cache_dir;
 pub use self::build::{Binaries, ensure_built};
+pub(crate) use self::build::{build_go_tool, cache_dir, workspace_root};
 use self::{build::*, faults::*, pki::*, process::*};
 
 /// Stops the default test environment; a no-op when it is not up.
@@ -321,9 +321,10 @@ fn start(state: &StateDir, bins: &Binaries) -> anyhow::Result<PathBuf> {
     let cm_args: Vec<String> = vec![
         format!("--kubeconfig={}", kubeconfig.display()),
         // daemonset and root-ca-cert-publisher (the `kube-root-ca.crt`
-        // ConfigMap that service-account token volumes need) serve the node.
+        // ConfigMap that service-account token volumes need) serve the node;
+        // job runs the Helm chart's uninstall hook.
         "--controllers=serviceaccount-token,serviceaccount,garbagecollector,namespace,daemonset,\
-         root-ca-cert-publisher"
+         job,root-ca-cert-publisher"
             .into(),
         format!("--service-account-private-key-file={}", p("sa.key")),
         format!("--root-ca-file={}", p("ca.crt")),

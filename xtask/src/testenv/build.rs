@@ -13,7 +13,7 @@ use anyhow::{Context as _, bail};
 use super::*;
 use crate::cmd::{output_of, run_cmd};
 
-pub(super) fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_path_buf)
@@ -255,31 +255,50 @@ pub(super) fn build_kubernetes(bins: &Binaries) -> anyhow::Result<()> {
 
 pub(super) fn build_etcd(bins: &Binaries) -> anyhow::Result<()> {
     const MODULE: &str = "go.etcd.io/etcd/server/v3";
+    build_go_tool("etcd", MODULE, ETCD_VERSION, MODULE, "", &bins.etcd)
+}
+
+/// Builds the command `package` of `module@version` through a wrapper module
+/// under the cache's `build/<name>-<version>` (its go.mod requires the module
+/// and repeats its `go`/`godebug` lines) and installs it as `dest`.
+pub(crate) fn build_go_tool(
+    name: &str,
+    module: &str,
+    version: &str,
+    package: &str,
+    ldflags: &str,
+    dest: &Path,
+) -> anyhow::Result<()> {
     let started = Instant::now();
-    let dir = cache_dir().join(format!("build/etcd-{ETCD_VERSION}"));
+    let dir = cache_dir().join(format!("build/{name}-{version}"));
     fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
     eprintln!(
-        "testenv: building etcd {ETCD_VERSION} in {} (first time only)",
+        "testenv: building {name} {version} in {} (first time only)",
         dir.display()
     );
-    let go_mod_path = download_go_mod(&dir, MODULE, ETCD_VERSION)?;
+    let go_mod_path = download_go_mod(&dir, module, version)?;
     let upstream = fs::read_to_string(&go_mod_path)
         .with_context(|| format!("read {}", go_mod_path.display()))?;
     fs::write(
         dir.join("go.mod"),
         format!(
-            "module mbcas.io/testenv/etcd\n\n{}\nrequire {MODULE} {ETCD_VERSION}\n",
+            "module mbcas.io/testenv/{name}\n\n{}\nrequire {module} {version}\n",
             go_directives(&upstream)
         ),
     )
     .context("write wrapper go.mod")?;
-    fs::write(dir.join("tools.go"), tools_go(&[MODULE.to_owned()])).context("write tools.go")?;
+    fs::write(dir.join("tools.go"), tools_go(&[package.to_owned()])).context("write tools.go")?;
     run_cmd(go(&dir)?.args(["mod", "tidy"]))?;
-    let out = dir.join("out/etcd");
-    run_cmd(go(&dir)?.args(["build", "-o"]).arg(&out).arg(MODULE))?;
-    install(&out, &bins.etcd)?;
+    let out = dir.join("out").join(name);
+    run_cmd(
+        go(&dir)?
+            .args(["build", "-ldflags", ldflags, "-o"])
+            .arg(&out)
+            .arg(package),
+    )?;
+    install(&out, dest)?;
     eprintln!(
-        "testenv: etcd {ETCD_VERSION} built in {:.0?}",
+        "testenv: {name} {version} built in {:.0?}",
         started.elapsed()
     );
     Ok(())

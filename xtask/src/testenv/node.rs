@@ -1080,6 +1080,7 @@ pub struct TestNode {
     kubectl: PathBuf,
     kubeconfig: PathBuf,
     overlay: PathBuf,
+    apiserver_port: u16,
     /// Where the DaemonSet's pod serves `/metrics` (host network).
     pub metrics: std::net::SocketAddr,
 }
@@ -1117,6 +1118,7 @@ impl TestNode {
             kubectl: Binaries::cached().kubectl,
             kubeconfig,
             overlay,
+            apiserver_port: port,
             metrics: std::net::SocketAddr::from(([127, 0, 0, 1], metrics)),
         })
     }
@@ -1190,6 +1192,17 @@ impl crate::e2e::Cluster for TestNode {
 
     fn metrics(&self) -> Option<std::net::SocketAddr> {
         Some(self.metrics)
+    }
+
+    /// What [`deploy_overlay`] changes, as the chart's values.
+    fn helm_values(&self) -> serde_json::Value {
+        serde_json::json!({
+            "hostNetwork": true,
+            "dnsPolicy": "ClusterFirstWithHostNet",
+            "nodeSelector": {NODE_LABEL: "true"},
+            "metrics": {"port": self.metrics.port()},
+            "apiServer": {"host": "127.0.0.1", "port": self.apiserver_port.to_string()},
+        })
     }
 }
 
