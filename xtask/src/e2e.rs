@@ -799,7 +799,7 @@ fn helm(c: &dyn Cluster, args: &[&str]) -> anyhow::Result<String> {
     run(cmd)
 }
 
-/// 6. The Helm chart: installed in place of deploy/, it runs the same daemon,
+/// Step 6, the Helm chart: installed in place of deploy/, it runs the same daemon,
 /// which resizes the burner again; `helm uninstall` runs the pre-delete hook
 /// (`mbcas restore --all --stop-daemonset`), which stops the daemon and puts
 /// every original limit back before the chart's objects go.
