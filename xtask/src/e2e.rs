@@ -72,7 +72,8 @@ const SYSTEM_POD: &str = "mbcas-e2e-system";
 const UNTOUCHED_LIMIT: u64 = 200;
 const RAISE_TIMEOUT: Duration = Duration::from_secs(180);
 
-fn run(mut cmd: Command) -> anyhow::Result<String> {
+/// Runs `cmd`; its stdout, or what it printed as the error.
+pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd
         .output()
         .with_context(|| format!("failed to start {cmd:?}"))?;
@@ -90,7 +91,7 @@ fn run(mut cmd: Command) -> anyhow::Result<String> {
 pub(crate) fn kubectl(c: &dyn Cluster, args: &[&str]) -> anyhow::Result<String> {
     let mut cmd = c.kubectl();
     cmd.args(args);
-    run(cmd)
+    run(&mut cmd)
 }
 
 pub(crate) fn apply(c: &dyn Cluster, object: &Value) -> anyhow::Result<()> {
@@ -730,7 +731,7 @@ fn check_restore(c: &dyn Cluster, report: &mut Report) -> anyhow::Result<()> {
     if let Some(k) = c.kubeconfig() {
         restore.arg("--kubeconfig").arg(k);
     }
-    let restored = run(restore)?;
+    let restored = run(&mut restore)?;
     wait_for_originals(c).with_context(|| format!("mbcas restore said: {restored}"))?;
     let left = kubectl(c, &["get", "podallocations", "-A", "-o", "name"])?;
     if !left.trim().is_empty() {
@@ -796,7 +797,7 @@ fn helm(c: &dyn Cluster, args: &[&str]) -> anyhow::Result<String> {
         cmd.arg("--kubeconfig").arg(k);
     }
     cmd.args(["--namespace", DAEMON_NAMESPACE]).args(args);
-    run(cmd)
+    run(&mut cmd)
 }
 
 /// Step 6, the Helm chart: installed in place of deploy/, it runs the same daemon,

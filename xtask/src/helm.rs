@@ -15,7 +15,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
-use crate::testenv::{Binaries, cache_dir};
+use crate::{
+    e2e::run,
+    testenv::{Binaries, cache_dir},
+};
 
 /// Helm 4, built from its Go module.
 pub const HELM_VERSION: &str = "v4.3.2";
@@ -70,22 +73,6 @@ pub fn helm() -> anyhow::Result<Command> {
     Ok(cmd)
 }
 
-/// Runs `cmd`; its stdout, or its stderr as the error.
-fn output(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("failed to run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// The documents of a multi-document YAML stream (empty ones dropped).
 fn documents(yaml: &str) -> anyhow::Result<Vec<Value>> {
     let docs: Vec<Value> = serde_saphyr::from_multiple(yaml).context("not valid YAML")?;
@@ -95,13 +82,11 @@ fn documents(yaml: &str) -> anyhow::Result<Vec<Value>> {
 /// `helm template` of the chart with `values` (a values file, as JSON).
 pub fn render(values: &Value) -> anyhow::Result<Vec<Value>> {
     let file = values_file("render", values)?;
-    let yaml = output(
-        helm()?
-            .args(["template", RELEASE])
-            .arg(chart_dir())
-            .args(["--namespace", NAMESPACE, "--include-crds", "-f"])
-            .arg(&file),
-    )?;
+    let yaml = run(helm()?
+        .args(["template", RELEASE])
+        .arg(chart_dir())
+        .args(["--namespace", NAMESPACE, "--include-crds", "-f"])
+        .arg(&file))?;
     documents(&yaml).context("helm template's output")
 }
 
@@ -116,11 +101,9 @@ pub fn values_file(name: &str, values: &Value) -> anyhow::Result<PathBuf> {
 }
 
 fn kustomize(dir: &Path) -> anyhow::Result<Vec<Value>> {
-    let yaml = output(
-        Command::new(Binaries::cached().kubectl)
-            .arg("kustomize")
-            .arg(dir),
-    )?;
+    let yaml = run(Command::new(Binaries::cached().kubectl)
+        .arg("kustomize")
+        .arg(dir))?;
     documents(&yaml).context("kubectl kustomize's output")
 }
 
@@ -225,14 +208,12 @@ pub fn check() -> anyhow::Result<()> {
         &json!({"namespace": {"create": true}, "serviceMonitor": {"enabled": true},
                 "prometheusRule": {"enabled": true}, "config": {"tick": "2s"}}),
     )?;
-    output(helm()?.args(["lint", "--strict"]).arg(&chart))?;
-    output(
-        helm()?
-            .args(["lint", "--strict"])
-            .arg(&chart)
-            .arg("-f")
-            .arg(&all_on),
-    )?;
+    run(helm()?.args(["lint", "--strict"]).arg(&chart))?;
+    run(helm()?
+        .args(["lint", "--strict"])
+        .arg(&chart)
+        .arg("-f")
+        .arg(&all_on))?;
     refuses_misspelt_values()?;
     let deploy = crate::testenv::workspace_root().join("deploy");
     let kust = kustomize(&deploy)?;
