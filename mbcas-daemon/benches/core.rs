@@ -88,6 +88,7 @@ fn bench_tick(c: &mut Criterion) {
                 peak: MilliCpu(500),
                 throttled_ratio: 0.2,
                 samples: 10,
+                saturated: false,
                 exclusion: None,
             })
             .collect();

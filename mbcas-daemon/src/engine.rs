@@ -268,6 +268,7 @@ impl Engine {
                 }),
                 throttled_ratio: estimates[i].map_or(0.0, |e| e.throttled_ratio),
                 samples: estimates[i].map_or(0, |e| e.samples),
+                saturated: idle == MilliCpu::ZERO,
                 exclusion: inp.exclusion,
             })
             .collect();

@@ -26,8 +26,10 @@
 //!    while its recent peak demand stays below its limit by more than the
 //!    hysteresis (`covered`: the ceiling already covers what it used). Above the
 //!    base, one change raises a limit by at most ×`max_step_up` (1.5).
-//! 6. **Decreases** never happen while the pod is throttled (unless the market
-//!    gives it less than it needs: its share under contention), within the cooldown
+//! 6. **Decreases** never happen while the pod is throttled or the node is
+//!    saturated (no idle CPU to lend: usage is then a share, not a demand) —
+//!    unless the market gives it less than it needs (its share under
+//!    contention) —, within the cooldown
 //!    (default 30 s) after the pod's last change, or during warm-up (the first
 //!    `warmup_samples` = 5 samples) below the limit the pod started with. One change
 //!    lowers a limit by at most ×`max_step_down` (0.5).
@@ -160,6 +162,7 @@ pub enum Reason {
     Cooldown,
     WarmUp,
     ThrottledHold,
+    SaturatedHold,
     Rollback,
     CapacityLimited,
     Reclaim,
@@ -173,7 +176,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 20] = [
+    pub const ALL: [Reason; 21] = [
         Self::Unchanged,
         Self::Hysteresis,
         Self::Increase,
@@ -184,6 +187,7 @@ impl Reason {
         Self::Cooldown,
         Self::WarmUp,
         Self::ThrottledHold,
+        Self::SaturatedHold,
         Self::Rollback,
         Self::CapacityLimited,
         Self::Reclaim,
@@ -208,6 +212,7 @@ impl Reason {
             Self::Cooldown => "cooldown",
             Self::WarmUp => "warm_up",
             Self::ThrottledHold => "throttled_hold",
+            Self::SaturatedHold => "saturated_hold",
             Self::Rollback => "rollback",
             Self::CapacityLimited => "capacity_limited",
             Self::Reclaim => "reclaim",
@@ -261,6 +266,10 @@ pub struct PodView {
     pub throttled_ratio: f64,
     /// Demand samples seen for this pod.
     pub samples: u32,
+    /// The node had no idle CPU to lend over the last window (its pods used
+    /// all of the capacity but the soft reserve): a pod's usage is then its
+    /// share under `cpu.weight`, not its demand.
+    pub saturated: bool,
     pub exclusion: Option<Exclusion>,
 }
 
@@ -445,6 +454,14 @@ impl Policy {
         // market gives it less than it needs (its fair share under contention).
         if throttled && v.proposed >= v.need {
             return keep(Reason::ThrottledHold);
+        }
+        // Nor while the node is saturated: what the pod uses is its weighted
+        // share, so its demand estimate falls with the contention, not with its
+        // load, and a lower ceiling only throttles its bursts (on cgroup v1 no
+        // pressure shows the wait). The ceiling costs nothing while cpu.weight
+        // arbitrates; the budget can still reclaim it.
+        if v.saturated && v.proposed >= v.need {
+            return keep(Reason::SaturatedHold);
         }
         if in_cooldown_after_change {
             return keep(Reason::Cooldown);

@@ -21,6 +21,7 @@ fn view(key: &str, current: u64, proposed: u64, throttled: f64, samples: u32) ->
         peak: MilliCpu(proposed),
         throttled_ratio: throttled,
         samples,
+        saturated: false,
         exclusion: None,
     }
 }
@@ -140,6 +141,26 @@ fn throttled_pods_are_not_decreased() {
     let mut p = Policy::new(PolicyConfig::default());
     let d = one(&mut p, s(0), view("a", 1000, 500, 0.3, 10));
     assert_eq!((d.to, d.reason), (MilliCpu(1000), Reason::ThrottledHold));
+}
+
+#[test]
+fn a_saturated_node_holds_decreases_on_own_demand_but_not_squeezes() {
+    let mut p = Policy::new(PolicyConfig::default());
+    // Its usage is its share while the node is saturated: no decrease.
+    let mut v = view("a", 1200, 950, 0.0, 10);
+    v.saturated = true;
+    let d = one(&mut p, s(0), v.clone());
+    assert_eq!((d.to, d.reason), (MilliCpu(1200), Reason::SaturatedHold));
+    // The same pod with idle CPU on the node is decreased.
+    v.saturated = false;
+    let d = one(&mut p, s(1), v.clone());
+    assert_eq!((d.to, d.reason), (MilliCpu(950), Reason::Decrease));
+    // A squeeze (the market gives less than it needs) still goes through.
+    let mut w = view("b", 1200, 700, 0.0, 10);
+    w.need = MilliCpu(1500);
+    w.saturated = true;
+    let d = one(&mut p, s(0), w);
+    assert_eq!((d.to, d.reason), (MilliCpu(700), Reason::Decrease));
 }
 
 #[test]
@@ -435,6 +456,7 @@ fn closed_loop(demands: &[f64], capacity: u64, secs: u64) -> Vec<Vec<(u64, Milli
                 peak: needs[i],
                 throttled_ratio: ratios[i],
                 samples: samples[i],
+                saturated: false,
                 exclusion: None,
             })
             .collect();
