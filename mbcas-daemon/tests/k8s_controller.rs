@@ -11,14 +11,14 @@ use std::time::Duration;
 use common::{
     apiserver::{TestEnv, TestNamespace, TestNode, eventually},
     k8s::{
-        Daemon, PodSpec, WAIT, allocation, cpu_limit, create_pod, install_crd, kubelet_reports,
-        phase_is, write_allocation,
+        Daemon, PodSpec, WAIT, allocation, cpu_limit, create_pod, install_crd, kubelet_refuses,
+        kubelet_reports, mbcas_event_reasons, phase_is, write_allocation,
     },
 };
-use k8s_openapi::api::{core::v1::Pod, events::v1::Event};
+use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api, ResourceExt as _,
-    api::{ListParams, Patch, PatchParams, PostParams},
+    api::{Patch, PatchParams, PostParams},
 };
 use mbcas::{
     k8s::{
@@ -174,21 +174,10 @@ async fn controller_resizes_burstable_pods_and_reports_applied() {
     let st = pa.status.clone().unwrap_or_default();
     assert_eq!(st.applied_cpu_limit, Some(CpuQuantity(MilliCpu(700))));
     assert_eq!(st.observed_generation, pa.metadata.generation);
-    // Events on the pod tell the story.
-    let events: Api<Event> = Api::namespaced(client.clone(), &ns.name);
-    let reasons = eventually("ResizeRequested and ResizeApplied events", WAIT, || async {
-        let list = events.list(&ListParams::default()).await.ok()?;
-        let r: Vec<String> = list
-            .items
-            .iter()
-            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("web"))
-            .filter_map(|e| e.reason.clone())
-            .collect();
-        (r.iter().any(|x| x == "ResizeRequested") && r.iter().any(|x| x == "ResizeApplied"))
-            .then_some(r)
-    })
-    .await;
-    assert!(!reasons.is_empty());
+    // A resize that works is told by the kubelet (ResizeStarted/Completed):
+    // MBCAS publishes no event of its own for it.
+    let reasons = mbcas_event_reasons(&client, &ns.name, "web").await;
+    assert!(reasons.is_empty(), "{reasons:?}");
     // A fixed point: no further writes to the allocation while nothing changes.
     let rv = pa.resource_version();
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -200,6 +189,28 @@ async fn controller_resizes_burstable_pods_and_reports_applied() {
         Some(rv),
         "the controller keeps rewriting a settled allocation"
     );
+    // A resize the kubelet refuses is a failure, on record and told.
+    write_allocation(&client, &web, &node.name, MilliCpu(900)).await;
+    eventually("web's limit to be raised again", WAIT, || async {
+        pods.get("web")
+            .await
+            .ok()
+            .filter(|p| cpu_limit(p) == Some(MilliCpu(900)))
+    })
+    .await;
+    kubelet_refuses(&client, &ns.name, "web", "Node didn't have enough capacity").await;
+    let pa = eventually("web's PodAllocation to be Failed", WAIT, || async {
+        phase_is(&client, &ns.name, "web", Phase::Failed).await
+    })
+    .await;
+    let st = pa.status.clone().unwrap_or_default();
+    assert_eq!(st.reason.as_deref(), Some("Infeasible"), "{st:?}");
+    let reasons = eventually("a ResizeFailed event", WAIT, || async {
+        let r = mbcas_event_reasons(&client, &ns.name, "web").await;
+        r.iter().any(|x| x == "ResizeFailed").then_some(r)
+    })
+    .await;
+    assert_eq!(reasons, ["ResizeFailed"]);
     daemon.stop().await;
 }
 

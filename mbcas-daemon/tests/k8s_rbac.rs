@@ -8,14 +8,13 @@ mod common;
 use common::{
     apiserver::{TestEnv, TestNamespace, TestNode, eventually},
     k8s::{
-        Daemon, PodSpec, WAIT, allocation, cpu_limit, create_pod, install_crd, kubelet_reports,
-        phase_is,
+        Daemon, PodSpec, WAIT, allocation, cpu_limit, create_pod, install_crd, kubelet_refuses,
+        kubelet_reports, mbcas_event_reasons, phase_is,
     },
 };
 use k8s_openapi::api::{
     apps::v1::Deployment,
     core::v1::{ConfigMap, Pod, Secret},
-    events::v1::Event,
 };
 use kube::{
     Api, Client,
@@ -146,13 +145,23 @@ async fn the_service_account_can_do_the_daemons_job() {
         phase_is(&admin, &ns.name, "web", Phase::Applied).await
     })
     .await;
-    let events: Api<Event> = Api::namespaced(admin.clone(), &ns.name);
+    // A refused resize: its Warning event, as the ServiceAccount.
+    let web = PodFacts::from_pod(&pods.get("web").await.unwrap()).unwrap();
+    writer
+        .publish(&allocation_for(&web, &node.name, MilliCpu(900), &why))
+        .await
+        .unwrap_or_else(|e| panic!("publish as the ServiceAccount: {e:?}"));
+    eventually("web resized again", WAIT, || async {
+        pods.get("web")
+            .await
+            .ok()
+            .filter(|p| cpu_limit(p) == Some(MilliCpu(900)))
+    })
+    .await;
+    kubelet_refuses(&admin, &ns.name, "web", "Node didn't have enough capacity").await;
     eventually("events written by the ServiceAccount", WAIT, || async {
-        let list = events.list(&ListParams::default()).await.ok()?;
-        list.items
-            .iter()
-            .any(|e| e.reason.as_deref() == Some("ResizeApplied"))
-            .then_some(())
+        let r = mbcas_event_reasons(&admin, &ns.name, "web").await;
+        r.iter().any(|x| x == "ResizeFailed").then_some(())
     })
     .await;
     // Garbage collection, as the ServiceAccount.

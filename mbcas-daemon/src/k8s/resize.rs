@@ -14,11 +14,19 @@
 //!    labelled `mbcas.io/ignore=true`; max step and cooldown are enforced again
 //!    here as defence in depth);
 //! 3. the status, only when it differs from what is stored (no wall-clock
-//!    churn, so the controller does not wake itself up);
-//! 4. an Event on the pod: `ResizeRequested`, `ResizeApplied` or `ResizeFailed`.
+//!    churn, so the controller does not wake itself up) and is not a transition
+//!    the kubelet is expected to end within [`ControllerConfig::kubelet_grace`];
+//! 4. a `ResizeFailed` warning Event on the pod when a resize fails (the kubelet
+//!    posts its own `ResizeStarted`/`ResizeCompleted` events for the rest).
+//!
+//! A resize the kubelet carries out promptly costs three API writes: the
+//! allocation's spec (the publisher's), the resize PATCH and one status write
+//! (`Applied`); the first resize of a pod one more, the status that puts its
+//! original limits on record before anything changes.
 //!
 //! Phases: `Pending` once the spec is patched and until the kubelet reports the
-//! new limits in `status.containerStatuses[].resources` (`Applied`); `Failed`
+//! new limits in `status.containerStatuses[].resources` (`Applied`) — written
+//! only when the kubelet has not reported within the grace period; `Failed`
 //! when the API refuses the resize, the kubelet reports it `Infeasible`, or the
 //! pod is gone; `Skipped` for pods MBCAS must not touch. After a failure the
 //! controller waits (1 min, doubling up to 10 min) before it patches that pod
@@ -79,6 +87,10 @@ pub struct ControllerConfig {
     /// How long the pod watch may lag behind this controller's own resize: the
     /// same change is not patched again within it.
     pub own_patch_settle: Duration,
+    /// How long after a resize PATCH the kubelet may take to report it before
+    /// the status says `Pending`: a resize the kubelet reports within it is
+    /// written once, as `Applied`.
+    pub kubelet_grace: Duration,
 }
 
 impl ControllerConfig {
@@ -93,6 +105,7 @@ impl ControllerConfig {
             max_failure_backoff: Duration::from_secs(600),
             pending_recheck: Duration::from_secs(30),
             own_patch_settle: Duration::from_secs(10),
+            kubelet_grace: Duration::from_secs(10),
         }
     }
 
@@ -138,10 +151,14 @@ pub struct Plan {
     pub status: PodAllocationStatus,
     /// Containers to patch, with their new CPU limits.
     pub resize: Option<Vec<(String, MilliCpu)>>,
-    /// Published after the status is written (ResizeRequested is published
-    /// only once the patch succeeded).
+    /// Published after the status is written.
     pub event: Option<PlannedEvent>,
     pub requeue: Option<Duration>,
+    /// The status is a transition the kubelet is expected to end soon (a
+    /// resize just requested, not reported yet): it is not written, and the
+    /// stored status keeps its phase and `observedGeneration` until the
+    /// kubelet's verdict (or the grace period's end) is written instead.
+    pub quiet: bool,
 }
 
 fn exclusion_reason(e: Exclusion) -> (&'static str, &'static str) {
@@ -195,12 +212,14 @@ pub fn plan(
         observed_generation: pa.metadata.generation,
         ..Default::default()
     };
-    let done = |status, resize, event, requeue| finish(&old, status, resize, event, requeue, wall);
+    let done = |status, resize, event, requeue, quiet| {
+        finish(&old, status, resize, event, requeue, quiet, wall)
+    };
     let refused = |mut status: PodAllocationStatus, (phase, reason, message): Refusal| {
         status.phase = phase;
         status.reason = Some(reason.to_owned());
         status.message = Some(message);
-        done(status, None, None, None)
+        done(status, None, None, None, false)
     };
     let pod = match admit(pa, pod, cfg) {
         Ok(pod) => pod,
@@ -235,6 +254,7 @@ pub fn plan(
                 resize: None,
                 event: None,
                 requeue: Some(settled - now),
+                quiet: false,
             };
         }
         if let Some(retry) = mem.retry_at.filter(|&t| t > now) {
@@ -242,34 +262,32 @@ pub fn plan(
             status.phase = Phase::Failed;
             status.reason = old.reason.clone().or(Some("ResizeFailed".to_owned()));
             status.message = old.message.clone();
-            return done(status, None, None, Some(retry - now));
+            return done(status, None, None, Some(retry - now), false);
         }
-        let event = request(
-            &mut status,
-            &desired,
-            &changes,
-            note.as_deref(),
-            total_desired,
-        );
-        return done(
-            status,
-            Some(changes),
-            Some(event),
-            Some(cfg.pending_recheck),
-        );
+        request(&mut status, &desired, &changes, note.as_deref());
+        let recheck = cfg.kubelet_grace.min(cfg.pending_recheck);
+        return done(status, Some(changes), None, Some(recheck), true);
     }
     // The spec holds what we want (or a decrease is held): what does the kubelet say?
     let requeue_held = held_until.map(|t| t.saturating_sub(now));
-    let (event, requeue) = kubelet_verdict(
+    // Within the grace period after this controller's own resize, waiting for
+    // the kubelet is not news: look again when it ends.
+    let grace = mem
+        .requested_at
+        .map(|t| t + cfg.kubelet_grace)
+        .filter(|&until| until > now)
+        .map(|until| until - now);
+    let verdict = kubelet_verdict(
         &mut status,
         pod,
         &desired,
         note.as_deref(),
         total_desired,
         requeue_held,
-        cfg.pending_recheck,
+        grace.map_or(cfg.pending_recheck, |g| g.min(cfg.pending_recheck)),
     );
-    done(status, None, event, requeue)
+    let quiet = verdict.waiting && grace.is_some();
+    done(status, None, verdict.event, verdict.requeue, quiet)
 }
 
 /// The pod this allocation is for, or why it cannot be acted on.
@@ -433,14 +451,13 @@ fn changes_to_make(
     (changes, held_until)
 }
 
-/// The status and event of a resize about to be requested.
+/// The status of a resize about to be requested.
 fn request(
     status: &mut PodAllocationStatus,
     desired: &[Desired],
     changes: &[(String, MilliCpu)],
     note: Option<&str>,
-    total_desired: MilliCpu,
-) -> PlannedEvent {
+) {
     status.phase = Phase::Pending;
     status.reason = Some("ResizeRequested".to_owned());
     let what = changes
@@ -458,11 +475,14 @@ fn request(
         Some(n) => format!("CPU limit {what} requested ({n})"),
         None => format!("CPU limit {what} requested"),
     });
-    PlannedEvent {
-        warning: false,
-        reason: "ResizeRequested",
-        note: format!("MBCAS requested CPU limit {what} (total {total_desired})"),
-    }
+}
+
+/// What the kubelet's report means for the allocation.
+struct Verdict {
+    event: Option<PlannedEvent>,
+    requeue: Option<Duration>,
+    /// The spec holds the new limits and the kubelet has not reported them yet.
+    waiting: bool,
 }
 
 /// With the spec as wanted: the status from what the kubelet reports, the
@@ -475,7 +495,7 @@ fn kubelet_verdict(
     total_desired: MilliCpu,
     requeue_held: Option<Duration>,
     pending_recheck: Duration,
-) -> (Option<PlannedEvent>, Option<Duration>) {
+) -> Verdict {
     let reported_all = desired.iter().all(|d| {
         pod.containers
             .iter()
@@ -499,7 +519,11 @@ fn kubelet_verdict(
                 "Infeasible",
                 format!("the kubelet cannot resize the pod: {m}"),
             );
-            (Some(failure(format!("resize infeasible: {m}"))), None)
+            Verdict {
+                event: Some(failure(format!("resize infeasible: {m}"))),
+                requeue: None,
+                waiting: false,
+            }
         }
         ResizeState::Error(m) => {
             set(
@@ -507,7 +531,11 @@ fn kubelet_verdict(
                 "ResizeError",
                 format!("the kubelet failed to resize the pod: {m}"),
             );
-            (Some(failure(format!("resize error: {m}"))), None)
+            Verdict {
+                event: Some(failure(format!("resize error: {m}"))),
+                requeue: None,
+                waiting: false,
+            }
         }
         ResizeState::Deferred(m) => {
             set(
@@ -515,7 +543,11 @@ fn kubelet_verdict(
                 "ResizeDeferred",
                 format!("the kubelet deferred the resize: {m}"),
             );
-            (None, Some(pending_recheck))
+            Verdict {
+                event: None,
+                requeue: Some(pending_recheck),
+                waiting: false,
+            }
         }
         ResizeState::Idle | ResizeState::InProgress if reported_all => {
             set(
@@ -526,12 +558,12 @@ fn kubelet_verdict(
                     None => format!("the kubelet reports CPU limit {total_desired}"),
                 },
             );
-            let ev = PlannedEvent {
-                warning: false,
-                reason: "ResizeApplied",
-                note: format!("CPU limit {total_desired} applied"),
-            };
-            (Some(ev), requeue_held)
+            // No event: the kubelet posts ResizeCompleted with the limits.
+            Verdict {
+                event: None,
+                requeue: requeue_held,
+                waiting: false,
+            }
         }
         ResizeState::Idle | ResizeState::InProgress => {
             set(
@@ -542,7 +574,11 @@ fn kubelet_verdict(
                 ),
             );
             let recheck = requeue_held.map_or(pending_recheck, |h| h.min(pending_recheck));
-            (None, Some(recheck))
+            Verdict {
+                event: None,
+                requeue: Some(recheck),
+                waiting: true,
+            }
         }
     }
 }
@@ -555,6 +591,7 @@ fn finish(
     resize: Option<Vec<(String, MilliCpu)>>,
     event: Option<PlannedEvent>,
     requeue: Option<Duration>,
+    quiet: bool,
     wall: Timestamp,
 ) -> Plan {
     let cond_status = match status.phase {
@@ -578,11 +615,9 @@ fn finish(
         observed_generation: status.observed_generation,
         last_transition_time,
     }];
-    // An event that only repeats the recorded phase and reason is not news;
-    // a resize request always is.
+    // An event that only repeats the recorded phase and reason is not news.
     let event = event.filter(|e| {
-        resize.is_some()
-            || old.phase != status.phase
+        old.phase != status.phase
             || old.reason != status.reason
             || e.warning && old.message != status.message
     });
@@ -591,6 +626,7 @@ fn finish(
         resize,
         event,
         requeue,
+        quiet,
     }
 }
 
@@ -852,7 +888,9 @@ pub async fn reconcile(pa: Arc<PodAllocation>, ctx: Arc<Context>) -> Result<Acti
         mem.retry_at = None;
     }
     ctx.remember(key, mem);
-    record(&ctx, &pas, &pa, &old, &status, plan.event.as_ref()).await?;
+    if !plan.quiet {
+        record(&ctx, &pas, &pa, &old, &status, plan.event.as_ref()).await?;
+    }
     Ok(plan
         .requeue
         .map_or_else(Action::await_change, Action::requeue))

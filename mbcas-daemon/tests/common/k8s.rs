@@ -136,6 +136,36 @@ pub async fn kubelet_reports(client: &Client, ns: &str, name: &str) {
     .unwrap_or_else(|e| panic!("kubelet status for {ns}/{name}: {e}"));
 }
 
+/// What a kubelet writes when it cannot resize a pod on its node: the
+/// `PodResizePending` condition with reason `Infeasible`.
+pub async fn kubelet_refuses(client: &Client, ns: &str, name: &str, message: &str) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    pods.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"status": {"conditions": [{
+            "type": "PodResizePending", "status": "True", "reason": "Infeasible",
+            "message": message, "lastTransitionTime": "2026-11-25T10:00:00Z"}]}})),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("kubelet refusal for {ns}/{name}: {e}"));
+}
+
+/// The reasons of the Events about pod `name` that MBCAS published.
+pub async fn mbcas_event_reasons(client: &Client, ns: &str, name: &str) -> Vec<String> {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    let list = events
+        .list(&kube::api::ListParams::default())
+        .await
+        .unwrap_or_else(|e| panic!("list events in {ns}: {e}"));
+    list.items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .filter(|e| e.reporting_controller.as_deref() == Some("mbcas-daemon"))
+        .filter_map(|e| e.reason)
+        .collect()
+}
+
 pub fn cpu_limit(pod: &Pod) -> Option<MilliCpu> {
     PodFacts::from_pod(pod).ok().and_then(|f| f.limit())
 }

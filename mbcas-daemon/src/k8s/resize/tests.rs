@@ -88,7 +88,11 @@ fn first_increase_records_the_original_and_requests_a_resize() {
         }]
     );
     assert_eq!(p.status.observed_generation, Some(3));
-    assert_eq!(p.event.as_ref().map(|e| e.reason), Some("ResizeRequested"));
+    // No event (the kubelet posts its own); the request itself is not
+    // written unless the original needs recording (reconcile's business).
+    assert_eq!(p.event, None);
+    assert!(p.quiet);
+    assert_eq!(p.requeue, Some(at(10)), "looked at again when the grace ends");
     assert_eq!(
         resize_patch(p.resize.as_deref().unwrap_or_default()),
         serde_json::json!({"spec": {"containers": [
@@ -230,6 +234,10 @@ fn applied_once_the_kubelet_reports_the_limit() {
     assert_eq!(p.status.phase, Phase::Pending);
     assert_eq!(p.status.reason.as_deref(), Some("WaitingForKubelet"));
     assert_eq!(p.status.applied_cpu_limit, Some(CpuQuantity(MilliCpu(500))));
+    assert!(
+        !p.quiet,
+        "no resize of this controller's in its grace period: written"
+    );
     let f = facts(700, 250, Some(700));
     let p = plan(
         &pa(700, Some(p.status)),
@@ -240,7 +248,8 @@ fn applied_once_the_kubelet_reports_the_limit() {
         wall(),
     );
     assert_eq!(p.status.phase, Phase::Applied);
-    assert_eq!(p.event.as_ref().map(|e| e.reason), Some("ResizeApplied"));
+    assert_eq!(p.event, None, "the kubelet's ResizeCompleted says it");
+    assert!(!p.quiet);
     assert_eq!(p.status.conditions[0].status, "True");
     // Once recorded, nothing changes and no event repeats: the status is a fixed point.
     let again = plan(
@@ -254,6 +263,39 @@ fn applied_once_the_kubelet_reports_the_limit() {
     assert_eq!(again.status, p.status);
     assert_eq!(again.event, None);
     assert_eq!(again.resize, None);
+}
+
+#[test]
+fn waiting_for_the_kubelet_is_written_only_after_the_grace_period() {
+    // Patched 500m → 700m at t=100; the kubelet has not reported it.
+    let f = facts(700, 250, Some(500));
+    let mem = Memory {
+        last_change: Some(at(100)),
+        patched: Some(vec![("app".into(), MilliCpu(700))]),
+        requested_at: Some(at(100)),
+        ..Default::default()
+    };
+    let p = plan(&pa(700, None), Some(Ok(&f)), &cfg(), &mem, at(103), wall());
+    assert_eq!(p.status.reason.as_deref(), Some("WaitingForKubelet"));
+    assert!(p.quiet, "3 s after the patch: not news");
+    assert_eq!(p.requeue, Some(at(7)), "looked at again when the grace ends");
+    let p = plan(&pa(700, None), Some(Ok(&f)), &cfg(), &mem, at(110), wall());
+    assert!(!p.quiet, "the grace is over: Pending is written");
+    assert_eq!(p.requeue, Some(at(30)));
+    // A verdict within the grace period is written at once.
+    let mut failing = facts(700, 250, Some(500));
+    failing.resize = ResizeState::Infeasible("not enough CPU".into());
+    let p = plan(
+        &pa(700, None),
+        Some(Ok(&failing)),
+        &cfg(),
+        &mem,
+        at(101),
+        wall(),
+    );
+    assert_eq!(p.status.phase, Phase::Failed);
+    assert!(!p.quiet);
+    assert_eq!(p.event.as_ref().map(|e| e.reason), Some("ResizeFailed"));
 }
 
 #[test]
@@ -574,6 +616,17 @@ mod mocked {
         Arc::new(Context::new(client, store, cfg(), None))
     }
 
+    /// The pod after the kubelet applied `millicores`: spec and status agree.
+    fn resized_pod(millicores: u64) -> Pod {
+        let mut p = pod_json();
+        let limit = format!("{millicores}m");
+        p["spec"]["containers"][0]["resources"]["limits"]["cpu"] = limit.clone().into();
+        p["status"]["containerStatuses"] = serde_json::json!([{
+            "name": "app", "image": "x", "imageID": "", "ready": true, "restartCount": 0,
+            "resources": {"requests": {"cpu": "250m"}, "limits": {"cpu": limit}}}]);
+        serde_json::from_value(p).unwrap()
+    }
+
     fn taken(calls: &Calls) -> Vec<Call> {
         calls.lock().map(|c| c.clone()).unwrap_or_default()
     }
@@ -632,17 +685,55 @@ mod mocked {
         let c = taken(&calls);
         assert_eq!(
             lines(&c),
-            [STATUS, RESIZE, RESIZE, RESIZE, EVENT],
-            "original on record, two conflicts retried at once, then the event"
+            [STATUS, RESIZE, RESIZE, RESIZE],
+            "original on record, two conflicts retried at once, no event"
         );
         assert_status_apply(&c[0], "Pending", "ResizeRequested");
         for r in &c[1..4] {
             assert_resize(r, 700);
         }
-        assert_event(&c[4], "Normal", "ResizeRequested");
         let mem = ctx.memory(&ObjectRef::new("web").within("default"));
         assert_eq!(mem.failures, 0);
         assert!(mem.last_change.is_some());
+    }
+
+    /// A resize of a pod whose original is on record, which the kubelet
+    /// carries out promptly: the PATCH and one status write, no event.
+    #[tokio::test]
+    async fn a_prompt_resize_costs_one_patch_and_one_status_write() {
+        let (client, calls) = server(vec![]);
+        let (store, mut writer) = reflector::store::<Pod>();
+        writer.apply_watcher_event(&watcher::Event::Apply(resized_pod(500)));
+        let ctx = Arc::new(Context::new(client, store, cfg(), None));
+        let recorded = PodAllocationStatus {
+            original: vec![OriginalLimit {
+                name: "app".into(),
+                cpu_limit: Some(CpuQuantity(MilliCpu(500))),
+            }],
+            phase: Phase::Applied,
+            reason: Some("ResizeApplied".into()),
+            ..Default::default()
+        };
+        let pa = pa(700, Some(recorded));
+        let action = reconcile(Arc::new(pa.clone()), ctx.clone()).await;
+        assert_eq!(action.ok(), Some(Action::requeue(Duration::from_secs(10))));
+        let c = taken(&calls);
+        assert_eq!(lines(&c), [RESIZE], "the request itself is not written");
+        assert_resize(&c[0], 700);
+        // The pod watch shows the kubelet's report: Applied, written once.
+        writer.apply_watcher_event(&watcher::Event::Apply(resized_pod(700)));
+        let out = reconcile(Arc::new(pa.clone()), ctx.clone()).await;
+        assert!(out.is_ok(), "{out:?}");
+        let c = taken(&calls);
+        assert_eq!(lines(&c[1..]), [STATUS], "one status write, no event");
+        assert_status_apply(&c[1], "Applied", "ResizeApplied");
+        assert_eq!(c[1].body["status"]["appliedCpuLimit"], "700m", "{:?}", c[1]);
+        // With that status stored, nothing more is written.
+        let mut stored = pa;
+        stored.status = serde_json::from_value(c[1].body["status"].clone()).ok();
+        let out = reconcile(Arc::new(stored), ctx.clone()).await;
+        assert!(out.is_ok(), "{out:?}");
+        assert_eq!(taken(&calls).len(), 2, "a fixed point: no further request");
     }
 
     #[tokio::test]
