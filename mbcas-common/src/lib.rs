@@ -15,22 +15,21 @@ use core::mem::size_of;
 pub const EVENTS_MAP: &str = "MBCAS_EVENTS";
 /// Per-cgroup bandwidth snapshot: `u64` cgroup id → [`CgroupBandwidth`].
 pub const CGROUPS_MAP: &str = "MBCAS_CGROUPS";
-/// Throttle episodes in progress: `u32` pid → [`TaskThrottle`].
-pub const TASKS_MAP: &str = "MBCAS_TASKS";
 /// Per-CPU counters of the programs themselves, indexed by `STAT_*`.
 pub const STATS_MAP: &str = "MBCAS_STATS";
 
 /// `tp_btf/hrtimer_expire_exit`, filtered on the CFS period timer.
 pub const PROG_PERIOD_TIMER: &str = "mbcas_period_timer";
-/// `tp_btf/sched_switch`: task-based throttle episodes (needs `task_struct.throttled`).
+/// `tp_btf/sched_switch`: the onset of task-based throttling mid-period (needs
+/// `task_struct.throttled`).
 pub const PROG_SCHED_SWITCH: &str = "mbcas_sched_switch";
+/// `tp_btf/hrtimer_expire_exit`, empty: the hook's own cost (`mbcas sense --floor`).
+pub const PROG_FLOOR: &str = "mbcas_floor";
 
 /// Byte size of the ring buffer (a power of two, multiple of the page size).
 pub const EVENTS_BYTES: u32 = 512 * 1024;
 /// Capacity of the per-cgroup map (LRU: the least recently updated cgroup goes first).
 pub const MAX_CGROUPS: u32 = 16 * 1024;
-/// Capacity of the per-task map (LRU).
-pub const MAX_TASKS: u32 = 64 * 1024;
 
 /// Load-time globals (`EbpfLoader::override_global`). Offsets are in bytes and come
 /// from the running kernel's BTF; sizes are the counters' byte widths (4 or 8).
@@ -56,72 +55,58 @@ pub mod globals {
     pub const DEBUG: &str = "MBCAS_DEBUG";
 }
 
-/// A period ended with the group throttled (a throttling edge or still throttled).
+/// Throttling started: a group not known throttled had a task throttled
+/// (sched_switch, mid-period) or a period that ended throttled (period timer).
 pub const EVENT_PERIOD_THROTTLED: u32 = 1;
-/// The first period after throttling in which the group was not throttled.
+/// Throttling ended: the first period after throttling that ended unthrottled.
 pub const EVENT_PERIOD_UNTHROTTLED: u32 = 2;
-/// A task of a throttled group ran again; `duration_ns` is how long it was held.
-pub const EVENT_TASK_EPISODE: u32 = 3;
 
 /// Stat slots in [`STATS_MAP`].
 pub const STAT_PERIOD_TIMERS: u32 = 0;
 pub const STAT_EVENTS: u32 = 1;
 pub const STAT_RINGBUF_DROPS: u32 = 2;
 pub const STAT_READ_ERRORS: u32 = 3;
-pub const STAT_EPISODES: u32 = 4;
+/// Onset events sent by sched_switch (mid-period).
+pub const STAT_SWITCH_EDGES: u32 = 4;
 pub const STAT_MAP_ERRORS: u32 = 5;
 pub const STAT_SLOTS: u32 = 8;
 
-/// One record in the ring buffer.
+/// One record in the ring buffer: an edge, never one per period.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ThrottleEvent {
     /// `EVENT_*`.
     pub kind: u32,
-    /// Task id for `EVENT_TASK_EPISODE`, else 0.
+    /// The throttled task whose switch-out marked the onset (sched_switch), else 0.
     pub pid: u32,
     pub cgroup_id: u64,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the event was made.
     pub ts_ns: u64,
-    /// The group's cumulative counters (as in `cpu.stat`) at that time; for
-    /// `EVENT_TASK_EPISODE` the last values seen by the period timer.
+    /// The group's cumulative counters (as in `cpu.stat`) at the last period
+    /// end the period timer saw (for a sched_switch onset of a new group: when
+    /// the event was made).
     pub nr_periods: u64,
     pub nr_throttled: u64,
     pub throttled_ns: u64,
-    /// Episode length for `EVENT_TASK_EPISODE`, else 0.
-    pub duration_ns: u64,
 }
 
-/// The kernel's view of one bandwidth-limited group, updated every period.
+/// The kernel's view of one bandwidth-limited group, updated at each period end
+/// that changed a counter.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CgroupBandwidth {
     pub nr_periods: u64,
     pub nr_throttled: u64,
     pub throttled_ns: u64,
-    /// `bpf_ktime_get_ns()` of the last update.
-    pub updated_ns: u64,
-    /// Task throttle episodes that ended, and their total length.
-    pub episodes: u64,
-    pub episode_ns: u64,
     /// Ring-buffer events emitted for this group.
     pub events: u64,
-    /// 1 while the last period ended throttled.
+    /// 1 from the onset of throttling until a period ends unthrottled.
     pub throttling: u32,
     pub _pad: u32,
 }
 
-/// A task switched out throttled, waiting to run again.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TaskThrottle {
-    pub start_ns: u64,
-    pub cgroup_id: u64,
-}
-
-const _: () = assert!(size_of::<ThrottleEvent>() == 56);
-const _: () = assert!(size_of::<CgroupBandwidth>() == 64);
-const _: () = assert!(size_of::<TaskThrottle>() == 16);
+const _: () = assert!(size_of::<ThrottleEvent>() == 48);
+const _: () = assert!(size_of::<CgroupBandwidth>() == 40);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -131,8 +116,6 @@ mod pod {
     unsafe impl aya::Pod for super::ThrottleEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::CgroupBandwidth {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::TaskThrottle {}
 }
 
 impl ThrottleEvent {
@@ -156,13 +139,12 @@ impl ThrottleEvent {
             nr_periods: u64_at(24),
             nr_throttled: u64_at(32),
             throttled_ns: u64_at(40),
-            duration_ns: u64_at(48),
         })
     }
 
     /// The bytes the kernel writes for this event (native endianness).
-    pub fn to_bytes(&self) -> [u8; 56] {
-        let mut out = [0u8; 56];
+    pub fn to_bytes(&self) -> [u8; 48] {
+        let mut out = [0u8; 48];
         out[0..4].copy_from_slice(&self.kind.to_ne_bytes());
         out[4..8].copy_from_slice(&self.pid.to_ne_bytes());
         for (i, v) in [
@@ -171,7 +153,6 @@ impl ThrottleEvent {
             self.nr_periods,
             self.nr_throttled,
             self.throttled_ns,
-            self.duration_ns,
         ]
         .iter()
         .enumerate()
@@ -190,24 +171,23 @@ mod tests {
     #[test]
     fn layout_is_what_the_kernel_writes() {
         assert_eq!(offset_of!(ThrottleEvent, cgroup_id), 8);
-        assert_eq!(offset_of!(ThrottleEvent, duration_ns), 48);
-        assert_eq!(offset_of!(CgroupBandwidth, throttling), 56);
+        assert_eq!(offset_of!(ThrottleEvent, throttled_ns), 40);
+        assert_eq!(offset_of!(CgroupBandwidth, throttling), 32);
         assert_eq!(core::mem::align_of::<ThrottleEvent>(), 8);
     }
 
     #[test]
     fn event_round_trips_through_bytes() {
         let e = ThrottleEvent {
-            kind: EVENT_TASK_EPISODE,
+            kind: EVENT_PERIOD_THROTTLED,
             pid: 42,
             cgroup_id: 0x1234_5678_9abc,
             ts_ns: 7,
             nr_periods: 100,
             nr_throttled: 99,
             throttled_ns: 7_910_000_000,
-            duration_ns: 80_000_000,
         };
         assert_eq!(ThrottleEvent::from_bytes(&e.to_bytes()), Some(e));
-        assert_eq!(ThrottleEvent::from_bytes(&e.to_bytes()[..55]), None);
+        assert_eq!(ThrottleEvent::from_bytes(&e.to_bytes()[..47]), None);
     }
 }

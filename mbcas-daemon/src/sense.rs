@@ -4,6 +4,11 @@
 //! throttle events received and CPU usage over the window, and which sensor
 //! produced them. Cgroups that do not exist, are not CPU cgroups, or vanish
 //! mid-window are reported as skipped with the reason; the others are measured.
+//!
+//! `--read-every` reads the counters on a cadence, as the daemon's tick or a
+//! `cpu.stat` poller does, and notes when each cgroup was first known throttled
+//! (from an onset event with eBPF, or from a rise of its throttled periods):
+//! `cargo xtask bench-sensor --compare` sets MBCAS against pollers with it.
 
 use std::{collections::HashMap, path::PathBuf, time::Duration};
 
@@ -35,6 +40,23 @@ pub struct SenseArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Read every cgroup's counters at this interval (`1s`, `100ms`) during the
+    /// window and report when each was first known throttled: from the
+    /// counters, and with eBPF also from the onset event, whichever is first.
+    #[arg(long, value_name = "DURATION", value_parser = parse_interval)]
+    pub read_every: Option<Duration>,
+    /// Also attach an empty program to the hrtimer hook (eBPF): its cost per
+    /// call is the hook's own, which no program on it can go below.
+    #[arg(long)]
+    pub floor: bool,
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = crate::config::parse_duration(s)?;
+    if d < Duration::from_millis(1) || d > Duration::from_secs(3600) {
+        return Err(format!("{s}: must be between 1ms and 1h"));
+    }
+    Ok(d)
 }
 
 fn parse_window(s: &str) -> Result<Duration, String> {
@@ -63,6 +85,28 @@ pub struct SenseReport {
     pub event_latency_us: Option<Latency>,
     /// This process's own cost over its life.
     pub resources: Resources,
+    /// Its cost during the window only (start-up excluded), and its RSS at the end.
+    pub window: WindowCost,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct WindowCost {
+    /// User + system CPU time spent in the window, in seconds.
+    pub cpu_s: f64,
+    /// Resident set size at the end of the window, in KiB.
+    pub rss_kib: u64,
+}
+
+/// `VmRSS` of this process in KiB (0 when unreadable).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -130,6 +174,12 @@ pub struct CgroupReport {
     pub throttled_ns: u64,
     pub events: u64,
     pub usage_ns: Option<u64>,
+    /// CLOCK_MONOTONIC (ns) when the cgroup was first known throttled in the
+    /// window, and how (`event`, `read`); with `--read-every` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub onset_ns: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub onset_by: Option<&'static str>,
 }
 
 #[derive(Debug, Serialize)]
@@ -138,9 +188,15 @@ pub struct Skipped {
     pub error: String,
 }
 
+/// When each watched cgroup was first known throttled, and how.
+type Onsets = HashMap<u64, (u64, &'static str)>;
+
 /// Runs the window. Needs a tokio runtime.
 pub async fn sense(args: &SenseArgs, debug_log: bool) -> Result<SenseReport, SensorError> {
     let mut sensor = Sensor::start(args.sensor, debug_log)?;
+    if args.floor {
+        sensor.attach_floor()?;
+    }
     let mut skipped = Vec::new();
     let mut watched = Vec::new();
     for path in &args.cgroups {
@@ -155,23 +211,59 @@ pub async fn sense(args: &SenseArgs, debug_log: bool) -> Result<SenseReport, Sen
             }),
         }
     }
+    let onsets = std::sync::Arc::new(std::sync::Mutex::new(Onsets::new()));
     let ids: Vec<u64> = watched.iter().map(|(d, _)| d.id.0).collect();
+    let track_onsets = args.read_every.is_some();
     let counter = sensor.take_events().map(|mut rx| {
+        let onsets = std::sync::Arc::clone(&onsets);
         tokio::spawn(async move {
             let mut counts: HashMap<u64, u64> = HashMap::new();
             let mut latencies = Vec::new();
             while let Some(ev) = rx.recv().await {
-                if let Some(now) = monotonic_ns() {
+                let now = monotonic_ns();
+                if let Some(now) = now {
                     latencies.push(now.saturating_sub(ev.ts_ns));
                 }
                 if ids.contains(&ev.cgroup_id) {
                     *counts.entry(ev.cgroup_id).or_default() += 1;
+                    if track_onsets
+                        && ev.kind == mbcas_common::EVENT_PERIOD_THROTTLED
+                        && let (Some(now), Ok(mut o)) = (now, onsets.lock())
+                    {
+                        o.entry(ev.cgroup_id).or_insert((now, "event"));
+                    }
                 }
             }
             (counts, latencies)
         })
     });
-    tokio::time::sleep(args.duration).await;
+    let cpu_at_start = Resources::of_self().cpu_s;
+    eprintln!(
+        "mbcas sense: watching {} cgroups for {:?} ({} sensor)",
+        watched.len(),
+        args.duration,
+        sensor.kind().as_str()
+    );
+    match args.read_every {
+        None => tokio::time::sleep(args.duration).await,
+        Some(every) => {
+            let end = tokio::time::Instant::now() + args.duration;
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            while tokio::time::timeout_at(end, tick.tick()).await.is_ok() {
+                for (dir, before) in &watched {
+                    // A cgroup that vanished is reported at the end.
+                    let Ok(now) = sensor.read(dir) else { continue };
+                    if now.nr_throttled > before.nr_throttled
+                        && let (Some(t), Ok(mut o)) = (monotonic_ns(), onsets.lock())
+                    {
+                        o.entry(dir.id.0).or_insert((t, "read"));
+                    }
+                }
+            }
+        }
+    }
+    let window_cpu_s = Resources::of_self().cpu_s - cpu_at_start;
     let mut cgroups = Vec::new();
     let mut finals = Vec::new();
     for (dir, before) in watched {
@@ -183,6 +275,10 @@ pub async fn sense(args: &SenseArgs, debug_log: bool) -> Result<SenseReport, Sen
             }),
         }
     }
+    let window = WindowCost {
+        cpu_s: window_cpu_s,
+        rss_kib: rss_kib(),
+    };
     let kernel = sensor.kernel_stats();
     let programs = sensor.program_costs();
     let kind = sensor.kind();
@@ -193,7 +289,9 @@ pub async fn sense(args: &SenseArgs, debug_log: bool) -> Result<SenseReport, Sen
         Some(h) => h.await.unwrap_or_default(),
         None => (HashMap::new(), Vec::new()),
     };
+    let onsets = onsets.lock().map(|o| o.clone()).unwrap_or_default();
     for (dir, before, after) in finals {
+        let onset = onsets.get(&dir.id.0);
         cgroups.push(CgroupReport {
             id: dir.id,
             nr_periods: after.nr_periods.saturating_sub(before.nr_periods),
@@ -204,6 +302,8 @@ pub async fn sense(args: &SenseArgs, debug_log: bool) -> Result<SenseReport, Sen
                 .usage_ns
                 .zip(before.usage_ns)
                 .map(|(a, b)| a.saturating_sub(b)),
+            onset_ns: onset.map(|o| o.0),
+            onset_by: onset.map(|o| o.1),
             path: dir.path,
         });
     }
@@ -217,6 +317,7 @@ pub async fn sense(args: &SenseArgs, debug_log: bool) -> Result<SenseReport, Sen
         programs,
         event_latency_us: Latency::of(latencies),
         resources: Resources::of_self(),
+        window,
     })
 }
 
@@ -274,6 +375,14 @@ pub fn render_table(r: &SenseReport) -> String {
             l.p50, l.p99, l.max, l.n
         );
     }
+    let _ = writeln!(
+        s,
+        "mbcas sense in the window: {:.3} s CPU ({:.2} % of one core), RSS {:.1} MiB (peak {:.1} MiB)",
+        r.window.cpu_s,
+        100.0 * r.window.cpu_s / r.window_s,
+        r.window.rss_kib as f64 / 1024.0,
+        r.resources.max_rss_kib as f64 / 1024.0
+    );
     if let Some(k) = &r.kernel {
         let _ = writeln!(
             s,
@@ -304,6 +413,8 @@ mod tests {
             "--sensor",
             "poll",
             "--json",
+            "--read-every",
+            "100ms",
         ])
         .unwrap();
         let Command::Sense(a) = cli.command else {
@@ -312,6 +423,8 @@ mod tests {
         assert_eq!(a.cgroups.len(), 2);
         assert_eq!(a.duration.as_millis(), 2500);
         assert!(a.json);
+        assert_eq!(a.read_every, Some(std::time::Duration::from_millis(100)));
+        assert!(!a.floor);
         assert!(
             Cli::try_parse_from(["mbcas", "sense", "--cgroup", "/a", "--duration", "0"]).is_err()
         );

@@ -1,24 +1,32 @@
 //! MBCAS kernel programs: CFS bandwidth throttling per cgroup.
 //!
-//! * `tp_btf/hrtimer_expire_exit` ([`mbcas_period_timer`]): every hrtimer expiry is
-//!   filtered on the CFS period timer (`hrtimer.function == sched_cfs_period_timer`);
-//!   from the timer, `container_of` gives the group's `cfs_bandwidth` and
-//!   `task_group`, whose counters (periods, throttled periods, throttled time —
-//!   the fields `cpu.stat` shows) are copied into `MBCAS_CGROUPS` each period.
-//!   A ring-buffer event goes out for every period that ended throttled and once
-//!   when throttling stops; idle and unthrottled groups produce none.
+//! Rezolus's rules: O(1) work per call, aggregate in the kernel, and let user
+//! space read the counters on its own cadence. Only *edges* go through the ring
+//! buffer; a throttled group costs nothing per period beyond its counters.
+//!
+//! * `tp_btf/hrtimer_expire_exit` ([`mbcas_period_timer`]) runs on every hrtimer
+//!   expiry of the machine. The non-matching path (almost every call) is one
+//!   direct load of `hrtimer.function` through the BTF-typed pointer and a
+//!   compare. For the CFS period timer (`sched_cfs_period_timer`),
+//!   `container_of` gives the group's `cfs_bandwidth` and `task_group`, whose
+//!   counters (periods, throttled periods, throttled time — the fields
+//!   `cpu.stat` shows) are copied into `MBCAS_CGROUPS` when they changed. An
+//!   event goes out when a period ends throttled and the group was not known
+//!   throttled (the onset, on kernels without the hook below), and once when a
+//!   period ends unthrottled after throttling (the end).
 //! * `tp_btf/sched_switch` ([`mbcas_sched_switch`], kernels with task-based
-//!   throttling, `task_struct.throttled`, 6.18+): a task switched out throttled
-//!   starts an episode; when it is switched back in the episode's length is
-//!   added to its group and sent as an event. The first throttled task of a
-//!   group that was not throttled sends an edge event at once (lower latency
-//!   than waiting for the period timer).
+//!   throttling, `task_struct.throttled`, 6.18+): the non-matching path is one
+//!   direct load of `prev->throttled`. The first throttled task of a group not
+//!   known throttled sends the onset event at once, mid-period (lower latency
+//!   than the period timer), creating the group's entry if it is new.
 //!
 //! No struct layout is compiled in: offsets come from the running kernel's BTF
 //! through load-time globals (see `mbcas_common::globals`). Everything is keyed by
 //! the throttled group's cgroup id (`task_group → css.cgroup → kn → id`).
 //! Drops (ring buffer full, failed reads, failed map updates) are counted in
-//! `MBCAS_STATS`.
+//! `MBCAS_STATS`. `mbcas_floor` is an empty program on the hrtimer hook that only
+//! `mbcas sense --floor` attaches: the hook's and the run-time accounting's own
+//! cost, which no program on it can go below.
 #![no_std]
 #![no_main]
 
@@ -32,10 +40,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use mbcas_common::{
-    CgroupBandwidth, EVENT_PERIOD_THROTTLED, EVENT_PERIOD_UNTHROTTLED, EVENT_TASK_EPISODE,
-    EVENTS_BYTES, MAX_CGROUPS, MAX_TASKS, STAT_EPISODES, STAT_EVENTS, STAT_MAP_ERRORS,
-    STAT_PERIOD_TIMERS, STAT_READ_ERRORS, STAT_RINGBUF_DROPS, STAT_SLOTS, TaskThrottle,
-    ThrottleEvent,
+    CgroupBandwidth, EVENT_PERIOD_THROTTLED, EVENT_PERIOD_UNTHROTTLED, EVENTS_BYTES, MAX_CGROUPS,
+    STAT_EVENTS, STAT_MAP_ERRORS, STAT_PERIOD_TIMERS, STAT_READ_ERRORS, STAT_RINGBUF_DROPS,
+    STAT_SLOTS, STAT_SWITCH_EDGES, ThrottleEvent,
 };
 
 // Load-time globals: names must match `mbcas_common::globals`.
@@ -80,8 +87,6 @@ static MBCAS_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 static MBCAS_CGROUPS: LruHashMap<u64, CgroupBandwidth> =
     LruHashMap::with_max_entries(MAX_CGROUPS, 0);
 #[map]
-static MBCAS_TASKS: LruHashMap<u32, TaskThrottle> = LruHashMap::with_max_entries(MAX_TASKS, 0);
-#[map]
 static MBCAS_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_SLOTS, 0);
 
 /// Reads a load-time global. `read_volatile` keeps the compiler from folding the
@@ -122,6 +127,19 @@ fn read<T>(base: u64, off: u64) -> Result<T, ()> {
     }
 }
 
+/// Loads a `T` at `base + off` straight through a BTF-typed pointer (a
+/// tracepoint argument), without a helper call: the hot, non-matching paths.
+/// `off` must be a load-time global, which the verifier sees as a constant
+/// (`.rodata` is frozen), so it can check the access against the BTF layout.
+#[inline(always)]
+fn load<T: Copy>(base: u64, off: u64) -> T {
+    // SAFETY: `base` is a tracepoint argument the verifier types from BTF
+    // (PTR_TO_BTF_ID) and `off` the member's offset from the same BTF; the
+    // verifier checks the access and turns it into a fault-handling load
+    // (BPF_PROBE_MEM), which yields 0 instead of faulting.
+    unsafe { read_volatile((base + off) as *const T) }
+}
+
 /// Reads an unsigned counter of 4 or 8 bytes.
 #[inline(always)]
 fn read_counter(base: u64, off: u64, size: u64) -> Result<u64, ()> {
@@ -158,6 +176,31 @@ fn emit(ev: &ThrottleEvent) {
     }
 }
 
+/// Reads the group's bandwidth counters: (periods, throttled periods, throttled ns).
+#[inline(always)]
+fn bandwidth_counters(cfs_b: u64) -> Result<(u64, u64, u64), ()> {
+    Ok((
+        read_counter(
+            cfs_b,
+            global(&MBCAS_OFF_CFSB_NR_PERIODS),
+            global(&MBCAS_SIZE_CFSB_NR_PERIODS),
+        )?,
+        read_counter(
+            cfs_b,
+            global(&MBCAS_OFF_CFSB_NR_THROTTLED),
+            global(&MBCAS_SIZE_CFSB_NR_THROTTLED),
+        )?,
+        read(cfs_b, global(&MBCAS_OFF_CFSB_THROTTLED_TIME))?,
+    ))
+}
+
+/// The hook's floor: attached only by `mbcas sense --floor`, to measure what a
+/// program on this hook costs before it does anything.
+#[btf_tracepoint(function = "hrtimer_expire_exit")]
+pub fn mbcas_floor(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
 #[btf_tracepoint(function = "hrtimer_expire_exit")]
 pub fn mbcas_period_timer(ctx: BtfTracePointContext) -> i32 {
     match try_period_timer(&ctx) {
@@ -166,91 +209,68 @@ pub fn mbcas_period_timer(ctx: BtfTracePointContext) -> i32 {
 }
 
 fn try_period_timer(ctx: &BtfTracePointContext) -> Result<(), ()> {
-    let target = global(&MBCAS_PERIOD_TIMER_FN);
-    if target == 0 {
-        return Ok(());
-    }
     let timer: u64 = ctx.arg(0);
-    let function: u64 = read(timer, global(&MBCAS_OFF_HRTIMER_FUNCTION))?;
-    if function != target {
+    let function: u64 = load(timer, global(&MBCAS_OFF_HRTIMER_FUNCTION));
+    if function != global(&MBCAS_PERIOD_TIMER_FN) {
         return Ok(());
     }
     stat_inc(STAT_PERIOD_TIMERS);
     let cfs_b = timer - global(&MBCAS_OFF_CFSB_PERIOD_TIMER);
     let tg = cfs_b - global(&MBCAS_OFF_TG_CFS_BANDWIDTH);
     let cgroup_id = cgroup_id_of_tg(tg)?;
-    let nr_periods = read_counter(
-        cfs_b,
-        global(&MBCAS_OFF_CFSB_NR_PERIODS),
-        global(&MBCAS_SIZE_CFSB_NR_PERIODS),
-    )?;
-    let nr_throttled = read_counter(
-        cfs_b,
-        global(&MBCAS_OFF_CFSB_NR_THROTTLED),
-        global(&MBCAS_SIZE_CFSB_NR_THROTTLED),
-    )?;
-    let throttled_ns: u64 = read(cfs_b, global(&MBCAS_OFF_CFSB_THROTTLED_TIME))?;
-    let now = now_ns();
-    let mut ev = ThrottleEvent {
-        kind: 0,
+    let (nr_periods, nr_throttled, throttled_ns) = bandwidth_counters(cfs_b)?;
+    let Some(p) = MBCAS_CGROUPS.get_ptr_mut(&cgroup_id) else {
+        // First sight of this group: a baseline only (no edge can be known).
+        let st = CgroupBandwidth {
+            nr_periods,
+            nr_throttled,
+            throttled_ns,
+            ..CgroupBandwidth::default()
+        };
+        if MBCAS_CGROUPS.insert(&cgroup_id, &st, 0).is_err() {
+            stat_inc(STAT_MAP_ERRORS);
+        }
+        return Ok(());
+    };
+    // SAFETY: the pointer comes from a successful map lookup and stays valid for
+    // this program run. Benign race: sched_switch on another CPU may set
+    // `throttling` of the same entry at the same time; the worst outcome is one
+    // edge event twice or one late, and the counters copied here are the kernel's.
+    let st = unsafe { &mut *p };
+    let throttled_now = nr_throttled > st.nr_throttled;
+    if nr_periods != st.nr_periods || throttled_now || throttled_ns != st.throttled_ns {
+        st.nr_periods = nr_periods;
+        st.nr_throttled = nr_throttled;
+        st.throttled_ns = throttled_ns;
+    }
+    // Edges only: throttled → a known-throttled group stays silent; the first
+    // period that ends unthrottled (also the last expiry after the quota was
+    // lifted, which changes no counter) ends the episode.
+    let kind = match (throttled_now, st.throttling != 0) {
+        (true, false) => EVENT_PERIOD_THROTTLED,
+        (false, true) => EVENT_PERIOD_UNTHROTTLED,
+        _ => return Ok(()),
+    };
+    st.throttling = u32::from(throttled_now);
+    st.events += 1;
+    emit(&ThrottleEvent {
+        kind,
         pid: 0,
         cgroup_id,
-        ts_ns: now,
+        ts_ns: now_ns(),
         nr_periods,
         nr_throttled,
         throttled_ns,
-        duration_ns: 0,
-    };
-    match MBCAS_CGROUPS.get_ptr_mut(&cgroup_id) {
-        Some(p) => {
-            // SAFETY: the pointer comes from a successful map lookup and stays valid
-            // for this program run. Benign race: sched_switch on another CPU may
-            // update `episodes`/`episode_ns`/`throttling` of the same entry at the
-            // same time; a lost increment there only delays an edge event or
-            // undercounts one episode, and the counters copied here are the
-            // kernel's own.
-            let st = unsafe { &mut *p };
-            let throttled_now = nr_throttled > st.nr_throttled;
-            st.nr_periods = nr_periods;
-            st.nr_throttled = nr_throttled;
-            st.throttled_ns = throttled_ns;
-            st.updated_ns = now;
-            if throttled_now {
-                st.throttling = 1;
-                st.events += 1;
-                ev.kind = EVENT_PERIOD_THROTTLED;
-            } else if st.throttling != 0 {
-                st.throttling = 0;
-                st.events += 1;
-                ev.kind = EVENT_PERIOD_UNTHROTTLED;
-            }
-        }
-        None => {
-            // First sight of this group: a baseline only (no edge can be known).
-            let st = CgroupBandwidth {
-                nr_periods,
-                nr_throttled,
-                throttled_ns,
-                updated_ns: now,
-                ..CgroupBandwidth::default()
-            };
-            if MBCAS_CGROUPS.insert(&cgroup_id, &st, 0).is_err() {
-                stat_inc(STAT_MAP_ERRORS);
-            }
-        }
-    }
-    if ev.kind != 0 {
-        emit(&ev);
-        if global(&MBCAS_DEBUG) != 0 {
-            debug!(
-                ctx,
-                "cgroup {} period kind={} throttled={}/{}",
-                cgroup_id,
-                ev.kind,
-                nr_throttled,
-                nr_periods
-            );
-        }
+    });
+    if global(&MBCAS_DEBUG) != 0 {
+        debug!(
+            ctx,
+            "cgroup {} period edge kind={} throttled={}/{}",
+            cgroup_id,
+            kind,
+            nr_throttled,
+            nr_periods
+        );
     }
     Ok(())
 }
@@ -265,85 +285,60 @@ pub fn mbcas_sched_switch(ctx: BtfTracePointContext) -> i32 {
 fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), ()> {
     // sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next, ...)
     let prev: u64 = ctx.arg(1);
-    let next: u64 = ctx.arg(2);
-    let off_pid = global(&MBCAS_OFF_TASK_PID);
-
-    // The task switched in: does it end a throttle episode?
-    let next_pid: u32 = read(next, off_pid)?;
-    if let Some(t) = MBCAS_TASKS.get_ptr(&next_pid) {
-        // SAFETY: pointer from a successful lookup, read before the delete below.
-        let t = unsafe { *t };
-        let _ = MBCAS_TASKS.remove(&next_pid);
-        let now = now_ns();
-        let duration_ns = now.saturating_sub(t.start_ns);
-        stat_inc(STAT_EPISODES);
-        let mut ev = ThrottleEvent {
-            kind: EVENT_TASK_EPISODE,
-            pid: next_pid,
-            cgroup_id: t.cgroup_id,
-            ts_ns: now,
-            duration_ns,
-            ..ThrottleEvent::default()
-        };
-        if let Some(p) = MBCAS_CGROUPS.get_ptr_mut(&t.cgroup_id) {
-            // SAFETY: valid for this run; see the benign race in try_period_timer.
-            let st = unsafe { &mut *p };
-            st.episodes += 1;
-            st.episode_ns += duration_ns;
-            st.events += 1;
-            ev.nr_periods = st.nr_periods;
-            ev.nr_throttled = st.nr_throttled;
-            ev.throttled_ns = st.throttled_ns;
-        }
-        emit(&ev);
-    }
-
-    // The task switched out: was it throttled?
-    let throttled: u8 = read(prev, global(&MBCAS_OFF_TASK_THROTTLED))?;
+    let throttled: u8 = load(prev, global(&MBCAS_OFF_TASK_THROTTLED));
     if throttled == 0 {
         return Ok(());
     }
-    let prev_pid: u32 = read(prev, off_pid)?;
     let tg: u64 = read(prev, global(&MBCAS_OFF_TASK_TG))?;
     if tg == 0 {
         return Ok(());
     }
     let cgroup_id = cgroup_id_of_tg(tg)?;
-    let now = now_ns();
-    if MBCAS_TASKS
-        .insert(
-            &prev_pid,
-            &TaskThrottle {
-                start_ns: now,
-                cgroup_id,
-            },
-            0,
-        )
-        .is_err()
-    {
-        stat_inc(STAT_MAP_ERRORS);
-    }
-    if let Some(p) = MBCAS_CGROUPS.get_ptr_mut(&cgroup_id) {
-        // SAFETY: valid for this run; see the benign race in try_period_timer.
-        let st = unsafe { &mut *p };
-        if st.throttling == 0 {
-            // Throttling edge, seen mid-period: tell user space now.
+    let cfs_b = tg + global(&MBCAS_OFF_TG_CFS_BANDWIDTH);
+    let (nr_periods, nr_throttled, throttled_ns) = match MBCAS_CGROUPS.get_ptr_mut(&cgroup_id) {
+        Some(p) => {
+            // SAFETY: valid for this run; see the benign race in try_period_timer.
+            let st = unsafe { &mut *p };
+            if st.throttling != 0 {
+                // Known throttled: the other tasks of the group, and the rest of
+                // the episode, cost nothing more.
+                return Ok(());
+            }
             st.throttling = 1;
             st.events += 1;
-            emit(&ThrottleEvent {
-                kind: EVENT_PERIOD_THROTTLED,
-                pid: prev_pid,
-                cgroup_id,
-                ts_ns: now,
-                nr_periods: st.nr_periods,
-                nr_throttled: st.nr_throttled,
-                throttled_ns: st.throttled_ns,
-                duration_ns: 0,
-            });
-            if global(&MBCAS_DEBUG) != 0 {
-                debug!(ctx, "cgroup {} throttled (task {})", cgroup_id, prev_pid);
-            }
+            (st.nr_periods, st.nr_throttled, st.throttled_ns)
         }
+        None => {
+            // A group throttled before its first period ended: its entry starts
+            // here, already throttled.
+            let (nr_periods, nr_throttled, throttled_ns) = bandwidth_counters(cfs_b)?;
+            let st = CgroupBandwidth {
+                nr_periods,
+                nr_throttled,
+                throttled_ns,
+                events: 1,
+                throttling: 1,
+                _pad: 0,
+            };
+            if MBCAS_CGROUPS.insert(&cgroup_id, &st, 0).is_err() {
+                stat_inc(STAT_MAP_ERRORS);
+            }
+            (nr_periods, nr_throttled, throttled_ns)
+        }
+    };
+    stat_inc(STAT_SWITCH_EDGES);
+    let pid: u32 = load(prev, global(&MBCAS_OFF_TASK_PID));
+    emit(&ThrottleEvent {
+        kind: EVENT_PERIOD_THROTTLED,
+        pid,
+        cgroup_id,
+        ts_ns: now_ns(),
+        nr_periods,
+        nr_throttled,
+        throttled_ns,
+    });
+    if global(&MBCAS_DEBUG) != 0 {
+        debug!(ctx, "cgroup {} throttled (task {})", cgroup_id, pid);
     }
     Ok(())
 }

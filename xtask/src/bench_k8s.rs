@@ -790,6 +790,15 @@ async fn node(opts: &Options, bin: &Path, plane: &ControlPlane) -> anyhow::Resul
         println!("  daemon ready after                  {:>10.1} s", ready.as_secs_f64());
         println!("  daemon CPU                          {:>10.2} % of one core (utime+stime over {window:.0} s)", (c1 - c0) / window * 100.0);
         println!("  daemon peak RSS (VmHWM)             {:>10.1} MiB", hwm as f64 / 1024.0);
+        let kib = |f: &str| crate::procs::status_kib(pid, f) as f64 / 1024.0;
+        println!(
+            "  daemon RSS at the end (VmRSS)       {:>10.1} MiB: anonymous {:.1}, file-backed {:.1}, shared memory {:.1}; {} threads",
+            kib("VmRSS"),
+            kib("RssAnon"),
+            kib("RssFile"),
+            kib("RssShmem"),
+            crate::procs::status_kib(pid, "Threads")
+        );
         println!("  PodAllocation spec writes           {:>10.0}", d.get(WRITE_VERBS, "podallocations", ""));
         println!("  PodAllocation objects at the end    {pas:>10}");
         println!("  pods/resize PATCH                   {:>10.0}", d.get(&["PATCH"], "pods", "resize"));

@@ -2,15 +2,27 @@
 //!
 //! For each scenario (idle; 10 and 100 throttled cgroups, one spinning process
 //! each under a tight quota) it runs `mbcas sense --json` over all the cgroups with
-//! `kernel.bpf_stats_enabled=1` and prints: per-program calls and ns per call,
-//! events per second, ring-buffer and user-space drops, event latency (kernel →
-//! user space), and the CPU share and peak RSS of `mbcas sense` itself. Needs
-//! root and cgroup v1 `cpu`/`cpuacct` or cgroup v2. Cleans up its cgroups and
-//! processes, also on failure.
+//! `kernel.bpf_stats_enabled=1` and prints: per-program calls and ns per call
+//! (in the idle run also `mbcas_floor`, an empty program on the same hook: what
+//! any program there costs), events per second, ring-buffer and user-space
+//! drops, event latency (kernel → user space), and the CPU share (in the
+//! window, start-up apart) and RSS of `mbcas sense` itself.
+//!
+//! `--compare` runs, on the same `--cgroups` cgroups and the same load, the
+//! eBPF sensor (counters read every 1 s, the daemon's tick) and the poll source
+//! reading `cpu.stat` every 1 s (as koordlet) and every 100 ms (as
+//! Autothrottle), and prints for each: total CPU (kernel programs from
+//! `bpf_stats` plus user space, in the window), detection latency p50/p99 from
+//! a burner's start in its cgroup to `mbcas sense` knowing the cgroup is
+//! throttled, and RSS. Needs root and cgroup v1 `cpu`/`cpuacct` or cgroup v2.
+//! Cleans up its cgroups and processes, also on failure.
 
 use std::{
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
@@ -21,6 +33,12 @@ pub struct Options {
     /// Seconds per scenario (the 100-cgroup run uses this too).
     #[arg(long, default_value_t = 60)]
     pub seconds: u64,
+    /// Compare MBCAS with cpu.stat pollers at 1 s and 100 ms instead.
+    #[arg(long)]
+    pub compare: bool,
+    /// Throttled cgroups in the comparison (10 m each).
+    #[arg(long, default_value_t = 100)]
+    pub cgroups: usize,
 }
 
 struct Bench {
@@ -31,10 +49,7 @@ struct Bench {
 
 impl Drop for Bench {
     fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.stop_burners();
         for d in self.dirs.iter().rev() {
             for _ in 0..50 {
                 if std::fs::remove_dir(d).is_ok() || !d.exists() {
@@ -54,6 +69,39 @@ const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 impl Bench {
     /// `n` cgroups, each with one spinning process limited to `millicores`.
     fn throttled(&mut self, tag: &str, n: usize, millicores: u64) -> anyhow::Result<Vec<PathBuf>> {
+        let groups = self.cgroups(tag, n, millicores)?;
+        for g in &groups {
+            self.burn_in(g)?;
+        }
+        Ok(groups.into_iter().map(|g| g.cpu).collect())
+    }
+
+    /// Starts a spinning process in `g`; CLOCK_MONOTONIC (ns) once it is in.
+    fn burn_in(&mut self, g: &Group) -> anyhow::Result<u64> {
+        let child = Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .stdin(Stdio::null())
+            .spawn()
+            .context("spawn burner")?;
+        let pid = child.id().to_string();
+        self.children.push(child);
+        if let Some(a) = &g.cpuacct {
+            std::fs::write(a.join("cgroup.procs"), &pid)?;
+        }
+        std::fs::write(g.cpu.join("cgroup.procs"), &pid)?;
+        monotonic_ns()
+    }
+
+    fn stop_burners(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.children.clear();
+    }
+
+    /// `n` empty cgroups limited to `millicores` each.
+    fn cgroups(&mut self, tag: &str, n: usize, millicores: u64) -> anyhow::Result<Vec<Group>> {
         let crate::host::CgroupRoots {
             cpu,
             cpuacct: acct,
@@ -75,24 +123,27 @@ impl Bench {
             } else {
                 std::fs::write(dir.join("cpu.cfs_quota_us"), (millicores * 100).to_string())?;
             }
-            let child = Command::new("sh")
-                .args(["-c", "while :; do :; done"])
-                .stdin(Stdio::null())
-                .spawn()
-                .context("spawn burner")?;
-            let pid = child.id().to_string();
-            self.children.push(child);
-            std::fs::write(dir.join("cgroup.procs"), &pid)?;
-            if let Some(a) = &adir {
-                std::fs::write(a.join("cgroup.procs"), &pid)?;
-            }
-            out.push(dir);
+            out.push(Group {
+                cpu: dir,
+                cpuacct: adir,
+            });
         }
         Ok(out)
     }
 }
 
-fn sense(bin: &Path, cgroups: &[PathBuf], seconds: u64) -> anyhow::Result<Value> {
+struct Group {
+    cpu: PathBuf,
+    cpuacct: Option<PathBuf>,
+}
+
+/// CLOCK_MONOTONIC in ns: the clock `mbcas sense` stamps onsets with.
+fn monotonic_ns() -> anyhow::Result<u64> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
+    Ok(u64::try_from(t.tv_sec())? * 1_000_000_000 + u64::try_from(t.tv_nsec())?)
+}
+
+fn sense_cmd(bin: &Path, sensor: &str, cgroups: &[PathBuf], seconds: u64) -> Command {
     let mut cmd = Command::new(bin);
     cmd.args([
         "--log-level",
@@ -100,12 +151,20 @@ fn sense(bin: &Path, cgroups: &[PathBuf], seconds: u64) -> anyhow::Result<Value>
         "sense",
         "--json",
         "--sensor",
-        "ebpf",
+        sensor,
         "--duration",
     ])
     .arg(seconds.to_string());
     for c in cgroups {
         cmd.arg("--cgroup").arg(c);
+    }
+    cmd
+}
+
+fn sense(bin: &Path, cgroups: &[PathBuf], seconds: u64, floor: bool) -> anyhow::Result<Value> {
+    let mut cmd = sense_cmd(bin, "ebpf", cgroups, seconds);
+    if floor {
+        cmd.arg("--floor");
     }
     let out = cmd
         .stderr(Stdio::inherit())
@@ -145,8 +204,10 @@ fn report(name: &str, v: &Value, seconds: u64) {
         f("/event_latency_us/n")
     );
     println!(
-        "  mbcas sense: {:.2} % of one core, peak RSS {:.1} MiB",
-        f("/resources/cpu_s") / seconds as f64 * 100.0,
+        "  mbcas sense: {:.2} % of one core in the window (start-up {:.2} s CPU), RSS {:.1} MiB, peak {:.1} MiB",
+        f("/window/cpu_s") / seconds as f64 * 100.0,
+        f("/resources/cpu_s") - f("/window/cpu_s"),
+        f("/window/rss_kib") / 1024.0,
         f("/resources/max_rss_kib") / 1024.0
     );
 }
@@ -159,38 +220,151 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         stats_was: std::fs::read_to_string(STATS).ok(),
     };
     std::fs::write(STATS, "1").context("enable kernel.bpf_stats_enabled (needs root)")?;
+    if opts.compare {
+        return compare(&mut b, &bin, opts);
+    }
 
     let idle = b.throttled("idle", 1, 1000)?;
     // The one group is not throttled: a spinner under a whole core would be, so stop it.
-    for c in &mut b.children {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-    b.children.clear();
+    b.stop_burners();
     let secs = opts.seconds.min(10);
     report(
         "idle (no throttled cgroup)",
-        &sense(&bin, &idle, secs)?,
+        &sense(&bin, &idle, secs, true)?,
         secs,
     );
 
     let ten = b.throttled("ten", 10, 50)?;
     report(
         "10 throttled cgroups (50 m each)",
-        &sense(&bin, &ten, secs)?,
+        &sense(&bin, &ten, secs, false)?,
         secs,
     );
-    for c in &mut b.children {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-    b.children.clear();
+    b.stop_burners();
 
     let hundred = b.throttled("hundred", 100, 10)?;
     report(
         &format!("100 throttled cgroups (10 m each), {} s", opts.seconds),
-        &sense(&bin, &hundred, opts.seconds)?,
+        &sense(&bin, &hundred, opts.seconds, false)?,
         opts.seconds,
+    );
+    Ok(())
+}
+
+/// One contender of the comparison: how `mbcas sense` runs.
+struct Contender {
+    name: &'static str,
+    sensor: &'static str,
+    read_every: &'static str,
+}
+
+const CONTENDERS: [Contender; 3] = [
+    Contender {
+        name: "MBCAS (eBPF, counters read every 1 s)",
+        sensor: "ebpf",
+        read_every: "1s",
+    },
+    Contender {
+        name: "cpu.stat polled every 1 s (koordlet)",
+        sensor: "poll",
+        read_every: "1s",
+    },
+    Contender {
+        name: "cpu.stat polled every 100 ms (Autothrottle)",
+        sensor: "poll",
+        read_every: "100ms",
+    },
+];
+
+fn compare(b: &mut Bench, bin: &Path, opts: &Options) -> anyhow::Result<()> {
+    let groups = b.cgroups("cmp", opts.cgroups, 10)?;
+    let dirs: Vec<PathBuf> = groups.iter().map(|g| g.cpu.clone()).collect();
+    println!(
+        "bench-sensor --compare: {} cgroups at 10 m, one spinning process each started after the sensor, {} s per contender",
+        groups.len(),
+        opts.seconds
+    );
+    println!(
+        "{:<46} {:>9} {:>9} {:>9} {:>11} {:>11} {:>7} {:>9}",
+        "contender", "CPU %", "kernel %", "user %", "detect p50", "detect p99", "missed", "RSS MiB"
+    );
+    for c in &CONTENDERS {
+        let mut cmd = sense_cmd(bin, c.sensor, &dirs, opts.seconds);
+        cmd.args(["--read-every", c.read_every]);
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("run mbcas sense")?;
+        let stderr = child.stderr.take().context("sense stderr")?;
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let echo = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.starts_with("mbcas sense: watching") {
+                    let _ = ready_tx.send(());
+                } else {
+                    eprintln!("{line}");
+                }
+            }
+        });
+        if ready_rx.recv_timeout(Duration::from_secs(60)).is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("mbcas sense ({}) did not start", c.name);
+        }
+        let mut started = std::collections::HashMap::new();
+        for g in &groups {
+            started.insert(g.cpu.clone(), b.burn_in(g)?);
+        }
+        let out = child.wait_with_output().context("wait for mbcas sense")?;
+        let _ = echo.join();
+        b.stop_burners();
+        if !out.status.success() {
+            bail!("mbcas sense ({}) failed: {}", c.name, out.status);
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).context("sense output is not JSON")?;
+        let mut latency_ms = Vec::new();
+        let mut missed = 0;
+        for cg in v["cgroups"].as_array().into_iter().flatten() {
+            let path = PathBuf::from(cg["path"].as_str().unwrap_or_default());
+            match (cg["onset_ns"].as_u64(), started.get(&path)) {
+                (Some(onset), Some(&t0)) => latency_ms.push(onset.saturating_sub(t0) as f64 / 1e6),
+                _ => missed += 1,
+            }
+        }
+        latency_ms.sort_by(f64::total_cmp);
+        let q = |p: f64| {
+            latency_ms
+                .get(((latency_ms.len().max(1) - 1) as f64 * p).round() as usize)
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
+        let kernel_s: f64 = v["programs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| p["run_time_ns"].as_f64().unwrap_or(0.0) / 1e9)
+            .fold(0.0, |a, b| a + b);
+        let user_s = v["window"]["cpu_s"].as_f64().unwrap_or(f64::NAN);
+        let secs = opts.seconds as f64;
+        println!(
+            "{:<46} {:>9.3} {:>9.3} {:>9.3} {:>8.1} ms {:>8.1} ms {:>7} {:>9.1}",
+            c.name,
+            100.0 * (kernel_s + user_s) / secs,
+            100.0 * kernel_s / secs,
+            100.0 * user_s / secs,
+            q(0.5),
+            q(0.99),
+            missed,
+            v["window"]["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0
+        );
+        // Let the groups go idle before the next contender.
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    println!(
+        "  CPU: share of one core in the window (kernel programs by bpf_stats, the sensing process by getrusage); \
+         detect: burner's start in its cgroup → the process knows the cgroup is throttled; goal: MBCAS's p99 ≤ the \
+         100 ms poller's, and its CPU ≤ the 1 s poller's"
     );
     Ok(())
 }

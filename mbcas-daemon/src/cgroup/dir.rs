@@ -140,18 +140,33 @@ impl CgroupDir {
                 reason,
             })?;
         if self.hierarchy == Hierarchy::V1 {
-            c.usage_ns = match &self.usage_file {
-                Some(f) => {
-                    let t = read_file(f)?;
-                    Some(t.trim().parse().map_err(|_| CgroupFsError::Malformed {
-                        path: f.clone(),
-                        reason: format!("expected a number of nanoseconds, got {:?}", t.trim()),
-                    })?)
-                }
-                None => None,
-            };
+            c.usage_ns = self.read_v1_usage()?;
         }
         Ok(c)
+    }
+
+    /// CPU usage only (ns), when the bandwidth counters come from elsewhere
+    /// (the eBPF map): on v1 one read of `cpuacct.usage` instead of two files;
+    /// on v2 usage lives in `cpu.stat`, which is read whole.
+    pub fn read_usage(&self) -> Result<Option<u64>, CgroupFsError> {
+        match self.hierarchy {
+            Hierarchy::V1 => self.read_v1_usage(),
+            Hierarchy::V2 => Ok(self.read()?.usage_ns),
+        }
+    }
+
+    fn read_v1_usage(&self) -> Result<Option<u64>, CgroupFsError> {
+        let Some(f) = &self.usage_file else {
+            return Ok(None);
+        };
+        let t = read_file(f)?;
+        t.trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| CgroupFsError::Malformed {
+                path: f.clone(),
+                reason: format!("expected a number of nanoseconds, got {:?}", t.trim()),
+            })
     }
 }
 
@@ -313,6 +328,7 @@ mod tests {
         let d = CgroupDir::open(&v2).unwrap();
         assert_eq!(d.hierarchy, Hierarchy::V2);
         assert_eq!(d.read().map(|c| c.usage_ns).ok().flatten(), Some(2_000_000));
+        assert_eq!(d.read_usage().unwrap(), Some(2_000_000));
 
         let cpu = tmp.path().join("cpu/g");
         let acct = tmp.path().join("cpuacct/g");
@@ -330,9 +346,22 @@ mod tests {
         let c = d.read().unwrap();
         assert_eq!((c.nr_throttled, c.usage_ns), (100, Some(123_456)));
 
-        // Garbage, then the cgroup vanishing.
+        assert_eq!(d.read_usage().unwrap(), Some(123_456));
+
+        // Garbage, then the cgroup vanishing. Usage alone reads only cpuacct.usage.
         std::fs::write(cpu.join("cpu.stat"), "nr_periods lots\n").unwrap();
         assert!(matches!(d.read(), Err(CgroupFsError::Malformed { .. })));
+        assert_eq!(d.read_usage().unwrap(), Some(123_456));
+        std::fs::write(acct.join("cpuacct.usage"), "-1\n").unwrap();
+        assert!(matches!(
+            d.read_usage(),
+            Err(CgroupFsError::Malformed { .. })
+        ));
+        std::fs::remove_dir_all(&acct).unwrap();
+        assert!(matches!(
+            d.read_usage(),
+            Err(CgroupFsError::Vanished { .. })
+        ));
         std::fs::remove_dir_all(&cpu).unwrap();
         assert!(matches!(d.read(), Err(CgroupFsError::Vanished { .. })));
         assert!(matches!(

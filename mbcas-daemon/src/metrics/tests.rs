@@ -295,7 +295,7 @@ fn sensor_stats_advance_counters_by_difference() {
         events,
         ringbuf_drops,
         read_errors: 0,
-        episodes: 0,
+        switch_edges: 0,
         map_errors: 0,
         user_drops,
     };

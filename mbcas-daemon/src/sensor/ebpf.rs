@@ -1,8 +1,8 @@
 //! Loading and attaching the kernel programs, and reading what they report.
 //!
 //! Hooks: `tp_btf/hrtimer_expire_exit` (CFS period timer; needed) and
-//! `tp_btf/sched_switch` (task throttle episodes; only where the kernel has
-//! `task_struct.throttled`, 6.18+). Offsets come from `/sys/kernel/btf/vmlinux`,
+//! `tp_btf/sched_switch` (the onset of throttling mid-period; only where the
+//! kernel has `task_struct.throttled`, 6.18+). Offsets come from `/sys/kernel/btf/vmlinux`,
 //! the period timer's address from `/proc/kallsyms`; both go in as load-time
 //! globals. Maps, programs and links live in [`EbpfSensor`]; the ring buffer is
 //! read by one tokio task through `AsyncFd` and forwarded as plain
@@ -120,7 +120,8 @@ pub struct KernelStats {
     pub events: u64,
     pub ringbuf_drops: u64,
     pub read_errors: u64,
-    pub episodes: u64,
+    /// Onset events sent by sched_switch, mid-period.
+    pub switch_edges: u64,
     pub map_errors: u64,
     /// Events the reader could not hand on (consumer too slow).
     pub user_drops: u64,
@@ -236,11 +237,13 @@ impl EbpfSensor {
             );
         }
         let offsets = offsets(&kbtf, timer_fn, with_switch, debug)?;
-        // Our parse of vmlinux BTF is large; free it before aya parses its own.
+        // Parses of vmlinux BTF are large (aya's is the larger): keep only one
+        // alive at a time. `EbpfLoader::new` makes its own parse; drop it and
+        // hand the loader the one attaching needs too.
         drop(kbtf);
-        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| EbpfError::AyaBtf(Box::new(e)))?;
-
         let mut loader = EbpfLoader::new();
+        loader.btf(None);
+        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| EbpfError::AyaBtf(Box::new(e)))?;
         loader.btf(Some(&aya_btf));
         for (name, value) in &offsets.0 {
             loader.override_global(name, value, true);
@@ -312,6 +315,19 @@ impl EbpfSensor {
         })
     }
 
+    /// Attaches `mbcas_floor`, the empty program on the hrtimer hook.
+    pub fn attach_floor(&mut self) -> Result<(), EbpfError> {
+        let btf = aya::Btf::from_sys_fs().map_err(|e| EbpfError::AyaBtf(Box::new(e)))?;
+        attach(
+            &mut self.ebpf,
+            common::PROG_FLOOR,
+            "hrtimer_expire_exit",
+            &btf,
+        )?;
+        self.programs.push(common::PROG_FLOOR);
+        Ok(())
+    }
+
     /// The kernel's last per-period snapshot of a group, if the program saw it.
     pub fn bandwidth(&self, id: CgroupId) -> Option<CgroupBandwidth> {
         self.cgroups.get(&id.0, 0).ok()
@@ -329,7 +345,7 @@ impl EbpfSensor {
             events: sum(common::STAT_EVENTS),
             ringbuf_drops: sum(common::STAT_RINGBUF_DROPS),
             read_errors: sum(common::STAT_READ_ERRORS),
-            episodes: sum(common::STAT_EPISODES),
+            switch_edges: sum(common::STAT_SWITCH_EDGES),
             map_errors: sum(common::STAT_MAP_ERRORS),
             user_drops: self.user_drops.load(Ordering::Relaxed),
         }

@@ -4,7 +4,7 @@
 //! * **eBPF** ([`ebpf`]): programs on `tp_btf/hrtimer_expire_exit` (CFS period
 //!   timer) and `tp_btf/sched_switch` keep a per-cgroup snapshot of the bandwidth
 //!   counters in a map and send [`ThrottleEvent`]s through a ring buffer on
-//!   throttling edges and while throttled. Events wake the decision loop.
+//!   throttling edges only (onset, end). Onsets wake the decision loop.
 //! * **poll** ([`crate::cgroup::dir`]): the same counters read from `cpu.stat`; no events.
 //! * **fake** ([`FakeHandle`]): counters and events set by tests.
 //!
@@ -23,7 +23,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-pub use mbcas_common::ThrottleEvent;
+pub use mbcas_common::{EVENT_PERIOD_THROTTLED, EVENT_PERIOD_UNTHROTTLED, ThrottleEvent};
 use tokio::sync::mpsc;
 
 use crate::{
@@ -72,6 +72,8 @@ pub enum SensorError {
     Ebpf(#[from] ebpf::EbpfError),
     #[error(transparent)]
     Cgroup(#[from] CgroupFsError),
+    #[error("the floor program needs the eBPF sensor (--sensor ebpf)")]
+    FloorNeedsEbpf,
 }
 
 impl SensorError {
@@ -79,6 +81,7 @@ impl SensorError {
         match self {
             Self::Ebpf(e) => e.kind(),
             Self::Cgroup(e) => e.kind(),
+            Self::FloorNeedsEbpf => "usage",
         }
     }
 }
@@ -91,8 +94,6 @@ pub struct CgroupCounters {
     pub nr_throttled: u64,
     pub throttled_ns: u64,
     pub usage_ns: Option<u64>,
-    /// Ended task throttle episodes seen by eBPF (0 for other sources).
-    pub episodes: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -205,8 +206,9 @@ impl Sensor {
 
     /// The cgroup's cumulative counters from this sensor. Usage comes from the
     /// cgroup filesystem; with eBPF the bandwidth counters come from the kernel
-    /// programs' last per-period snapshot (falling back to `cpu.stat` for groups
-    /// the programs have not seen yet, e.g. without a quota).
+    /// programs' last per-period snapshot, and on v1 only `cpuacct.usage` is
+    /// read (falling back to `cpu.stat` for groups the programs have not seen
+    /// yet, e.g. without a quota).
     pub fn read(&self, dir: &CgroupDir) -> Result<CgroupCounters, SensorError> {
         match &self.source {
             Source::Fake(state) => {
@@ -215,23 +217,28 @@ impl Sensor {
                     .ok()
                     .and_then(|s| s.counters.get(&dir.id).copied())
                     .unwrap_or_default();
-                Ok(counters(dir.id, c, 0))
+                Ok(counters(dir.id, c))
             }
-            Source::Poll => Ok(counters(dir.id, dir.read()?, 0)),
-            Source::Ebpf(s) => {
-                let file = dir.read()?;
-                Ok(match s.bandwidth(dir.id) {
-                    Some(b) => CgroupCounters {
-                        id: dir.id,
-                        nr_periods: b.nr_periods,
-                        nr_throttled: b.nr_throttled,
-                        throttled_ns: b.throttled_ns,
-                        usage_ns: file.usage_ns,
-                        episodes: b.episodes,
-                    },
-                    None => counters(dir.id, file, 0),
-                })
-            }
+            Source::Poll => Ok(counters(dir.id, dir.read()?)),
+            Source::Ebpf(s) => Ok(match s.bandwidth(dir.id) {
+                Some(b) => CgroupCounters {
+                    id: dir.id,
+                    nr_periods: b.nr_periods,
+                    nr_throttled: b.nr_throttled,
+                    throttled_ns: b.throttled_ns,
+                    usage_ns: dir.read_usage()?,
+                },
+                None => counters(dir.id, dir.read()?),
+            }),
+        }
+    }
+
+    /// Attaches the empty calibration program to the hrtimer hook (eBPF only):
+    /// benchmarks subtract its cost per call to see what the sensor adds.
+    pub fn attach_floor(&mut self) -> Result<(), SensorError> {
+        match &mut self.source {
+            Source::Ebpf(s) => Ok(s.attach_floor()?),
+            _ => Err(SensorError::FloorNeedsEbpf),
         }
     }
 
@@ -252,14 +259,13 @@ impl Sensor {
     }
 }
 
-fn counters(id: CgroupId, c: CpuCounters, episodes: u64) -> CgroupCounters {
+fn counters(id: CgroupId, c: CpuCounters) -> CgroupCounters {
     CgroupCounters {
         id,
         nr_periods: c.nr_periods,
         nr_throttled: c.nr_throttled,
         throttled_ns: c.throttled_ns,
         usage_ns: c.usage_ns,
-        episodes,
     }
 }
 

@@ -92,7 +92,11 @@ fn first_increase_records_the_original_and_requests_a_resize() {
     // written unless the original needs recording (reconcile's business).
     assert_eq!(p.event, None);
     assert!(p.quiet);
-    assert_eq!(p.requeue, Some(at(10)), "looked at again when the grace ends");
+    assert_eq!(
+        p.requeue,
+        Some(at(10)),
+        "looked at again when the grace ends"
+    );
     assert_eq!(
         resize_patch(p.resize.as_deref().unwrap_or_default()),
         serde_json::json!({"spec": {"containers": [
@@ -278,7 +282,11 @@ fn waiting_for_the_kubelet_is_written_only_after_the_grace_period() {
     let p = plan(&pa(700, None), Some(Ok(&f)), &cfg(), &mem, at(103), wall());
     assert_eq!(p.status.reason.as_deref(), Some("WaitingForKubelet"));
     assert!(p.quiet, "3 s after the patch: not news");
-    assert_eq!(p.requeue, Some(at(7)), "looked at again when the grace ends");
+    assert_eq!(
+        p.requeue,
+        Some(at(7)),
+        "looked at again when the grace ends"
+    );
     let p = plan(&pa(700, None), Some(Ok(&f)), &cfg(), &mem, at(110), wall());
     assert!(!p.quiet, "the grace is over: Pending is written");
     assert_eq!(p.requeue, Some(at(30)));
