@@ -45,10 +45,19 @@ async fn limit_becomes(pods: &Api<Pod>, name: &str, want: MilliCpu) -> Pod {
 /// allocation says Applied with that limit.
 async fn applied(client: &Client, ns: &str, name: &str, want: MilliCpu) -> PodAllocation {
     kubelet_reports(client, ns, name).await;
+    // The status keeps the last Applied limit while the kubelet is given its
+    // grace for a new one: wait for the limit too, not only the phase.
     let pa = eventually(
-        &format!("{name}'s PodAllocation to be Applied"),
+        &format!("{name}'s PodAllocation to be Applied at {} m", want.get()),
         CONVERGE,
-        || async { phase_is(client, ns, name, Phase::Applied).await },
+        || async {
+            phase_is(client, ns, name, Phase::Applied)
+                .await
+                .filter(|pa| {
+                    pa.status.as_ref().and_then(|s| s.applied_cpu_limit.clone())
+                        == Some(CpuQuantity(want))
+                })
+        },
     )
     .await;
     let st = pa.status.clone().unwrap_or_default();

@@ -76,6 +76,11 @@ pub struct NodePods {
     /// The quota each pod's cgroup had at the last round (millicores), by pod
     /// cgroup id: with the one read now, what the kernel enforced in between.
     last_quota: HashMap<u64, MilliCpu>,
+    /// Each managed pod's cgroup, by pod UID, resolved once (resolving is path
+    /// lookups in the cgroup filesystems: a quarter of the daemon's CPU on a
+    /// 110-pod node when it was done every round). Dropped when its counters
+    /// cannot be read or the pod is no longer managed.
+    dirs: HashMap<PodKey, CgroupDir>,
 }
 
 impl NodePods {
@@ -91,11 +96,22 @@ impl NodePods {
             round: HashMap::new(),
             summary: RoundSummary::default(),
             last_quota: HashMap::new(),
+            dirs: HashMap::new(),
         }
     }
 
+    /// The pod cgroup of `pod`: remembered, or resolved now.
+    fn pod_dir(&mut self, key: &PodKey, pod: &PodFacts) -> Option<CgroupDir> {
+        if let Some(d) = self.dirs.get(key) {
+            return Some(d.clone());
+        }
+        let dir = self.resolve_pod_dir(pod)?;
+        self.dirs.insert(key.clone(), dir.clone());
+        Some(dir)
+    }
+
     /// The pod cgroup of `pod`, from the fixture or the cgroup index.
-    fn pod_dir(&mut self, pod: &PodFacts) -> Option<CgroupDir> {
+    fn resolve_pod_dir(&mut self, pod: &PodFacts) -> Option<CgroupDir> {
         let key = format!("{}/{}", pod.namespace, pod.name);
         if let Some(p) = self.cfg.pod_cgroups.get(&key) {
             return CgroupDir::open_with_mounts(p, &self.mounts).ok();
@@ -184,11 +200,15 @@ impl Mode for NodePods {
         let capacity = policy::node_capacity(allocatable, unmanaged);
         let mut consumers = Vec::with_capacity(managed.len());
         let mut live_quota: HashMap<u64, MilliCpu> = HashMap::new();
+        let live: std::collections::HashSet<&str> =
+            managed.iter().map(|f| f.uid.as_str()).collect();
+        self.dirs.retain(|k, _| live.contains(k.as_str()));
         for facts in managed {
             let Some(current) = facts.limit() else {
                 continue;
             };
-            let Some(dir) = self.pod_dir(&facts) else {
+            let key = PodKey::from(facts.uid.as_str());
+            let Some(dir) = self.pod_dir(&key, &facts) else {
                 self.summary.without_cgroup += 1;
                 tracing::debug!(pod = %format!("{}/{}", facts.namespace, facts.name), "no cgroup found for pod; left out this round");
                 continue;
@@ -200,7 +220,6 @@ impl Mode for NodePods {
                 .unwrap_or(current);
             let floor = facts.request().max(self.cfg.decision.market.min_limit);
             let weight = facts.weight(self.cfg.priority_weighting);
-            let key = PodKey::from(facts.uid.as_str());
             consumers.push(Consumer {
                 key: key.clone(),
                 labels: PodLabels::new(facts.namespace.clone(), facts.name.clone()),
@@ -231,6 +250,8 @@ impl Mode for NodePods {
     fn unreadable(&mut self, consumer: &Consumer, why: &Unreadable) {
         self.summary.without_cgroup += 1;
         self.round.remove(&consumer.key);
+        // Resolve it again next round: the pod's cgroup may have been recreated.
+        self.dirs.remove(&consumer.key);
         let error = match why {
             Unreadable::Failed(e) => error_chain(e),
             Unreadable::NoUsage => "no CPU usage counter".to_owned(),

@@ -135,6 +135,24 @@ pub struct Memory {
     /// them in the status (a stale copy of the allocation must not make the
     /// controller record the limits it has already changed as the original).
     pub original: Option<Vec<OriginalLimit>>,
+    /// The status this controller last wrote: a reconcile of a copy of the
+    /// allocation that predates that write (the watch lags the controller's own
+    /// writes) plans the same status again, and writing it would be a wasted
+    /// API write per resize.
+    pub written: Option<PodAllocationStatus>,
+}
+
+/// Whether two statuses record the same thing (the condition's transition time
+/// apart: a plan made from a stale copy stamps a new one).
+pub fn same_record(a: &PodAllocationStatus, b: &PodAllocationStatus) -> bool {
+    let mut b = b.clone();
+    if a.conditions.len() != b.conditions.len() {
+        return false;
+    }
+    for (cb, ca) in b.conditions.iter_mut().zip(&a.conditions) {
+        cb.last_transition_time = ca.last_transition_time.clone();
+    }
+    *a == b
 }
 
 /// An event to publish about the pod.
@@ -839,6 +857,7 @@ pub async fn reconcile(pa: Arc<PodAllocation>, ctx: Arc<Context>) -> Result<Acti
             write_status(&pas, &name, &status).await?;
             old = status.clone();
             mem.original = Some(status.original.clone());
+            mem.written = Some(status.clone());
             ctx.remember(key.clone(), mem.clone());
         }
         match patch_resize(&pods, &pa.spec.pod_name, changes).await {
@@ -887,9 +906,19 @@ pub async fn reconcile(pa: Arc<PodAllocation>, ctx: Arc<Context>) -> Result<Acti
         mem.failures = 0;
         mem.retry_at = None;
     }
-    ctx.remember(key, mem);
-    if !plan.quiet {
-        record(&ctx, &pas, &pa, &old, &status, plan.event.as_ref()).await?;
+    if mem
+        .written
+        .as_ref()
+        .is_some_and(|w| same_record(w, &status))
+    {
+        // Already on the server: this copy of the allocation is older than
+        // the controller's own last write.
+        old = status.clone();
+    }
+    ctx.remember(key.clone(), mem.clone());
+    if !plan.quiet && record(&ctx, &pas, &pa, &old, &status, plan.event.as_ref()).await? {
+        mem.written = Some(status);
+        ctx.remember(key, mem);
     }
     Ok(plan
         .requeue
@@ -927,14 +956,15 @@ async fn record(
     old: &PodAllocationStatus,
     status: &PodAllocationStatus,
     event: Option<&PlannedEvent>,
-) -> Result<(), ResizeError> {
-    if status != old {
+) -> Result<bool, ResizeError> {
+    let write = status != old;
+    if write {
         write_status(pas, &pa.name_any(), status).await?;
     }
     if let Some(ev) = event {
         publish(ctx, pa, ev).await;
     }
-    Ok(())
+    Ok(write)
 }
 
 /// Transient failures wait at least the configured failure backoff (1 min).

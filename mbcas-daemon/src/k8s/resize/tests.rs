@@ -67,6 +67,24 @@ fn wall() -> Timestamp {
 }
 
 #[test]
+fn same_record_ignores_only_the_transition_time() {
+    let f = facts(700, 250, Some(700));
+    let mem = Memory::default();
+    let a = plan(&pa(700, None), Some(Ok(&f)), &cfg(), &mem, at(100), wall()).status;
+    let later = Timestamp::from_second(wall().as_second() + 60).unwrap();
+    let b = plan(&pa(700, None), Some(Ok(&f)), &cfg(), &mem, at(160), later).status;
+    assert_eq!(a.phase, Phase::Applied);
+    assert_ne!(a, b, "the transition times differ");
+    assert!(same_record(&a, &b));
+    let mut c = b.clone();
+    c.message = Some("something else".into());
+    assert!(!same_record(&a, &c));
+    c = b;
+    c.conditions.clear();
+    assert!(!same_record(&a, &c));
+}
+
+#[test]
 fn first_increase_records_the_original_and_requests_a_resize() {
     let f = facts(500, 250, Some(500));
     let p = plan(
@@ -736,6 +754,11 @@ mod mocked {
         assert_eq!(lines(&c[1..]), [STATUS], "one status write, no event");
         assert_status_apply(&c[1], "Applied", "ResizeApplied");
         assert_eq!(c[1].body["status"]["appliedCpuLimit"], "700m", "{:?}", c[1]);
+        // A copy of the allocation older than that write (the watch lags the
+        // controller's own writes) plans the same status: not written again.
+        let out = reconcile(Arc::new(pa.clone()), ctx.clone()).await;
+        assert!(out.is_ok(), "{out:?}");
+        assert_eq!(taken(&calls).len(), 2, "a stale copy costs no write");
         // With that status stored, nothing more is written.
         let mut stored = pa;
         stored.status = serde_json::from_value(c[1].body["status"].clone()).ok();
