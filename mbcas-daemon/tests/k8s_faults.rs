@@ -54,8 +54,7 @@ async fn applied(client: &Client, ns: &str, name: &str, want: MilliCpu) -> PodAl
             phase_is(client, ns, name, Phase::Applied)
                 .await
                 .filter(|pa| {
-                    pa.status.as_ref().and_then(|s| s.applied_cpu_limit.clone())
-                        == Some(CpuQuantity(want))
+                    pa.status.as_ref().and_then(|s| s.applied_cpu_limit) == Some(CpuQuantity(want))
                 })
         },
     )
