@@ -38,6 +38,10 @@ pub enum Command {
     Run(Box<crate::run::RunArgs>),
     /// Compare MBCAS with other policies on a scenario, in a closed-loop simulation.
     Simulate(crate::sim::SimulateArgs),
+    /// Simulate every scenario of a directory under every policy, the HPA
+    /// included, and write the evaluation report (`cargo xtask evaluate`
+    /// turns it into docs/evaluation.md).
+    Evaluate(crate::sim::evaluate::EvaluateArgs),
     /// Generate CPU load (for demos and tests).
     Burn(crate::burn::BurnArgs),
     /// Watch cgroups for a while and print the throttling the sensor saw.

@@ -41,6 +41,14 @@ fn main() -> ExitCode {
             }
             Err(e) => Err(e.into()),
         },
+        Command::Evaluate(args) => match mbcas::sim::evaluate::run(&args) {
+            Ok(code) => Ok(code),
+            Err(e @ mbcas::sim::cmd::SimulateError::Scenario(_)) => {
+                eprintln!("error: {e}");
+                Ok(ExitCode::from(2))
+            }
+            Err(e) => Err(e.into()),
+        },
         Command::Run(args) => run(&args),
         Command::Burn(args) => {
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

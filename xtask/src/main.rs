@@ -9,6 +9,7 @@ mod build_ebpf;
 mod cmd;
 mod demo;
 mod e2e;
+mod evaluate;
 mod fuzz;
 mod helm;
 mod host;
@@ -78,6 +79,9 @@ enum Command {
     /// Simulate every shipped scenario under every policy; write docs/compare/ and the
     /// README's "How MBCAS compares" tables.
     Compare(sim_charts::CompareOptions),
+    /// Every scenario under every policy, the HPA included, with the project plan's
+    /// metrics, convergence charts and the real-kernel demo: docs/evaluation.md.
+    Evaluate(evaluate::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -101,5 +105,6 @@ fn main() -> anyhow::Result<()> {
         Command::Testenv(opts) => testenv::run(&opts),
         Command::SimCharts(opts) => sim_charts::run_charts(&opts),
         Command::Compare(opts) => sim_charts::run_compare(&opts),
+        Command::Evaluate(opts) => evaluate::run(&opts),
     }
 }

@@ -9,12 +9,16 @@ fuzz_target!(|text: &str| {
     let Ok(mut s) = Scenario::parse(text, "fuzz") else {
         return;
     };
-    // Keep a run short: a few simulated seconds on a few nodes.
-    s.duration_s = s.duration_s.min(5.0);
+    // Keep a run short: past the first HPA sync (15 s) on a few nodes.
+    s.duration_s = s.duration_s.min(20.0);
     let pods: u64 = s
         .nodes
         .iter()
-        .map(|n| u64::from(n.count) * n.pods.iter().map(|p| u64::from(p.count)).sum::<u64>())
+        .map(|n| {
+            u64::from(n.count)
+                * (n.pods.iter().map(|p| u64::from(p.count)).sum::<u64>()
+                    + n.services.iter().map(|v| u64::from(v.replicas.max)).sum::<u64>())
+        })
         .sum();
     if pods > 64 {
         return;
@@ -24,5 +28,6 @@ fuzz_target!(|text: &str| {
         threads: 1,
         ..Default::default()
     };
-    let _ = mbcas::sim::run_policy_with(&s, "mbcas", 1, opts);
+    // MBCAS's limits and the HPA's replicas at once.
+    let _ = mbcas::sim::run_policy_with(&s, "mbcas+hpa", 1, opts);
 });

@@ -76,7 +76,7 @@ pub fn run(args: &SimulateArgs) -> Result<ExitCode, SimulateError> {
     let s = Scenario::from_file(&args.scenario)?;
     let trace_pods = if args.out.is_some() { TRACE_PODS } else { 0 };
     let mut bar = std::io::stderr().is_terminal().then(|| Progress {
-        total: work(&s) * policy_names(&args.policies).len() as u64,
+        total: work(&s) * policy_names(&s, &args.policies).len() as u64,
         done: 0,
         last: None,
     });

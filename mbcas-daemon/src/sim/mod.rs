@@ -9,6 +9,7 @@
 
 pub mod cfs;
 pub mod cmd;
+pub mod evaluate;
 mod node;
 pub mod policies;
 pub mod requests;
@@ -37,8 +38,9 @@ pub struct SimulateArgs {
     /// Scenario file (JSON; see scenarios/ in the repository).
     #[arg(long, value_name = "FILE")]
     pub scenario: PathBuf,
-    /// Policy to run (repeatable; default: all).
-    #[arg(long = "policy", value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(policies::ALL))]
+    /// Policy to run (repeatable; default: the six vertical ones, plus `hpa` and
+    /// `mbcas+hpa` when the scenario has services).
+    #[arg(long = "policy", value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(policies::EVERY))]
     pub policies: Vec<String>,
     /// Seed of the demand noise.
     #[arg(long, default_value_t = 1)]
@@ -88,6 +90,36 @@ pub struct PolicyMetrics {
     pub latency_p99_ms: f64,
     /// The same per pod (by the scenario's pod name, over its replicas and nodes).
     pub latency_by_pod: BTreeMap<String, Latency>,
+    /// CPU used over the nodes' capacity, percent.
+    pub cpu_util_node_pct: f64,
+    /// CPU used over the CPU requested by the pods on the nodes, percent.
+    pub cpu_util_requested_pct: f64,
+    /// Runnable CPU held back by quotas, core-seconds (the kernel's
+    /// `throttled_time`, summed over pods).
+    pub throttled_core_seconds: f64,
+    /// Simulated `cpu.pressure` "some" of the pods: the share of their serving
+    /// time they had runnable work they could not run (waiting on their quota or
+    /// on the run queue), percent, over all pods.
+    pub psi_some_pct: f64,
+    /// p99 of the pods' `avg10` (updated every 2 s, as the kernel does), percent.
+    pub psi_some_avg10_p99: f64,
+    /// Mean over pods of each limit's coefficient of variation in steady phases
+    /// (the pod's demand unchanged for 30 s); 0 where no pod had one.
+    pub limit_cv: f64,
+    /// Time from an upward step of a service's load to its ready replicas'
+    /// limits adding up to the new load (no limit counts as the node), seconds.
+    pub reaction_p50_s: f64,
+    pub reaction_p99_s: f64,
+    /// Upward steps the service's capacity had not caught up with by the end.
+    pub reaction_censored: u64,
+    /// Upward steps of service loads (reacted to or not).
+    pub reaction_steps: u64,
+    /// Mean ready replicas of a service over time (0 without services).
+    pub replicas_mean: f64,
+    /// Replica count changes (scale-ups and scale-downs), summed over services.
+    pub scale_events: u64,
+    /// Replicas that waited Pending (no room for their request) at some point.
+    pub pending_replicas: u64,
 }
 
 /// Request latency of one pod spec.
@@ -105,9 +137,34 @@ pub struct Summary {
     pub policies: BTreeMap<String, PolicyMetrics>,
 }
 
+/// Where a pod slot is in its life (fixed pods are always `Ready`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Presence {
+    /// A replica slot of a service that is not in use.
+    Absent,
+    /// Created, waiting for room for its request on the node.
+    Pending,
+    /// On the node, not serving before `ready_at` (seconds).
+    Starting {
+        ready_at: f64,
+    },
+    Ready,
+}
+
+impl Presence {
+    /// On the node (holding its request), serving or not.
+    fn placed(self) -> bool {
+        matches!(self, Self::Starting { .. } | Self::Ready)
+    }
+}
+
 struct Pod {
     /// The scenario's pod name (replicas share it).
     name: String,
+    /// The service this pod is a replica of (index on its node).
+    svc: Option<usize>,
+    presence: Presence,
+    request_m: u64,
     limit_m: Option<u64>,
     excluded: bool,
     requests: Option<(requests::RequestSpec, requests::RequestQueue)>,
@@ -133,6 +190,65 @@ struct Pod {
     calm_since: Option<f64>,
     adapt: Vec<f64>,
     open_steps: Vec<f64>,
+    /// It was ready (serving) at some point.
+    served: bool,
+    /// Stalled seconds in the current 2 s PSI window, and the `avg10` average.
+    psi_window_s: f64,
+    avg10: f64,
+    /// Its demand before noise, and since when (for the steady phases).
+    base_m: f64,
+    base_since: f64,
+    /// Limit samples (count, Σ, Σ²) taken each second of a steady phase.
+    cv: (u64, f64, f64),
+    /// Usage × periods and periods ready since the last HPA sync.
+    hpa_usage: f64,
+    hpa_periods: u64,
+    /// This incarnation waited Pending (counted once).
+    was_pending: bool,
+}
+
+impl Pod {
+    /// A pod with no demand, limit or history (fields to fill in).
+    fn blank() -> Self {
+        Self {
+            name: String::new(),
+            svc: None,
+            presence: Presence::Ready,
+            request_m: 0,
+            limit_m: None,
+            excluded: false,
+            requests: None,
+            weight: 1.0,
+            demand: Demand::Steady { m: 0.0 },
+            noise: 0.0,
+            counters: Counters::default(),
+            win_usage: 0.0,
+            win_periods: 0,
+            win_throttled: 0,
+            periods: 0,
+            throttled: 0,
+            pending: Vec::new(),
+            last_change: None,
+            oscillations: 0,
+            resizes: 0,
+            zero_run: 0,
+            starved: false,
+            steps: Vec::new(),
+            next_step: 0,
+            calm_since: None,
+            adapt: Vec::new(),
+            open_steps: Vec::new(),
+            served: false,
+            psi_window_s: 0.0,
+            avg10: 0.0,
+            base_m: 0.0,
+            base_since: 0.0,
+            cv: (0, 0.0, 0.0),
+            hpa_usage: 0.0,
+            hpa_periods: 0,
+            was_pending: false,
+        }
+    }
 }
 
 /// Per-second time series of one pod under one policy (for charts).
@@ -149,11 +265,30 @@ pub struct PodTrace {
     pub throttled: Vec<f64>,
 }
 
+/// Per-second time series of one service under one policy (for the
+/// convergence charts of `cargo xtask evaluate`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ServiceTrace {
+    pub service: String,
+    /// The service's load before noise, millicores.
+    pub load_m: Vec<f64>,
+    /// Mean usage of its replicas over each second, summed, millicores.
+    pub usage_m: Vec<f64>,
+    /// Ready replicas at the end of each second.
+    pub ready: Vec<u32>,
+    /// Replicas wanted (ready, starting or pending).
+    pub replicas: Vec<u32>,
+    /// Σ the ready replicas' limits (no limit: the node's capacity), millicores.
+    pub capacity_m: Vec<f64>,
+}
+
 /// One policy's metrics and, when asked for, the traces of representative pods.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PolicyRun {
     pub metrics: PolicyMetrics,
     pub traces: Vec<PodTrace>,
+    /// The services of the first node (when traces were asked for).
+    pub services: Vec<ServiceTrace>,
 }
 
 /// Options of one run beyond scenario, policy and seed.
@@ -234,7 +369,20 @@ struct Totals {
     jain_n: u64,
     lim_sum: f64,
     use_sum: f64,
+    /// Core-seconds used, offered by the node, requested by placed pods, held back by quotas.
+    used: f64,
+    capacity: f64,
+    requested: f64,
+    held_back: f64,
+    /// Pod-seconds ready and stalled.
+    ready_s: f64,
+    stall_s: f64,
+    /// Ready replica-seconds, over services.
+    replica_s: f64,
 }
+
+/// `avg10` samples in 0.1 % buckets (0–100 %), for a p99 without keeping them.
+const AVG10_BUCKETS: usize = 1001;
 
 /// What one node contributes to a policy's metrics.
 #[derive(Default)]
@@ -252,6 +400,15 @@ struct NodeResult {
     oscillations: u64,
     starved: u64,
     traces: Vec<PodTrace>,
+    services: Vec<ServiceTrace>,
+    /// Histogram of the pods' `avg10` samples ([`AVG10_BUCKETS`] buckets).
+    avg10: Vec<u64>,
+    /// Coefficient of variation of each limit that had a steady phase.
+    cvs: Vec<f64>,
+    reaction: Vec<f64>,
+    reaction_censored: u64,
+    scale_events: u64,
+    pending_replicas: u64,
 }
 
 /// Runs one policy over the whole scenario, with traces and progress as asked.
@@ -295,17 +452,29 @@ pub fn run_policy_with(
     .clamp(1, jobs.len().max(1));
     let trace_pods = opts.trace_pods;
     let done = AtomicU64::new(0);
-    let node = |(ns, idx): (&scenario::NodeSpec, u64)| {
+    // Each node's avg10 histogram is added into its thread's as it finishes
+    // (integer counts: the order does not matter), not kept per node.
+    let node = |(ns, idx): (&scenario::NodeSpec, u64), hist: &mut Vec<u64>| {
         let trace = if idx == 1 { trace_pods } else { 0 };
         policies::by_name(policy, &ctx(ns)).map(|mut pol| {
-            node::NodeSim::new(s, ns, pol.unlimited(), seed, idx, trace).run(pol.as_mut(), &done)
+            let mut r = node::NodeSim::new(s, ns, pol.unlimited(), seed, idx, trace)
+                .run(pol.as_mut(), &done);
+            if hist.is_empty() {
+                hist.resize(AVG10_BUCKETS, 0);
+            }
+            for (a, b) in hist.iter_mut().zip(&r.avg10) {
+                *a += b;
+            }
+            r.avg10 = Vec::new();
+            r
         })
     };
+    let mut avg10 = vec![0u64; AVG10_BUCKETS];
     let mut progress = opts.progress;
     let mut results: Vec<Option<NodeResult>> = Vec::with_capacity(jobs.len());
     if threads == 1 {
         for &job in &jobs {
-            results.push(node(job));
+            results.push(node(job, &mut avg10));
             if let Some(f) = progress.as_mut() {
                 f(done.swap(0, Ordering::Relaxed));
             }
@@ -317,15 +486,15 @@ pub fn run_policy_with(
             let handles: Vec<_> = (0..threads)
                 .map(|_| {
                     sc.spawn(|| {
-                        let mut mine = Vec::new();
+                        let (mut mine, mut hist) = (Vec::new(), Vec::new());
                         loop {
                             let i = next.fetch_add(1, Ordering::Relaxed);
                             let Some(&job) = jobs.get(i) else {
                                 break;
                             };
-                            mine.push((i, node(job)));
+                            mine.push((i, node(job, &mut hist)));
                         }
-                        mine
+                        (mine, hist)
                     })
                 })
                 .collect();
@@ -337,7 +506,10 @@ pub fn run_policy_with(
             }
             for h in handles {
                 match h.join() {
-                    Ok(mine) => {
+                    Ok((mine, hist)) => {
+                        for (a, b) in avg10.iter_mut().zip(&hist) {
+                            *a += b;
+                        }
                         for (i, r) in mine {
                             results[i] = r;
                         }
@@ -361,6 +533,19 @@ pub fn run_policy_with(
         all.tot.jain_n += r.tot.jain_n;
         all.tot.lim_sum += r.tot.lim_sum;
         all.tot.use_sum += r.tot.use_sum;
+        all.tot.used += r.tot.used;
+        all.tot.capacity += r.tot.capacity;
+        all.tot.requested += r.tot.requested;
+        all.tot.held_back += r.tot.held_back;
+        all.tot.ready_s += r.tot.ready_s;
+        all.tot.stall_s += r.tot.stall_s;
+        all.tot.replica_s += r.tot.replica_s;
+        all.cvs.extend(r.cvs);
+        all.reaction.extend(r.reaction);
+        all.reaction_censored += r.reaction_censored;
+        all.scale_events += r.scale_events;
+        all.pending_replicas += r.pending_replicas;
+        all.services.extend(r.services);
         all.ratios.extend(r.ratios);
         all.adapt.extend(r.adapt);
         all.censored += r.censored;
@@ -372,9 +557,11 @@ pub fn run_policy_with(
         all.starved += r.starved;
         all.traces.extend(r.traces);
     }
+    all.avg10 = avg10;
     Some(PolicyRun {
         metrics: metrics(s, &mut all),
         traces: std::mem::take(&mut all.traces),
+        services: std::mem::take(&mut all.services),
     })
 }
 
@@ -416,6 +603,23 @@ fn serve_requests(
     }
 }
 
+/// The `q` quantile of an [`AVG10_BUCKETS`] histogram of fractions (0–1).
+fn histogram_quantile(h: &[u64], q: f64) -> f64 {
+    let n: u64 = h.iter().sum();
+    if n == 0 {
+        return 0.0;
+    }
+    let rank = ((n - 1) as f64 * q).round() as u64;
+    let mut acc = 0u64;
+    for (i, c) in h.iter().enumerate() {
+        acc += c;
+        if acc > rank {
+            return i as f64 / (AVG10_BUCKETS - 1) as f64;
+        }
+    }
+    1.0
+}
+
 fn metrics(s: &Scenario, all: &mut NodeResult) -> PolicyMetrics {
     let mut latencies: Vec<f64> = all.latencies.values().flatten().copied().collect();
     let latency_by_pod = all
@@ -434,7 +638,37 @@ fn metrics(s: &Scenario, all: &mut NodeResult) -> PolicyMetrics {
         .collect();
     let pods = all.ratios.len();
     let tot = &all.tot;
+    let pct = |a: f64, b: f64| if b > 0.0 { a / b * 100.0 } else { 0.0 };
+    let reaction_steps = all.reaction.len() as u64 + all.reaction_censored;
     PolicyMetrics {
+        cpu_util_node_pct: pct(tot.used, tot.capacity),
+        cpu_util_requested_pct: pct(tot.used, tot.requested),
+        throttled_core_seconds: tot.held_back,
+        psi_some_pct: pct(tot.stall_s, tot.ready_s),
+        psi_some_avg10_p99: histogram_quantile(&all.avg10, 0.99) * 100.0,
+        limit_cv: if all.cvs.is_empty() {
+            0.0
+        } else {
+            all.cvs.iter().sum::<f64>() / all.cvs.len() as f64
+        },
+        reaction_p50_s: percentile(&mut all.reaction, 0.5),
+        reaction_p99_s: percentile(&mut all.reaction, 0.99),
+        reaction_censored: all.reaction_censored,
+        reaction_steps,
+        replicas_mean: {
+            let services: u64 = s
+                .nodes
+                .iter()
+                .map(|n| u64::from(n.count) * n.services.len() as u64)
+                .sum();
+            if services > 0 {
+                tot.replica_s / s.duration_s / services as f64
+            } else {
+                0.0
+            }
+        },
+        scale_events: all.scale_events,
+        pending_replicas: all.pending_replicas,
         throttled_ratio_p50: percentile(&mut all.ratios, 0.5),
         throttled_ratio_p99: percentile(&mut all.ratios, 0.99),
         unmet_core_seconds: tot.unmet,
@@ -450,7 +684,12 @@ fn metrics(s: &Scenario, all: &mut NodeResult) -> PolicyMetrics {
         } else {
             0.0
         },
-        resizes_per_pod_hour: all.resizes as f64 / pods.max(1) as f64 / (s.duration_s / 3600.0),
+        // Per hour a pod was serving (fixed pods serve the whole run).
+        resizes_per_pod_hour: if tot.ready_s > 0.0 {
+            all.resizes as f64 / (tot.ready_s / 3600.0)
+        } else {
+            0.0
+        },
         oscillations: all.oscillations,
         adapt_p50_s: percentile(&mut all.adapt, 0.5),
         adapt_p99_s: percentile(&mut all.adapt, 0.99),
@@ -478,12 +717,20 @@ pub struct Traces {
     /// Seconds between two points of a trace.
     pub step_s: f64,
     pub policies: BTreeMap<String, Vec<PodTrace>>,
+    /// Services of the first node, per policy (scenarios with services).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub services: BTreeMap<String, Vec<ServiceTrace>>,
 }
 
-/// Policy names to run: `names`, or all when empty.
-pub fn policy_names(names: &[String]) -> Vec<&str> {
+/// Policy names to run: `names`, or when empty the vertical policies and,
+/// for a scenario with services, the horizontal ones.
+pub fn policy_names<'a>(s: &Scenario, names: &'a [String]) -> Vec<&'a str> {
     if names.is_empty() {
-        policies::ALL.to_vec()
+        let horizontal = s.nodes.iter().any(|n| !n.services.is_empty());
+        policies::EVERY
+            .into_iter()
+            .filter(|p| horizontal || !policies::HORIZONTAL.contains(p))
+            .collect()
     } else {
         names.iter().map(String::as_str).collect()
     }
@@ -509,8 +756,9 @@ pub fn simulate_with(
         seed,
         step_s: 1.0,
         policies: BTreeMap::new(),
+        services: BTreeMap::new(),
     };
-    for name in policy_names(names) {
+    for name in policy_names(s, names) {
         let opts = RunOptions {
             trace_pods,
             threads,
@@ -520,6 +768,9 @@ pub fn simulate_with(
             sum.policies.insert(name.to_owned(), run.metrics);
             if trace_pods > 0 {
                 traces.policies.insert(name.to_owned(), run.traces);
+                if !run.services.is_empty() {
+                    traces.services.insert(name.to_owned(), run.services);
+                }
             }
         }
     }
@@ -573,7 +824,7 @@ type PromMetric = (&'static str, &'static str, fn(&PolicyMetrics) -> f64);
 /// The summary as a Prometheus text exposition.
 pub fn prometheus(sum: &Summary) -> String {
     let mut t = String::new();
-    let metrics: [PromMetric; 16] = [
+    let metrics: [PromMetric; 22] = [
         (
             "throttled_ratio_p50",
             "Median per-pod throttled-period ratio",
@@ -647,6 +898,36 @@ pub fn prometheus(sum: &Summary) -> String {
             "latency_p99_milliseconds",
             "p99 request latency of pods with a request load",
             |m| m.latency_p99_ms,
+        ),
+        (
+            "cpu_utilization_node_percent",
+            "CPU used over the nodes' capacity, percent",
+            |m| m.cpu_util_node_pct,
+        ),
+        (
+            "cpu_utilization_requested_percent",
+            "CPU used over the pods' requests, percent",
+            |m| m.cpu_util_requested_pct,
+        ),
+        (
+            "psi_some_percent",
+            "Simulated cpu.pressure some over the pods' serving time, percent",
+            |m| m.psi_some_pct,
+        ),
+        (
+            "psi_some_avg10_p99_percent",
+            "p99 of the pods' simulated cpu.pressure some avg10, percent",
+            |m| m.psi_some_avg10_p99,
+        ),
+        (
+            "limit_cv",
+            "Mean coefficient of variation of limits in steady phases",
+            |m| m.limit_cv,
+        ),
+        (
+            "reaction_p99_seconds",
+            "p99 time from a service's load step to its limits covering it",
+            |m| m.reaction_p99_s,
         ),
     ];
     for (name, help, get) in metrics {

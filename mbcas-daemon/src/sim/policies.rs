@@ -20,6 +20,10 @@
 //!   limit ×1.25 when more than 10 % of the second's periods were throttled, lower
 //!   it ×0.9 when none were, roll a decrease back when the next second throttles;
 //!   no node arbitration.
+//! * `hpa` (the Horizontal Pod Autoscaler with the upstream defaults, on the
+//!   scenario's services; limits static): see [`Hpa`].
+//! * `mbcas+hpa`: both at once, as users would run them — MBCAS resizes every
+//!   pod in place, the HPA scales the services' replicas.
 
 use std::time::Duration;
 
@@ -57,6 +61,21 @@ pub struct NodeObs {
     pub usage_m: f64,
 }
 
+/// What a horizontal policy sees of one service at an HPA sync.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceObs {
+    /// Replicas wanted now (the Deployment's `spec.replicas`).
+    pub replicas: u32,
+    pub min: u32,
+    pub max: u32,
+    /// Target CPU utilization, percent of the request.
+    pub target_pct: f64,
+    pub request_m: u64,
+    /// Each existing replica's mean usage since the last sync, millicores
+    /// (`None`: not ready, or no sample yet — pending or starting).
+    pub pods: Vec<Option<f64>>,
+}
+
 pub trait SimPolicy {
     fn name(&self) -> &'static str;
     /// Whether pods start without limits.
@@ -65,8 +84,13 @@ pub trait SimPolicy {
     }
     /// New limits wanted (same order as `pods`; `None` = no change).
     fn decide(&mut self, now_s: f64, node: &NodeObs, pods: &[PodObs]) -> Vec<Option<u64>>;
+    /// Replicas wanted per service at an HPA sync (`None` = no change).
+    fn scale(&mut self, _now_s: f64, services: &[ServiceObs]) -> Vec<Option<u32>> {
+        vec![None; services.len()]
+    }
 }
 
+/// The vertical policies (`cargo xtask compare` runs these).
 pub const ALL: [&str; 6] = [
     "mbcas",
     "static",
@@ -74,6 +98,21 @@ pub const ALL: [&str; 6] = [
     "burst",
     "vpa",
     "autothrottle",
+];
+
+/// The policies that scale services' replicas.
+pub const HORIZONTAL: [&str; 2] = ["hpa", "mbcas+hpa"];
+
+/// Every policy the simulator knows.
+pub const EVERY: [&str; 8] = [
+    "mbcas",
+    "static",
+    "nolimits",
+    "burst",
+    "vpa",
+    "autothrottle",
+    "hpa",
+    "mbcas+hpa",
 ];
 
 /// What a policy may know of the scenario before it starts.
@@ -87,22 +126,29 @@ pub struct Context {
 /// A fresh policy instance for one node.
 pub fn by_name(name: &str, ctx: &Context) -> Option<Box<dyn SimPolicy>> {
     Some(match name {
-        "mbcas" => {
-            let mut cfg = EngineConfig::default();
-            cfg.demand.window_s = ctx.decision_interval_s;
-            cfg.reserve = ctx.reserve;
-            Box::new(Mbcas {
-                engine: Engine::new(cfg),
-                inputs: Vec::new(),
-            })
-        }
+        "mbcas" => Box::new(mbcas(ctx)),
         "static" => Box::new(Static),
         "nolimits" => Box::new(NoLimits),
         "burst" => Box::new(Burst),
         "vpa" => Box::new(Vpa::default()),
         "autothrottle" => Box::new(Autothrottle::default()),
+        "hpa" => Box::new(Hpa::default()),
+        "mbcas+hpa" => Box::new(MbcasHpa {
+            mbcas: mbcas(ctx),
+            hpa: Hpa::default(),
+        }),
         _ => return None,
     })
+}
+
+fn mbcas(ctx: &Context) -> Mbcas {
+    let mut cfg = EngineConfig::default();
+    cfg.demand.window_s = ctx.decision_interval_s;
+    cfg.reserve = ctx.reserve;
+    Mbcas {
+        engine: Engine::new(cfg),
+        inputs: Vec::new(),
+    }
 }
 
 pub struct Mbcas {
@@ -317,6 +363,139 @@ impl SimPolicy for Autothrottle {
     }
 }
 
+/// The Horizontal Pod Autoscaler's CPU-utilization algorithm with the
+/// upstream defaults (`kube-controller-manager` flags and `behavior`):
+///
+/// * every sync (15 s) utilization = Σ usage / Σ requests of the ready pods
+///   with a sample; ratio = utilization / target; within the 10 % tolerance
+///   nothing changes; otherwise desired = ⌈ratio × pods with samples⌉. On a
+///   scale-up, pods not ready yet count as using nothing (and if that brings the
+///   ratio back inside the tolerance or across 1, nothing changes); on a
+///   scale-down they are left out;
+/// * stabilization: scale-up window 0 s, scale-down window 300 s (the highest
+///   recommendation of the last 5 minutes wins);
+/// * rate: up by max(100 %, 4 pods) per 15 s, down by up to 100 % per 15 s,
+///   both relative to the replicas at the start of the 15 s period;
+/// * bounded by the service's `min` and `max`.
+///
+/// What it sees is the freshest a metrics pipeline could give: each pod's
+/// mean usage since the last sync (metrics-server's 15 s resolution adds up to
+/// another 15 s of age in a real cluster, not modelled — in the HPA's favour).
+#[derive(Default)]
+pub struct Hpa {
+    /// Per service: past recommendations (time, replicas) and scale events
+    /// (time, replicas before, replicas after).
+    recs: Vec<Vec<(f64, u32)>>,
+    events: Vec<Vec<(f64, u32, u32)>>,
+}
+
+pub const HPA_TOLERANCE: f64 = 0.1;
+pub const HPA_DOWN_WINDOW_S: f64 = 300.0;
+pub const HPA_RATE_PERIOD_S: f64 = 15.0;
+
+impl Hpa {
+    /// The replica count the metrics ask for, before stabilization and rate
+    /// limits (`current` when they ask for no change).
+    pub fn desired(svc: &ServiceObs) -> u32 {
+        let current = svc.replicas;
+        let samples: Vec<f64> = svc.pods.iter().flatten().copied().collect();
+        if samples.is_empty() || svc.request_m == 0 {
+            return current;
+        }
+        let request = svc.request_m as f64;
+        let n = samples.len() as f64;
+        let used: f64 = samples.iter().sum();
+        let ratio = used / (n * request) * 100.0 / svc.target_pct;
+        let unready = (svc.pods.len() - samples.len()) as f64;
+        if ratio > 1.0 && unready > 0.0 {
+            let all = n + unready;
+            let new = used / (all * request) * 100.0 / svc.target_pct;
+            let replicas = (new * all).ceil() as u32;
+            if (1.0 - new).abs() <= HPA_TOLERANCE || new < 1.0 || replicas < current {
+                return current;
+            }
+            return replicas;
+        }
+        if (1.0 - ratio).abs() <= HPA_TOLERANCE {
+            return current;
+        }
+        (ratio * n).ceil() as u32
+    }
+}
+
+impl SimPolicy for Hpa {
+    fn name(&self) -> &'static str {
+        "hpa"
+    }
+
+    fn decide(&mut self, _: f64, _: &NodeObs, pods: &[PodObs]) -> Vec<Option<u64>> {
+        vec![None; pods.len()]
+    }
+
+    fn scale(&mut self, now_s: f64, services: &[ServiceObs]) -> Vec<Option<u32>> {
+        if self.recs.len() != services.len() {
+            self.recs = vec![Vec::new(); services.len()];
+            self.events = vec![Vec::new(); services.len()];
+        }
+        services
+            .iter()
+            .enumerate()
+            .map(|(i, svc)| {
+                let current = svc.replicas;
+                let desired = Self::desired(svc);
+                // Stabilization: up over 0 s (this recommendation only), down
+                // over the last 300 s (the highest).
+                let recs = &mut self.recs[i];
+                recs.retain(|&(t, _)| now_s - t < HPA_DOWN_WINDOW_S);
+                let down = recs.iter().map(|r| r.1).fold(desired, u32::max);
+                recs.push((now_s, desired));
+                let stable = current.max(desired).min(down);
+                // Rate limits relative to the start of the 15 s period.
+                let events = &mut self.events[i];
+                events.retain(|&(t, ..)| now_s - t < HPA_RATE_PERIOD_S);
+                let added: i64 = events
+                    .iter()
+                    .map(|&(_, a, b)| i64::from(b) - i64::from(a))
+                    .sum();
+                let start = u32::try_from((i64::from(current) - added).max(0)).unwrap_or(0);
+                let next = if stable > current {
+                    let limit = (start * 2).max(start + 4);
+                    stable.min(limit)
+                } else {
+                    // Down by up to 100 % of the period's start: no limit.
+                    stable
+                };
+                let next = next.clamp(svc.min, svc.max);
+                if next == current {
+                    return None;
+                }
+                events.push((now_s, current, next));
+                Some(next)
+            })
+            .collect()
+    }
+}
+
+/// MBCAS and the HPA together (see the module documentation).
+pub struct MbcasHpa {
+    mbcas: Mbcas,
+    hpa: Hpa,
+}
+
+impl SimPolicy for MbcasHpa {
+    fn name(&self) -> &'static str {
+        "mbcas+hpa"
+    }
+
+    fn decide(&mut self, now_s: f64, node: &NodeObs, pods: &[PodObs]) -> Vec<Option<u64>> {
+        self.mbcas.decide(now_s, node, pods)
+    }
+
+    fn scale(&mut self, now_s: f64, services: &[ServiceObs]) -> Vec<Option<u32>> {
+        self.hpa.scale(now_s, services)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,6 +519,102 @@ mod tests {
             capacity_m: 4000,
             usage_m: usage,
         }
+    }
+
+    /// A service of `n` ready replicas at `usage` each, requests 500 m, target 70 %.
+    fn svc(replicas: u32, ready: &[f64], unready: usize) -> ServiceObs {
+        let mut pods: Vec<Option<f64>> = ready.iter().map(|&u| Some(u)).collect();
+        pods.extend(std::iter::repeat_n(None, unready));
+        ServiceObs {
+            replicas,
+            min: 1,
+            max: 100,
+            target_pct: 70.0,
+            request_m: 500,
+            pods,
+        }
+    }
+
+    #[test]
+    fn hpa_formula_tolerance_and_unready_pods() {
+        // At target (350 m of 500 m = 70 %): no change; within 10 %: no change.
+        assert_eq!(Hpa::desired(&svc(2, &[350.0, 350.0], 0)), 2);
+        assert_eq!(Hpa::desired(&svc(2, &[380.0, 380.0], 0)), 2);
+        // 2× the target: ⌈2 × 2⌉ = 4.
+        assert_eq!(Hpa::desired(&svc(2, &[700.0, 700.0], 0)), 4);
+        // 1.5 × target on 3 pods: ⌈4.5⌉ = 5.
+        assert_eq!(Hpa::desired(&svc(3, &[525.0; 3], 0)), 5);
+        // Scale-up with 2 pods still starting: they count as 0 %:
+        // 1400 / (4 × 500) / 0.7 = 1.0 → inside the tolerance, no change.
+        assert_eq!(Hpa::desired(&svc(4, &[700.0, 700.0], 2)), 4);
+        // … and 1000 m each: 2000 / 2000 / 0.7 = 1.43 → ⌈5.7⌉ = 6.
+        assert_eq!(Hpa::desired(&svc(4, &[1000.0, 1000.0], 2)), 6);
+        // Scale-down leaves unready pods out: 100 m on 2 of 4 → ⌈0.571⌉ = 1.
+        assert_eq!(Hpa::desired(&svc(4, &[100.0, 100.0], 2)), 1);
+        // No samples at all: no change.
+        assert_eq!(Hpa::desired(&svc(3, &[], 3)), 3);
+    }
+
+    /// Drives an HPA every 15 s over a scripted trace: `load(t)` is the
+    /// service's whole usage, shared by its replicas, all ready at once.
+    fn drive(load: impl Fn(f64) -> f64, until: f64, start: u32) -> Vec<(f64, u32)> {
+        let mut h = Hpa::default();
+        let mut replicas = start;
+        let mut log = Vec::new();
+        let mut t = 15.0;
+        while t <= until {
+            let each = load(t) / f64::from(replicas);
+            let obs = svc(replicas, &vec![each; replicas as usize], 0);
+            if let Some(n) = h.scale(t, &[obs])[0] {
+                replicas = n;
+                log.push((t, n));
+            }
+            t += 15.0;
+        }
+        log
+    }
+
+    #[test]
+    fn hpa_scales_up_at_the_next_sync_doubling_per_period() {
+        // 4 replicas at target (1400 m), then 20× the load from t = 100 s: the
+        // first sync after the step (105 s) scales up, by at most max(×2, +4)
+        // per 15 s period: 4 → 8 → 16 → 32 → 64 → 80 (the need: 28 000 m / 350 m).
+        let log = drive(|t| if t < 100.0 { 1400.0 } else { 28_000.0 }, 200.0, 4);
+        assert_eq!(
+            log,
+            vec![
+                (105.0, 8),
+                (120.0, 16),
+                (135.0, 32),
+                (150.0, 64),
+                (165.0, 80)
+            ]
+        );
+        // From 2 replicas the +4 pods rule is the larger: 2 → 6.
+        let log = drive(|t| if t < 100.0 { 700.0 } else { 7000.0 }, 120.0, 2);
+        assert_eq!(log.first(), Some(&(105.0, 6)));
+    }
+
+    #[test]
+    fn hpa_waits_300_s_before_scaling_down() {
+        // 2× the target until 200 s: 4 → 8 at 15 s; then back to 1400 m.
+        let log = drive(|t| if t < 200.0 { 2800.0 } else { 1400.0 }, 900.0, 4);
+        assert_eq!(log[0], (15.0, 8));
+        // The last recommendation of 8 is the sync at 195 s; the first sync
+        // whose 300 s window no longer holds it is 495 s: 8 → 4 then, not before.
+        assert_eq!(log[1..], [(495.0, 4)]);
+    }
+
+    #[test]
+    fn hpa_respects_min_and_max() {
+        let mut h = Hpa::default();
+        let mut obs = svc(2, &[5000.0, 5000.0], 0);
+        obs.max = 3;
+        assert_eq!(h.scale(15.0, &[obs])[0], Some(3));
+        let mut h = Hpa::default();
+        let mut obs = svc(4, &[0.0; 4], 0);
+        obs.min = 2;
+        assert_eq!(h.scale(15.0, &[obs])[0], Some(2));
     }
 
     #[test]

@@ -10,7 +10,9 @@
 //! Demand kinds: `steady {m}`, `step {from_m, to_m, at_s}`,
 //! `square {on_m, off_m, on_s, off_s, phase_s?}`, `diurnal {mean_m, amplitude_m, period_s}`,
 //! `start {m, at_s, spike_m?, spike_s?, stop_s?}` (idle until `at_s`, then `spike_m` for
-//! `spike_s` seconds if given, then `m`, idle again from `stop_s`: pod churn). `noise` (0–1) multiplies demand by a
+//! `spike_s` seconds if given, then `m`, idle again from `stop_s`: pod churn),
+//! `steps {points: [[t_s, m], …]}` (piecewise constant: `m` from `t_s` on, times
+//! increasing; the first point's `m` before it). `noise` (0–1) multiplies demand by a
 //! seeded random factor in [1 − noise, 1 + noise], redrawn every second.
 //! `limit_m` absent means no limit; `weight` defaults to the request.
 //! `requests {rate_per_s, cpu_ms, threads, burst_every_s?, burst_n?}` adds a
@@ -18,6 +20,20 @@
 //! [`super::requests`]); `excluded: true` marks a pod MBCAS must not manage
 //! (Guaranteed, kube-system, opted out): the `mbcas` policy leaves its limit and
 //! counts its weight and limit as the daemon does.
+//!
+//! A node may also run `services`: a Deployment whose replicas share one load
+//! evenly (a load balancer in front), scaled horizontally by the `hpa` policies:
+//! ```json
+//! "services": [{"name": "shop", "load": {"kind": "step", "from_m": 1200, "to_m": 3000, "at_s": 120},
+//!   "replicas": {"min": 2, "max": 8}, "request_m": 500, "limit_m": 1000,
+//!   "startup_s": 20, "target_utilization_pct": 70, "noise": 0.05}]
+//! ```
+//! `load` is the service's whole CPU demand (any demand kind); each ready
+//! replica gets `load / ready replicas`. The service starts with `min` replicas;
+//! only a horizontal policy changes their number. A new replica needs room for
+//! its request on the node (else it stays Pending) and serves after
+//! `startup_s` (default 20). `target_utilization_pct` (default 70) is the HPA's
+//! CPU target, relative to requests.
 //! Errors name the field path and the line.
 
 use serde::Deserialize;
@@ -51,8 +67,50 @@ pub struct NodeSpec {
     pub capacity_m: u64,
     #[serde(default)]
     pub reserve: f64,
+    #[serde(default)]
     pub pods: Vec<PodSpec>,
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
 }
+
+/// A Deployment whose replicas share one load (see the module documentation).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    pub name: String,
+    /// The whole service's CPU demand, millicores.
+    pub load: Demand,
+    pub replicas: Replicas,
+    pub request_m: u64,
+    #[serde(default)]
+    pub limit_m: Option<u64>,
+    /// Seconds from a replica's creation on the node to its serving.
+    #[serde(default = "twenty")]
+    pub startup_s: f64,
+    /// The HPA's target CPU utilization, percent of the request.
+    #[serde(default = "seventy")]
+    pub target_utilization_pct: f64,
+    #[serde(default)]
+    pub noise: f64,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Replicas {
+    pub min: u32,
+    pub max: u32,
+}
+
+fn twenty() -> f64 {
+    20.0
+}
+
+fn seventy() -> f64 {
+    70.0
+}
+
+/// The most replicas a service may state.
+pub const MAX_REPLICAS: u32 = 1000;
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -110,6 +168,9 @@ pub enum Demand {
         #[serde(default)]
         stop_s: Option<f64>,
     },
+    Steps {
+        points: Vec<(f64, f64)>,
+    },
 }
 
 /// The largest CPU amount a scenario may state, in millicores (a million
@@ -146,6 +207,15 @@ impl Demand {
                 vec![*m, spike_m.unwrap_or(0.0)],
                 vec![*at_s, *spike_s, stop_s.unwrap_or(0.0)],
             ),
+            Self::Steps { points } => {
+                if points.is_empty() || points.len() > 10_000 {
+                    return Err("steps needs 1 to 10000 points");
+                }
+                if points.windows(2).any(|w| w[1].0 <= w[0].0) {
+                    return Err("step times must increase");
+                }
+                points.iter().copied().unzip()
+            }
         };
         if !amounts
             .iter()
@@ -161,7 +231,12 @@ impl Demand {
 
     /// Demand in millicores at time `t` (seconds), before noise.
     pub fn at(&self, t: f64) -> f64 {
+        if let Self::Steps { points } = self {
+            let i = points.partition_point(|&(at, _)| at <= t);
+            return points.get(i.saturating_sub(1)).map_or(0.0, |p| p.1);
+        }
         match *self {
+            Self::Steps { .. } => 0.0,
             Self::Steady { m } => m,
             Self::Step { from_m, to_m, at_s } => {
                 if t < at_s {
@@ -215,7 +290,12 @@ impl Demand {
     /// then); `f64::INFINITY` when it never changes again, `t` itself when it
     /// changes continuously.
     pub fn next_change(&self, t: f64) -> f64 {
+        if let Self::Steps { points } = self {
+            let i = points.partition_point(|&(at, _)| at <= t);
+            return points.get(i).map_or(f64::INFINITY, |p| p.0);
+        }
         match *self {
+            Self::Steps { .. } => f64::INFINITY,
             Self::Steady { .. } => f64::INFINITY,
             Self::Step { at_s, .. } => {
                 if t < at_s {
@@ -273,6 +353,13 @@ impl Demand {
 
     /// Times at which the demand steps (for time-to-adapt).
     pub fn steps(&self, duration_s: f64) -> Vec<f64> {
+        if let Self::Steps { points } = self {
+            return points
+                .iter()
+                .map(|p| p.0)
+                .filter(|&t| t > 0.0 && t < duration_s)
+                .collect();
+        }
         match *self {
             Self::Step { at_s, .. } if at_s < duration_s => vec![at_s],
             Self::Start {
@@ -406,6 +493,41 @@ impl Scenario {
                     && let Err(e) = r.validate()
                 {
                     return bad(f("requests"), e);
+                }
+            }
+            for (j, v) in n.services.iter().enumerate() {
+                let f = |k: &str| format!("nodes[{i}].services[{j}].{k}");
+                if v.request_m == 0 || v.request_m as f64 > MAX_MILLICORES {
+                    return bad(
+                        f("request_m"),
+                        "must be > 0 (the HPA's utilization is relative to it) and at most 1e9",
+                    );
+                }
+                if v.limit_m
+                    .is_some_and(|l| l < v.request_m || l as f64 > MAX_MILLICORES)
+                {
+                    return bad(f("limit_m"), "must be ≥ request_m and at most 1e9");
+                }
+                if let Err(e) = v.load.validate() {
+                    return bad(f("load"), e);
+                }
+                if v.replicas.min == 0 || v.replicas.max < v.replicas.min {
+                    return bad(f("replicas"), "need 1 ≤ min ≤ max");
+                }
+                if v.replicas.max > MAX_REPLICAS {
+                    return bad(f("replicas.max"), "must be at most 1000");
+                }
+                if !(v.startup_s.is_finite() && (0.0..=3600.0).contains(&v.startup_s)) {
+                    return bad(f("startup_s"), "must be in [0, 3600]");
+                }
+                if !(v.target_utilization_pct.is_finite()
+                    && v.target_utilization_pct > 0.0
+                    && v.target_utilization_pct <= 1000.0)
+                {
+                    return bad(f("target_utilization_pct"), "must be in (0, 1000]");
+                }
+                if !(0.0..=1.0).contains(&v.noise) {
+                    return bad(f("noise"), "must be in [0, 1]");
                 }
             }
         }
