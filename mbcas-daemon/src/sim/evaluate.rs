@@ -339,10 +339,14 @@ fn analysis(t: &mut String, runs: &[ScenarioRun]) {
         ("throttled core·s", |m| m.throttled_core_seconds),
         ("limit changes per pod·hour", |m| m.resizes_per_pod_hour),
     ];
-    t.push_str(
-        "Lowest value per metric (ties within 1 % of the best, or 0.01, shared) over the \
-         scenarios, among the policies that set limits — no limits is the bound they are \
-         measured against:\n\n| metric | ",
+    let with_services = runs.iter().filter(|r| has_services(&r.scenario)).count();
+    let _ = write!(
+        t,
+        "Scenarios where a policy has the lowest value of a metric (ties within 1 % of the \
+         best, or 0.01, shared), among the policies that set limits — no limits is the bound \
+         they are measured against. The vertical policies ran on all {} scenarios, `hpa` and \
+         `mbcas+hpa` on the {with_services} with services.\n\n| metric | ",
+        runs.len()
     );
     let limited: Vec<&str> = ORDER.into_iter().filter(|p| *p != "nolimits").collect();
     let _ = writeln!(t, "{} |", limited.join(" | "));
@@ -419,6 +423,11 @@ fn analysis(t: &mut String, runs: &[ScenarioRun]) {
          - **MBCAS with the HPA.** MBCAS lets a pod use more than its request, and the HPA \
          measures utilization against requests: together the HPA still scales out (its \
          utilization target holds), while MBCAS covers the seconds until the new replicas serve.\n\
+         - **Where the HPA is better.** It never changes a limit, and it keeps pods near their \
+         requests (utilization of the requests near its target), so the scheduler, which packs \
+         nodes by requests, sees the load; under MBCAS alone pods run above their requests on \
+         lent CPU, which a node's requests do not show. Where a service's load outgrows its \
+         node, only new replicas elsewhere help, and MBCAS cannot add them.\n\
          - **No limits** is the throughput bound: nothing is held back while the node has CPU, \
          but nothing protects a pod from a neighbour's burst either; MBCAS's claim is to come \
          close to it while keeping limits.\n\
