@@ -345,6 +345,7 @@ async fn an_allocation_for_a_missing_pod_fails_with_a_reason() {
     let facts = PodFacts::from_pod(&pod).unwrap();
     let mut pa = allocation_for(
         &facts,
+        None,
         &node.name,
         MilliCpu(400),
         &Why {
@@ -426,7 +427,7 @@ async fn writer_creates_updates_and_collects_allocations() {
         reason: "increase",
     };
     let facts = PodFacts::from_pod(&pod).unwrap();
-    let pa = allocation_for(&facts, &node.name, MilliCpu(600), &why);
+    let pa = allocation_for(&facts, None, &node.name, MilliCpu(600), &why);
     assert_eq!(writer.publish(&pa).await.ok(), Some(true), "first write");
     let stored = eventually("the allocation in the store", WAIT, || async {
         writer.stored(&ns.name, "w")
@@ -441,7 +442,7 @@ async fn writer_creates_updates_and_collects_allocations() {
         "unchanged allocation rewritten"
     );
     // A new decision: updated in place.
-    let pa2 = allocation_for(&facts, &node.name, MilliCpu(800), &why);
+    let pa2 = allocation_for(&facts, None, &node.name, MilliCpu(800), &why);
     assert_eq!(writer.publish(&pa2).await.ok(), Some(true));
     eventually("the update", WAIT, || async {
         allocation(&client, &ns.name, "w")
@@ -454,6 +455,7 @@ async fn writer_creates_updates_and_collects_allocations() {
     writer
         .publish(&allocation_for(
             &gone_facts,
+            None,
             &node.name,
             MilliCpu(600),
             &why,

@@ -127,7 +127,13 @@ async fn the_service_account_can_do_the_daemons_job() {
     for p in [&pod, &gone] {
         let facts = PodFacts::from_pod(p).unwrap();
         writer
-            .publish(&allocation_for(&facts, &node.name, MilliCpu(700), &why))
+            .publish(&allocation_for(
+                &facts,
+                None,
+                &node.name,
+                MilliCpu(700),
+                &why,
+            ))
             .await
             .unwrap_or_else(|e| panic!("publish as the ServiceAccount: {e:?}"));
     }
@@ -148,7 +154,7 @@ async fn the_service_account_can_do_the_daemons_job() {
     // A refused resize: its Warning event, as the ServiceAccount.
     let web = PodFacts::from_pod(&pods.get("web").await.unwrap()).unwrap();
     writer
-        .publish(&allocation_for(&web, &node.name, MilliCpu(900), &why))
+        .publish(&allocation_for(&web, None, &node.name, MilliCpu(900), &why))
         .await
         .unwrap_or_else(|e| panic!("publish as the ServiceAccount: {e:?}"));
     eventually("web resized again", WAIT, || async {

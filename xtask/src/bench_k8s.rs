@@ -187,6 +187,11 @@ impl Drop for ControlPlane {
     fn drop(&mut self) {
         match self.xtask(&["down"]) {
             Ok(true) => {
+                // The daemon's log outlives the state directory, for a look after the run.
+                let log = self.dir.join("mbcas.log");
+                if log.exists() {
+                    let _ = std::fs::rename(&log, self.dir.with_extension("mbcas.log"));
+                }
                 let _ = std::fs::remove_dir_all(&self.dir);
                 // testenv's lock file sits next to the state directory.
                 let _ = std::fs::remove_file(self.dir.with_extension("lock"));

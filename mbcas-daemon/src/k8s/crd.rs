@@ -74,6 +74,22 @@ pub struct PodAllocationSpec {
     /// Stable code of the policy's reason for this decision (e.g. `increase_throttled`).
     #[schemars(regex(pattern = r"^[a-z_]+$"))]
     pub reason: String,
+    /// The pod's CPU limits before MBCAS first changed them, as the node
+    /// daemon saw them when it first wrote this allocation: on record before
+    /// any resize, so the controller need not write them first (it copies them
+    /// into the status).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub original: Vec<OriginalLimit>,
+}
+
+impl PodAllocation {
+    /// The original limits on record: the status's, else the spec's.
+    pub fn originals(&self) -> &[OriginalLimit] {
+        match &self.status {
+            Some(st) if !st.original.is_empty() => &st.original,
+            _ => &self.spec.original,
+        }
+    }
 }
 
 /// A CPU limit for one container.

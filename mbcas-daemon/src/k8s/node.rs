@@ -277,8 +277,10 @@ impl Mode for NodePods {
             let Some((facts, weight)) = self.round.get(&row.key) else {
                 continue;
             };
+            let stored = self.writer.stored(&facts.namespace, &facts.name);
             let pa = allocation_for(
                 facts,
+                stored.as_deref(),
                 &self.cfg.node,
                 row.to,
                 &Why {
@@ -324,11 +326,11 @@ fn original_total(pa: &PodAllocation, uid: &str) -> Option<MilliCpu> {
     if pa.spec.pod_uid != uid {
         return None;
     }
-    let st = pa.status.as_ref()?;
-    if st.original.is_empty() {
+    let original = pa.originals();
+    if original.is_empty() {
         return None;
     }
-    st.original
+    original
         .iter()
         .map(|o| o.cpu_limit.map(|q| q.millis().get()))
         .sum::<Option<u64>>()

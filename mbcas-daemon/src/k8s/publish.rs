@@ -13,7 +13,8 @@ use kube::{
 };
 
 use super::crd::{
-    ContainerAllocation, CpuQuantity, FIELD_MANAGER, NODE_LABEL, PodAllocation, PodAllocationSpec,
+    ContainerAllocation, CpuQuantity, FIELD_MANAGER, NODE_LABEL, OriginalLimit, PodAllocation,
+    PodAllocationSpec,
 };
 use super::pods::PodFacts;
 use crate::{market::split_to_containers, units::MilliCpu};
@@ -53,8 +54,28 @@ pub struct Why {
 
 /// The PodAllocation for `pod` at total limit `total`, split over its
 /// containers in proportion to their current limits, never below a
-/// container's request.
-pub fn allocation_for(pod: &PodFacts, node: &str, total: MilliCpu, why: &Why) -> PodAllocation {
+/// container's request. `stored` is this pod's allocation as the API server
+/// has it: its original limits are kept; without one (or for an earlier pod of
+/// the same name) the pod's limits now are the originals, since no resize
+/// happens before an allocation asks for it.
+pub fn allocation_for(
+    pod: &PodFacts,
+    stored: Option<&PodAllocation>,
+    node: &str,
+    total: MilliCpu,
+    why: &Why,
+) -> PodAllocation {
+    let original = match stored.filter(|s| s.spec.pod_uid == pod.uid) {
+        Some(s) if !s.originals().is_empty() => s.originals().to_vec(),
+        _ => pod
+            .containers
+            .iter()
+            .map(|c| OriginalLimit {
+                name: c.name.clone(),
+                cpu_limit: c.limit.map(CpuQuantity),
+            })
+            .collect(),
+    };
     let needs: Vec<MilliCpu> = pod
         .containers
         .iter()
@@ -89,6 +110,7 @@ pub fn allocation_for(pod: &PodFacts, node: &str, total: MilliCpu, why: &Why) ->
                 0.0
             },
             reason: why.reason.to_owned(),
+            original,
         },
     );
     pa.metadata.namespace = Some(pod.namespace.clone());
@@ -250,7 +272,7 @@ mod tests {
 
     #[test]
     fn allocation_is_split_owned_and_labelled() {
-        let pa = allocation_for(&pod(), "n1", MilliCpu(1200), &why());
+        let pa = allocation_for(&pod(), None, "n1", MilliCpu(1200), &why());
         assert_eq!(pa.name_any(), "web");
         assert_eq!(pa.namespace().as_deref(), Some("shop"));
         assert_eq!(pa.labels().get(NODE_LABEL).map(String::as_str), Some("n1"));
@@ -270,8 +292,38 @@ mod tests {
     }
 
     #[test]
+    fn the_original_limits_go_into_the_spec_once_and_are_kept() {
+        let lim = |name: &str, m: u64| OriginalLimit {
+            name: name.into(),
+            cpu_limit: Some(CpuQuantity(MilliCpu(m))),
+        };
+        // First allocation: the pod's limits now (600m, 200m) are the originals.
+        let first = allocation_for(&pod(), None, "n1", MilliCpu(1200), &why());
+        assert_eq!(first.spec.original, vec![lim("app", 600), lim("side", 200)]);
+        // Later, the pod runs at MBCAS's limits: the stored originals are kept.
+        let mut resized = pod();
+        resized.containers[0].limit = Some(MilliCpu(900));
+        let later = allocation_for(&resized, Some(&first), "n1", MilliCpu(1500), &why());
+        assert_eq!(later.spec.original, first.spec.original);
+        // An allocation of an older daemon, originals in its status only.
+        let mut old = first.clone();
+        old.spec.original.clear();
+        old.status = Some(crate::k8s::crd::PodAllocationStatus {
+            original: vec![lim("app", 500), lim("side", 200)],
+            ..Default::default()
+        });
+        let later = allocation_for(&resized, Some(&old), "n1", MilliCpu(1500), &why());
+        assert_eq!(later.spec.original, vec![lim("app", 500), lim("side", 200)]);
+        // The stored allocation of an earlier pod of the same name is not this pod's.
+        let mut replaced = resized.clone();
+        replaced.uid = "u2".into();
+        let fresh = allocation_for(&replaced, Some(&first), "n1", MilliCpu(1500), &why());
+        assert_eq!(fresh.spec.original, vec![lim("app", 900), lim("side", 200)]);
+    }
+
+    #[test]
     fn below_the_requests_each_container_keeps_its_request() {
-        let pa = allocation_for(&pod(), "n1", MilliCpu(100), &why());
+        let pa = allocation_for(&pod(), None, "n1", MilliCpu(100), &why());
         let parts: Vec<u64> = pa
             .spec
             .containers
@@ -284,19 +336,19 @@ mod tests {
 
     #[test]
     fn unchanged_allocations_are_not_rewritten() {
-        let a = allocation_for(&pod(), "n1", MilliCpu(1200), &why());
+        let a = allocation_for(&pod(), None, "n1", MilliCpu(1200), &why());
         // Only the limits matter: a new price or demand alone is not worth a write.
         let mut other_why = why();
         other_why.price = 9.0;
         other_why.demand = MilliCpu(1);
-        let b = allocation_for(&pod(), "n1", MilliCpu(1200), &other_why);
+        let b = allocation_for(&pod(), None, "n1", MilliCpu(1200), &other_why);
         assert!(up_to_date(Some(&a), &b));
-        let c = allocation_for(&pod(), "n1", MilliCpu(1300), &why());
+        let c = allocation_for(&pod(), None, "n1", MilliCpu(1300), &why());
         assert!(!up_to_date(Some(&a), &c));
         assert!(!up_to_date(None, &a));
         let mut replaced = pod();
         replaced.uid = "u2".into();
-        let d = allocation_for(&replaced, "n1", MilliCpu(1200), &why());
+        let d = allocation_for(&replaced, None, "n1", MilliCpu(1200), &why());
         assert!(!up_to_date(Some(&a), &d));
     }
 }

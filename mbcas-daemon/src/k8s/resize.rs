@@ -248,8 +248,33 @@ pub fn plan(
         Ok(d) => d,
         Err(refusal) => return refused(status, refusal),
     };
-    status.original = originals(status.original, mem, pod);
+    status.original = originals(status.original, &pa.spec.original, mem, pod);
     record_applied(&mut status, pod);
+    // The change this controller patched a moment ago, on a copy of the pod
+    // the watch has not updated yet (the allocation's own status write can
+    // wake the controller first): wait for the watch — neither patch again
+    // nor judge the old limits (a decrease would look held for the cooldown
+    // the patch itself started, and the old limits reported as applied).
+    let wanted: Vec<(String, MilliCpu)> = desired
+        .iter()
+        .filter(|d| d.desired != d.current)
+        .map(|d| (d.name.clone(), d.desired))
+        .collect();
+    if !wanted.is_empty()
+        && mem.patched.as_ref() == Some(&wanted)
+        && let Some(settled) = mem
+            .last_change
+            .map(|t| t + cfg.own_patch_settle)
+            .filter(|&t| t > now)
+    {
+        return Plan {
+            status: old,
+            resize: None,
+            event: None,
+            requeue: Some(settled - now),
+            quiet: false,
+        };
+    }
     let cooling = mem
         .last_change
         .map(|t| t + cfg.cooldown)
@@ -258,23 +283,6 @@ pub fn plan(
     let note = (!notes.is_empty()).then(|| notes.join("; "));
     let total_desired = MilliCpu(desired.iter().map(|d| d.desired.get()).sum());
     if !changes.is_empty() {
-        // The change this controller patched a moment ago, on a copy of the pod
-        // the watch has not updated yet (the allocation's own status write can
-        // wake the controller first): wait for the watch, not patch again.
-        if mem.patched.as_ref() == Some(&changes)
-            && let Some(settled) = mem
-                .last_change
-                .map(|t| t + cfg.own_patch_settle)
-                .filter(|&t| t > now)
-        {
-            return Plan {
-                status: old,
-                resize: None,
-                event: None,
-                requeue: Some(settled - now),
-                quiet: false,
-            };
-        }
         if let Some(retry) = mem.retry_at.filter(|&t| t > now) {
             // Still backing off after a failure: keep the failure on record.
             status.phase = Phase::Failed;
@@ -407,11 +415,20 @@ fn safe_limits(
     Ok(desired)
 }
 
-/// The original limits on record: the status's, else what this controller
-/// recorded and the watch has not shown yet, else the pod's limits now.
-fn originals(recorded: Vec<OriginalLimit>, mem: &Memory, pod: &PodFacts) -> Vec<OriginalLimit> {
+/// The original limits on record: the status's, else the spec's (the node
+/// daemon's, written before any resize), else what this controller recorded
+/// and the watch has not shown yet, else the pod's limits now.
+fn originals(
+    recorded: Vec<OriginalLimit>,
+    spec: &[OriginalLimit],
+    mem: &Memory,
+    pod: &PodFacts,
+) -> Vec<OriginalLimit> {
     if !recorded.is_empty() {
         return recorded;
+    }
+    if !spec.is_empty() {
+        return spec.to_vec();
     }
     if let Some(o) = &mem.original {
         return o.clone();
@@ -782,6 +799,7 @@ async fn write_status(
         "kind": "PodAllocation",
         "status": status,
     });
+    tracing::debug!(allocation = name, phase = %status.phase, reason = ?status.reason, observed_generation = ?status.observed_generation, applied = ?status.applied_cpu_limit, "status write");
     api.patch_status(
         name,
         &PatchParams::apply(FIELD_MANAGER).force(),
@@ -846,14 +864,26 @@ pub async fn reconcile(pa: Arc<PodAllocation>, ctx: Arc<Context>) -> Result<Acti
         now,
         Timestamp::now(),
     );
-    tracing::debug!(allocation = %key, pod_found = pod_obj.is_some(), phase = %plan.status.phase, reason = ?plan.status.reason, resize = ?plan.resize, "reconcile");
+    tracing::debug!(
+        allocation = %key,
+        generation = ?pa.metadata.generation,
+        want = %pa.spec.cpu_limit.millis(),
+        pod_version = ?pod_obj.as_ref().and_then(|p| p.metadata.resource_version.clone()),
+        pod_limits = ?facts.as_ref().and_then(|r| r.as_ref().ok()).map(|f| f.containers.iter().map(|c| (c.limit, c.status_limit)).collect::<Vec<_>>()),
+        phase = %plan.status.phase,
+        reason = ?plan.status.reason,
+        resize = ?plan.resize,
+        "reconcile"
+    );
     // What the server holds (updated below when this reconcile writes it).
     let mut old = pa.status.clone().unwrap_or_default();
     let mut status = plan.status.clone();
     if let Some(changes) = &plan.resize {
-        if old.original.is_empty() && mem.original.is_none() {
+        if pa.originals().is_empty() && mem.original.is_none() {
             // The original limits are on record before anything changes (with
             // the request this status announces; a refusal overwrites it).
+            // The node daemon puts them in the spec; an allocation written by
+            // anyone else may lack them.
             write_status(&pas, &name, &status).await?;
             old = status.clone();
             mem.original = Some(status.original.clone());

@@ -170,11 +170,8 @@ pub async fn stop_daemonset(
 
 /// The patch that puts the original limits back, if any differ.
 fn restore_changes(pa: &PodAllocation, pod: &PodFacts) -> Result<Vec<(String, MilliCpu)>, String> {
-    let Some(st) = &pa.status else {
-        return Ok(Vec::new());
-    };
     let mut out = Vec::new();
-    for o in &st.original {
+    for o in pa.originals() {
         let Some(c) = pod.containers.iter().find(|c| c.name == o.name) else {
             continue;
         };
@@ -282,4 +279,71 @@ pub async fn run(args: &RestoreArgs) -> Result<ExitCode, RestoreError> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        cgroup::kubernetes::QosClass,
+        k8s::{
+            crd::{CpuQuantity, OriginalLimit, PodAllocationStatus},
+            pods::{ContainerFacts, ResizeState},
+            publish::{Why, allocation_for},
+        },
+    };
+
+    fn pod(limit: u64) -> PodFacts {
+        PodFacts {
+            uid: "u1".into(),
+            namespace: "shop".into(),
+            name: "web".into(),
+            node: Some("n1".into()),
+            qos: QosClass::Burstable,
+            containers: vec![ContainerFacts {
+                name: "app".into(),
+                request: MilliCpu(100),
+                limit: Some(MilliCpu(limit)),
+                status_limit: Some(MilliCpu(limit)),
+                restart_on_resize: false,
+                container_id: None,
+            }],
+            ignored: false,
+            priority: None,
+            running: true,
+            resize: ResizeState::Idle,
+        }
+    }
+
+    #[test]
+    fn originals_in_the_spec_alone_are_restored() {
+        // The daemon wrote the allocation (originals 400m in its spec) and the
+        // pod was resized to 900m before any status was written.
+        let why = Why {
+            demand: MilliCpu(900),
+            weight: 100.0,
+            price: 1.0,
+            reason: "increase_throttled",
+        };
+        let pa = allocation_for(&pod(400), None, "n1", MilliCpu(900), &why);
+        assert_eq!(
+            restore_changes(&pa, &pod(900)),
+            Ok(vec![("app".into(), MilliCpu(400))])
+        );
+        // The status's originals win where both exist.
+        let mut pa = pa;
+        pa.status = Some(PodAllocationStatus {
+            original: vec![OriginalLimit {
+                name: "app".into(),
+                cpu_limit: Some(CpuQuantity(MilliCpu(300))),
+            }],
+            ..Default::default()
+        });
+        assert_eq!(
+            restore_changes(&pa, &pod(900)),
+            Ok(vec![("app".into(), MilliCpu(300))])
+        );
+        // Already at the originals: nothing to do.
+        assert_eq!(restore_changes(&pa, &pod(300)), Ok(vec![]));
+    }
 }

@@ -175,6 +175,7 @@ pub async fn write_allocation(client: &Client, pod: &Pod, node: &str, desired: M
     let facts = PodFacts::from_pod(pod).unwrap();
     let pa = allocation_for(
         &facts,
+        None,
         node,
         desired,
         &Why {

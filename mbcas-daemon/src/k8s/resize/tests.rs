@@ -49,6 +49,7 @@ fn pa(desired: u64, status: Option<PodAllocationStatus>) -> PodAllocation {
             weight: 250.0,
             price: 1.0,
             reason: "increase_throttled".into(),
+            original: Vec::new(),
         },
     );
     pa.metadata.namespace = Some("default".into());
@@ -239,6 +240,48 @@ fn its_own_patch_is_not_repeated_while_the_pod_watch_catches_up() {
         wall(),
     );
     assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(700))]));
+}
+
+#[test]
+fn its_own_decrease_is_not_judged_on_a_pod_copy_from_before_it() {
+    // Patched 200m → 100m at t=100; the allocation's own status write wakes
+    // the controller before the pod watch shows the patch. Seen by bench-k8s:
+    // the decrease looked held for the cooldown the patch itself started, and
+    // the old 200m reported by the kubelet was written as `Applied`.
+    let stale = facts(200, 100, Some(200));
+    let requested = PodAllocationStatus {
+        phase: Phase::Pending,
+        reason: Some("ResizeRequested".into()),
+        ..Default::default()
+    };
+    let mem = Memory {
+        last_change: Some(at(100)),
+        patched: Some(vec![("app".into(), MilliCpu(100))]),
+        requested_at: Some(at(100)),
+        ..Default::default()
+    };
+    let p = plan(
+        &pa(100, Some(requested.clone())),
+        Some(Ok(&stale)),
+        &cfg(),
+        &mem,
+        at(100),
+        wall(),
+    );
+    assert_eq!((p.resize, p.event), (None, None));
+    assert_eq!(p.status, requested, "nothing new to write");
+    // Once the watch shows the patch and the kubelet's report: Applied.
+    let fresh = facts(100, 100, Some(100));
+    let p = plan(
+        &pa(100, Some(requested)),
+        Some(Ok(&fresh)),
+        &cfg(),
+        &mem,
+        at(101),
+        wall(),
+    );
+    assert_eq!(p.status.phase, Phase::Applied);
+    assert_eq!(p.status.applied_cpu_limit, Some(CpuQuantity(MilliCpu(100))));
 }
 
 #[test]
@@ -765,6 +808,39 @@ mod mocked {
         let out = reconcile(Arc::new(stored), ctx.clone()).await;
         assert!(out.is_ok(), "{out:?}");
         assert_eq!(taken(&calls).len(), 2, "a fixed point: no further request");
+    }
+
+    /// The first resize of a pod whose allocation carries the originals in
+    /// its spec (the node daemon's): no status write before the PATCH, and the
+    /// originals copied into the one status write that follows.
+    #[tokio::test]
+    async fn a_first_resize_with_the_originals_in_the_spec_costs_one_status_write() {
+        let (client, calls) = server(vec![]);
+        let (store, mut writer) = reflector::store::<Pod>();
+        writer.apply_watcher_event(&watcher::Event::Apply(resized_pod(500)));
+        let ctx = Arc::new(Context::new(client, store, cfg(), None));
+        let original = vec![OriginalLimit {
+            name: "app".into(),
+            cpu_limit: Some(CpuQuantity(MilliCpu(500))),
+        }];
+        let mut pa = pa(700, None);
+        pa.spec.original = original.clone();
+        let out = reconcile(Arc::new(pa.clone()), ctx.clone()).await;
+        assert!(out.is_ok(), "{out:?}");
+        let c = taken(&calls);
+        assert_eq!(lines(&c), [RESIZE], "no status write before the PATCH");
+        writer.apply_watcher_event(&watcher::Event::Apply(resized_pod(700)));
+        let out = reconcile(Arc::new(pa), ctx.clone()).await;
+        assert!(out.is_ok(), "{out:?}");
+        let c = taken(&calls);
+        assert_eq!(lines(&c[1..]), [STATUS]);
+        assert_status_apply(&c[1], "Applied", "ResizeApplied");
+        assert_eq!(
+            c[1].body["status"]["original"],
+            serde_json::json!([{"name": "app", "cpuLimit": "500m"}]),
+            "{:?}",
+            c[1]
+        );
     }
 
     #[tokio::test]
