@@ -386,5 +386,40 @@ pub fn node_allocatable(node: &Node) -> Option<MilliCpu> {
         .and_then(|q| quantity_millis(&q.0))
 }
 
+/// Test fixtures shared by the controller's, publisher's and restore's tests.
+#[cfg(test)]
+impl ContainerFacts {
+    /// A container with a CPU request and limit, as the kubelet reports them.
+    pub(crate) fn limited(name: &str, request: u64, limit: u64) -> Self {
+        ContainerFacts {
+            name: name.into(),
+            request: MilliCpu(request),
+            limit: Some(MilliCpu(limit)),
+            status_limit: Some(MilliCpu(limit)),
+            restart_on_resize: false,
+            container_id: None,
+        }
+    }
+}
+
+#[cfg(test)]
+impl PodFacts {
+    /// A running Burstable pod `namespace/web` (UID `uid`) on node `n1`.
+    pub(crate) fn burstable(uid: &str, namespace: &str, containers: Vec<ContainerFacts>) -> Self {
+        PodFacts {
+            uid: uid.into(),
+            namespace: namespace.into(),
+            name: "web".into(),
+            node: Some("n1".into()),
+            qos: QosClass::Burstable,
+            containers,
+            ignored: false,
+            priority: None,
+            running: true,
+            resize: ResizeState::Idle,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -233,32 +233,17 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        cgroup::kubernetes::QosClass,
-        k8s::pods::{ContainerFacts, ResizeState},
-    };
+    use crate::k8s::pods::ContainerFacts;
 
     fn pod() -> PodFacts {
-        let c = |name: &str, req, lim| ContainerFacts {
-            name: name.into(),
-            request: MilliCpu(req),
-            limit: Some(MilliCpu(lim)),
-            status_limit: Some(MilliCpu(lim)),
-            restart_on_resize: false,
-            container_id: None,
-        };
-        PodFacts {
-            uid: "u1".into(),
-            namespace: "shop".into(),
-            name: "web".into(),
-            node: Some("n1".into()),
-            qos: QosClass::Burstable,
-            containers: vec![c("app", 200, 600), c("side", 100, 200)],
-            ignored: false,
-            priority: None,
-            running: true,
-            resize: ResizeState::Idle,
-        }
+        PodFacts::burstable(
+            "u1",
+            "shop",
+            vec![
+                ContainerFacts::limited("app", 200, 600),
+                ContainerFacts::limited("side", 100, 200),
+            ],
+        )
     }
 
     fn why() -> Why {

@@ -284,35 +284,18 @@ pub async fn run(args: &RestoreArgs) -> Result<ExitCode, RestoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        cgroup::kubernetes::QosClass,
-        k8s::{
-            crd::{CpuQuantity, OriginalLimit, PodAllocationStatus},
-            pods::{ContainerFacts, ResizeState},
-            publish::{Why, allocation_for},
-        },
+    use crate::k8s::{
+        crd::{CpuQuantity, OriginalLimit, PodAllocationStatus},
+        pods::ContainerFacts,
+        publish::{Why, allocation_for},
     };
 
     fn pod(limit: u64) -> PodFacts {
-        PodFacts {
-            uid: "u1".into(),
-            namespace: "shop".into(),
-            name: "web".into(),
-            node: Some("n1".into()),
-            qos: QosClass::Burstable,
-            containers: vec![ContainerFacts {
-                name: "app".into(),
-                request: MilliCpu(100),
-                limit: Some(MilliCpu(limit)),
-                status_limit: Some(MilliCpu(limit)),
-                restart_on_resize: false,
-                container_id: None,
-            }],
-            ignored: false,
-            priority: None,
-            running: true,
-            resize: ResizeState::Idle,
-        }
+        PodFacts::burstable(
+            "u1",
+            "shop",
+            vec![ContainerFacts::limited("app", 100, limit)],
+        )
     }
 
     #[test]

@@ -12,25 +12,9 @@ fn cfg() -> ControllerConfig {
 }
 
 fn facts(limit: u64, request: u64, status_limit: Option<u64>) -> PodFacts {
-    PodFacts {
-        uid: "uid-1".into(),
-        namespace: "default".into(),
-        name: "web".into(),
-        node: Some("n1".into()),
-        qos: QosClass::Burstable,
-        containers: vec![ContainerFacts {
-            name: "app".into(),
-            request: MilliCpu(request),
-            limit: Some(MilliCpu(limit)),
-            status_limit: status_limit.map(MilliCpu),
-            restart_on_resize: false,
-            container_id: None,
-        }],
-        ignored: false,
-        priority: None,
-        running: true,
-        resize: ResizeState::Idle,
-    }
+    let mut app = ContainerFacts::limited("app", request, limit);
+    app.status_limit = status_limit.map(MilliCpu);
+    PodFacts::burstable("uid-1", "default", vec![app])
 }
 
 fn pa(desired: u64, status: Option<PodAllocationStatus>) -> PodAllocation {
