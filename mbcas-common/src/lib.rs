@@ -17,6 +17,13 @@ pub const EVENTS_MAP: &str = "MBCAS_EVENTS";
 pub const CGROUPS_MAP: &str = "MBCAS_CGROUPS";
 /// Per-CPU counters of the programs themselves, indexed by `STAT_*`.
 pub const STATS_MAP: &str = "MBCAS_STATS";
+/// Run-queue wait per cgroup, per CPU: `u64` cgroup id → `u64` nanoseconds its
+/// tasks spent runnable but waiting for a CPU (summed over tasks: thread-time,
+/// like usage). Cumulative; user space sums the CPUs and takes differences.
+pub const RUNQ_MAP: &str = "MBCAS_RUNQ";
+/// Per task: `u32` pid (thread id) → [`TaskWait`], the task's `run_delay` the
+/// last time it was switched out.
+pub const TASKS_MAP: &str = "MBCAS_TASKS";
 
 /// `tp_btf/hrtimer_expire_exit`, filtered on the CFS period timer.
 pub const PROG_PERIOD_TIMER: &str = "mbcas_period_timer";
@@ -25,11 +32,19 @@ pub const PROG_PERIOD_TIMER: &str = "mbcas_period_timer";
 pub const PROG_SCHED_SWITCH: &str = "mbcas_sched_switch";
 /// `tp_btf/hrtimer_expire_exit`, empty: the hook's own cost (`mbcas sense --floor`).
 pub const PROG_FLOOR: &str = "mbcas_floor";
+/// `tp_btf/sched_switch`: run-queue wait per cgroup, from the switched-out
+/// task's `sched_info.run_delay` (needs `CONFIG_SCHED_INFO`).
+pub const PROG_RUNQ_WAIT: &str = "mbcas_runq_wait";
+/// `tp_btf/sched_switch`, empty: that hook's own cost (`mbcas sense --floor`).
+pub const PROG_SWITCH_FLOOR: &str = "mbcas_switch_floor";
 
 /// Byte size of the ring buffer (a power of two, multiple of the page size).
 pub const EVENTS_BYTES: u32 = 512 * 1024;
 /// Capacity of the per-cgroup map (LRU: the least recently updated cgroup goes first).
 pub const MAX_CGROUPS: u32 = 16 * 1024;
+/// Capacity of the per-task map (LRU). A task evicted and seen again starts a
+/// new baseline: the wait since its last switch-out is lost, never counted twice.
+pub const MAX_TASKS: u32 = 64 * 1024;
 
 /// Load-time globals (`EbpfLoader::override_global`). Offsets are in bytes and come
 /// from the running kernel's BTF; sizes are the counters' byte widths (4 or 8).
@@ -51,6 +66,12 @@ pub mod globals {
     pub const OFF_TASK_THROTTLED: &str = "MBCAS_OFF_TASK_THROTTLED";
     pub const OFF_TASK_TG: &str = "MBCAS_OFF_TASK_TG";
     pub const OFF_TASK_PID: &str = "MBCAS_OFF_TASK_PID";
+    /// `task_struct.sched_info` + `sched_info.run_delay`, one offset.
+    pub const OFF_TASK_RUN_DELAY: &str = "MBCAS_OFF_TASK_RUN_DELAY";
+    /// `task_struct.sched_info` + `sched_info.pcount` (runs on a CPU so far):
+    /// 1 at a task's first switch-out, when all of its `run_delay` is new.
+    pub const OFF_TASK_PCOUNT: &str = "MBCAS_OFF_TASK_PCOUNT";
+    pub const SIZE_TASK_PCOUNT: &str = "MBCAS_SIZE_TASK_PCOUNT";
     /// Non-zero: emit aya-log debug lines from the programs (off the hot path by default).
     pub const DEBUG: &str = "MBCAS_DEBUG";
 }
@@ -69,6 +90,8 @@ pub const STAT_READ_ERRORS: u32 = 3;
 /// Onset events sent by sched_switch (mid-period).
 pub const STAT_SWITCH_EDGES: u32 = 4;
 pub const STAT_MAP_ERRORS: u32 = 5;
+/// Switch-outs whose task had waited since its last one (wait added to its cgroup).
+pub const STAT_RUNQ_UPDATES: u32 = 6;
 pub const STAT_SLOTS: u32 = 8;
 
 /// One record in the ring buffer: an edge, never one per period.
@@ -105,17 +128,32 @@ pub struct CgroupBandwidth {
     pub _pad: u32,
 }
 
+/// What the run-queue program remembers of one task.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskWait {
+    /// `sched_info.run_delay` at its last switch-out (ns, cumulative).
+    pub run_delay: u64,
+    /// The `task_group` it ran in, and that group's cgroup id: the id is looked
+    /// up again only when the task moved.
+    pub tg: u64,
+    pub cgroup_id: u64,
+}
+
 const _: () = assert!(size_of::<ThrottleEvent>() == 48);
 const _: () = assert!(size_of::<CgroupBandwidth>() == 40);
+const _: () = assert!(size_of::<TaskWait>() == 24);
 
 #[cfg(feature = "user")]
 mod pod {
     #![allow(unsafe_code)]
-    // SAFETY: all three are #[repr(C)] structs of plain integers with explicit
+    // SAFETY: these are #[repr(C)] structs of plain integers with explicit
     // padding fields, so every bit pattern is valid and there are no holes.
     unsafe impl aya::Pod for super::ThrottleEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::CgroupBandwidth {}
+    // SAFETY: as above (three u64 fields, no padding).
+    unsafe impl aya::Pod for super::TaskWait {}
 }
 
 impl ThrottleEvent {

@@ -37,6 +37,7 @@ fn market(n: usize) -> MarketInput {
                 cap: MilliCpu(8000),
                 demand: MilliCpu(d),
                 need: MilliCpu(d + d / 5),
+                recent: None,
             }
         })
         .collect();
@@ -75,6 +76,7 @@ fn bench_tick(c: &mut Criterion) {
             nr_periods: 10,
             nr_throttled: 2,
             psi_some_ns: None,
+            wait_ns: None,
         };
         let views: Vec<PodView> = (0..n)
             .map(|i| PodView {
@@ -89,6 +91,7 @@ fn bench_tick(c: &mut Criterion) {
                 throttled_ratio: 0.2,
                 samples: 10,
                 saturated: false,
+                contended: false,
                 exclusion: None,
             })
             .collect();

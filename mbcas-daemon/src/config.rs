@@ -239,6 +239,7 @@ impl DecisionConfig {
             policy: self.policy,
             overcommit: self.market.overcommit,
             reserve: self.market.node_reserve,
+            lever: crate::market::Lever::Quota,
         }
     }
 

@@ -8,6 +8,16 @@
 //! consumer starts being throttled), reading counters and pressure through the
 //! sensor, the engine step, the metrics, and the stop.
 //!
+//! With the eBPF run-queue program, the loop also watches the consumers' wait
+//! between rounds (every [`WAIT_WATCH_EVERY`], map reads only) and wakes as a
+//! throttle onset does when contention starts or ends: a consumer whose wait
+//! rate jumps by [`WAIT_JUMP_M`] over its rate in the last round (a
+//! neighbour's threads now hold the CPUs it wants), or the uncapped
+//! consumers' wait falling by as much in total (the contention eased: a
+//! capped neighbour may have its share of the idle CPU back). The contention
+//! cap and its release then land within a few hundred milliseconds instead
+//! of up to a tick later.
+//!
 //! A consumer whose counters cannot be read this round is left out of it (its
 //! limit stays) and reported to the mode; an engine error skips the round. Only
 //! the mode's actuator can end the loop with an error (local mode: the round
@@ -44,6 +54,8 @@ pub struct Consumer {
     pub cap: MilliCpu,
     /// See [`ConsumerInput::window_limit`].
     pub window_limit: Option<MilliCpu>,
+    /// See [`ConsumerInput::demoted`].
+    pub demoted: bool,
 }
 
 /// Who takes part in this round, and what the node offers them.
@@ -102,6 +114,24 @@ pub trait Mode {
     fn finish(&mut self) {}
 }
 
+/// How often the consumers' run-queue wait is checked between rounds.
+pub const WAIT_WATCH_EVERY: Duration = Duration::from_millis(100);
+/// A jump of a consumer's wait rate (thread-millicores) over its last round's
+/// that wakes the loop.
+pub const WAIT_JUMP_M: f64 = 200.0;
+
+/// One consumer's wait, as the watch between rounds sees it.
+#[derive(Clone, Debug)]
+struct WaitWatch {
+    /// Its cgroup and the descendants whose wait adds up to its own.
+    ids: Vec<CgroupId>,
+    /// Its wait rate in the last round's window, thread-millicores.
+    rate_m: f64,
+    /// Capped under contention in the last round: its wait moves with its own
+    /// quota, and a fall of it says nothing about the others.
+    capped: bool,
+}
+
 /// Pacing of the loop.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Pacing {
@@ -124,6 +154,8 @@ pub struct LoopCounts {
     pub events: u64,
     /// Rounds started early by the onset of throttling.
     pub woken: u64,
+    /// Of those, rounds started early by a jump of a consumer's run-queue wait.
+    pub woken_by_wait: u64,
 }
 
 pub struct DecisionLoop<M> {
@@ -137,6 +169,8 @@ pub struct DecisionLoop<M> {
     ids: HashSet<CgroupId>,
     /// Cgroup ids of the consumers throttled in the last round.
     throttled: HashSet<CgroupId>,
+    /// The consumers' wait, watched between rounds (eBPF run-queue program only).
+    waits: Vec<WaitWatch>,
     counts: LoopCounts,
 }
 
@@ -158,6 +192,7 @@ impl<M: Mode> DecisionLoop<M> {
             start: Instant::now(),
             ids: HashSet::new(),
             throttled: HashSet::new(),
+            waits: Vec::new(),
             counts: LoopCounts::default(),
         }
     }
@@ -195,6 +230,7 @@ impl<M: Mode> DecisionLoop<M> {
                         cap: c.cap,
                         exclusion: None,
                         window_limit: c.window_limit,
+                        demoted: c.demoted,
                     });
                     consumers.push(c);
                 }
@@ -219,6 +255,20 @@ impl<M: Mode> DecisionLoop<M> {
             .filter(|(r, _)| r.estimate.is_some_and(|e| e.throttled_ratio > threshold))
             .map(|(_, c)| c.dir.id)
             .collect();
+        self.waits = if self.sensor.watches_wait() {
+            outcome
+                .rows
+                .iter()
+                .zip(&consumers)
+                .map(|(r, c)| WaitWatch {
+                    ids: self.sensor.wait_ids(&c.dir),
+                    rate_m: r.estimate.map_or(0.0, |e| e.wait),
+                    capped: r.bound == Some(crate::market::Bound::Contention),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let acted = self.mode.actuate(now, &consumers, &outcome).await;
         self.export(&consumers, &outcome);
         drop(timer);
@@ -242,16 +292,19 @@ impl<M: Mode> DecisionLoop<M> {
             nr_periods: c.nr_periods,
             nr_throttled: c.nr_throttled,
             psi_some_ns: psi,
+            wait_ns: c.wait_ns,
         })
     }
 
     fn export(&self, consumers: &[Consumer], outcome: &StepOutcome) {
         let m = &self.metrics;
         m.set_market(outcome.price, outcome.capacity, outcome.overcommitted);
+        m.set_contention_level(outcome.contention_level);
         for (row, c) in outcome.rows.iter().zip(consumers) {
             if let Some(e) = row.estimate {
                 m.set_pod_demand(&c.labels, e.smoothed, row.need);
                 m.set_pod_throttled_ratio(&c.labels, e.throttled_ratio);
+                m.add_pod_runqueue_wait(&c.labels, e.wait / 1000.0 * e.window_s);
             }
             m.set_pod_allocation(&c.labels, row.to);
             m.inc_decision(row.reason.as_str());
@@ -279,24 +332,28 @@ impl<M: Mode> DecisionLoop<M> {
 
     async fn pace(&mut self, shutdown: &CancellationToken) -> Result<(), M::Error> {
         let mut events = self.sensor.take_events();
-        let mut next = Instant::now();
         loop {
+            // A tick after each round's start, woken early or not: adding a
+            // tick to a fixed schedule instead pushed the next tick a whole
+            // tick further at every early round (four wake-ups in a second
+            // left the loop without a round for four seconds).
+            let next = Instant::now() + self.pacing.tick;
             let round = self.round().await;
             if round.is_err() {
                 self.export_sensor_stats();
             }
             round?;
-            next += self.pacing.tick;
-            if next < Instant::now() {
-                next = Instant::now() + self.pacing.tick;
-            }
+            let mut seen = 0;
             let woke = tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
-                () = tokio::time::sleep_until(next) => false,
-                () = self.next_onset(&mut events) => true,
+                () = tokio::time::sleep_until(next) => None,
+                () = self.next_onset(&mut events, &mut seen) => Some(false),
+                () = self.next_wait_jump() => Some(true),
             };
-            if woke {
+            self.count_events(seen);
+            if let Some(by_wait) = woke {
                 self.counts.woken += 1;
+                self.counts.woken_by_wait += u64::from(by_wait);
                 // Debounce: let a burst of events settle, then decide once.
                 tokio::select! {
                     () = shutdown.cancelled() => return Ok(()),
@@ -329,9 +386,9 @@ impl<M: Mode> DecisionLoop<M> {
     }
 
     /// Waits for an event that marks an onset; events of consumers already
-    /// known throttled are counted and left to the tick. Never resolves
-    /// without an event stream.
-    async fn next_onset(&mut self, events: &mut Option<mpsc::Receiver<ThrottleEvent>>) {
+    /// known throttled are counted (in `seen`) and left to the tick. Never
+    /// resolves without an event stream.
+    async fn next_onset(&self, events: &mut Option<mpsc::Receiver<ThrottleEvent>>, seen: &mut u64) {
         loop {
             let Some(rx) = events.as_mut() else {
                 return std::future::pending().await;
@@ -340,8 +397,47 @@ impl<M: Mode> DecisionLoop<M> {
                 *events = None;
                 continue;
             };
-            self.count_events(1);
+            *seen += 1;
             if self.is_onset(&ev) {
+                return;
+            }
+        }
+    }
+
+    /// Resolves when a consumer's wait rate over the last
+    /// [`WAIT_WATCH_EVERY`] exceeds its last round's by [`WAIT_JUMP_M`], or the
+    /// uncapped consumers' total falls below their last round's by as much;
+    /// never without the run-queue program or consumers.
+    async fn next_wait_jump(&self) {
+        if self.waits.is_empty() {
+            return std::future::pending().await;
+        }
+        let total = |w: &WaitWatch| self.sensor.wait_of(&w.ids);
+        let mut last: Vec<Option<u64>> = self.waits.iter().map(total).collect();
+        let mut at = Instant::now();
+        loop {
+            tokio::time::sleep(WAIT_WATCH_EVERY).await;
+            let secs = at.elapsed().as_secs_f64();
+            at = Instant::now();
+            let (mut uncapped_then, mut uncapped_now) = (0.0, 0.0);
+            for (w, before) in self.waits.iter().zip(last.iter_mut()) {
+                let now = total(w);
+                if let (Some(b), Some(n)) = (*before, now)
+                    && secs > 0.0
+                {
+                    let rate_m = n.saturating_sub(b) as f64 / 1e6 / secs;
+                    if rate_m > w.rate_m + WAIT_JUMP_M {
+                        return;
+                    }
+                    if !w.capped {
+                        uncapped_then += w.rate_m;
+                        uncapped_now += rate_m;
+                    }
+                }
+                *before = now;
+            }
+            let any_capped = self.waits.iter().any(|w| w.capped);
+            if any_capped && uncapped_now + WAIT_JUMP_M < uncapped_then {
                 return;
             }
         }

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::{
     demand::{Counters, DemandConfig, DemandEstimate, DemandEstimator, Sample, ThrottleMemory},
-    market::{self, Bid, Bound, MarketInput},
+    market::{self, Bid, Bound, MarketInput, Recent},
     policy::{Decision, Exclusion, PodView, Policy, PolicyConfig, Reason, lendable_idle},
     units::{KeyMap, KeySet, MilliCpu, PodKey},
 };
@@ -23,6 +23,10 @@ pub struct EngineConfig {
     pub overcommit: f64,
     /// The soft node reserve, a fraction of capacity held back from what is lent.
     pub reserve: f64,
+    /// How a pod that takes more than its share under contention is held to
+    /// it (market rule 0): its quota (default), or its weight, which the mode
+    /// lowers ([`Row::contended`]).
+    pub lever: market::Lever,
 }
 
 impl Default for EngineConfig {
@@ -32,6 +36,7 @@ impl Default for EngineConfig {
             policy: PolicyConfig::default(),
             overcommit: market::DEFAULT_OVERCOMMIT,
             reserve: 0.10,
+            lever: market::Lever::Quota,
         }
     }
 }
@@ -75,6 +80,8 @@ pub struct ConsumerInput {
     /// the spec changes, so the window after a raise ran partly under the old
     /// limit. Throttling is charged to it; `None`: to `current`.
     pub window_limit: Option<MilliCpu>,
+    /// Its weight is lowered now by the mode (the weight lever).
+    pub demoted: bool,
 }
 
 /// The outcome for one consumer.
@@ -88,6 +95,9 @@ pub struct Row {
     /// The market's base (`max(entitlement, fair level)`, quantised).
     pub base: MilliCpu,
     pub bound: Option<Bound>,
+    /// Market rule 0: it takes more than its share of what is wanted now and
+    /// is to be held to it (at this share, millicores).
+    pub contended: Option<MilliCpu>,
     pub from: MilliCpu,
     pub to: MilliCpu,
     pub reason: Reason,
@@ -102,6 +112,9 @@ impl Row {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct StepOutcome {
     pub price: f64,
+    /// The market's contention level (rule 0); 0 when the node was not
+    /// contended in the last window.
+    pub contention_level: f64,
     pub overcommitted: bool,
     pub capacity: MilliCpu,
     /// What the limits may add up to.
@@ -226,6 +239,18 @@ impl Engine {
                     cap: inp.cap,
                     demand,
                     need: needs[i],
+                    // The last window alone: who contends now. A consumer
+                    // not yet measured wants what its limit lets it use.
+                    recent: Some({
+                        let m = |x: f64| MilliCpu(x.max(0.0).ceil().min(u64::MAX as f64) as u64);
+                        Recent {
+                            demand: estimates[i].map_or(inp.current, |e| m(e.raw)),
+                            usage: estimates[i].map_or(inp.current, |e| m(e.usage)),
+                            limit: inp.current,
+                            lever: self.cfg.lever,
+                            demoted: inp.demoted,
+                        }
+                    }),
                 }
             })
             .collect();
@@ -269,6 +294,7 @@ impl Engine {
                 throttled_ratio: estimates[i].map_or(0.0, |e| e.throttled_ratio),
                 samples: estimates[i].map_or(0, |e| e.samples),
                 saturated: idle == MilliCpu::ZERO,
+                contended: alloc[i].is_some_and(|a| a.bound == Bound::Contention),
                 exclusion: inp.exclusion,
             })
             .collect();
@@ -291,6 +317,9 @@ impl Engine {
                 allocation: alloc[i].map_or(inp.current, |a| a.amount),
                 base: alloc[i].map_or(inp.current, |a| a.base),
                 bound: alloc[i].map(|a| a.bound),
+                contended: alloc[i]
+                    .and_then(|a| a.contended)
+                    .map(|y| MilliCpu(y.max(0.0).ceil() as u64)),
                 from: d.from,
                 to: d.to,
                 reason: d.reason,
@@ -298,6 +327,7 @@ impl Engine {
             .collect();
         Ok(StepOutcome {
             price: outcome.price,
+            contention_level: outcome.contention_level,
             overcommitted: outcome.overcommitted,
             capacity,
             budget: outcome.budget,
@@ -322,6 +352,7 @@ mod tests {
             cap: MilliCpu(2000),
             exclusion: None,
             window_limit: None,
+            demoted: false,
         }
     }
 
@@ -339,6 +370,7 @@ mod tests {
             nr_periods: periods,
             nr_throttled: throttled,
             psi_some_ns: None,
+            wait_ns: None,
         }
     }
 

@@ -11,6 +11,8 @@
 //! | `mbcas_pod_need_cores` | gauge | `namespace`, `pod` |
 //! | `mbcas_pod_allocation_cores` | gauge | `namespace`, `pod` |
 //! | `mbcas_pod_throttled_ratio` | gauge | `namespace`, `pod` |
+//! | `mbcas_pod_runqueue_wait_seconds_total` | counter | `namespace`, `pod` |
+//! | `mbcas_market_contention_level` | gauge | – |
 //! | `mbcas_market_clearing_price` | gauge | – |
 //! | `mbcas_market_capacity_cores` | gauge | – |
 //! | `mbcas_market_overcommitted` | gauge (0/1) | – |
@@ -121,7 +123,9 @@ pub struct Metrics {
     pod_need: Family<PodLabels, F64Gauge>,
     pod_allocation: Family<PodLabels, F64Gauge>,
     pod_throttled_ratio: Family<PodLabels, F64Gauge>,
+    pod_runqueue_wait: Family<PodLabels, F64Counter>,
     clearing_price: F64Gauge,
+    contention_level: F64Gauge,
     capacity: F64Gauge,
     overcommitted: Gauge,
     decisions: Family<ReasonLabels, Counter>,
@@ -179,7 +183,9 @@ impl Metrics {
             pod_need: Family::default(),
             pod_allocation: Family::default(),
             pod_throttled_ratio: Family::default(),
+            pod_runqueue_wait: Family::default(),
             clearing_price: F64Gauge::default(),
+            contention_level: F64Gauge::default(),
             capacity: F64Gauge::default(),
             overcommitted: Gauge::default(),
             decisions: Family::default(),
@@ -224,6 +230,16 @@ impl Metrics {
             "pod_throttled_ratio",
             "Fraction of CFS periods in the last window in which the pod was throttled",
             m.pod_throttled_ratio.clone(),
+        );
+        r.register(
+            "pod_runqueue_wait_seconds",
+            "Time the pod's threads were runnable but waiting for a CPU (thread-seconds: two threads waiting one second count two)",
+            m.pod_runqueue_wait.clone(),
+        );
+        r.register(
+            "market_contention_level",
+            "Fair-share level of the last market run under contention now, in millicores per unit of weight (0 when the node was not contended)",
+            m.contention_level.clone(),
         );
         r.register(
             "market_clearing_price",
@@ -315,6 +331,21 @@ impl Metrics {
         self.pod_throttled_ratio.get_or_create(pod).set(ratio);
     }
 
+    /// Adds the run-queue wait of the pod's last window, in thread-seconds.
+    pub fn add_pod_runqueue_wait(&self, pod: &PodLabels, seconds: f64) {
+        self.track(pod);
+        if seconds.is_finite() && seconds > 0.0 {
+            self.pod_runqueue_wait.get_or_create(pod).inc_by(seconds);
+        } else {
+            let _ = self.pod_runqueue_wait.get_or_create(pod);
+        }
+    }
+
+    /// Records the market's contention level (rule 0), 0 when not contended.
+    pub fn set_contention_level(&self, level: f64) {
+        self.contention_level.set(level);
+    }
+
     /// Removes every series of a pod that is gone. Returns whether it had any.
     pub fn remove_pod(&self, pod: &PodLabels) -> bool {
         lock(&self.pods).remove(pod);
@@ -327,6 +358,7 @@ impl Metrics {
         ] {
             any |= family.remove(pod);
         }
+        any |= self.pod_runqueue_wait.remove(pod);
         any
     }
 

@@ -174,6 +174,9 @@ pub struct CgroupReport {
     pub throttled_ns: u64,
     pub events: u64,
     pub usage_ns: Option<u64>,
+    /// Run-queue wait of the cgroup's threads and its descendants' over the
+    /// window (ns of thread-time); `None` when the sensor cannot tell.
+    pub wait_ns: Option<u64>,
     /// CLOCK_MONOTONIC (ns) when the cgroup was first known throttled in the
     /// window, and how (`event`, `read`); with `--read-every` only.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -302,6 +305,10 @@ pub async fn sense(args: &SenseArgs, debug_log: bool) -> Result<SenseReport, Sen
                 .usage_ns
                 .zip(before.usage_ns)
                 .map(|(a, b)| a.saturating_sub(b)),
+            wait_ns: after
+                .wait_ns
+                .zip(before.wait_ns)
+                .map(|(a, b)| a.saturating_sub(b)),
             onset_ns: onset.map(|o| o.0),
             onset_by: onset.map(|o| o.1),
             path: dir.path,
@@ -336,21 +343,23 @@ pub fn render_table(r: &SenseReport) -> String {
     }
     let _ = writeln!(
         s,
-        "{:<48} {:>12} {:>9} {:>10} {:>15} {:>7} {:>15}",
-        "cgroup", "id", "periods", "throttled", "throttled_ns", "events", "usage_ns"
+        "{:<48} {:>12} {:>9} {:>10} {:>15} {:>7} {:>15} {:>15}",
+        "cgroup", "id", "periods", "throttled", "throttled_ns", "events", "usage_ns", "wait_ns"
     );
     for c in &r.cgroups {
         let usage = c.usage_ns.map_or_else(|| "-".to_owned(), |u| u.to_string());
+        let wait = c.wait_ns.map_or_else(|| "-".to_owned(), |u| u.to_string());
         let _ = writeln!(
             s,
-            "{:<48} {:>12} {:>9} {:>10} {:>15} {:>7} {:>15}",
+            "{:<48} {:>12} {:>9} {:>10} {:>15} {:>7} {:>15} {:>15}",
             c.path.display(),
             c.id,
             c.nr_periods,
             c.nr_throttled,
             c.throttled_ns,
             c.events,
-            usage
+            usage,
+            wait
         );
     }
     for k in &r.skipped {

@@ -237,6 +237,7 @@ pub fn parse(text: &str) -> Result<MarketInput, SolveError> {
             cap,
             demand: p.demand_millicores.map_or(need, |d| d.0),
             need,
+            recent: None,
         });
     }
     Ok(MarketInput {

@@ -248,3 +248,73 @@ fn sense_reports_vanished_and_missing_cgroups() {
         "{skipped}"
     );
 }
+
+/// Run-queue wait: a 3-thread hog next to a 1-thread consumer of the same
+/// weight on this 2-core machine; the groups share the CPUs by weight, so the
+/// hog's threads get about one core between them and wait for the rest. The
+/// eBPF program's per-cgroup wait agrees with the sum of the threads'
+/// `/proc/<tid>/schedstat` run delay (the poll source) within ±5 %, and a
+/// cgroup with nothing runnable reports no wait.
+#[test]
+fn ebpf_runqueue_wait_matches_schedstat() {
+    let _g = kernel_lock();
+    if !kernel_tier_available() {
+        return;
+    }
+    runtime().block_on(async {
+        let ebpf = Sensor::start(SensorMode::Ebpf, false)
+            .unwrap_or_else(|e| panic!("eBPF sensor must load here: {e:#?}"));
+        assert!(
+            ebpf.measures_wait(),
+            "this kernel has sched_info.run_delay: the run-queue program must attach"
+        );
+        let poll = Sensor::start(SensorMode::Poll, false).unwrap();
+        let mut waiter = TestCgroup::new("runq-waiter");
+        let mut hog = TestCgroup::new("runq-hog");
+        let idle = TestCgroup::new("runq-idle");
+        waiter.spin();
+        for _ in 0..3 {
+            hog.spin();
+        }
+        let dirs: Vec<CgroupDir> = [&waiter.path, &hog.path, &idle.path]
+            .iter()
+            .map(|p| CgroupDir::open(p).unwrap())
+            .collect();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let read = |s: &Sensor| -> Vec<u64> {
+            dirs.iter()
+                .map(|d| s.read(d).unwrap().wait_ns.expect("wait measured"))
+                .collect()
+        };
+        let (e0, p0) = (read(&ebpf), read(&poll));
+        let t0 = Instant::now();
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let (e1, p1) = (read(&ebpf), read(&poll));
+        let window = t0.elapsed().as_nanos() as u64;
+        let names = ["waiter", "hog", "idle"];
+        for i in 0..3 {
+            let (e, p) = (e1[i] - e0[i], p1[i] - p0[i]);
+            eprintln!(
+                "runq {}: eBPF {e} ns, schedstat {p} ns over {window} ns ({:.0} m vs {:.0} m)",
+                names[i],
+                e as f64 / window as f64 * 1000.0,
+                p as f64 / window as f64 * 1000.0
+            );
+            assert!(
+                close(e, p, 5.0, 20_000_000),
+                "{}: eBPF wait {e} ns vs schedstat {p} ns",
+                names[i]
+            );
+        }
+        // Three threads on about one core: about two threads wait at a time.
+        let waited = (e1[1] - e0[1]) as f64 / window as f64;
+        assert!(
+            waited > 1.0,
+            "the hog's threads must wait (waited {waited:.2} thread-seconds a second)"
+        );
+        assert_eq!(e1[2] - e0[2], 0, "nothing runnable in the idle cgroup");
+        let stats = ebpf.kernel_stats().unwrap_or_default();
+        assert!(stats.runq_updates > 0, "{stats:?}");
+        assert_eq!(stats.map_errors, 0, "{stats:?}");
+    });
+}

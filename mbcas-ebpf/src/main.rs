@@ -20,6 +20,16 @@
 //!   known throttled sends the onset event at once, mid-period (lower latency
 //!   than the period timer), creating the group's entry if it is new.
 //!
+//! * `tp_btf/sched_switch` ([`mbcas_runq_wait`]): run-queue wait per cgroup.
+//!   The switched-out task's `sched_info.run_delay` (what
+//!   `/proc/<pid>/schedstat` shows: the time it was runnable but not running,
+//!   summed over its life) is compared with the value remembered for it in
+//!   `MBCAS_TASKS`; the difference is added to its cgroup's per-CPU counter in
+//!   `MBCAS_RUNQ`. A task's cgroup id is cached with its `task_group` pointer,
+//!   so the `tg → css.cgroup → kn → id` chase runs only when the task moved.
+//!   Aggregated in the kernel, read by user space on its cadence; no events.
+//!   `mbcas_switch_floor` is the empty program on the same hook.
+//!
 //! No struct layout is compiled in: offsets come from the running kernel's BTF
 //! through load-time globals (see `mbcas_common::globals`). Everything is keyed by
 //! the throttled group's cgroup id (`task_group → css.cgroup → kn → id`).
@@ -35,14 +45,14 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{btf_tracepoint, map},
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
 use aya_log_ebpf::debug;
 use mbcas_common::{
     CgroupBandwidth, EVENT_PERIOD_THROTTLED, EVENT_PERIOD_UNTHROTTLED, EVENTS_BYTES, MAX_CGROUPS,
-    STAT_EVENTS, STAT_MAP_ERRORS, STAT_PERIOD_TIMERS, STAT_READ_ERRORS, STAT_RINGBUF_DROPS,
-    STAT_SLOTS, STAT_SWITCH_EDGES, ThrottleEvent,
+    MAX_TASKS, STAT_EVENTS, STAT_MAP_ERRORS, STAT_PERIOD_TIMERS, STAT_READ_ERRORS,
+    STAT_RINGBUF_DROPS, STAT_RUNQ_UPDATES, STAT_SLOTS, STAT_SWITCH_EDGES, TaskWait, ThrottleEvent,
 };
 
 // Load-time globals: names must match `mbcas_common::globals`.
@@ -79,6 +89,12 @@ static MBCAS_OFF_TASK_TG: u64 = 0;
 #[unsafe(no_mangle)]
 static MBCAS_OFF_TASK_PID: u64 = 0;
 #[unsafe(no_mangle)]
+static MBCAS_OFF_TASK_RUN_DELAY: u64 = 0;
+#[unsafe(no_mangle)]
+static MBCAS_OFF_TASK_PCOUNT: u64 = 0;
+#[unsafe(no_mangle)]
+static MBCAS_SIZE_TASK_PCOUNT: u64 = 8;
+#[unsafe(no_mangle)]
 static MBCAS_DEBUG: u64 = 0;
 
 #[map]
@@ -88,6 +104,10 @@ static MBCAS_CGROUPS: LruHashMap<u64, CgroupBandwidth> =
     LruHashMap::with_max_entries(MAX_CGROUPS, 0);
 #[map]
 static MBCAS_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_SLOTS, 0);
+#[map]
+static MBCAS_RUNQ: LruPerCpuHashMap<u64, u64> = LruPerCpuHashMap::with_max_entries(MAX_CGROUPS, 0);
+#[map]
+static MBCAS_TASKS: LruHashMap<u32, TaskWait> = LruHashMap::with_max_entries(MAX_TASKS, 0);
 
 /// Reads a load-time global. `read_volatile` keeps the compiler from folding the
 /// compile-time default into the code.
@@ -339,6 +359,95 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), ()> {
     });
     if global(&MBCAS_DEBUG) != 0 {
         debug!(ctx, "cgroup {} throttled (task {})", cgroup_id, pid);
+    }
+    Ok(())
+}
+
+/// The sched_switch hook's floor, attached with [`mbcas_floor`] by
+/// `mbcas sense --floor`.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn mbcas_switch_floor(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
+#[btf_tracepoint(function = "sched_switch")]
+pub fn mbcas_runq_wait(ctx: BtfTracePointContext) -> i32 {
+    match try_runq_wait(&ctx) {
+        Ok(()) | Err(()) => 0,
+    }
+}
+
+fn try_runq_wait(ctx: &BtfTracePointContext) -> Result<(), ()> {
+    // sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next, ...)
+    let prev: u64 = ctx.arg(1);
+    let pid: u32 = load(prev, global(&MBCAS_OFF_TASK_PID));
+    if pid == 0 {
+        // The idle task never waits for a CPU.
+        return Ok(());
+    }
+    // Updated when the task last arrived on a CPU, so it holds every wait up
+    // to the run that ends now.
+    let run_delay: u64 = load(prev, global(&MBCAS_OFF_TASK_RUN_DELAY));
+    // A task's first switch-out (one run so far): all of its wait is new. This
+    // also tells a reused pid from the task remembered under it.
+    let first_run = if global(&MBCAS_SIZE_TASK_PCOUNT) == 8 {
+        load::<u64>(prev, global(&MBCAS_OFF_TASK_PCOUNT)) <= 1
+    } else {
+        load::<u32>(prev, global(&MBCAS_OFF_TASK_PCOUNT)) <= 1
+    };
+    let tg: u64 = read(prev, global(&MBCAS_OFF_TASK_TG))?;
+    let (delta, cgroup_id) = match MBCAS_TASKS.get_ptr_mut(&pid) {
+        Some(p) => {
+            // SAFETY: valid for this run. Only one CPU switches a given task
+            // out at a time, so the entry has one writer; an LRU eviction
+            // racing with this write loses the entry, i.e. one baseline.
+            let t = unsafe { &mut *p };
+            if run_delay == t.run_delay && !first_run {
+                // It has not waited since its last switch-out.
+                return Ok(());
+            }
+            let last = if first_run { 0 } else { t.run_delay };
+            t.run_delay = run_delay;
+            if run_delay <= last {
+                // Backwards (cannot happen for one task): a new baseline.
+                return Ok(());
+            }
+            if t.tg != tg {
+                // Benign race: a freed task_group's address reused by a new
+                // group that this task moved into between two of its runs
+                // would keep the old id; the next move corrects it.
+                t.cgroup_id = cgroup_id_of_tg(tg)?;
+                t.tg = tg;
+            }
+            (run_delay - last, t.cgroup_id)
+        }
+        None => {
+            let cgroup_id = cgroup_id_of_tg(tg)?;
+            let t = TaskWait {
+                run_delay,
+                tg,
+                cgroup_id,
+            };
+            if MBCAS_TASKS.insert(&pid, &t, 0).is_err() {
+                stat_inc(STAT_MAP_ERRORS);
+            }
+            // A task older than the programs gives a baseline only.
+            if !first_run || run_delay == 0 {
+                return Ok(());
+            }
+            (run_delay, cgroup_id)
+        }
+    };
+    stat_inc(STAT_RUNQ_UPDATES);
+    match MBCAS_RUNQ.get_ptr_mut(&cgroup_id) {
+        // SAFETY: this CPU's value of the entry; programs on this hook do not
+        // nest on one CPU, so the add cannot race.
+        Some(w) => unsafe { *w += delta },
+        None => {
+            if MBCAS_RUNQ.insert(&cgroup_id, &delta, 0).is_err() {
+                stat_inc(STAT_MAP_ERRORS);
+            }
+        }
     }
     Ok(())
 }

@@ -8,6 +8,11 @@
 //! drops, event latency (kernel → user space), and the CPU share (in the
 //! window, start-up apart) and RSS of `mbcas sense` itself.
 //!
+//! A last scenario measures run-queue wait (100 busy cgroups without a binding
+//! quota): the eBPF program against the sum of `/proc/<tid>/schedstat` polled
+//! at the same time, per-cgroup error and both sensors' CPU, and
+//! `mbcas_runq_wait`'s cost per call against `mbcas_switch_floor`.
+//!
 //! `--compare` runs, on the same `--cgroups` cgroups and the same load, the
 //! eBPF sensor (counters read every 1 s, the daemon's tick) and the poll source
 //! reading `cpu.stat` every 1 s (as koordlet) and every 100 ms (as
@@ -78,9 +83,16 @@ impl Bench {
 
     /// Starts a spinning process in `g`; CLOCK_MONOTONIC (ns) once it is in.
     fn burn_in(&mut self, g: &Group) -> anyhow::Result<u64> {
-        let child = Command::new("sh")
-            .args(["-c", "while :; do :; done"])
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "while :; do :; done"]);
+        self.run_in(g, cmd)
+    }
+
+    /// Starts `cmd` in `g`; CLOCK_MONOTONIC (ns) once it is in.
+    fn run_in(&mut self, g: &Group, mut cmd: Command) -> anyhow::Result<u64> {
+        let child = cmd
             .stdin(Stdio::null())
+            .stdout(Stdio::null())
             .spawn()
             .context("spawn burner")?;
         let pid = child.id().to_string();
@@ -247,6 +259,100 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         &format!("100 throttled cgroups (10 m each), {} s", opts.seconds),
         &sense(&bin, &hundred, opts.seconds, false)?,
         opts.seconds,
+    );
+    b.stop_burners();
+    runqueue(&mut b, &bin, opts.seconds)
+}
+
+/// Run-queue wait: 100 busy cgroups with no binding quota (one `mbcas burn`
+/// at 30 m each: 3 cores wanted of 2, so every group waits), sensed at once by
+/// the eBPF program (with the empty `mbcas_switch_floor` beside it) and by the
+/// poll source summing `/proc/<tid>/schedstat` every second; per-cgroup wait
+/// compared, costs printed. The accuracy goal is ±5 % of schedstat.
+fn runqueue(b: &mut Bench, bin: &Path, seconds: u64) -> anyhow::Result<()> {
+    let groups = b.cgroups("runq", 100, 2000)?;
+    for g in &groups {
+        let mut cmd = Command::new(bin);
+        cmd.args(["burn", "--threads", "1", "--percent", "3"]);
+        b.run_in(g, cmd)?;
+    }
+    let dirs: Vec<PathBuf> = groups.iter().map(|g| g.cpu.clone()).collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let mut ebpf_cmd = sense_cmd(bin, "ebpf", &dirs, seconds);
+    ebpf_cmd.arg("--floor");
+    let mut poll_cmd = sense_cmd(bin, "poll", &dirs, seconds);
+    poll_cmd.args(["--read-every", "1s"]);
+    let ebpf = ebpf_cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("run mbcas sense (eBPF)")?;
+    let poll = poll_cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("run mbcas sense (poll)")?;
+    let (e, p) = (ebpf.wait_with_output()?, poll.wait_with_output()?);
+    b.stop_burners();
+    if !e.status.success() || !p.status.success() {
+        bail!("mbcas sense failed: eBPF {}, poll {}", e.status, p.status);
+    }
+    let e: Value = serde_json::from_slice(&e.stdout).context("sense output is not JSON")?;
+    let p: Value = serde_json::from_slice(&p.stdout).context("sense output is not JSON")?;
+    report(
+        &format!("100 busy cgroups (30 m wanted each, no quota), {seconds} s: run-queue wait"),
+        &e,
+        seconds,
+    );
+    let waits = |v: &Value| -> std::collections::HashMap<String, f64> {
+        v["cgroups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| Some((c["path"].as_str()?.to_owned(), c["wait_ns"].as_f64()?)))
+            .collect()
+    };
+    let (we, wp) = (waits(&e), waits(&p));
+    let mut errors: Vec<f64> = we
+        .iter()
+        .filter_map(|(k, &x)| {
+            let y = *wp.get(k)?;
+            (y > 0.0).then(|| (x - y) / y * 100.0)
+        })
+        .collect();
+    errors.sort_by(|a, b| a.abs().total_cmp(&b.abs()));
+    let q = |f: f64| {
+        errors
+            .get(((errors.len().max(1) - 1) as f64 * f).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let (se, sp): (f64, f64) = (we.values().sum(), wp.values().sum());
+    println!(
+        "  wait: eBPF Σ {:.2} s, schedstat Σ {:.2} s ({:+.2} %); per cgroup |error| p50 {:.2} %, p99 {:.2} %, max {:.2} % ({} cgroups; goal ±5 %)",
+        se / 1e9,
+        sp / 1e9,
+        (se - sp) / sp.max(1.0) * 100.0,
+        q(0.5).abs(),
+        q(0.99).abs(),
+        errors.last().copied().unwrap_or(f64::NAN).abs(),
+        errors.len()
+    );
+    let cpu =
+        |v: &Value| v["window"]["cpu_s"].as_f64().unwrap_or(f64::NAN) / seconds as f64 * 100.0;
+    let kernel_s: f64 = e["programs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["name"].as_str().is_some_and(|n| !n.contains("floor")))
+        .map(|p| p["run_time_ns"].as_f64().unwrap_or(0.0) / 1e9)
+        .sum();
+    println!(
+        "  whole sensor CPU: eBPF {:.3} % (kernel programs {:.3} % + user {:.3} %); schedstat poller every 1 s {:.3} % (user only)",
+        cpu(&e) + kernel_s / seconds as f64 * 100.0,
+        kernel_s / seconds as f64 * 100.0,
+        cpu(&e),
+        cpu(&p)
     );
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Developer tasks: `cargo xtask <command>`. Each command lives in its own module.
 
 mod bench_k8s;
+mod bench_latency;
 mod bench_local;
 mod bench_node;
 mod bench_sensor;
@@ -44,6 +45,9 @@ enum Command {
     BenchNode(bench_node::Options),
     /// Measure the eBPF sensor: per-program cost, events, drops, latency, own CPU/RSS (root).
     BenchSensor(bench_sensor::Options),
+    /// A real nginx under open-loop load next to a noisy neighbour: alone, static limits,
+    /// no limits, MBCAS; latency p50/p99/p999, errors, throttling, run-queue wait (root).
+    BenchLatency(bench_latency::Options),
     /// Time the simulator at cluster scale (default 1000 nodes × 110 pods × 1 h): wall time, peak RSS.
     BenchSim(bench_sim::Options),
     /// Static limits vs MBCAS on the same loads, live, with charts and a summary (root).
@@ -90,6 +94,7 @@ fn main() -> anyhow::Result<()> {
         Command::BuildEbpf(opts) => build_ebpf::run(&opts),
         Command::Demo(opts) => demo::run(&opts),
         Command::BenchSensor(opts) => bench_sensor::run(&opts),
+        Command::BenchLatency(opts) => bench_latency::run(&opts),
         Command::BenchLocal(opts) => bench_local::run(&opts),
         Command::BenchSim(opts) => bench_sim::run(&opts),
         Command::BenchK8s(opts) => bench_k8s::run(&opts),

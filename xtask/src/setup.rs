@@ -48,7 +48,13 @@ pub fn run(_opts: &Options) -> anyhow::Result<()> {
 }
 
 fn debian_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    ensure_debian_packages(DEBIAN_PACKAGES)
+}
+
+/// Installs the Debian packages of `packages` that are missing (a bench's own
+/// tools, e.g. nginx for `bench-latency`, as well as setup's).
+pub fn ensure_debian_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|pkg| {
@@ -57,10 +63,7 @@ fn debian_packages() -> anyhow::Result<()> {
         })
         .collect();
     if missing.is_empty() {
-        eprintln!(
-            "setup: Debian packages present ({})",
-            DEBIAN_PACKAGES.join(" ")
-        );
+        eprintln!("setup: Debian packages present ({})", packages.join(" "));
         return Ok(());
     }
     eprintln!("setup: installing Debian packages {}", missing.join(" "));

@@ -33,7 +33,11 @@ pub async fn run(
     debug_log: bool,
     shutdown: CancellationToken,
 ) -> Result<(), LocalError> {
-    let (engine, pacing, addr) = (cfg.engine(), cfg.pacing(), cfg.metrics_addr);
+    let (engine, pacing, addr) = (
+        crate::local::engine_config(&cfg),
+        cfg.pacing(),
+        cfg.metrics_addr,
+    );
     let local = Local::new(&args.local, cfg)?;
     let sensor = Sensor::start(args.local.sensor, debug_log)?;
     if let Some(why) = sensor.fallback_reason() {

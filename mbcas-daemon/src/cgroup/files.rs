@@ -172,6 +172,25 @@ pub fn read_weight(dir: &Path, h: Hierarchy) -> Result<f64, CgroupFsError> {
     parse_weight(&read(&path)?, h).map_err(|reason| malformed(&path, reason))
 }
 
+/// Writes a cgroup's CPU weight given in v2's scale (`cpu.weight` 1…10000, or
+/// `cpu.shares` = weight × 1024 / 100, at least 2, on v1). Returns the weight
+/// written, in v2's scale.
+pub fn write_weight(dir: &Path, h: Hierarchy, weight: f64) -> Result<f64, CgroupFsError> {
+    let w = if weight.is_finite() { weight } else { 100.0 };
+    match h {
+        Hierarchy::V2 => {
+            let v = w.round().clamp(1.0, 10_000.0) as u64;
+            write(&dir.join("cpu.weight"), &v.to_string())?;
+            Ok(v as f64)
+        }
+        Hierarchy::V1 => {
+            let v = (w * 1024.0 / 100.0).round().clamp(2.0, 262_144.0) as u64;
+            write(&dir.join("cpu.shares"), &v.to_string())?;
+            Ok(v as f64 * 100.0 / 1024.0)
+        }
+    }
+}
+
 /// Total `some` stall time from `cpu.pressure`, in ns (`None` where the file
 /// does not exist, e.g. cgroup v1).
 pub fn read_pressure_some_ns(dir: &Path) -> Result<Option<u64>, CgroupFsError> {

@@ -10,6 +10,8 @@
 //!   to follow cgroups as they come and go.
 //! * [`dir`]: a cgroup directory ([`CgroupDir`]: id, hierarchy, where its
 //!   usage lives) and its bandwidth counters (`cpu.stat`, `cpuacct.usage`).
+//! * [`runq`]: run-queue wait summed from `/proc/<tid>/schedstat`, and a
+//!   cgroup's descendants.
 //! * [`files`]: `cpu.max` / `cpu.cfs_quota_us`+`cpu.cfs_period_us` (read and
 //!   write), `cpu.weight` / `cpu.shares`, `cpu.pressure`.
 //!
@@ -20,6 +22,7 @@ pub mod dir;
 pub mod files;
 pub mod index;
 pub mod kubernetes;
+pub mod runq;
 
 use std::path::{Path, PathBuf};
 

@@ -9,15 +9,21 @@
 //! run queue is throttled only while it has runnable work the quota cut off, so
 //! `throttled` measures runnable-but-not-running time caused by the limit.
 //!
-//! 1. **Raw demand** `d = (usage + throttled) / T` (in cores, reported in
-//!    millicores). Without throttling this is plain usage; with throttling it is an
-//!    *upper* estimate of the unconstrained demand: a throttled thread might have
-//!    slept for part of the time it was held back. Raising the limit then
-//!    *discovers* the true demand: usage rises, throttling falls, and the estimate
-//!    falls to it. Where the kernel gives pressure (cgroup v2 `cpu.pressure`
-//!    `some`) and the window was throttled, the larger of `throttled` and the
-//!    pressure stall time is used, since each bounds the held-back runnable time
-//!    from below.
+//! 1. **Raw demand** `d = (usage + throttled + wait) / T` (in cores, reported in
+//!    millicores): what the consumer would have used had it neither been
+//!    throttled nor queued. `wait` is the run-queue wait of its threads (runnable,
+//!    not running, not throttled: a throttled group's threads are off the run
+//!    queue), summed over threads like usage; a pod queued behind a neighbour's
+//!    threads is measured at what it wanted, not at what the kernel gave it.
+//!    Without throttling or waiting this is plain usage; with them it is an
+//!    *upper* estimate of the unconstrained demand: a held-back thread might have
+//!    slept for part of the time. Raising the limit (or capping the neighbour)
+//!    then *discovers* the true demand: usage rises, throttling and waiting fall,
+//!    and the estimate falls to it. Where the kernel gives pressure (cgroup v2
+//!    `cpu.pressure` `some`) and the window was throttled, the larger of
+//!    `throttled` and the pressure stall time is used, since each bounds the
+//!    held-back runnable time from below. A wait counter that went backwards
+//!    (threads that exited took their wait with them) counts as no wait.
 //! 2. **Smoothing**, fast up and slow down: `e ← e + α·(d − e)` with
 //!    `α = α_up` (default 0.3) when `d > e`, else `α_down` (default 0.1), for a
 //!    window of the reference length `W` (the decision tick, default 1 s). A window
@@ -154,6 +160,10 @@ pub struct Counters {
     pub nr_throttled: u64,
     /// Total `some` stall time from `cpu.pressure`, when the kernel gives it.
     pub psi_some_ns: Option<u64>,
+    /// Run-queue wait of the consumer's threads (ns of thread-time), when the
+    /// sensor measures it.
+    #[serde(default)]
+    pub wait_ns: Option<u64>,
 }
 
 /// Counter deltas over one window.
@@ -165,6 +175,8 @@ pub struct Sample {
     pub nr_periods: u64,
     pub nr_throttled: u64,
     pub psi_some_ns: Option<u64>,
+    #[serde(default)]
+    pub wait_ns: Option<u64>,
 }
 
 impl Sample {
@@ -192,6 +204,10 @@ impl Sample {
             nr_periods: delta("nr_periods", before.nr_periods, after.nr_periods)?,
             nr_throttled: delta("nr_throttled", before.nr_throttled, after.nr_throttled)?,
             psi_some_ns,
+            wait_ns: match (before.wait_ns, after.wait_ns) {
+                (Some(b), Some(a)) => Some(a.saturating_sub(b)),
+                _ => None,
+            },
         })
     }
 
@@ -217,7 +233,17 @@ impl Sample {
         {
             held_back = held_back.max(psi);
         }
-        (self.usage_ns.saturating_add(held_back)) as f64 / self.window_ns as f64 * 1000.0
+        (self
+            .usage_ns
+            .saturating_add(held_back)
+            .saturating_add(self.wait_ns.unwrap_or(0))) as f64
+            / self.window_ns as f64
+            * 1000.0
+    }
+
+    /// Run-queue wait over the window, in millicores (0 when not measured).
+    pub fn wait_millicores(&self) -> f64 {
+        self.wait_ns.unwrap_or(0) as f64 / self.window_ns as f64 * 1000.0
     }
 
     pub fn window_secs(&self) -> f64 {
@@ -240,6 +266,12 @@ pub struct DemandEstimate {
     pub need: MilliCpu,
     /// Usage of the last window, in millicores.
     pub usage: f64,
+    /// Run-queue wait of the last window, in millicores (thread-time).
+    #[serde(default)]
+    pub wait: f64,
+    /// Length of the last window, seconds.
+    #[serde(default)]
+    pub window_s: f64,
     pub throttled_ratio: f64,
     /// Samples folded in so far.
     pub samples: u32,
@@ -300,6 +332,8 @@ impl DemandEstimator {
             peak: self.peak,
             need: need_of(smoothed, self.deviation, self.peak, cfg),
             usage: sample.usage_millicores(),
+            wait: sample.wait_millicores(),
+            window_s: t,
             throttled_ratio: sample.throttled_ratio(),
             samples: self.samples,
         }

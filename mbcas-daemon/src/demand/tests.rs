@@ -20,6 +20,7 @@ fn window(demand: f64, limit: f64, overestimate: f64) -> Sample {
         nr_periods: 10,
         nr_throttled: if demand > limit { 10 } else { 0 },
         psi_some_ns: None,
+        wait_ns: None,
     }
 }
 
@@ -192,6 +193,7 @@ fn samples_from_counters() {
         nr_periods: 5,
         nr_throttled: 1,
         psi_some_ns: Some(7),
+        wait_ns: None,
     };
     let b = Counters {
         at_ns: 2 * SEC,
@@ -200,6 +202,7 @@ fn samples_from_counters() {
         nr_periods: 15,
         nr_throttled: 6,
         psi_some_ns: Some(9),
+        wait_ns: None,
     };
     let s = Sample::new(&a, &b).unwrap();
     assert_eq!(s.window_ns, SEC);
@@ -215,6 +218,37 @@ fn samples_from_counters() {
         Some(true)
     );
     assert_eq!(Sample::new(&a, &a), Err(DemandError::EmptyWindow));
+}
+
+#[test]
+fn waiting_counts_as_demand_and_a_falling_wait_as_none() {
+    let at = |t: u64, usage_ms: u64, wait_ms: Option<u64>| Counters {
+        at_ns: t * SEC,
+        usage_ns: usage_ms * 1_000_000,
+        wait_ns: wait_ms.map(|w| w * 1_000_000),
+        ..Counters::default()
+    };
+    // 400 m used, 600 m of thread-time waiting for a CPU: it wanted 1000 m.
+    let s = Sample::new(&at(1, 0, Some(100)), &at(2, 400, Some(700))).unwrap();
+    assert_eq!(s.wait_ns, Some(600_000_000));
+    assert!((s.raw_demand_millicores() - 1000.0).abs() < 1e-9);
+    assert!((s.wait_millicores() - 600.0).abs() < 1e-9);
+    // Threads that exited took their wait with them: no wait, no error.
+    let s = Sample::new(&at(1, 0, Some(700)), &at(2, 400, Some(100))).unwrap();
+    assert_eq!(s.wait_ns, Some(0));
+    assert!((s.raw_demand_millicores() - 400.0).abs() < 1e-9);
+    // Not measured on one side: none.
+    let s = Sample::new(&at(1, 0, None), &at(2, 400, Some(100))).unwrap();
+    assert_eq!(s.wait_ns, None);
+    let e = DemandEstimator::new().update(
+        &Sample::new(&at(1, 0, Some(0)), &at(2, 400, Some(600))).unwrap(),
+        &cfg(),
+    );
+    assert!(
+        (e.wait - 600.0).abs() < 1e-9 && (e.raw - 1000.0).abs() < 1e-9,
+        "{e:?}"
+    );
+    assert!((e.window_s - 1.0).abs() < 1e-12);
 }
 
 #[test]
@@ -258,6 +292,7 @@ fn window_of(secs: f64, demand: f64) -> Sample {
         nr_periods: 10,
         nr_throttled: 0,
         psi_some_ns: None,
+        wait_ns: None,
     }
 }
 

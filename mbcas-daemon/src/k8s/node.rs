@@ -233,6 +233,8 @@ impl Mode for NodePods {
                     .market
                     .cap(original, floor, capacity.max(floor)),
                 window_limit: self.window_limit(&dir, &mut live_quota),
+                // The kubelet owns the pod cgroup's weight: the quota lever.
+                demoted: false,
                 dir,
             });
             self.round.insert(key, (facts, weight));

@@ -32,6 +32,35 @@
 //!    `Lᵢ = clamp(μ·wᵢ, Bᵢ, Tᵢ)` (every pod at its base when `ΣBᵢ ≥ ρ·C`);
 //!    otherwise `Lᵢ = Tᵢ`. ρ = 1 with `I = 0` is a strict partition.
 //!
+//! 0. **Contention** (runs first, overrides 3–5 for the pods it caps): the
+//!    demands above are smoothed over many windows, so they describe the
+//!    average and lag a neighbour that starts or stops. Each bid also carries
+//!    `rᵢ`, the demand of the last window alone (usage + throttled + run-queue
+//!    wait: what it wanted, not what the kernel gave it). When
+//!    `Σ min(rᵢ, Mᵢ) > C·(1 + 5 %)` the node is contended *now*: the level `ν`
+//!    with `Σ clamp(ν·wᵢ, 0, min(rᵢ, Mᵢ)) = C` gives each pod its weighted
+//!    max-min fair share `yᵢ = clamp(ν·wᵢ, 0, min(rᵢ, Mᵢ))`. A pod that wants
+//!    clearly more (`rᵢ > 1.05·yᵢ + 10 m`) *and takes it* — it used clearly
+//!    more (`uᵢ > 1.25·yᵢ + 10 m`), or it is held already (quota lever: its
+//!    limit `ℓᵢ ≤ 1.05·yᵢ + 10 m`, a capped pod uses what its cap lets it;
+//!    weight lever: its weight is lowered) — is held to its share: with
+//!    the quota lever (Kubernetes mode) it gets `max(yᵢ, Eᵢ, fᵢ)` as its
+//!    ceiling and base: no headroom, no lent idle CPU, no budget level
+//!    ([`Bound::Contention`]); with the weight lever (local mode) its limit
+//!    stays what rules 1–5 give it (at least `yᵢ`) and the caller lowers its
+//!    weight
+//!    ([`Lever::Weight`]; every allocation says whether it is held, and at
+//!    what share, in [`Allocation::contended`]). A pod that
+//!    wants more than its share but got less is a victim, not a cause: its
+//!    shortfall is waiting, which a lower limit would only turn into
+//!    throttling. Every other pod's ceiling and base are raised to at least
+//!    `yᵢ`, so the pods that wait get theirs at once. Idle pods count
+//!    at what they want (not at their floors). When the contention clears, the
+//!    next round lends again. Reason: on a busy node the kernel does not share
+//!    by weight (a 2-thread pod occupies both cores of a 2-core node for most of
+//!    every period while a 1-thread pod with twice its weight waits); a quota is
+//!    the lever that holds a neighbour to its share.
+//!
 //! Invariants (property-tested): `fᵢ ≤ Lᵢ ≤ Mᵢ`;
 //! `Lᵢ ≥ min(Mᵢ, max(Eᵢ, xᵢ))` (a quota never binds before `cpu.weight` would);
 //! `ΣLᵢ ≤ max(ρ·C, ΣBᵢ)` before rounding. If `Σfᵢ > C` the floors stand and the
@@ -77,6 +106,8 @@ pub enum Bound {
     Share,
     /// Set by the over-commit budget's level.
     Level,
+    /// Capped at its fair share while the node is contended now (rule 0).
+    Contention,
 }
 
 impl Bound {
@@ -88,6 +119,7 @@ impl Bound {
             Self::Entitlement => "entitlement",
             Self::Share => "share",
             Self::Level => "level",
+            Self::Contention => "contention",
         }
     }
 }
@@ -105,6 +137,41 @@ pub struct Bid {
     pub demand: MilliCpu,
     /// Demand plus headroom `nᵢ` (a need below the demand counts as the demand).
     pub need: MilliCpu,
+    /// The last window alone (rule 0); `None`: the smoothed demand stands for
+    /// its demand, and the pod is taken to use it. Rule 0 runs only when some
+    /// bid carries one (a market on smoothed demands alone, e.g. `mbcas solve`
+    /// on a file, is rules 1–5).
+    pub recent: Option<Recent>,
+}
+
+/// What a pod did in the last window (rule 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Recent {
+    /// `rᵢ`: usage + throttled + run-queue wait.
+    pub demand: MilliCpu,
+    /// `uᵢ`: what it used.
+    pub usage: MilliCpu,
+    /// `ℓᵢ`: its limit now.
+    pub limit: MilliCpu,
+    /// How the pod is held to its share under contention.
+    pub lever: Lever,
+    /// Its weight is lowered now (the weight lever is acting on it).
+    pub demoted: bool,
+}
+
+/// How a pod that takes more than its share under contention is held to it
+/// (rule 0).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Lever {
+    /// Its limit is lowered to its share (Kubernetes mode: `pods/resize`).
+    #[default]
+    Quota,
+    /// Its limit is left alone and the caller lowers its weight instead
+    /// (local mode, which owns the cgroups): it then yields to every pod that
+    /// wants the CPU and still gets what they leave, at once, without a
+    /// round in between and without being throttled.
+    Weight,
 }
 
 impl Bid {
@@ -158,6 +225,11 @@ pub struct Allocation {
     pub fair: f64,
     /// `Bᵢ`, quantised up: the limit below which the pod's share would bind.
     pub base: MilliCpu,
+    /// Rule 0: the pod takes more than `yᵢ`, its share of what is wanted now
+    /// (millicores), and is to be held to it — by this limit (bound
+    /// [`Bound::Contention`], the quota lever) or by its weight (the caller's
+    /// part, the weight lever).
+    pub contended: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -166,6 +238,9 @@ pub struct MarketOutcome {
     pub price: f64,
     /// Phase-2 budget level μ; 0 when the budget did not bind.
     pub budget_level: f64,
+    /// Rule 0's level ν (millicores per unit of weight); 0 when the node is
+    /// not contended now.
+    pub contention_level: f64,
     /// `max(ρ·C, ΣBᵢ)`: what the limits may add up to.
     pub budget: MilliCpu,
     /// `Σ floors > capacity`: floors were kept and the node is over-committed.
@@ -194,6 +269,68 @@ pub enum MarketError {
     DuplicateKey { key: PodKey },
     #[error("over-commit factor must be a finite number ≥ 1, got {0}")]
     InvalidOvercommit(f64),
+}
+
+/// Σ recent demand must exceed the capacity by this fraction for the node to
+/// count as contended now (rule 0): scheduling noise adds a little wait to
+/// every pod, and a node exactly full is not contended.
+pub const CONTENTION_MARGIN: f64 = 0.05;
+/// A pod is capped under contention only when it wants more than its fair
+/// share by this fraction plus [`CONTENTION_SLACK_M`].
+pub const SQUEEZE_MARGIN: f64 = 0.05;
+pub const CONTENTION_SLACK_M: f64 = 10.0;
+/// A pod not held yet is held only when it used more than its share by this
+/// fraction (plus the slack): a pod that got its whole demand in a window
+/// where its share was a little less is no cause of anyone's waiting, and
+/// holding it (its weight lowered to the minimum) cost the demo's steady
+/// `api` half its CPU for two seconds.
+pub const TAKING_MARGIN: f64 = 0.25;
+
+/// Rule 0: each pod's fair share of what is wanted now, and whether it is
+/// capped at it; `None` when the node is not contended now.
+type Contention = (f64, Vec<(f64, bool)>);
+
+fn contention(bids: &[Bid], weights: &[f64], caps: &[f64], c: f64) -> Option<Contention> {
+    if bids.iter().all(|b| b.recent.is_none()) {
+        return None;
+    }
+    let recent: Vec<f64> = bids
+        .iter()
+        .zip(caps)
+        .map(|(b, &cap)| (b.recent.map_or(b.demand, |r| r.demand).0 as f64).min(cap))
+        .collect();
+    if recent.iter().sum::<f64>() <= c * (1.0 + CONTENTION_MARGIN) {
+        return None;
+    }
+    let zeros = vec![0.0; bids.len()];
+    let level = water_fill(&zeros, &recent, weights, c);
+    let above = |x: f64, y: f64| x > y * (1.0 + SQUEEZE_MARGIN) + CONTENTION_SLACK_M;
+    Some((
+        level,
+        recent
+            .iter()
+            .zip(weights)
+            .zip(bids)
+            .map(|((&r, &w), b)| {
+                let y = (level * w).clamp(0.0, r);
+                // Taking more than its share, or held at about it by its
+                // limit already (a capped pod uses what its cap lets it).
+                let (usage, limit) = b.recent.map_or((b.demand.0 as f64, f64::INFINITY), |x| {
+                    (x.usage.0 as f64, x.limit.0 as f64)
+                });
+                // Under the weight lever a limit is no cap of ours (at the
+                // start every limit is low), and a demoted pod is held by
+                // its weight: it stays held while it wants more.
+                let (by_weight, demoted) = b
+                    .recent
+                    .map_or((false, false), |x| (x.lever == Lever::Weight, x.demoted));
+                let capped = !by_weight && !above(limit, y);
+                let taking =
+                    usage > y * (1.0 + TAKING_MARGIN) + CONTENTION_SLACK_M || capped || demoted;
+                (y, above(r, y) && taking)
+            })
+            .collect(),
+    ))
 }
 
 /// Validates a bid list: weights positive and finite, floors ≤ caps, unique keys.
@@ -260,10 +397,15 @@ pub fn clear(input: &MarketInput) -> Result<MarketOutcome, MarketError> {
     };
 
     let idle = input.idle.0 as f64;
+    let (contended_level, contended) = match contention(bids, &weights, &caps, c) {
+        Some((level, v)) => (level, Some(v)),
+        None => (0.0, None),
+    };
     let mut entitlement = Vec::with_capacity(n);
     let mut ceiling = Vec::with_capacity(n);
     let mut base = Vec::with_capacity(n);
     let mut bounds = Vec::with_capacity(n);
+    let mut held = Vec::with_capacity(n);
     for (i, b) in bids.iter().enumerate() {
         let e = if total_weight > 0.0 {
             (c * weights[i] / total_weight).clamp(floors[i], caps[i])
@@ -285,9 +427,26 @@ pub fn clear(input: &MarketInput) -> Result<MarketOutcome, MarketError> {
         } else {
             Bound::Share
         });
+        let mut bs = e.max(need.min(fair[i])).clamp(floors[i], caps[i]);
+        let mut t = t;
+        let by_quota = b.recent.is_none_or(|x| x.lever == Lever::Quota);
+        match contended.as_ref().map(|v| v[i]) {
+            Some((y, true)) if by_quota => {
+                let y = e.max(y).clamp(floors[i], caps[i]);
+                t = y;
+                bs = y;
+                bounds[i] = Bound::Contention;
+            }
+            Some((y, _)) => {
+                t = t.max(y).min(caps[i]);
+                bs = bs.max(y).min(caps[i]);
+            }
+            None => {}
+        }
+        held.push(contended.as_ref().and_then(|v| v[i].1.then_some(v[i].0)));
         entitlement.push(e);
         ceiling.push(t);
-        base.push(e.max(need.min(fair[i])).clamp(floors[i], caps[i]));
+        base.push(bs);
     }
 
     // Phase 2: the over-commit budget.
@@ -328,12 +487,14 @@ pub fn clear(input: &MarketInput) -> Result<MarketOutcome, MarketError> {
                 entitlement: entitlement[i],
                 fair: fair[i],
                 base: round_limit(base[i], b),
+                contended: held[i],
             }
         })
         .collect();
     Ok(MarketOutcome {
         price,
         budget_level,
+        contention_level: contended_level,
         budget: MilliCpu(budget.max(base_sum).ceil() as u64),
         overcommitted,
         allocations,

@@ -11,6 +11,7 @@ fn bid(key: &str, weight: f64, floor: u64, cap: u64, demand: u64, headroom: u64)
         cap: MilliCpu(cap),
         demand: MilliCpu(demand),
         need: MilliCpu(demand + headroom),
+        recent: None,
     }
 }
 
@@ -252,6 +253,155 @@ fn split_respects_requests_and_sums() {
     assert_eq!(no_need.iter().map(|p| p.0).sum::<u64>(), 300);
 }
 
+// ---------- contention now (rule 0) ----------
+
+/// The demo's four consumers on 2 cores while `web` is busy: weights 4:2:1:2.
+fn demo_bids(web_recent: u64) -> Vec<Bid> {
+    let mut v = vec![
+        bid("web", 4.0, 100, 2000, 700, 300),
+        bid("api", 2.0, 100, 2000, 600, 60),
+        bid("noisy", 1.0, 100, 2000, 2000, 100),
+        bid("batch", 2.0, 100, 2000, 200, 20),
+    ];
+    // What each used: web all it wanted, api and batch a little less,
+    // noisy the rest of the node under a 1600 m limit.
+    for (b, (r, u, l)) in v.iter_mut().zip([
+        (web_recent, web_recent, 1800),
+        (600, 450, 960),
+        (2000, 900, 1600),
+        (200, 180, 450),
+    ]) {
+        b.recent = Some(Recent {
+            demand: MilliCpu(r),
+            usage: MilliCpu(u),
+            limit: MilliCpu(l),
+            lever: Lever::Quota,
+            demoted: false,
+        });
+    }
+    v
+}
+
+#[test]
+fn a_neighbour_that_wants_more_than_its_share_is_capped_at_it_now() {
+    let mut i = input(2000, demo_bids(1000));
+    i.overcommit = DEFAULT_OVERCOMMIT;
+    i.idle = MilliCpu(0);
+    let o = clear_ok(&i);
+    let get = |k: &str| {
+        o.allocations
+            .iter()
+            .find(|a| a.key.as_str() == k)
+            .unwrap()
+            .clone()
+    };
+    // Water-fill of 1000/600/2000/200 by 4:2:1:2 over 2000: level 266.7,
+    // web 1000, api 533, noisy 267, batch 200.
+    assert!(
+        (o.contention_level - 266.67).abs() < 0.1,
+        "{}",
+        o.contention_level
+    );
+    let noisy = get("noisy");
+    assert_eq!(
+        (noisy.bound, noisy.amount),
+        (Bound::Contention, MilliCpu(270))
+    );
+    assert_eq!(
+        noisy.base, noisy.amount,
+        "no headroom, no budget level above it"
+    );
+    // api wants more than its share (533 m) but used less: a victim, whose
+    // limit stays at least its share.
+    let api = get("api");
+    assert_ne!(api.bound, Bound::Contention);
+    assert!(api.amount >= MilliCpu(540), "{api:?}");
+    assert!(get("web").amount >= MilliCpu(1000), "{:?}", get("web"));
+    assert!(get("batch").amount >= MilliCpu(200));
+    // web idle, the neighbour capped at 270 m: its share is what the others
+    // leave, and it goes there.
+    let mut bids = demo_bids(0);
+    bids[2].recent = Some(Recent {
+        demand: MilliCpu(2000),
+        usage: MilliCpu(270),
+        limit: MilliCpu(270),
+        lever: Lever::Quota,
+        demoted: false,
+    });
+    let o = clear_ok(&MarketInput { bids, ..i.clone() });
+    let noisy = o
+        .allocations
+        .iter()
+        .find(|a| a.key.as_str() == "noisy")
+        .unwrap();
+    assert_eq!(
+        (noisy.bound, noisy.amount),
+        (Bound::Contention, MilliCpu(1200))
+    );
+    // Capped at 270 m, it uses 270 m: still capped (its limit holds it at
+    // its share), not released to be lent the node again.
+    let mut bids = demo_bids(1000);
+    bids[2].recent = Some(Recent {
+        demand: MilliCpu(2000),
+        usage: MilliCpu(270),
+        limit: MilliCpu(270),
+        lever: Lever::Quota,
+        demoted: false,
+    });
+    let o = clear_ok(&MarketInput { bids, ..i.clone() });
+    let noisy = o
+        .allocations
+        .iter()
+        .find(|a| a.key.as_str() == "noisy")
+        .unwrap();
+    assert_eq!(
+        (noisy.bound, noisy.amount),
+        (Bound::Contention, MilliCpu(270))
+    );
+}
+
+#[test]
+fn no_contention_when_what_is_wanted_fits() {
+    let mut bids = demo_bids(0);
+    if let Some(r) = bids[2].recent.as_mut() {
+        r.demand = MilliCpu(1250); // 0 + 600 + 1250 + 200 ≤ 1.05 × 2000
+    }
+    let o = clear_ok(&input(2000, bids));
+    assert_eq!(o.contention_level, 0.0);
+    assert!(o.allocations.iter().all(|a| a.bound != Bound::Contention));
+}
+
+#[test]
+fn idle_pods_count_at_what_they_want_not_at_their_floors() {
+    // 30 idle pods with 100 m floors (3000 m of floors on a 2000 m node) and
+    // one pod that wants 1500 m: nobody is contended, nobody is capped.
+    let mut bids: Vec<Bid> = (0..30)
+        .map(|i| {
+            let mut b = bid(&format!("idle{i}"), 1.0, 100, 2000, 0, 10);
+            b.recent = Some(Recent {
+                demand: MilliCpu(5),
+                usage: MilliCpu(5),
+                limit: MilliCpu(100),
+                lever: Lever::Quota,
+                demoted: false,
+            });
+            b
+        })
+        .collect();
+    let mut busy = bid("busy", 1.0, 100, 2000, 1500, 100);
+    busy.recent = Some(Recent {
+        demand: MilliCpu(1500),
+        usage: MilliCpu(1500),
+        limit: MilliCpu(2000),
+        lever: Lever::Quota,
+        demoted: false,
+    });
+    bids.push(busy);
+    let o = clear_ok(&input(2000, bids));
+    assert_eq!(o.contention_level, 0.0);
+    assert!(o.allocations.iter().all(|a| a.bound != Bound::Contention));
+}
+
 // ---------- properties ----------
 
 fn arb_bid(i: usize) -> impl Strategy<Value = Bid> {
@@ -261,14 +411,32 @@ fn arb_bid(i: usize) -> impl Strategy<Value = Bid> {
         0u64..=3000,
         0u64..=5000,
         0u64..=600,
+        proptest::option::of((
+            0u64..=6000,
+            0u64..=3000,
+            0u64..=6000,
+            any::<bool>(),
+            any::<bool>(),
+        )),
     )
-        .prop_map(move |(w, f, extra, d, h)| Bid {
+        .prop_map(move |(w, f, extra, d, h, r)| Bid {
             key: PodKey::from(format!("p{i}")),
             weight: f64::from(w),
             floor: MilliCpu(f),
             cap: MilliCpu(f + extra),
             demand: MilliCpu(d),
             need: MilliCpu(d + h),
+            recent: r.map(|(demand, usage, limit, by_weight, demoted)| Recent {
+                demand: MilliCpu(demand),
+                usage: MilliCpu(usage.min(demand)),
+                limit: MilliCpu(limit),
+                lever: if by_weight {
+                    Lever::Weight
+                } else {
+                    Lever::Quota
+                },
+                demoted: by_weight && demoted,
+            }),
         })
 }
 
@@ -302,8 +470,71 @@ fn entitlements(inp: &MarketInput) -> Vec<f64> {
         .collect()
 }
 
+/// Rule 0 computed from the input by bisection, independently of the market:
+/// each pod's fair share `yᵢ` of what is wanted now, when the node is contended.
+fn recent_fair_shares(inp: &MarketInput) -> Option<Vec<f64>> {
+    if inp.bids.iter().all(|b| b.recent.is_none()) {
+        return None;
+    }
+    let c = inp.capacity.0 as f64;
+    let r: Vec<f64> = inp
+        .bids
+        .iter()
+        .map(|b| (b.recent.map_or(b.demand, |x| x.demand).0 as f64).min(b.cap.0 as f64))
+        .collect();
+    if r.iter().sum::<f64>() <= c * (1.0 + CONTENTION_MARGIN) {
+        return None;
+    }
+    let fill = |l: f64| -> f64 {
+        r.iter()
+            .zip(&inp.bids)
+            .map(|(&r, b)| (l * b.weight).min(r))
+            .sum()
+    };
+    let (mut lo, mut hi) = (0.0f64, 1e9f64);
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if fill(mid) < c { lo = mid } else { hi = mid }
+    }
+    Some(
+        r.iter()
+            .zip(&inp.bids)
+            .map(|(&r, b)| (lo * b.weight).min(r))
+            .collect(),
+    )
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(400))]
+
+    /// (I2') Under contention now, a capped pod gets at least its fair share of
+    /// what is wanted (and its entitlement): the quota never holds it below
+    /// what max-min fairness by weight gives it; every other pod's limit is at
+    /// least its fair share, so a waiting pod is never held below it either.
+    #[test]
+    fn contention_caps_at_the_fair_share_never_below(inp in arb_input()) {
+        let o = clear_ok(&inp);
+        let shares = recent_fair_shares(&inp);
+        let Some(shares) = shares else {
+            prop_assert!(o.allocations.iter().all(|a| a.bound != Bound::Contention));
+            prop_assert_eq!(o.contention_level, 0.0);
+            return Ok(());
+        };
+        for ((a, b), (y, e)) in o.allocations.iter().zip(&inp.bids).zip(shares.iter().zip(entitlements(&inp))) {
+            let least = y.max(e).clamp(b.floor.0 as f64, b.cap.0 as f64);
+            prop_assert!(a.exact + 1e-3 * (1.0 + least) >= least, "{:?}: y {} E {}", a, y, e);
+            if a.bound == Bound::Contention {
+                prop_assert!(a.contended.is_some(), "{:?}", a);
+                prop_assert!(b.recent.is_none_or(|x| x.lever == Lever::Quota), "capped by quota under the weight lever: {:?}", a);
+                prop_assert!(a.exact <= least + 1e-3 * (1.0 + least), "capped above its share: {:?} y {} E {}", a, y, e);
+                let x = b.recent.map_or(Recent { demand: b.demand, usage: b.demand, limit: b.cap, lever: Lever::Quota, demoted: false }, |x| x);
+                let r = (x.demand.0 as f64).min(b.cap.0 as f64);
+                prop_assert!(r > *y, "capped a pod that wants no more than its share: {:?}", a);
+                prop_assert!(x.usage.0 as f64 > y * (1.0 + TAKING_MARGIN) || (x.lever == Lever::Quota && x.limit.0 as f64 <= y * 1.05 + 10.0 + 1e-6) || x.demoted,
+                    "capped a victim (used {}, limit {}, share {}): {:?}", x.usage, x.limit, y, a);
+            }
+        }
+    }
 
     /// (I1) floor ≤ limit ≤ cap, one allocation per bid in order.
     #[test]
@@ -318,11 +549,16 @@ proptest! {
         }
     }
 
-    /// (I2) A quota never binds before cpu.weight would: limit ≥ min(M, max(E, x)).
+    /// (I2) A quota never binds before cpu.weight would: limit ≥ min(M, max(E, x))
+    /// — for a pod capped under contention now, x is its fair share of what is
+    /// wanted now (I2').
     #[test]
     fn a_limit_never_binds_before_the_weight_would(inp in arb_input()) {
         let o = clear_ok(&inp);
         for ((a, b), e) in o.allocations.iter().zip(&inp.bids).zip(entitlements(&inp)) {
+            if a.bound == Bound::Contention {
+                continue;
+            }
             let least = (b.cap.0 as f64).min(e.max(a.fair));
             prop_assert!(a.exact + 1e-6 >= least, "{:?}: E {} x {}", a, e, a.fair);
             prop_assert!(a.amount.0 as f64 + 1e-6 >= least, "{:?}", a);

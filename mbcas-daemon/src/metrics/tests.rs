@@ -15,10 +15,14 @@ fn populated() -> Metrics {
     m.set_pod_demand(&a, 420.0, MilliCpu(510));
     m.set_pod_allocation(&a, MilliCpu(600));
     m.set_pod_throttled_ratio(&a, 0.25);
+    m.add_pod_runqueue_wait(&a, 0.5);
+    m.add_pod_runqueue_wait(&a, 0.25);
+    m.add_pod_runqueue_wait(&b, 0.0);
     m.set_pod_demand(&b, 1500.0, MilliCpu(1800));
     m.set_pod_allocation(&b, MilliCpu(2000));
     m.set_pod_throttled_ratio(&b, 0.0);
     m.set_market(3.5, MilliCpu(3600), false);
+    m.set_contention_level(266.5);
     for r in [Reason::Increase, Reason::Increase, Reason::Hysteresis] {
         m.inc_decision(r.as_str());
     }
@@ -44,6 +48,8 @@ fn encoded_output_is_strict_openmetrics_with_every_metric() {
         ("mbcas_pod_need_cores", "gauge"),
         ("mbcas_pod_allocation_cores", "gauge"),
         ("mbcas_pod_throttled_ratio", "gauge"),
+        ("mbcas_pod_runqueue_wait_seconds", "counter"),
+        ("mbcas_market_contention_level", "gauge"),
         ("mbcas_market_clearing_price", "gauge"),
         ("mbcas_market_capacity_cores", "gauge"),
         ("mbcas_market_overcommitted", "gauge"),
@@ -69,6 +75,11 @@ fn encoded_output_is_strict_openmetrics_with_every_metric() {
     assert_eq!(e.value("mbcas_pod_need_cores", &web), Some(0.51));
     assert_eq!(e.value("mbcas_pod_allocation_cores", &web), Some(0.6));
     assert_eq!(e.value("mbcas_pod_throttled_ratio", &web), Some(0.25));
+    assert_eq!(
+        e.value("mbcas_pod_runqueue_wait_seconds_total", &web),
+        Some(0.75)
+    );
+    assert_eq!(e.value("mbcas_market_contention_level", &[]), Some(266.5));
     // Label values with quotes and backslashes survive escaping.
     let cart = [("namespace", "shop"), ("pod", "cart \"eu\"\\1")];
     assert_eq!(e.value("mbcas_pod_allocation_cores", &cart), Some(2.0));
@@ -132,6 +143,7 @@ fn removed_pods_disappear_from_every_family() {
         "mbcas_pod_need_cores",
         "mbcas_pod_allocation_cores",
         "mbcas_pod_throttled_ratio",
+        "mbcas_pod_runqueue_wait_seconds_total",
     ] {
         assert_eq!(e.value(name, &[("pod", "web-1")]), None, "{name}");
         assert!(
@@ -297,6 +309,7 @@ fn sensor_stats_advance_counters_by_difference() {
         read_errors: 0,
         switch_edges: 0,
         map_errors: 0,
+        runq_updates: 0,
         user_drops,
     };
     m.observe_kernel_stats(&stats(10, 1, 0));

@@ -33,7 +33,14 @@
 //!    (default 30 s) after the pod's last change, or during warm-up (the first
 //!    `warmup_samples` = 5 samples) below the limit the pod started with. One change
 //!    lowers a limit by at most ×`max_step_down` (0.5).
-//! 7. **Budget.** The limits may add up to the market's over-commit budget. When
+//! 7. **Contention** (checked before rules 3–6). A pod the market caps at its fair share because the node
+//!    is contended now (`Bound::Contention`: it wants more than its share while
+//!    others wait) is lowered to it at once, past rules 5 and 6's cooldown,
+//!    step limit and holds, unless the change is within the hysteresis. It is
+//!    no decrease on account of its own demand, so it is never rolled back; it
+//!    is raised again by rule 3 (it is throttled below its base) as soon as
+//!    the contention eases.
+//! 8. **Budget.** The limits may add up to the market's over-commit budget. When
 //!    the decisions exceed it, the part of each increase up to the pod's base is
 //!    granted first: if even that does not fit, pods held above their proposal
 //!    by the rules above (hysteresis, cooldown, step limits) give back just
@@ -163,6 +170,7 @@ pub enum Reason {
     WarmUp,
     ThrottledHold,
     SaturatedHold,
+    ContentionCap,
     Rollback,
     CapacityLimited,
     Reclaim,
@@ -176,7 +184,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 21] = [
+    pub const ALL: [Reason; 22] = [
         Self::Unchanged,
         Self::Hysteresis,
         Self::Increase,
@@ -188,6 +196,7 @@ impl Reason {
         Self::WarmUp,
         Self::ThrottledHold,
         Self::SaturatedHold,
+        Self::ContentionCap,
         Self::Rollback,
         Self::CapacityLimited,
         Self::Reclaim,
@@ -213,6 +222,7 @@ impl Reason {
             Self::WarmUp => "warm_up",
             Self::ThrottledHold => "throttled_hold",
             Self::SaturatedHold => "saturated_hold",
+            Self::ContentionCap => "contention_cap",
             Self::Rollback => "rollback",
             Self::CapacityLimited => "capacity_limited",
             Self::Reclaim => "reclaim",
@@ -270,6 +280,9 @@ pub struct PodView {
     /// all of the capacity but the soft reserve): a pod's usage is then its
     /// share under `cpu.weight`, not its demand.
     pub saturated: bool,
+    /// The market capped the pod at its fair share because the node is
+    /// contended now (`market::Bound::Contention`).
+    pub contended: bool,
     pub exclusion: Option<Exclusion>,
 }
 
@@ -408,6 +421,14 @@ impl Policy {
         let (cur, prop) = (v.current.0 as f64, v.proposed.0 as f64);
         if v.proposed == v.current {
             return keep(Reason::Unchanged);
+        }
+        // Above its fair share while others wait: capped at once (no
+        // cooldown, no step limit, no hold), within the plain hysteresis.
+        if v.contended && v.proposed < v.current {
+            if cur - prop < cfg.hysteresis * cur {
+                return keep(Reason::Hysteresis);
+            }
+            return go(v.proposed.max(v.floor), Reason::ContentionCap);
         }
         // Its quota binds before cpu.weight would: no hysteresis, and the step
         // limit below lets it reach its base at once.

@@ -22,6 +22,7 @@ fn view(key: &str, current: u64, proposed: u64, throttled: f64, samples: u32) ->
         throttled_ratio: throttled,
         samples,
         saturated: false,
+        contended: false,
         exclusion: None,
     }
 }
@@ -419,6 +420,7 @@ fn closed_loop(demands: &[f64], capacity: u64, secs: u64) -> Vec<Vec<(u64, Milli
                 nr_periods: 10,
                 nr_throttled: if o.throttled { 10 } else { 0 },
                 psi_some_ns: None,
+                wait_ns: None,
             };
             let e = est[i].update(&sample, &dcfg);
             bids.push(Bid {
@@ -428,6 +430,7 @@ fn closed_loop(demands: &[f64], capacity: u64, secs: u64) -> Vec<Vec<(u64, Milli
                 cap: MilliCpu(capacity),
                 demand: MilliCpu(e.smoothed.ceil() as u64),
                 need: e.need,
+                recent: None,
             });
             ratios.push(e.throttled_ratio);
             samples.push(e.samples);
@@ -457,6 +460,7 @@ fn closed_loop(demands: &[f64], capacity: u64, secs: u64) -> Vec<Vec<(u64, Milli
                 throttled_ratio: ratios[i],
                 samples: samples[i],
                 saturated: false,
+                contended: false,
                 exclusion: None,
             })
             .collect();
@@ -531,4 +535,37 @@ fn contended_loop_shares_fairly_without_flapping() {
     );
     assert!(f.iter().sum::<u64>() <= 4000, "within the budget: {f:?}");
     no_flapping(&changes);
+}
+
+#[test]
+fn a_contention_cap_goes_through_at_once_and_comes_back_at_once() {
+    let mut p = Policy::new(PolicyConfig::default());
+    // Raised a second ago (cooldown), throttled, sampled only twice (warm-up):
+    // capped at its fair share anyway, in one step (not × max_step_down).
+    let mut v = view("noisy", 1500, 270, 0.9, 2);
+    v.need = MilliCpu(3200);
+    v.base = MilliCpu(270);
+    v.contended = true;
+    let up = one(&mut p, s(0), view("noisy", 1000, 1500, 0.9, 2));
+    assert_eq!(up.to, MilliCpu(1500));
+    let d = one(&mut p, s(1), v.clone());
+    assert_eq!((d.to, d.reason), (MilliCpu(270), Reason::ContentionCap));
+    // Within the hysteresis it stays.
+    let mut w = v.clone();
+    w.current = MilliCpu(280);
+    let d = one(&mut p, s(2), w);
+    assert_eq!((d.to, d.reason), (MilliCpu(280), Reason::Hysteresis));
+    // The neighbour went quiet: its share is 1200 m, and it is throttled
+    // below that base, so it goes there at once (rule 3), cooldown or not.
+    let mut back = view("noisy", 270, 1200, 0.9, 3);
+    back.base = MilliCpu(1200);
+    back.contended = true;
+    let d = one(&mut p, s(3), back);
+    assert_eq!(
+        (d.to, d.reason),
+        (MilliCpu(1200), Reason::IncreaseThrottled)
+    );
+    // A cap is no decrease on the pod's own demand: never rolled back.
+    let d = one(&mut p, s(4), view("noisy", 1200, 1200, 0.9, 4));
+    assert_ne!(d.reason, Reason::Rollback);
 }

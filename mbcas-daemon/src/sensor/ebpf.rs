@@ -1,8 +1,11 @@
 //! Loading and attaching the kernel programs, and reading what they report.
 //!
-//! Hooks: `tp_btf/hrtimer_expire_exit` (CFS period timer; needed) and
+//! Hooks: `tp_btf/hrtimer_expire_exit` (CFS period timer; needed),
 //! `tp_btf/sched_switch` (the onset of throttling mid-period; only where the
-//! kernel has `task_struct.throttled`, 6.18+). Offsets come from `/sys/kernel/btf/vmlinux`,
+//! kernel has `task_struct.throttled`, 6.18+) and a second program on
+//! `tp_btf/sched_switch` for run-queue wait per cgroup (where the kernel has
+//! `task_struct.sched_info.run_delay`, i.e. `CONFIG_SCHED_INFO`; without it the
+//! daemon runs without wait and says so). Offsets come from `/sys/kernel/btf/vmlinux`,
 //! the period timer's address from `/proc/kallsyms`; both go in as load-time
 //! globals. Maps, programs and links live in [`EbpfSensor`]; the ring buffer is
 //! read by one tokio task through `AsyncFd` and forwarded as plain
@@ -21,7 +24,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::BtfTracePoint,
 };
 use mbcas_common::{self as common, CgroupBandwidth, ThrottleEvent, globals};
@@ -123,6 +126,8 @@ pub struct KernelStats {
     /// Onset events sent by sched_switch, mid-period.
     pub switch_edges: u64,
     pub map_errors: u64,
+    /// Switch-outs that added run-queue wait to a cgroup.
+    pub runq_updates: u64,
     /// Events the reader could not hand on (consumer too slow).
     pub user_drops: u64,
 }
@@ -140,6 +145,8 @@ pub struct EbpfSensor {
     ebpf: Ebpf,
     cgroups: BpfHashMap<MapData, u64, CgroupBandwidth>,
     stats: PerCpuArray<MapData, u64>,
+    /// Run-queue wait per cgroup, when its program is attached.
+    runq: Option<PerCpuHashMap<MapData, u64, u64>>,
     user_drops: Arc<AtomicU64>,
     reader: JoinHandle<()>,
     logger: Option<JoinHandle<()>>,
@@ -161,6 +168,7 @@ fn offsets(
     kbtf: &Btf,
     timer_fn: u64,
     with_switch: bool,
+    with_runq: bool,
     debug: bool,
 ) -> Result<Offsets, EbpfError> {
     let f = |s: &str, m: &str| kbtf.field(s, m);
@@ -206,10 +214,22 @@ fn offsets(
             globals::OFF_TASK_THROTTLED,
             f("task_struct", "throttled")?.offset,
         ));
+    }
+    if with_switch || with_runq {
         v.push((
             globals::OFF_TASK_TG,
             f("task_struct", "sched_task_group")?.offset,
         ));
+    }
+    if with_runq {
+        let info = f("task_struct", "sched_info")?.offset;
+        let pcount = f("sched_info", "pcount")?;
+        v.push((
+            globals::OFF_TASK_RUN_DELAY,
+            info + f("sched_info", "run_delay")?.offset,
+        ));
+        v.push((globals::OFF_TASK_PCOUNT, info + pcount.offset));
+        v.push((globals::SIZE_TASK_PCOUNT, pcount.size.unwrap_or(8)));
     }
     Ok(Offsets(v))
 }
@@ -236,7 +256,17 @@ impl EbpfSensor {
                 "kernel has no task_struct.throttled (task-based throttling, 6.18+): period-timer hook only"
             );
         }
-        let offsets = offsets(&kbtf, timer_fn, with_switch, debug)?;
+        let with_runq = kbtf.has_member("task_struct", "sched_info")
+            && kbtf.has_member("sched_info", "run_delay")
+            && kbtf.has_member("sched_info", "pcount")
+            && kbtf.has_member("task_struct", "sched_task_group");
+        if !with_runq {
+            tracing::warn!(
+                "kernel has no task_struct.sched_info.run_delay (CONFIG_SCHED_INFO): no run-queue wait; \
+                 demand will not see a pod queued behind its neighbours"
+            );
+        }
+        let offsets = offsets(&kbtf, timer_fn, with_switch, with_runq, debug)?;
         // Parses of vmlinux BTF are large (aya's is the larger): keep only one
         // alive at a time. `EbpfLoader::new` makes its own parse; drop it and
         // hand the loader the one attaching needs too.
@@ -286,6 +316,20 @@ impl EbpfSensor {
             }
         }
 
+        let mut runq_attached = false;
+        if with_runq {
+            match attach(&mut ebpf, common::PROG_RUNQ_WAIT, "sched_switch", &aya_btf) {
+                Ok(()) => {
+                    programs.push(common::PROG_RUNQ_WAIT);
+                    runq_attached = true;
+                }
+                Err(e) => tracing::warn!(
+                    error = %crate::error::error_chain(&e),
+                    "run-queue wait program not attached; demand will not see waiting"
+                ),
+            }
+        }
+
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or(EbpfError::MissingMap { name })
         };
@@ -301,6 +345,14 @@ impl EbpfSensor {
             .map_err(map_err(common::CGROUPS_MAP))?;
         let stats = PerCpuArray::try_from(take(&mut ebpf, common::STATS_MAP)?)
             .map_err(map_err(common::STATS_MAP))?;
+        let runq = if runq_attached {
+            Some(
+                PerCpuHashMap::try_from(take(&mut ebpf, common::RUNQ_MAP)?)
+                    .map_err(map_err(common::RUNQ_MAP))?,
+            )
+        } else {
+            None
+        };
         let fd = readable_fd(ring).map_err(EbpfError::Poll)?;
         let user_drops = Arc::new(AtomicU64::new(0));
         let reader = tokio::spawn(read_ring(fd, tx, Arc::clone(&user_drops)));
@@ -308,6 +360,7 @@ impl EbpfSensor {
             ebpf,
             cgroups,
             stats,
+            runq,
             user_drops,
             reader,
             logger,
@@ -315,17 +368,35 @@ impl EbpfSensor {
         })
     }
 
-    /// Attaches `mbcas_floor`, the empty program on the hrtimer hook.
+    /// Attaches `mbcas_floor` and `mbcas_switch_floor`, the empty programs on
+    /// the hrtimer and sched_switch hooks.
     pub fn attach_floor(&mut self) -> Result<(), EbpfError> {
         let btf = aya::Btf::from_sys_fs().map_err(|e| EbpfError::AyaBtf(Box::new(e)))?;
-        attach(
-            &mut self.ebpf,
-            common::PROG_FLOOR,
-            "hrtimer_expire_exit",
-            &btf,
-        )?;
-        self.programs.push(common::PROG_FLOOR);
+        for (name, hook) in [
+            (common::PROG_FLOOR, "hrtimer_expire_exit"),
+            (common::PROG_SWITCH_FLOOR, "sched_switch"),
+        ] {
+            attach(&mut self.ebpf, name, hook, &btf)?;
+            self.programs.push(name);
+        }
         Ok(())
+    }
+
+    /// Whether run-queue wait is measured.
+    pub fn has_runq(&self) -> bool {
+        self.runq.is_some()
+    }
+
+    /// Cumulative run-queue wait of the tasks of a cgroup (its own tasks, not
+    /// its children's), summed over CPUs; `Some(0)` for a cgroup none of whose
+    /// tasks waited since the programs were loaded, `None` without the program.
+    pub fn runq_wait_ns(&self, id: CgroupId) -> Option<u64> {
+        let m = self.runq.as_ref()?;
+        Some(
+            m.get(&id.0, 0)
+                .map(|v| v.iter().fold(0u64, |a, x| a.saturating_add(*x)))
+                .unwrap_or(0),
+        )
     }
 
     /// The kernel's last per-period snapshot of a group, if the program saw it.
@@ -347,6 +418,7 @@ impl EbpfSensor {
             read_errors: sum(common::STAT_READ_ERRORS),
             switch_edges: sum(common::STAT_SWITCH_EDGES),
             map_errors: sum(common::STAT_MAP_ERRORS),
+            runq_updates: sum(common::STAT_RUNQ_UPDATES),
             user_drops: self.user_drops.load(Ordering::Relaxed),
         }
     }

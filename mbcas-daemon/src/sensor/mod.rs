@@ -8,6 +8,12 @@
 //! * **poll** ([`crate::cgroup::dir`]): the same counters read from `cpu.stat`; no events.
 //! * **fake** ([`FakeHandle`]): counters and events set by tests.
 //!
+//! Run-queue wait (the time a cgroup's threads were runnable but waiting for
+//! a CPU, summed over threads and over the cgroup's descendants) comes from the
+//! eBPF program `mbcas_runq_wait` when it is attached, else from
+//! `/proc/<tid>/schedstat` ([`crate::cgroup::runq`]); the fake source reports
+//! what it is told.
+//!
 //! `SensorMode::Auto` tries eBPF and falls back to polling, saying why in the log
 //! and in [`Sensor::fallback_reason`]. Usage (CPU time) always comes from the
 //! cgroup filesystem (`cpu.stat usage_usec` on v2, `cpuacct.usage` on v1).
@@ -27,7 +33,7 @@ pub use mbcas_common::{EVENT_PERIOD_THROTTLED, EVENT_PERIOD_UNTHROTTLED, Throttl
 use tokio::sync::mpsc;
 
 use crate::{
-    cgroup::{CgroupDir, CgroupFsError, CpuCounters},
+    cgroup::{CgroupDir, CgroupFsError, CpuCounters, runq},
     units::CgroupId,
 };
 
@@ -94,11 +100,15 @@ pub struct CgroupCounters {
     pub nr_throttled: u64,
     pub throttled_ns: u64,
     pub usage_ns: Option<u64>,
+    /// Cumulative run-queue wait of the cgroup's threads and its descendants'
+    /// (ns of thread-time); `None` when the source cannot tell.
+    pub wait_ns: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default)]
 struct FakeState {
     counters: HashMap<CgroupId, CpuCounters>,
+    wait: HashMap<CgroupId, u64>,
 }
 
 /// Drives a fake sensor from a test.
@@ -113,6 +123,13 @@ impl FakeHandle {
     pub fn set(&self, id: CgroupId, c: CpuCounters) {
         if let Ok(mut s) = self.state.lock() {
             s.counters.insert(id, c);
+        }
+    }
+
+    /// Sets the cumulative run-queue wait the sensor reports for `id`.
+    pub fn set_wait(&self, id: CgroupId, wait_ns: u64) {
+        if let Ok(mut s) = self.state.lock() {
+            s.wait.insert(id, wait_ns);
         }
     }
 
@@ -212,24 +229,85 @@ impl Sensor {
     pub fn read(&self, dir: &CgroupDir) -> Result<CgroupCounters, SensorError> {
         match &self.source {
             Source::Fake(state) => {
-                let c = state
+                let (c, wait) = state
                     .lock()
                     .ok()
-                    .and_then(|s| s.counters.get(&dir.id).copied())
+                    .map(|s| {
+                        (
+                            s.counters.get(&dir.id).copied().unwrap_or_default(),
+                            s.wait.get(&dir.id).copied(),
+                        )
+                    })
                     .unwrap_or_default();
-                Ok(counters(dir.id, c))
+                Ok(counters(dir.id, c, wait))
             }
-            Source::Poll => Ok(counters(dir.id, dir.read()?)),
-            Source::Ebpf(s) => Ok(match s.bandwidth(dir.id) {
-                Some(b) => CgroupCounters {
-                    id: dir.id,
-                    nr_periods: b.nr_periods,
-                    nr_throttled: b.nr_throttled,
-                    throttled_ns: b.throttled_ns,
-                    usage_ns: dir.read_usage()?,
-                },
-                None => counters(dir.id, dir.read()?),
-            }),
+            Source::Poll => {
+                let c = dir.read()?;
+                // Usage and throttling stand without the wait: a thread list
+                // that cannot be read costs this round's wait only.
+                let wait = match runq::schedstat_wait_ns(&dir.path, dir.id, dir.hierarchy) {
+                    Ok(w) => Some(w),
+                    Err(e) => {
+                        tracing::debug!(cgroup = %dir.path.display(), error = %crate::error::error_chain(&e), "run-queue wait not read");
+                        None
+                    }
+                };
+                Ok(counters(dir.id, c, wait))
+            }
+            Source::Ebpf(s) => {
+                let wait = s.has_runq().then(|| {
+                    runq::subtree(&dir.path, dir.id, runq::SUBTREE_DEPTH)
+                        .into_iter()
+                        .filter_map(|(id, _)| s.runq_wait_ns(id))
+                        .fold(0u64, u64::saturating_add)
+                });
+                Ok(match s.bandwidth(dir.id) {
+                    Some(b) => CgroupCounters {
+                        id: dir.id,
+                        nr_periods: b.nr_periods,
+                        nr_throttled: b.nr_throttled,
+                        throttled_ns: b.throttled_ns,
+                        usage_ns: dir.read_usage()?,
+                        wait_ns: wait,
+                    },
+                    None => counters(dir.id, dir.read()?, wait),
+                })
+            }
+        }
+    }
+
+    /// Whether the wait can be watched cheaply between rounds (the eBPF
+    /// run-queue program: map reads; the poll source would read every
+    /// thread's schedstat).
+    pub fn watches_wait(&self) -> bool {
+        matches!(&self.source, Source::Ebpf(s) if s.has_runq())
+    }
+
+    /// The cgroup ids whose wait adds up to `dir`'s: it and its descendants.
+    pub fn wait_ids(&self, dir: &CgroupDir) -> Vec<CgroupId> {
+        runq::subtree(&dir.path, dir.id, runq::SUBTREE_DEPTH)
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect()
+    }
+
+    /// Σ cumulative wait of `ids` from the eBPF map; `None` without it.
+    pub fn wait_of(&self, ids: &[CgroupId]) -> Option<u64> {
+        match &self.source {
+            Source::Ebpf(s) if s.has_runq() => Some(
+                ids.iter()
+                    .filter_map(|&id| s.runq_wait_ns(id))
+                    .fold(0u64, u64::saturating_add),
+            ),
+            _ => None,
+        }
+    }
+
+    /// Whether this sensor reports run-queue wait.
+    pub fn measures_wait(&self) -> bool {
+        match &self.source {
+            Source::Ebpf(s) => s.has_runq(),
+            Source::Poll | Source::Fake(_) => true,
         }
     }
 
@@ -259,13 +337,14 @@ impl Sensor {
     }
 }
 
-fn counters(id: CgroupId, c: CpuCounters) -> CgroupCounters {
+fn counters(id: CgroupId, c: CpuCounters, wait_ns: Option<u64>) -> CgroupCounters {
     CgroupCounters {
         id,
         nr_periods: c.nr_periods,
         nr_throttled: c.nr_throttled,
         throttled_ns: c.throttled_ns,
         usage_ns: c.usage_ns,
+        wait_ns,
     }
 }
 
@@ -323,6 +402,13 @@ mod tests {
             (c.nr_throttled, c.throttled_ns, c.usage_ns),
             (2, 1000, Some(10_000))
         );
+        assert_eq!(c.wait_ns, None, "no thread list: no wait, counters kept");
+        std::fs::write(
+            tmp.path().join("cgroup.threads"),
+            format!("{}\n", std::process::id()),
+        )
+        .unwrap();
+        assert!(sensor.read(&dir).unwrap().wait_ns.is_some());
         assert!(sensor.take_events_is_none());
     }
 

@@ -188,6 +188,7 @@ impl SimPolicy for Mbcas {
                     exclusion: p.excluded.then_some(Exclusion::Guaranteed),
                     // The simulator enforces a limit the moment it is set.
                     window_limit: None,
+                    demoted: false,
                 })
                 .collect();
         }

@@ -31,7 +31,7 @@ struct Pods<'a> {
 }
 
 impl Source for Pods<'_> {
-    fn read(&self, name: &str) -> anyhow::Result<(u64, u64, u64, u64)> {
+    fn read(&self, name: &str) -> anyhow::Result<super::Reading> {
         let (_, dir, acct) = self
             .dirs
             .iter()
