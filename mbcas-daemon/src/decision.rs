@@ -127,8 +127,8 @@ struct WaitWatch {
     ids: Vec<CgroupId>,
     /// Its wait rate in the last round's window, thread-millicores.
     rate_m: f64,
-    /// Capped under contention in the last round: its wait moves with its own
-    /// quota, and a fall of it says nothing about the others.
+    /// Held to its share in the last round (quota or weight): its wait moves
+    /// with its own hold, and a fall of it says nothing about the others.
     capped: bool,
 }
 
@@ -263,7 +263,7 @@ impl<M: Mode> DecisionLoop<M> {
                 .map(|(r, c)| WaitWatch {
                     ids: self.sensor.wait_ids(&c.dir),
                     rate_m: r.estimate.map_or(0.0, |e| e.wait),
-                    capped: r.bound == Some(crate::market::Bound::Contention),
+                    capped: r.contended.is_some(),
                 })
                 .collect()
         } else {

@@ -48,7 +48,10 @@
 //!    ceiling and base: no headroom, no lent idle CPU, no budget level
 //!    ([`Bound::Contention`]); with the weight lever (local mode) its limit
 //!    stays what rules 1–5 give it (at least `yᵢ`) and the caller lowers its
-//!    weight
+//!    weight; under the weight lever a pod that uses clearly more than its
+//!    entitlement (`uᵢ > 1.25·Eᵢ + 10 m`, held while `uᵢ > Eᵢ`) is held too,
+//!    contended or not: it borrows CPU its owners left idle, and a lowered
+//!    weight returns it the moment they wake
 //!    ([`Lever::Weight`]; every allocation says whether it is held, and at
 //!    what share, in [`Allocation::contended`]). A pod that
 //!    wants more than its share but got less is a victim, not a cause: its
@@ -443,7 +446,20 @@ pub fn clear(input: &MarketInput) -> Result<MarketOutcome, MarketError> {
             }
             None => {}
         }
-        held.push(contended.as_ref().and_then(|v| v[i].1.then_some(v[i].0)));
+        // Weight lever: a pod that uses clearly more than its entitlement is
+        // borrowing CPU its owners left idle; its lowered weight gives it back
+        // the moment they wake (no round in between), and costs it nothing
+        // while they sleep. Held while it still uses more than it.
+        let borrowing = b.recent.is_some_and(|x| {
+            let u = x.usage.0 as f64;
+            x.lever == Lever::Weight
+                && (u > e * (1.0 + TAKING_MARGIN) + CONTENTION_SLACK_M || (x.demoted && u > e))
+        });
+        held.push(match contended.as_ref().map(|v| v[i]) {
+            Some((y, true)) => Some(y),
+            _ if borrowing => Some(e),
+            _ => None,
+        });
         entitlement.push(e);
         ceiling.push(t);
         base.push(bs);
