@@ -52,7 +52,8 @@ pub struct Options {
     /// Write the results as JSON here.
     #[arg(long, value_name = "FILE")]
     pub json_out: Option<PathBuf>,
-    /// Where the Markdown summary goes.
+    /// Where the Markdown summary (`latency.md`) goes; `docs/evaluation`
+    /// puts it into the evaluation report.
     #[arg(long, value_name = "DIR", default_value = "target/bench-latency")]
     pub report_dir: PathBuf,
 }
@@ -486,7 +487,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     }
     let summary = summarise(&runs, &opts.rates);
     let md = markdown(&summary, opts);
-    std::fs::write(opts.report_dir.join("summary.md"), &md)?;
+    std::fs::write(opts.report_dir.join("latency.md"), &md)?;
     println!("\n{md}");
     if let Some(out) = &opts.json_out {
         std::fs::write(out, serde_json::to_string_pretty(&(&runs, &summary))?)?;
