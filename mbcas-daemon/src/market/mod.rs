@@ -51,7 +51,10 @@
 //!    weight; under the weight lever a pod that uses clearly more than its
 //!    entitlement (`uᵢ > 1.25·Eᵢ + 10 m`, held while `uᵢ > Eᵢ`) is held too,
 //!    contended or not: it borrows CPU its owners left idle, and a lowered
-//!    weight returns it the moment they wake
+//!    weight returns it the moment they wake. When rule 0 holds two or more
+//!    pods, the weight lever caps their quotas at their shares too: between
+//!    held pods at lowered weights the kernel does not split a busy node
+//!    precisely by weight
 //!    ([`Lever::Weight`]; every allocation says whether it is held, and at
 //!    what share, in [`Allocation::contended`]). A pod that
 //!    wants more than its share but got less is a victim, not a cause: its
@@ -404,6 +407,13 @@ pub fn clear(input: &MarketInput) -> Result<MarketOutcome, MarketError> {
         Some((level, v)) => (level, Some(v)),
         None => (0.0, None),
     };
+    // Under the weight lever, two or more pods held by rule 0 compete with
+    // each other at their lowered weights, and the kernel does not split a
+    // busy node precisely by weight between multi-threaded groups: their
+    // quotas hold them to their shares as well.
+    let held_by_rule0 = contended
+        .as_ref()
+        .map_or(0, |v| v.iter().filter(|(_, h)| *h).count());
     let mut entitlement = Vec::with_capacity(n);
     let mut ceiling = Vec::with_capacity(n);
     let mut base = Vec::with_capacity(n);
@@ -432,7 +442,7 @@ pub fn clear(input: &MarketInput) -> Result<MarketOutcome, MarketError> {
         });
         let mut bs = e.max(need.min(fair[i])).clamp(floors[i], caps[i]);
         let mut t = t;
-        let by_quota = b.recent.is_none_or(|x| x.lever == Lever::Quota);
+        let by_quota = b.recent.is_none_or(|x| x.lever == Lever::Quota) || held_by_rule0 >= 2;
         match contended.as_ref().map(|v| v[i]) {
             Some((y, true)) if by_quota => {
                 let y = e.max(y).clamp(floors[i], caps[i]);
