@@ -277,28 +277,8 @@ fn page() -> String {
 
 /// Counters of one group: (usage ns, nr_periods, nr_throttled, Σ thread run delay ns).
 fn counters(g: &Group, v2: bool) -> anyhow::Result<(u64, u64, u64, u64)> {
-    let stat = std::fs::read_to_string(g.cpu.join("cpu.stat"))?;
-    let get = |k: &str| {
-        stat.lines()
-            .find_map(|l| l.strip_prefix(k)?.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let usage = if v2 {
-        get("usage_usec ") * 1000
-    } else {
-        let a = g.acct.as_ref().unwrap_or(&g.cpu);
-        std::fs::read_to_string(a.join("cpuacct.usage"))?
-            .trim()
-            .parse()
-            .unwrap_or(0)
-    };
-    let list = g.cpu.join(if v2 { "cgroup.threads" } else { "tasks" });
-    let wait = std::fs::read_to_string(&list)?
-        .lines()
-        .filter_map(|t| std::fs::read_to_string(format!("/proc/{}/schedstat", t.trim())).ok())
-        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .sum();
-    Ok((usage, get("nr_periods "), get("nr_throttled "), wait))
+    let r = crate::demo::read_counters(&g.cpu, g.acct.as_deref(), v2)?;
+    Ok((r.usage_ns, r.nr_periods, r.nr_throttled, r.wait_ns))
 }
 
 /// One measured run.
@@ -448,21 +428,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                 )?);
             }
             if phase == "mbcas" {
-                let mut cmd = Command::new(&bin);
-                cmd.args([
-                    "--log-level",
-                    "warn",
-                    "run",
-                    "--mode",
-                    "local",
-                    "--node-reserve",
-                    "0",
-                ])
-                .arg("--capacity-millicores")
-                .arg(CAPACITY_M.to_string())
-                .arg("--local-root")
-                .arg(&b.root.cpu)
-                .stdin(Stdio::null());
+                let mut cmd = crate::host::local_daemon(&bin, &b.root.cpu, CAPACITY_M);
                 b.daemon = Some(cmd.spawn().context("start mbcas run --mode local")?);
             }
             // Warm-up under the first rate's load.

@@ -190,13 +190,13 @@ impl Tree {
 
 /// One cgroup's cumulative counters and its limit now.
 #[derive(Clone, Copy, Debug, Default)]
-struct Reading {
-    usage_ns: u64,
-    nr_periods: u64,
-    nr_throttled: u64,
-    limit_m: u64,
+pub(crate) struct Reading {
+    pub usage_ns: u64,
+    pub nr_periods: u64,
+    pub nr_throttled: u64,
+    pub limit_m: u64,
     /// Σ run delay of the threads in the cgroup now (`/proc/<tid>/schedstat`).
-    wait_ns: u64,
+    pub wait_ns: u64,
 }
 
 /// Σ run delay (ns) of the threads listed in the cgroup `dir` (not its
@@ -214,7 +214,7 @@ fn thread_wait_ns(dir: &Path, v2: bool) -> anyhow::Result<u64> {
 
 /// The counters of one cgroup: `dir` in the cpu hierarchy (v1) or the
 /// unified one (v2), `acct` its cpuacct twin (v1).
-fn read_counters(dir: &Path, acct: Option<&Path>, v2: bool) -> anyhow::Result<Reading> {
+pub(crate) fn read_counters(dir: &Path, acct: Option<&Path>, v2: bool) -> anyhow::Result<Reading> {
     let stat = std::fs::read_to_string(dir.join("cpu.stat"))?;
     let get = |k: &str| {
         stat.lines()
@@ -755,23 +755,9 @@ fn local_phases(report_dir: &Path, bin: &Path, third: u64) -> anyhow::Result<[Ph
     let report = report_dir.join("mbcas-rounds.jsonl");
     let _ = std::fs::remove_file(&report);
     tree.start_loads(bin)?;
-    let mut daemon = Command::new(bin)
-        .args([
-            "--log-level",
-            "warn",
-            "run",
-            "--mode",
-            "local",
-            "--node-reserve",
-            "0",
-            "--capacity-millicores",
-        ])
-        .arg(CAPACITY_M.to_string())
-        .arg("--local-root")
-        .arg(&tree.cpu_root)
+    let mut daemon = crate::host::local_daemon(bin, &tree.cpu_root, CAPACITY_M)
         .arg("--report-jsonl")
         .arg(&report)
-        .stdin(Stdio::null())
         .spawn()
         .context("start mbcas run --mode local")?;
     tree.report = Some(report);

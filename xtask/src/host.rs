@@ -74,3 +74,24 @@ pub fn remove_cgroup(d: &Path) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// `mbcas run --mode local` over `root` with a capacity of `capacity_m` and no
+/// node reserve, quiet (warnings only): how the demo and bench-latency run MBCAS.
+pub fn local_daemon(bin: &Path, root: &Path, capacity_m: u64) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "--log-level",
+        "warn",
+        "run",
+        "--mode",
+        "local",
+        "--node-reserve",
+        "0",
+        "--capacity-millicores",
+    ])
+    .arg(capacity_m.to_string())
+    .arg("--local-root")
+    .arg(root)
+    .stdin(std::process::Stdio::null());
+    cmd
+}
