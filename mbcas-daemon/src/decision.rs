@@ -217,9 +217,11 @@ impl<M: Mode> DecisionLoop<M> {
         let at_ns = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
         let mut consumers = Vec::with_capacity(census.consumers.len());
         let mut inputs = Vec::with_capacity(census.consumers.len());
+        let mut wait_ids = Vec::with_capacity(census.consumers.len());
         for c in census.consumers {
             match self.read(&c.dir, at_ns) {
-                Ok(counters) => {
+                Ok((counters, ids)) => {
+                    wait_ids.push(ids);
                     inputs.push(ConsumerInput {
                         key: c.key.clone(),
                         counters,
@@ -259,9 +261,9 @@ impl<M: Mode> DecisionLoop<M> {
             outcome
                 .rows
                 .iter()
-                .zip(&consumers)
-                .map(|(r, c)| WaitWatch {
-                    ids: self.sensor.wait_ids(&c.dir),
+                .zip(wait_ids)
+                .map(|(r, ids)| WaitWatch {
+                    ids,
                     rate_m: r.estimate.map_or(0.0, |e| e.wait),
                     capped: r.contended.is_some(),
                 })
@@ -275,9 +277,10 @@ impl<M: Mode> DecisionLoop<M> {
         acted.map(|()| Some(outcome))
     }
 
-    /// The consumer's counters now, with its pressure on v2.
-    fn read(&self, dir: &CgroupDir, at_ns: u64) -> Result<Counters, Unreadable> {
-        let c = self.sensor.read(dir).map_err(Unreadable::Failed)?;
+    /// The consumer's counters now, with its pressure on v2, and the cgroup
+    /// ids its wait was summed over (see [`Sensor::read_watched`]).
+    fn read(&self, dir: &CgroupDir, at_ns: u64) -> Result<(Counters, Vec<CgroupId>), Unreadable> {
+        let (c, ids) = self.sensor.read_watched(dir).map_err(Unreadable::Failed)?;
         let psi = if dir.hierarchy == Hierarchy::V2 {
             files::read_pressure_some_ns(&dir.path)
                 .map_err(|e| Unreadable::Failed(SensorError::Cgroup(e)))?
@@ -285,15 +288,18 @@ impl<M: Mode> DecisionLoop<M> {
             None
         };
         let usage_ns = c.usage_ns.ok_or(Unreadable::NoUsage)?;
-        Ok(Counters {
-            at_ns,
-            usage_ns,
-            throttled_ns: c.throttled_ns,
-            nr_periods: c.nr_periods,
-            nr_throttled: c.nr_throttled,
-            psi_some_ns: psi,
-            wait_ns: c.wait_ns,
-        })
+        Ok((
+            Counters {
+                at_ns,
+                usage_ns,
+                throttled_ns: c.throttled_ns,
+                nr_periods: c.nr_periods,
+                nr_throttled: c.nr_throttled,
+                psi_some_ns: psi,
+                wait_ns: c.wait_ns,
+            },
+            ids,
+        ))
     }
 
     fn export(&self, consumers: &[Consumer], outcome: &StepOutcome) {

@@ -320,42 +320,30 @@ fn a_neighbour_that_wants_more_than_its_share_is_capped_at_it_now() {
     assert!(get("batch").amount >= MilliCpu(200));
     // web idle, the neighbour capped at 270 m: its share is what the others
     // leave, and it goes there.
-    let mut bids = demo_bids(0);
-    bids[2].recent = Some(Recent {
-        demand: MilliCpu(2000),
-        usage: MilliCpu(270),
-        limit: MilliCpu(270),
-        lever: Lever::Quota,
-        demoted: false,
-    });
-    let o = clear_ok(&MarketInput { bids, ..i.clone() });
-    let noisy = o
-        .allocations
-        .iter()
-        .find(|a| a.key.as_str() == "noisy")
-        .unwrap();
-    assert_eq!(
-        (noisy.bound, noisy.amount),
-        (Bound::Contention, MilliCpu(1200))
-    );
+    // The neighbour held at 270 m (it uses what its cap lets it), with web
+    // wanting `web` millicores.
+    let noisy_capped_at_270 = |web: u64| {
+        let mut bids = demo_bids(web);
+        bids[2].recent = Some(Recent {
+            demand: MilliCpu(2000),
+            usage: MilliCpu(270),
+            limit: MilliCpu(270),
+            lever: Lever::Quota,
+            demoted: false,
+        });
+        let o = clear_ok(&MarketInput { bids, ..i.clone() });
+        let noisy = o
+            .allocations
+            .into_iter()
+            .find(|a| a.key.as_str() == "noisy")
+            .unwrap();
+        (noisy.bound, noisy.amount)
+    };
+    assert_eq!(noisy_capped_at_270(0), (Bound::Contention, MilliCpu(1200)));
     // Capped at 270 m, it uses 270 m: still capped (its limit holds it at
     // its share), not released to be lent the node again.
-    let mut bids = demo_bids(1000);
-    bids[2].recent = Some(Recent {
-        demand: MilliCpu(2000),
-        usage: MilliCpu(270),
-        limit: MilliCpu(270),
-        lever: Lever::Quota,
-        demoted: false,
-    });
-    let o = clear_ok(&MarketInput { bids, ..i.clone() });
-    let noisy = o
-        .allocations
-        .iter()
-        .find(|a| a.key.as_str() == "noisy")
-        .unwrap();
     assert_eq!(
-        (noisy.bound, noisy.amount),
+        noisy_capped_at_270(1000),
         (Bound::Contention, MilliCpu(270))
     );
 }

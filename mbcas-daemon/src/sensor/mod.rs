@@ -227,6 +227,17 @@ impl Sensor {
     /// read (falling back to `cpu.stat` for groups the programs have not seen
     /// yet, e.g. without a quota).
     pub fn read(&self, dir: &CgroupDir) -> Result<CgroupCounters, SensorError> {
+        self.read_watched(dir).map(|(c, _)| c)
+    }
+
+    /// [`Sensor::read`], and the cgroup ids its wait was summed over when the
+    /// eBPF run-queue program measured it (empty otherwise): the decision loop
+    /// watches those between rounds ([`Sensor::wait_of`]) without listing the
+    /// cgroup's descendants a second time.
+    pub fn read_watched(
+        &self,
+        dir: &CgroupDir,
+    ) -> Result<(CgroupCounters, Vec<CgroupId>), SensorError> {
         match &self.source {
             Source::Fake(state) => {
                 let (c, wait) = state
@@ -239,7 +250,7 @@ impl Sensor {
                         )
                     })
                     .unwrap_or_default();
-                Ok(counters(dir.id, c, wait))
+                Ok((counters(dir.id, c, wait), Vec::new()))
             }
             Source::Poll => {
                 let c = dir.read()?;
@@ -252,16 +263,16 @@ impl Sensor {
                         None
                     }
                 };
-                Ok(counters(dir.id, c, wait))
+                Ok((counters(dir.id, c, wait), Vec::new()))
             }
             Source::Ebpf(s) => {
-                let wait = s.has_runq().then(|| {
-                    runq::subtree(&dir.path, dir.id, runq::SUBTREE_DEPTH)
-                        .into_iter()
-                        .filter_map(|(id, _)| s.runq_wait_ns(id))
-                        .fold(0u64, u64::saturating_add)
-                });
-                Ok(match s.bandwidth(dir.id) {
+                let ids = if s.has_runq() {
+                    wait_ids(dir)
+                } else {
+                    Vec::new()
+                };
+                let wait = self.wait_of(&ids);
+                let c = match s.bandwidth(dir.id) {
                     Some(b) => CgroupCounters {
                         id: dir.id,
                         nr_periods: b.nr_periods,
@@ -271,7 +282,8 @@ impl Sensor {
                         wait_ns: wait,
                     },
                     None => counters(dir.id, dir.read()?, wait),
-                })
+                };
+                Ok((c, ids))
             }
         }
     }
@@ -281,14 +293,6 @@ impl Sensor {
     /// thread's schedstat).
     pub fn watches_wait(&self) -> bool {
         matches!(&self.source, Source::Ebpf(s) if s.has_runq())
-    }
-
-    /// The cgroup ids whose wait adds up to `dir`'s: it and its descendants.
-    pub fn wait_ids(&self, dir: &CgroupDir) -> Vec<CgroupId> {
-        runq::subtree(&dir.path, dir.id, runq::SUBTREE_DEPTH)
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect()
     }
 
     /// Σ cumulative wait of `ids` from the eBPF map; `None` without it.
@@ -335,6 +339,14 @@ impl Sensor {
             _ => Vec::new(),
         }
     }
+}
+
+/// The cgroup ids whose wait adds up to `dir`'s: it and its descendants.
+fn wait_ids(dir: &CgroupDir) -> Vec<CgroupId> {
+    runq::subtree(&dir.path, dir.id, runq::SUBTREE_DEPTH)
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect()
 }
 
 fn counters(id: CgroupId, c: CpuCounters, wait_ns: Option<u64>) -> CgroupCounters {
