@@ -23,7 +23,11 @@
 //! the mode's actuator can end the loop with an error (local mode: the round
 //! report cannot be written).
 
-use std::{collections::HashSet, future::Future, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    future::Future,
+    time::Duration,
+};
 
 use tokio::{sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
@@ -34,7 +38,7 @@ use crate::{
     engine::{ConsumerInput, Engine, EngineConfig, NodeInput, StepOutcome},
     error::error_chain,
     metrics::{Metrics, PodLabels},
-    sensor::{Sensor, SensorError, ThrottleEvent},
+    sensor::{CgroupCounters, Sensor, SensorError, ThrottleEvent},
     units::{CgroupId, MilliCpu, PodKey},
 };
 
@@ -56,6 +60,25 @@ pub struct Consumer {
     pub window_limit: Option<MilliCpu>,
     /// See [`ConsumerInput::demoted`].
     pub demoted: bool,
+    /// Its parts with counters of their own (Kubernetes mode: the pod's
+    /// container cgroups; empty in local mode).
+    pub parts: Vec<Part>,
+}
+
+/// A part of a consumer with counters of its own: a container cgroup inside
+/// a pod cgroup. The kernel does not add a child's throttling to its parent's
+/// `cpu.stat` (a container held by its own quota leaves the pod's counters
+/// clean), so the loop adds the parts' throttling to the consumer's
+/// ([`merge_parts`]): a pod is throttled when any of its containers is. It
+/// also measures each part's raw demand, by which the mode splits the
+/// consumer's limit.
+#[derive(Clone, Debug)]
+pub struct Part {
+    pub name: String,
+    pub dir: CgroupDir,
+    /// Raw demand over the last window (usage + throttled + wait,
+    /// millicores); set by the loop once the part was read twice.
+    pub need: Option<MilliCpu>,
 }
 
 /// Who takes part in this round, and what the node offers them.
@@ -103,12 +126,6 @@ pub trait Mode {
         consumers: &[Consumer],
         outcome: &StepOutcome,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
-
-    /// The consumer a cgroup belongs to, when it is not a consumer's own cgroup
-    /// (Kubernetes mode: a container cgroup inside a pod cgroup).
-    fn owner(&self, _cgroup: CgroupId) -> Option<CgroupId> {
-        None
-    }
 
     /// Called once when the loop stops, also after an error.
     fn finish(&mut self) {}
@@ -167,6 +184,10 @@ pub struct DecisionLoop<M> {
     start: Instant,
     /// Cgroup ids of this round's consumers.
     ids: HashSet<CgroupId>,
+    /// The consumer each of this round's parts belongs to, by cgroup id.
+    owners: HashMap<CgroupId, CgroupId>,
+    /// Each part's last reading: when, and its raw demand counter (ns).
+    part_last: HashMap<CgroupId, (u64, u64)>,
     /// Cgroup ids of the consumers throttled in the last round.
     throttled: HashSet<CgroupId>,
     /// The consumers' wait, watched between rounds (eBPF run-queue program only).
@@ -191,6 +212,8 @@ impl<M: Mode> DecisionLoop<M> {
             pacing,
             start: Instant::now(),
             ids: HashSet::new(),
+            owners: HashMap::new(),
+            part_last: HashMap::new(),
             throttled: HashSet::new(),
             waits: Vec::new(),
             counts: LoopCounts::default(),
@@ -218,8 +241,9 @@ impl<M: Mode> DecisionLoop<M> {
         let mut consumers = Vec::with_capacity(census.consumers.len());
         let mut inputs = Vec::with_capacity(census.consumers.len());
         let mut wait_ids = Vec::with_capacity(census.consumers.len());
-        for c in census.consumers {
-            match self.read(&c.dir, at_ns) {
+        let mut part_now = HashMap::new();
+        for mut c in census.consumers {
+            match self.read(&mut c, at_ns, &mut part_now) {
                 Ok((counters, ids)) => {
                     wait_ids.push(ids);
                     inputs.push(ConsumerInput {
@@ -240,6 +264,11 @@ impl<M: Mode> DecisionLoop<M> {
             }
         }
         self.ids = consumers.iter().map(|c| c.dir.id).collect();
+        self.owners = consumers
+            .iter()
+            .flat_map(|c| c.parts.iter().map(|p| (p.dir.id, c.dir.id)))
+            .collect();
+        self.part_last = part_now;
         let outcome = match self.engine.step(now, &census.node, &inputs) {
             Ok(o) => o,
             Err(e) => {
@@ -277,29 +306,58 @@ impl<M: Mode> DecisionLoop<M> {
         acted.map(|()| Some(outcome))
     }
 
-    /// The consumer's counters now, with its pressure on v2, and the cgroup
-    /// ids its wait was summed over (see [`Sensor::read_watched`]).
-    fn read(&self, dir: &CgroupDir, at_ns: u64) -> Result<(Counters, Vec<CgroupId>), Unreadable> {
-        let (c, ids) = self.sensor.read_watched(dir).map_err(Unreadable::Failed)?;
+    /// The consumer's counters now, with its pressure on v2 and its parts'
+    /// throttling, and the cgroup ids its wait was summed over (see
+    /// [`Sensor::read_watched`]). Sets each part's need from its last reading
+    /// (in `part_now` for the next round); a part that cannot be read is left
+    /// out of this round's sums.
+    fn read(
+        &self,
+        c: &mut Consumer,
+        at_ns: u64,
+        part_now: &mut HashMap<CgroupId, (u64, u64)>,
+    ) -> Result<(Counters, Vec<CgroupId>), Unreadable> {
+        let dir = &c.dir;
+        let (own, ids) = self.sensor.read_watched(dir).map_err(Unreadable::Failed)?;
         let psi = if dir.hierarchy == Hierarchy::V2 {
             files::read_pressure_some_ns(&dir.path)
                 .map_err(|e| Unreadable::Failed(SensorError::Cgroup(e)))?
         } else {
             None
         };
-        let usage_ns = c.usage_ns.ok_or(Unreadable::NoUsage)?;
-        Ok((
-            Counters {
-                at_ns,
-                usage_ns,
-                throttled_ns: c.throttled_ns,
-                nr_periods: c.nr_periods,
-                nr_throttled: c.nr_throttled,
-                psi_some_ns: psi,
-                wait_ns: c.wait_ns,
-            },
-            ids,
-        ))
+        let usage_ns = own.usage_ns.ok_or(Unreadable::NoUsage)?;
+        let mut parts = Vec::with_capacity(c.parts.len());
+        for part in &mut c.parts {
+            let counters = match self.sensor.read(&part.dir) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::debug!(cgroup = %part.dir.path.display(), error = %error_chain(&e), "container counters not read");
+                    continue;
+                }
+            };
+            let raw = counters
+                .usage_ns
+                .unwrap_or(0)
+                .saturating_add(counters.throttled_ns)
+                .saturating_add(counters.wait_ns.unwrap_or(0));
+            part.need = self
+                .part_last
+                .get(&part.dir.id)
+                .and_then(|&before| rate_m(before, (at_ns, raw)));
+            part_now.insert(part.dir.id, (at_ns, raw));
+            parts.push(counters);
+        }
+        let mut counters = Counters {
+            at_ns,
+            usage_ns,
+            throttled_ns: own.throttled_ns,
+            nr_periods: own.nr_periods,
+            nr_throttled: own.nr_throttled,
+            psi_some_ns: psi,
+            wait_ns: own.wait_ns,
+        };
+        merge_parts(&mut counters, &parts);
+        Ok((counters, ids))
     }
 
     fn export(&self, consumers: &[Consumer], outcome: &StepOutcome) {
@@ -381,14 +439,17 @@ impl<M: Mode> DecisionLoop<M> {
         self.metrics.add_ebpf_events(n);
     }
 
-    /// Whether `ev` marks the onset of throttling of a consumer: its cgroup (or
-    /// one the mode says belongs to it) was not throttled in the last round.
+    /// Whether `ev` marks the onset of throttling of a consumer: its cgroup,
+    /// or one of its parts', was not throttled in the last round.
     fn is_onset(&self, ev: &ThrottleEvent) -> bool {
         let id = CgroupId(ev.cgroup_id);
+        let owner = if self.ids.contains(&id) {
+            Some(id)
+        } else {
+            self.owners.get(&id).copied()
+        };
         ev.kind == mbcas_common::EVENT_PERIOD_THROTTLED
-            && !self.throttled.contains(&id)
-            && (self.ids.contains(&id)
-                || self.mode.owner(id).is_some_and(|o| self.ids.contains(&o)))
+            && owner.is_some_and(|o| !self.throttled.contains(&o))
     }
 
     /// Waits for an event that marks an onset; events of consumers already
@@ -447,5 +508,80 @@ impl<M: Mode> DecisionLoop<M> {
                 return;
             }
         }
+    }
+}
+
+/// Adds the parts' throttling to a consumer's counters: throttled time is
+/// summed (each run queue is throttled by its own quota), and a period counts
+/// as throttled when the consumer's or any part's was, which the largest of
+/// the counts bounds from below (the periods are the largest count too, so
+/// the ratio stays within 0..1). Counters of a part that was replaced (a
+/// container restarted) start again from zero: the sums then fall once, and
+/// the demand model skips that one window.
+pub fn merge_parts(counters: &mut Counters, parts: &[CgroupCounters]) {
+    for p in parts {
+        counters.throttled_ns = counters.throttled_ns.saturating_add(p.throttled_ns);
+        counters.nr_throttled = counters.nr_throttled.max(p.nr_throttled);
+        counters.nr_periods = counters.nr_periods.max(p.nr_periods);
+    }
+}
+
+/// The rate of a nanosecond counter between two readings `(at_ns, value)`,
+/// in millicores; `None` for an empty window or a counter that fell.
+fn rate_m(before: (u64, u64), after: (u64, u64)) -> Option<MilliCpu> {
+    let window = after.0.checked_sub(before.0).filter(|&w| w > 0)?;
+    let delta = after.1.checked_sub(before.1)?;
+    let m = delta as f64 / window as f64 * 1000.0;
+    Some(MilliCpu(m.round() as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(throttled_ns: u64, nr_periods: u64, nr_throttled: u64) -> CgroupCounters {
+        CgroupCounters {
+            id: CgroupId(7),
+            nr_periods,
+            nr_throttled,
+            throttled_ns,
+            usage_ns: Some(1),
+            wait_ns: None,
+        }
+    }
+
+    #[test]
+    fn a_throttled_container_makes_its_pod_throttled() {
+        // The pod's own quota never bound; its `app` container's did in 40 of
+        // 50 periods, the idle sidecar's never.
+        let mut pod = Counters {
+            at_ns: 1,
+            usage_ns: 5,
+            throttled_ns: 0,
+            nr_periods: 50,
+            nr_throttled: 0,
+            psi_some_ns: None,
+            wait_ns: Some(3),
+        };
+        merge_parts(&mut pod, &[part(2_000, 50, 40), part(0, 12, 0)]);
+        assert_eq!(pod.throttled_ns, 2_000);
+        assert_eq!((pod.nr_periods, pod.nr_throttled), (50, 40));
+        // What is not throttling stays the pod's own.
+        assert_eq!((pod.usage_ns, pod.wait_ns), (5, Some(3)));
+        // Two throttled parts: times add up, the ratio stays within 0..1.
+        merge_parts(&mut pod, &[part(500, 60, 55)]);
+        assert_eq!(pod.throttled_ns, 2_500);
+        assert!(pod.nr_throttled <= pod.nr_periods);
+    }
+
+    #[test]
+    fn part_rates_are_millicores_and_refuse_resets() {
+        // 300 ms of demand over 1 s.
+        assert_eq!(
+            rate_m((1_000, 0), (1_000_001_000, 300_000_000)),
+            Some(MilliCpu(300))
+        );
+        assert_eq!(rate_m((5, 10), (5, 20)), None);
+        assert_eq!(rate_m((5, 10), (1_000_000_005, 9)), None);
     }
 }

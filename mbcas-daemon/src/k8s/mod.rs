@@ -8,3 +8,4 @@ pub mod pods;
 pub mod publish;
 pub mod resize;
 pub mod restore;
+pub mod unmanaged;

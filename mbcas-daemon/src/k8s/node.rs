@@ -3,11 +3,16 @@
 //!
 //! Each round reads the node's allocatable CPU (Node object) and the managed
 //! pods (Running, not excluded; see [`PodFacts::exclusion`]) joined to their pod
-//! cgroups, and publishes the decisions that change a limit. Capacity is allocatable − reserve − what unmanaged pods may use
-//! (their limits, or their requests when they have none). A pod whose cgroup
-//! cannot be found or read this round is left out of the market (its limit
-//! stays) and counted. While the API server is unreachable nothing is written
-//! and the limits stay as they are; the next successful round catches up.
+//! cgroups and their containers' cgroups (the loop adds a container's
+//! throttling to its pod's and splits a new limit by the containers' measured
+//! needs), and publishes the decisions that change a limit. Capacity is
+//! allocatable less what the unmanaged pods use, measured from their cgroups
+//! (see [`super::unmanaged`]); their weight is then not in the market's total
+//! either, so the entitlements share the same capacity among the same pods. A
+//! pod whose cgroup cannot be found or read this round is left out of the
+//! market (its limit stays) and counted. While the API server is unreachable
+//! nothing is written and the limits stay as they are; the next successful
+//! round catches up.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -22,17 +27,18 @@ use tokio::time::Instant;
 use super::{
     crd::PodAllocation,
     pods::{PodFacts, node_allocatable},
-    publish::{PublishError, Why, Writer, allocation_for},
+    publish::{PublishError, Why, Writer, allocation_split},
+    unmanaged::UseMeter,
 };
 use crate::{
     cgroup::{CgroupDir, Mounts, files, index::CgroupIndex},
     config::DecisionConfig,
-    decision::{Census, Consumer, Mode, Unreadable},
+    decision::{Census, Consumer, Mode, Part, Unreadable},
     engine::{NodeInput, StepOutcome},
     error::error_chain,
     metrics::PodLabels,
     policy,
-    units::{CgroupId, MilliCpu, PodKey},
+    units::{MilliCpu, PodKey},
 };
 
 /// How often the cgroup tree is walked again when a pod's cgroup is unknown.
@@ -79,8 +85,14 @@ pub struct NodePods {
     /// Each managed pod's cgroup, by pod UID, resolved once (resolving is path
     /// lookups in the cgroup filesystems: a quarter of the daemon's CPU on a
     /// 110-pod node when it was done every round). Dropped when its counters
-    /// cannot be read or the pod is no longer managed.
+    /// cannot be read or the pod is no longer on the node.
     dirs: HashMap<PodKey, CgroupDir>,
+    /// Each managed pod's container cgroups, with the container ids they were
+    /// resolved for: resolved again when a container is replaced.
+    parts: HashMap<PodKey, (Vec<Option<String>>, Vec<Part>)>,
+    /// Each unmanaged pod's measured use.
+    unmanaged: HashMap<PodKey, UseMeter>,
+    start: Instant,
 }
 
 impl NodePods {
@@ -97,7 +109,102 @@ impl NodePods {
             summary: RoundSummary::default(),
             last_quota: HashMap::new(),
             dirs: HashMap::new(),
+            parts: HashMap::new(),
+            unmanaged: HashMap::new(),
+            start: Instant::now(),
         }
+    }
+
+    /// Walks the cgroup tree again unless it was walked in the last
+    /// [`RESCAN_EVERY`]; whether it did.
+    fn rescan_if_stale(&mut self) -> bool {
+        let stale = self.last_rescan.is_none_or(|t| t.elapsed() >= RESCAN_EVERY);
+        if stale {
+            self.index.rescan();
+            self.last_rescan = Some(Instant::now());
+        }
+        stale
+    }
+
+    /// The container cgroups of `pod` (those found): remembered while its
+    /// containers' ids stay the same, or resolved now. Containers missing
+    /// from the tree are looked for again at the next rescan.
+    fn pod_parts(&mut self, key: &PodKey, pod: &PodFacts) -> Vec<Part> {
+        let ids: Vec<Option<String>> = pod
+            .containers
+            .iter()
+            .map(|c| c.container_id.clone())
+            .collect();
+        if let Some((known, parts)) = self.parts.get(key)
+            && *known == ids
+            && (parts.len() == ids.len()
+                || self.last_rescan.is_some_and(|t| t.elapsed() < RESCAN_EVERY))
+        {
+            return parts.clone();
+        }
+        let find = |index: &CgroupIndex| -> Vec<(String, PathBuf)> {
+            let cgroups = index.pods();
+            pod.containers
+                .iter()
+                .filter_map(|c| {
+                    let id = c.container_id.as_deref()?;
+                    cgroups
+                        .iter()
+                        .find(|(_, pc)| {
+                            pc.pod_uid == pod.uid
+                                && pc.container.as_ref().is_some_and(|r| r.id == id)
+                        })
+                        .and_then(|(cg, _)| index.path(*cg))
+                        .map(|p| (c.name.clone(), p.to_path_buf()))
+                })
+                .collect()
+        };
+        let mut found = find(&self.index);
+        if found.len() < ids.len() && self.rescan_if_stale() {
+            found = find(&self.index);
+        }
+        let parts: Vec<Part> = found
+            .into_iter()
+            .filter_map(|(name, path)| {
+                CgroupDir::open_with_mounts(&path, &self.mounts)
+                    .ok()
+                    .map(|dir| Part {
+                        name,
+                        dir,
+                        need: None,
+                    })
+            })
+            .collect();
+        self.parts.insert(key.clone(), (ids, parts.clone()));
+        parts
+    }
+
+    /// What the unmanaged pods use between them, millicores: each at its
+    /// measured use, or at its limit (request) until that is known.
+    fn unmanaged_use(&mut self, pods: &[PodFacts]) -> MilliCpu {
+        let at = self.start.elapsed();
+        let mut total = 0.0;
+        for facts in pods {
+            let key = PodKey::from(facts.uid.as_str());
+            let usage = self
+                .pod_dir(&key, facts)
+                .and_then(|d| d.read_usage().ok().flatten());
+            let measured = match usage {
+                Some(ns) => self
+                    .unmanaged
+                    .entry(key.clone())
+                    .or_default()
+                    .observe(at, ns),
+                None => {
+                    self.dirs.remove(&key);
+                    self.unmanaged.remove(&key);
+                    None
+                }
+            };
+            total += measured
+                .unwrap_or_else(|| facts.limit().unwrap_or_else(|| facts.request()).get() as f64);
+        }
+        MilliCpu(total.ceil().min(u64::MAX as f64) as u64)
     }
 
     /// The pod cgroup of `pod`: remembered, or resolved now.
@@ -125,16 +232,8 @@ impl NodePods {
         };
         let path = match find(&self.index) {
             Some(p) => Some(p),
-            None => {
-                let stale = self.last_rescan.is_none_or(|t| t.elapsed() >= RESCAN_EVERY);
-                if stale {
-                    self.index.rescan();
-                    self.last_rescan = Some(Instant::now());
-                    find(&self.index)
-                } else {
-                    None
-                }
-            }
+            None if self.rescan_if_stale() => find(&self.index),
+            None => None,
         }?;
         CgroupDir::open_with_mounts(&path, &self.mounts).ok()
     }
@@ -154,12 +253,10 @@ impl NodePods {
         )
     }
 
-    /// This node's running pods: the managed ones, and what the unmanaged ones
-    /// may use and weigh.
-    fn node_pods(&self) -> (Vec<PodFacts>, MilliCpu, f64) {
+    /// This node's running pods: the managed ones and the unmanaged ones.
+    fn node_pods(&self) -> (Vec<PodFacts>, Vec<PodFacts>) {
         let excluded = &self.cfg.decision.excluded_namespaces;
-        let mut unmanaged = MilliCpu::ZERO;
-        let mut unmanaged_weight = 0.0;
+        let mut unmanaged = Vec::new();
         let mut managed = Vec::new();
         for pod in self.pods.state() {
             let facts = match PodFacts::from_pod(&pod) {
@@ -173,15 +270,12 @@ impl NodePods {
                 continue;
             }
             if facts.exclusion(excluded).is_some() {
-                unmanaged = MilliCpu(
-                    unmanaged.get() + facts.limit().unwrap_or_else(|| facts.request()).get(),
-                );
-                unmanaged_weight += facts.weight(self.cfg.priority_weighting);
-                continue;
+                unmanaged.push(facts);
+            } else {
+                managed.push(facts);
             }
-            managed.push(facts);
         }
-        (managed, unmanaged, unmanaged_weight)
+        (managed, unmanaged)
     }
 }
 
@@ -196,13 +290,18 @@ impl Mode for NodePods {
             tracing::warn!(node = %self.cfg.node, "node object or its allocatable CPU not known yet; no decisions this round");
             return None;
         };
-        let (managed, unmanaged, other_weight) = self.node_pods();
-        let capacity = policy::node_capacity(allocatable, unmanaged);
+        let (managed, unmanaged) = self.node_pods();
+        let live: std::collections::HashSet<PodKey> = managed
+            .iter()
+            .chain(&unmanaged)
+            .map(|f| PodKey::from(f.uid.as_str()))
+            .collect();
+        self.dirs.retain(|k, _| live.contains(k));
+        self.parts.retain(|k, _| live.contains(k));
+        self.unmanaged.retain(|k, _| live.contains(k));
+        let capacity = policy::node_capacity(allocatable, self.unmanaged_use(&unmanaged));
         let mut consumers = Vec::with_capacity(managed.len());
         let mut live_quota: HashMap<u64, MilliCpu> = HashMap::new();
-        let live: std::collections::HashSet<&str> =
-            managed.iter().map(|f| f.uid.as_str()).collect();
-        self.dirs.retain(|k, _| live.contains(k.as_str()));
         for facts in managed {
             let Some(current) = facts.limit() else {
                 continue;
@@ -235,16 +334,16 @@ impl Mode for NodePods {
                 window_limit: self.window_limit(&dir, &mut live_quota),
                 // The kubelet owns the pod cgroup's weight: the quota lever.
                 demoted: false,
+                parts: self.pod_parts(&key, &facts),
                 dir,
             });
             self.round.insert(key, (facts, weight));
         }
         self.last_quota = live_quota;
+        // The unmanaged pods' use is out of the capacity: their weight is out
+        // of the total too.
         Some(Census {
-            node: NodeInput {
-                capacity,
-                other_weight,
-            },
+            node: NodeInput::new(capacity),
             consumers,
         })
     }
@@ -254,6 +353,7 @@ impl Mode for NodePods {
         self.round.remove(&consumer.key);
         // Resolve it again next round: the pod's cgroup may have been recreated.
         self.dirs.remove(&consumer.key);
+        self.parts.remove(&consumer.key);
         let error = match why {
             Unreadable::Failed(e) => error_chain(e),
             Unreadable::NoUsage => "no CPU usage counter".to_owned(),
@@ -265,11 +365,11 @@ impl Mode for NodePods {
     async fn actuate(
         &mut self,
         _now: std::time::Duration,
-        _consumers: &[Consumer],
+        consumers: &[Consumer],
         outcome: &StepOutcome,
     ) -> Result<(), Self::Error> {
         self.summary.managed = outcome.rows.len();
-        for row in &outcome.rows {
+        for (row, consumer) in outcome.rows.iter().zip(consumers) {
             // Publish only when the decision changes the pod's limit: an
             // allocation whose resize is still in flight (spec not yet patched)
             // must not be taken back by a round that merely holds.
@@ -280,7 +380,12 @@ impl Mode for NodePods {
                 continue;
             };
             let stored = self.writer.stored(&facts.namespace, &facts.name);
-            let pa = allocation_for(
+            let needs: BTreeMap<String, MilliCpu> = consumer
+                .parts
+                .iter()
+                .filter_map(|p| p.need.map(|n| (p.name.clone(), n)))
+                .collect();
+            let pa = allocation_split(
                 facts,
                 stored.as_deref(),
                 &self.cfg.node,
@@ -291,6 +396,7 @@ impl Mode for NodePods {
                     price: outcome.price,
                     reason: row.reason.as_str(),
                 },
+                &needs,
             );
             match self.writer.publish(&pa).await {
                 Ok(true) => {
@@ -312,14 +418,6 @@ impl Mode for NodePods {
         }
         tracing::debug!(summary = ?self.summary, "round");
         Ok(())
-    }
-
-    /// A container cgroup belongs to the pod cgroup above it.
-    fn owner(&self, cgroup: CgroupId) -> Option<CgroupId> {
-        self.index
-            .path(cgroup)
-            .and_then(|p| p.parent())
-            .and_then(|parent| self.index.id(parent))
     }
 }
 

@@ -5,6 +5,8 @@
 //! stored one already asks (the policy's hysteresis has been applied before), so
 //! a node with constant loads makes no API writes.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::OwnerReference};
 use kube::{
     Api, Client, ResourceExt as _,
@@ -52,18 +54,38 @@ pub struct Why {
     pub reason: &'static str,
 }
 
+/// The lowest limit a container is split: the kernel's smallest CFS quota
+/// (1 ms per 100 ms period), also for a container that requests nothing.
+pub const MIN_CONTAINER_LIMIT: MilliCpu = MilliCpu(10);
+
 /// The PodAllocation for `pod` at total limit `total`, split over its
-/// containers in proportion to their current limits, never below a
-/// container's request. `stored` is this pod's allocation as the API server
-/// has it: its original limits are kept; without one (or for an earlier pod of
-/// the same name) the pod's limits now are the originals, since no resize
-/// happens before an allocation asks for it.
+/// containers in proportion to their current limits (see
+/// [`allocation_split`]).
 pub fn allocation_for(
     pod: &PodFacts,
     stored: Option<&PodAllocation>,
     node: &str,
     total: MilliCpu,
     why: &Why,
+) -> PodAllocation {
+    allocation_split(pod, stored, node, total, why, &BTreeMap::new())
+}
+
+/// The PodAllocation for `pod` at total limit `total`, split over its
+/// containers in proportion to their measured needs (`needs`, by container
+/// name: what each container's cgroup used, was throttled and waited), or to
+/// their current limits when a container's need is not known; never below a
+/// container's request (nor [`MIN_CONTAINER_LIMIT`]). `stored` is this pod's
+/// allocation as the API server has it: its original limits are kept; without
+/// one (or for an earlier pod of the same name) the pod's limits now are the
+/// originals, since no resize happens before an allocation asks for it.
+pub fn allocation_split(
+    pod: &PodFacts,
+    stored: Option<&PodAllocation>,
+    node: &str,
+    total: MilliCpu,
+    why: &Why,
+    needs: &BTreeMap<String, MilliCpu>,
 ) -> PodAllocation {
     let original = match stored.filter(|s| s.spec.pod_uid == pod.uid) {
         Some(s) if !s.originals().is_empty() => s.originals().to_vec(),
@@ -76,13 +98,23 @@ pub fn allocation_for(
             })
             .collect(),
     };
-    let needs: Vec<MilliCpu> = pod
+    let measured: Option<Vec<MilliCpu>> = pod
         .containers
         .iter()
-        .map(|c| c.limit.unwrap_or(c.request))
+        .map(|c| needs.get(&c.name).copied())
         .collect();
-    let requests: Vec<MilliCpu> = pod.containers.iter().map(|c| c.request).collect();
-    let parts = split_to_containers(total, &needs, &requests);
+    let needs = measured.unwrap_or_else(|| {
+        pod.containers
+            .iter()
+            .map(|c| c.limit.unwrap_or(c.request))
+            .collect()
+    });
+    let floors: Vec<MilliCpu> = pod
+        .containers
+        .iter()
+        .map(|c| c.request.max(MIN_CONTAINER_LIMIT))
+        .collect();
+    let parts = split_to_containers(total, &needs, &floors);
     let containers: Vec<ContainerAllocation> = pod
         .containers
         .iter()
@@ -274,6 +306,40 @@ mod tests {
         assert!(parts[0] >= 200 && parts[1] >= 100, "{parts:?}");
         // In proportion to the current limits (600:200).
         assert_eq!(parts, vec![900, 300]);
+    }
+
+    fn split(pa: &PodAllocation) -> Vec<u64> {
+        pa.spec
+            .containers
+            .iter()
+            .map(|c| c.cpu_limit.millis().get())
+            .collect()
+    }
+
+    #[test]
+    fn a_measured_split_follows_the_containers_needs() {
+        // `app` wants 950 m (throttled at 600), the sidecar uses 5 m: `app`
+        // gets what its need asks, the sidecar its request, not a third.
+        let needs = BTreeMap::from([
+            ("app".to_owned(), MilliCpu(950)),
+            ("side".to_owned(), MilliCpu(5)),
+        ]);
+        let pa = allocation_split(&pod(), None, "n1", MilliCpu(1200), &why(), &needs);
+        assert_eq!(split(&pa), vec![1100, 100]);
+        // A need that is not known for every container: current limits.
+        let partial = BTreeMap::from([("app".to_owned(), MilliCpu(950))]);
+        let pa = allocation_split(&pod(), None, "n1", MilliCpu(1200), &why(), &partial);
+        assert_eq!(split(&pa), vec![900, 300]);
+        // A container that requests nothing and needs nothing still gets the
+        // kernel's smallest quota, never a limit of 0.
+        let mut free = pod();
+        free.containers[1].request = MilliCpu(0);
+        let idle = BTreeMap::from([
+            ("app".to_owned(), MilliCpu(400)),
+            ("side".to_owned(), MilliCpu(0)),
+        ]);
+        let pa = allocation_split(&free, None, "n1", MilliCpu(500), &why(), &idle);
+        assert_eq!(split(&pa), vec![490, 10]);
     }
 
     #[test]

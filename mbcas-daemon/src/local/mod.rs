@@ -472,6 +472,7 @@ impl Mode for Local {
                 // Local mode writes the quota itself, at once.
                 window_limit: None,
                 demoted: c.demotion.is_some(),
+                parts: Vec::new(),
             });
         }
         Some(Census {
