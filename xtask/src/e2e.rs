@@ -67,6 +67,10 @@ const BURNER_LIMIT: u64 = 300;
 const DUO: &str = "duo";
 const DUO_LIMITS: [(&str, u64); 2] = [("app", 200), ("sidecar", 100)];
 const GUARANTEED: &str = "guaranteed";
+/// An idle Guaranteed pod holding most of the node.
+const HOLDER: &str = "holder";
+/// A pod without a CPU limit, busy.
+const LIMITLESS: &str = "limitless";
 const RESTART: &str = "restart-on-resize";
 const SYSTEM_POD: &str = "mbcas-e2e-system";
 const UNTOUCHED_LIMIT: u64 = 200;
@@ -164,14 +168,25 @@ fn workload(image: &str) -> Vec<Value> {
             &["--percent", "50"],
         )],
     );
+    // `app` wants 300 m under a 200 m limit, the sidecar idles: the pod's
+    // own quota (300 m) never binds, only `app`'s does.
     let duo = pod(
         NAMESPACE,
         DUO,
         vec![
             container("app", image, 50, DUO_LIMITS[0].1, &["--percent", "30"]),
-            container("sidecar", image, 20, DUO_LIMITS[1].1, &["--percent", "15"]),
+            container("sidecar", image, 20, DUO_LIMITS[1].1, &["--percent", "1"]),
         ],
     );
+    let mut limitless = pod(
+        NAMESPACE,
+        LIMITLESS,
+        vec![container("burn", image, 50, 0, &["--percent", "20"])],
+    );
+    if let Some(limits) = limitless["spec"]["containers"][0]["resources"]["limits"].as_object_mut()
+    {
+        limits.remove("cpu");
+    }
     let mut guaranteed = pod(
         NAMESPACE,
         GUARANTEED,
@@ -196,7 +211,25 @@ fn workload(image: &str) -> Vec<Value> {
         SYSTEM_POD,
         vec![container("burn", image, 50, UNTOUCHED_LIMIT, &[])],
     );
-    vec![burner, duo, guaranteed, restart, system]
+    vec![burner, duo, guaranteed, restart, system, limitless]
+}
+
+/// The idle Guaranteed pod that holds `millicores` of `node`.
+fn holder(image: &str, node: &str, millicores: u64) -> Value {
+    let mut p = pod(
+        NAMESPACE,
+        HOLDER,
+        vec![container(
+            "burn",
+            image,
+            millicores,
+            millicores,
+            &["--percent", "1"],
+        )],
+    );
+    p["spec"]["containers"][0]["resources"]["requests"]["memory"] = json!("64Mi");
+    p["spec"]["nodeName"] = json!(node);
+    p
 }
 
 /// One container as the API reports it.
@@ -457,8 +490,10 @@ fn scenario(c: &dyn Cluster) -> anyhow::Result<Report> {
         ));
     }
     check_duo(c, &mut report)?;
+    check_lending(c, &mut report, &burner.node)?;
     user_view(c);
     check_untouched(c, &mut report)?;
+    check_limitless(c, &mut report)?;
     // 5. Faults: nothing lost, no limit changed by a restart alone.
     faults(c, &mut report, &burner.node, &burner.dir)?;
     check_restore(c, &mut report)?;
@@ -509,8 +544,117 @@ fn start_workload(c: &dyn Cluster, report: &mut Report) -> anyhow::Result<Burner
     report.ok(format!(
         "{BURNER}'s container cgroup found on the node ({dir}), first quota read {first_quota:?}m"
     ));
+    let (allocatable, requested) = node_cpu(c, &node)?;
+    let hold = allocatable.saturating_sub(requested + 100);
+    if hold < allocatable / 2 {
+        bail!(
+            "node {node}: {allocatable}m allocatable, {requested}m requested: no room for an idle Guaranteed pod holding most of it"
+        );
+    }
+    apply(c, &holder(c.image(), &node, hold))?;
+    report.ok(format!(
+        "{HOLDER}: an idle Guaranteed pod holding {hold}m of the node's {allocatable}m"
+    ));
 
     Ok(Burner { node, dir, started })
+}
+
+/// The node's allocatable CPU, and what the pods on it request, millicores.
+fn node_cpu(c: &dyn Cluster, node: &str) -> anyhow::Result<(u64, u64)> {
+    let n: Value = serde_json::from_str(&kubectl(c, &["get", "node", node, "-o", "json"])?)
+        .context("node: bad JSON")?;
+    let allocatable = n["status"]["allocatable"]["cpu"]
+        .as_str()
+        .and_then(millicores)
+        .with_context(|| format!("node {node}: no allocatable CPU"))?;
+    let requested = node_pods(c, node)?
+        .iter()
+        .map(|p| p.containers.iter().map(|(req, _)| req).sum::<u64>())
+        .sum();
+    Ok((allocatable, requested))
+}
+
+/// A pod on the node, as its CPU: each container's (request, limit).
+struct NodePod {
+    namespace: String,
+    name: String,
+    containers: Vec<(u64, Option<u64>)>,
+}
+
+/// The pods on `node` that hold CPU (not finished).
+fn node_pods(c: &dyn Cluster, node: &str) -> anyhow::Result<Vec<NodePod>> {
+    let selector = format!("spec.nodeName={node}");
+    let v: Value = serde_json::from_str(&kubectl(
+        c,
+        &[
+            "get",
+            "pods",
+            "-A",
+            "--field-selector",
+            &selector,
+            "-o",
+            "json",
+        ],
+    )?)
+    .context("pods: bad JSON")?;
+    let items = v["items"].as_array().cloned().unwrap_or_default();
+    Ok(items
+        .iter()
+        .filter(|p| !matches!(p["status"]["phase"].as_str(), Some("Succeeded" | "Failed")))
+        .map(|p| NodePod {
+            namespace: p["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            name: p["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            containers: p["spec"]["containers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|ctr| {
+                    let r = &ctr["resources"];
+                    let limit = r["limits"]["cpu"].as_str().and_then(millicores);
+                    // The API server defaults a missing request to the limit.
+                    let request = r["requests"]["cpu"].as_str().and_then(millicores).or(limit);
+                    (request.unwrap_or(0), limit)
+                })
+                .collect(),
+        })
+        .collect())
+}
+
+/// An idle Guaranteed pod holding most of the node: MBCAS counts the
+/// unmanaged pods by what they use, so the managed pods together hold more
+/// than the unmanaged pods' limits (their requests without one) leave.
+fn check_lending(c: &dyn Cluster, report: &mut Report, node: &str) -> anyhow::Result<()> {
+    let (allocatable, _) = node_cpu(c, node)?;
+    let (mut managed, mut others) = (0, 0);
+    for p in node_pods(c, node)? {
+        let limits: u64 = p
+            .containers
+            .iter()
+            .map(|(req, lim)| lim.unwrap_or(*req))
+            .sum();
+        if p.namespace == NAMESPACE && (p.name == BURNER || p.name == DUO) {
+            managed += limits;
+        } else {
+            others += limits;
+        }
+    }
+    let by_limits = allocatable.saturating_sub(others);
+    if managed <= by_limits {
+        bail!(
+            "the managed pods hold {managed}m, no more than the {by_limits}m the unmanaged pods' limits leave of {allocatable}m: the idle {HOLDER} is not lent"
+        );
+    }
+    report.ok(format!(
+        "{BURNER} and {DUO} hold {managed}m next to the idle {HOLDER}, where the unmanaged pods' limits ({others}m of {allocatable}m) would leave {by_limits}m"
+    ));
+    Ok(())
 }
 
 /// The raise, end to end; the burner's periods counters at the raise.
@@ -618,12 +762,12 @@ fn check_steady(
     Ok(())
 }
 
-/// Two containers, a limit each, each in its own cgroup.
+/// Two containers, a limit each, each in its own cgroup; `app` is throttled
+/// by its own quota while the pod's is not: MBCAS reads the containers'
+/// cgroups and raises `app`.
 fn check_duo(c: &dyn Cluster, report: &mut Report) -> anyhow::Result<()> {
-    // 3. Two containers, a limit each, each in its own cgroup.
     let duo = pod_view(c, NAMESPACE, DUO)?;
-    let mut raised_any = false;
-    for (name, original) in DUO_LIMITS {
+    for (name, _) in DUO_LIMITS {
         let ctr = duo
             .containers
             .iter()
@@ -641,23 +785,84 @@ fn check_duo(c: &dyn Cluster, report: &mut Report) -> anyhow::Result<()> {
         if ctr.restarts != 0 {
             bail!("{DUO}/{name} restarted {} times", ctr.restarts);
         }
-        raised_any |= ctr.spec_limit.is_some_and(|l| l > original);
     }
-    if !raised_any {
+    let (app, original) = DUO_LIMITS[0];
+    let raised = duo
+        .containers
+        .iter()
+        .find(|x| x.name == app)
+        .and_then(|x| x.spec_limit)
+        .is_some_and(|l| l > original);
+    let limits = duo
+        .containers
+        .iter()
+        .map(|x| format!("{}={:?}m", x.name, x.spec_limit))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if !raised {
         bail!(
-            "neither container of {DUO} was raised: {:?}",
-            duo.containers
+            "{DUO}/{app}, throttled under its own {original}m quota while the pod's was not, was not raised: {limits}"
         );
     }
     report.ok(format!(
-        "{DUO}: per-container limits {}",
-        duo.containers
-            .iter()
-            .map(|x| format!("{}={:?}m", x.name, x.spec_limit))
-            .collect::<Vec<_>>()
-            .join(", ")
+        "{DUO}: {app}, throttled by its own quota (the pod's never bound), raised; the idle sidecar sized by its use: {limits}"
     ));
 
+    Ok(())
+}
+
+/// A pod without a CPU limit: MBCAS leaves it alone (it counts what it
+/// uses); whether the API lets a limit be added in place is reported.
+fn check_limitless(c: &dyn Cluster, report: &mut Report) -> anyhow::Result<()> {
+    let p = pod_view(c, NAMESPACE, LIMITLESS)?;
+    let ctr = first(&p)?;
+    if ctr.spec_limit.is_some() || ctr.restarts != 0 {
+        bail!(
+            "{LIMITLESS} was touched: spec {:?}m, {} restarts",
+            ctr.spec_limit,
+            ctr.restarts
+        );
+    }
+    let allocations = kubectl(c, &["-n", NAMESPACE, "get", "podallocations", "-o", "name"])?;
+    if allocations
+        .lines()
+        .any(|l| l.ends_with(&format!("/{LIMITLESS}")))
+    {
+        bail!("MBCAS wrote a PodAllocation for {LIMITLESS}, which has no CPU limit");
+    }
+    let patch = json!({"spec": {"containers": [{"name": ctr.name, "resources": {"limits": {"cpu": "300m"}}}]}});
+    let answer = kubectl(
+        c,
+        &[
+            "-n",
+            NAMESPACE,
+            "patch",
+            "pod",
+            LIMITLESS,
+            "--subresource",
+            "resize",
+            "-p",
+            &patch.to_string(),
+        ],
+    );
+    let answer = match answer {
+        Ok(_) => {
+            let now = pod_view(c, NAMESPACE, LIMITLESS)?;
+            format!("accepted (spec limit now {:?}m)", first(&now)?.spec_limit)
+        }
+        Err(e) => format!(
+            "refused: {}",
+            e.to_string().lines().last().unwrap_or_default().trim()
+        ),
+    };
+    // Accepted or not, the pod is not part of what follows.
+    let _ = kubectl(
+        c,
+        &["-n", NAMESPACE, "delete", "pod", LIMITLESS, "--wait=false"],
+    );
+    report.ok(format!(
+        "{LIMITLESS} (no CPU limit) left alone, no PodAllocation; adding a CPU limit in place through pods/resize: {answer}"
+    ));
     Ok(())
 }
 
@@ -1036,17 +1241,21 @@ fn faults(
         }
         sleep(Duration::from_secs(2));
     }
-    let starting: [(&str, u64); 3] = [
-        ("burner/burn", BURNER_LIMIT),
-        ("duo/app", DUO_LIMITS[0].1),
-        ("duo/sidecar", DUO_LIMITS[1].1),
-    ];
-    for (name, limit, _) in limits_now(c)? {
-        if let Some((_, start)) = starting.iter().find(|(n, _)| *n == name)
-            && limit.is_none_or(|l| l < *start)
-        {
+    // A pod's total, not each container's: a container is sized by its use
+    // (the idle sidecar sits below its starting limit by design).
+    let now = limits_now(c)?;
+    let total = |pod: &str| -> Option<u64> {
+        now.iter()
+            .filter(|(n, _, _)| n.split('/').next() == Some(pod))
+            .map(|(_, l, _)| *l)
+            .sum()
+    };
+    let duo_start: u64 = DUO_LIMITS.iter().map(|(_, l)| l).sum();
+    for (pod, start) in [(BURNER, BURNER_LIMIT), (DUO, duo_start)] {
+        let limit = total(pod);
+        if limit.is_none_or(|l| l < start) {
             bail!(
-                "after the daemon restart {name}'s limit {limit:?}m is below its starting {start}m"
+                "after the daemon restart {pod}'s limit {limit:?}m is below its starting {start}m"
             );
         }
     }
@@ -1067,7 +1276,7 @@ fn faults(
         .map(|(n, l)| format!("{n} → {l:?}m"))
         .collect();
     report.ok(format!(
-        "daemon restart: PodAllocations kept, 0 container restarts, no limit below its start; limit changes in the 60 s after it: {} ({})",
+        "daemon restart: PodAllocations kept, 0 container restarts, no pod's limit below its start; limit changes in the 60 s after it: {} ({})",
         changed.len(),
         if changed.is_empty() { "none".to_owned() } else { report.daemon_restart_changes.join(", ") }
     ));

@@ -24,8 +24,17 @@
 //!    `throttled` and the pressure stall time is used, since each bounds the
 //!    held-back runnable time from below. A wait counter that went backwards
 //!    (threads that exited took their wait with them) counts as no wait.
-//! 2. **Smoothing**, fast up and slow down: `e ← e + α·(d − e)` with
-//!    `α = α_up` (default 0.3) when `d > e`, else `α_down` (default 0.1), for a
+//!    The wait says who contends *now*: the market's contention rule compares
+//!    the last window's `d` ([`DemandEstimate::raw`]). What the consumer's own
+//!    limit should follow is `d' = (usage + throttled) / T`, the demand
+//!    without the wait: a limit caps what the consumer's threads run, not how
+//!    long they queue behind a neighbour's, so raising the limit of a pod that
+//!    is not throttled buys it nothing, and a wait that comes and goes with the
+//!    node's load (a component restarting, a neighbour's burst) would move its
+//!    limit up and down. Steps 2–5 smooth `d'`; under contention the pod's
+//!    share of what is wanted (waiting included) is a floor of its ceiling.
+//! 2. **Smoothing**, fast up and slow down: `e ← e + α·(d' − e)` with
+//!    `α = α_up` (default 0.3) when `d' > e`, else `α_down` (default 0.1), for a
 //!    window of the reference length `W` (the decision tick, default 1 s). A window
 //!    of another length `T` weighs by its length: `α_T = 1 − (1 − α)^(T/W)`, so
 //!    the loop waking early on a throttle onset (a short window) moves the
@@ -33,14 +42,14 @@
 //!    step up reaches 90 % of its new level in ln(0.1)/ln(0.7) ≈ 6.5 windows; a
 //!    step down takes ≈ 22 windows: decreases are slow and reversible.
 //!    **Start:** until one reference window has been seen, `e` is the
-//!    time-weighted mean of the raw demand so far. (A first window that is short,
+//!    time-weighted mean of `d'` so far. (A first window that is short,
 //!    e.g. the early wake-up on a new consumer's first throttling, would otherwise
 //!    set `e` from a fraction of a second, and the slow decrease would take
 //!    ~20 s to forget it.)
-//! 3. **Variability**: `σ ← σ + α·(|d − e| − σ)` (the same length-weighted
+//! 3. **Variability**: `σ ← σ + α·(|d' − e| − σ)` (the same length-weighted
 //!    factors, `α_up` when the deviation grows), an exponentially weighted mean
-//!    absolute deviation of the raw demand around the estimate.
-//! 4. **Peak** `p ← max(d, e + (p − e)·2^(−T/60 s))`: the highest raw demand of
+//!    absolute deviation of `d'` around the estimate.
+//! 4. **Peak** `p ← max(d', e + (p − e)·2^(−T/60 s))`: the highest `d'` of
 //!    the last minutes, decaying towards the estimate with a half-life of 60 s.
 //!    A pod that bursts every few seconds keeps a ceiling above its bursts
 //!    instead of a limit that follows each burst up and each lull down.
@@ -241,6 +250,13 @@ impl Sample {
             * 1000.0
     }
 
+    /// What the consumer's own limit held back plus what it used, in
+    /// millicores: the raw demand without the run-queue wait. This is what
+    /// the smoothed demand and the need follow (see the module's step 2).
+    pub fn limited_demand_millicores(&self) -> f64 {
+        self.raw_demand_millicores() - self.wait_millicores()
+    }
+
     /// Run-queue wait over the window, in millicores (0 when not measured).
     pub fn wait_millicores(&self) -> f64 {
         self.wait_ns.unwrap_or(0) as f64 / self.window_ns as f64 * 1000.0
@@ -254,13 +270,15 @@ impl Sample {
 /// What the model concluded from the samples so far.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DemandEstimate {
-    /// Raw demand of the last window, in millicores.
+    /// Raw demand of the last window, waiting included, in millicores: what
+    /// the market's contention rule compares.
     pub raw: f64,
-    /// Smoothed demand, in millicores.
+    /// Smoothed demand without the waiting, in millicores.
     pub smoothed: f64,
-    /// Mean absolute deviation of the raw demand around the estimate, millicores.
+    /// Mean absolute deviation of that demand around the estimate, millicores.
     pub deviation: f64,
-    /// Highest recent raw demand, decaying towards the estimate, millicores.
+    /// Highest recent demand without the waiting, decaying towards the
+    /// estimate, millicores.
     pub peak: f64,
     /// Smoothed demand plus headroom: what the pod should get.
     pub need: MilliCpu,
@@ -295,7 +313,8 @@ impl DemandEstimator {
 
     /// Folds one window in and returns the new estimate.
     pub fn update(&mut self, sample: &Sample, cfg: &DemandConfig) -> DemandEstimate {
-        let raw = sample.raw_demand_millicores();
+        let wanted = sample.raw_demand_millicores();
+        let raw = sample.limited_demand_millicores();
         let t = sample.window_secs();
         let smoothed = match (self.smoothed, self.start) {
             (Some(e), None) => {
@@ -326,7 +345,7 @@ impl DemandEstimator {
         let decay = half_life_decay(t, PEAK_HALF_LIFE_S);
         self.peak = raw.max(smoothed + (self.peak - smoothed).max(0.0) * decay);
         DemandEstimate {
-            raw,
+            raw: wanted,
             smoothed,
             deviation: self.deviation,
             peak: self.peak,

@@ -248,6 +248,13 @@ fn waiting_counts_as_demand_and_a_falling_wait_as_none() {
         (e.wait - 600.0).abs() < 1e-9 && (e.raw - 1000.0).abs() < 1e-9,
         "{e:?}"
     );
+    // The limit follows what the pod used and its limit held back: its wait
+    // is the market's contention signal, not a reason to raise its own limit.
+    assert!(
+        (e.smoothed - 400.0).abs() < 1e-9 && (e.peak - 400.0).abs() < 1e-9,
+        "{e:?}"
+    );
+    assert_eq!(e.need, MilliCpu(420));
     assert!((e.window_s - 1.0).abs() < 1e-12);
 }
 

@@ -73,7 +73,7 @@ pub fn allocation_for(
 
 /// The PodAllocation for `pod` at total limit `total`, split over its
 /// containers in proportion to their measured needs (`needs`, by container
-/// name: what each container's cgroup used, was throttled and waited), or to
+/// name: what each container's cgroup used and was throttled), or to
 /// their current limits when a container's need is not known; never below a
 /// container's request (nor [`MIN_CONTAINER_LIMIT`]). `stored` is this pod's
 /// allocation as the API server has it: its original limits are kept; without
