@@ -52,7 +52,14 @@
 //! 4. **Peak** `p ← max(d', e + (p − e)·2^(−T/60 s))`: the highest `d'` of
 //!    the last minutes, decaying towards the estimate with a half-life of 60 s.
 //!    A pod that bursts every few seconds keeps a ceiling above its bursts
-//!    instead of a limit that follows each burst up and each lull down.
+//!    instead of a limit that follows each burst up and each lull down. A
+//!    throttled window enters with its usage, not its `d'`: that is the upper
+//!    estimate of step 1, which the raise it causes corrects within a few
+//!    windows, while a peak floored at the estimate it inflated kept it for
+//!    minutes (on the real node a burner's limit, raised on that reading, was
+//!    raised again with lent idle CPU 3 minutes later, and a two-container pod
+//!    kept a lent limit for 144 s). The peak may then sit below the estimate;
+//!    only its part above adds headroom.
 //! 5. **Need** `n = e + h` with headroom `h = max(2σ, p − e, headroom·e, 10 m)`
 //!    (default headroom 5 %), rounded up to the market's quantum (10 m): a limit
 //!    at `n` leaves room for the noise around `e` without throttling. The market
@@ -343,7 +350,16 @@ impl DemandEstimator {
         self.smoothed = Some(smoothed);
         self.samples = self.samples.saturating_add(1);
         let decay = half_life_decay(t, PEAK_HALF_LIFE_S);
-        self.peak = raw.max(smoothed + (self.peak - smoothed).max(0.0) * decay);
+        // A throttled window's demand is an upper estimate (held-back time
+        // counted as if all of it would have run): the peak takes what was
+        // seen running, and may then sit below the estimate, which that
+        // window raised (only a peak above it adds headroom).
+        let seen = if sample.nr_throttled > 0 {
+            sample.usage_millicores()
+        } else {
+            raw
+        };
+        self.peak = seen.max(smoothed + (self.peak - smoothed) * decay);
         DemandEstimate {
             raw: wanted,
             smoothed,

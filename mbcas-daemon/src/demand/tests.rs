@@ -371,3 +371,25 @@ fn pod_need_sums_containers() {
     assert_eq!(pod_need(&[MilliCpu(100), MilliCpu(250)]), MilliCpu(350));
     assert_eq!(pod_need(&[]), MilliCpu(0));
 }
+
+#[test]
+fn the_peak_keeps_what_ran_not_a_throttled_windows_estimate() {
+    // A 300 m load under a 200 m limit, read with 300 m of overestimate: the
+    // estimate jumps (the raise comes at once); the peak keeps the 200 m that
+    // ran, below the estimate.
+    let mut est = DemandEstimator::new();
+    let e = est.update(&window(300.0, 200.0, 300.0), &cfg());
+    assert!((e.smoothed - 600.0).abs() < 1e-9, "{e:?}");
+    assert!(e.peak < e.smoothed, "{e:?}");
+    // Raised to 800 m: the load shows its 300 m. As the estimate comes down,
+    // no headroom is left over from the throttled reading (floored at the
+    // estimate, the peak stood 250 m above it after 30 s).
+    for _ in 0..30 {
+        let e = est.update(&window(300.0, 800.0, 0.0), &cfg());
+        assert!(e.peak - e.smoothed < 10.0, "{e:?}");
+    }
+    // An unthrottled burst is remembered as seen, above the estimate.
+    let e = est.update(&window(900.0, 1000.0, 0.0), &cfg());
+    assert!((e.peak - 900.0).abs() < 1e-9, "{e:?}");
+    assert!(e.need >= MilliCpu(900), "{e:?}");
+}

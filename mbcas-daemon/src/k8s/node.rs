@@ -180,7 +180,8 @@ impl NodePods {
     }
 
     /// What the unmanaged pods use between them, millicores: each at its
-    /// measured use, or at its limit (request) until that is known.
+    /// measured use (nothing in the round it is first seen), or at its limit
+    /// (request) while its cgroup cannot be read.
     fn unmanaged_use(&mut self, pods: &[PodFacts]) -> MilliCpu {
         let at = self.start.elapsed();
         let mut total = 0.0;
@@ -189,20 +190,24 @@ impl NodePods {
             let usage = self
                 .pod_dir(&key, facts)
                 .and_then(|d| d.read_usage().ok().flatten());
-            let measured = match usage {
+            total += match usage {
+                // Seen for the first time: nothing for this one round. Its
+                // limit would shrink the capacity for a round (a new 1330 m
+                // Guaranteed pod on the test node did, and the contention rule
+                // capped a managed pod to its floor on it), while the kernel
+                // gives the new pod its share whatever the managed limits.
                 Some(ns) => self
                     .unmanaged
                     .entry(key.clone())
                     .or_default()
-                    .observe(at, ns),
+                    .observe(at, ns)
+                    .unwrap_or(0.0),
                 None => {
                     self.dirs.remove(&key);
                     self.unmanaged.remove(&key);
-                    None
+                    facts.limit().unwrap_or_else(|| facts.request()).get() as f64
                 }
             };
-            total += measured
-                .unwrap_or_else(|| facts.limit().unwrap_or_else(|| facts.request()).get() as f64);
         }
         MilliCpu(total.ceil().min(u64::MAX as f64) as u64)
     }

@@ -9,8 +9,10 @@
 //! would look like idle CPU. So each unmanaged pod is counted at the peak of
 //! its measured use (its pod cgroup's usage counter), decaying with a
 //! half-life of [`HALF_LIFE`]: a pod that bursts now and then keeps its bursts
-//! counted for a while. Until it has been read twice, or while its cgroup
-//! cannot be read, it is counted at its limit (its request without one).
+//! counted for a while. In the round it is first seen it counts for nothing
+//! (one reading is no rate; counting its limit instead shrank the capacity for
+//! that round and set off the contention rule); while its cgroup cannot be
+//! read, it counts at its limit (its request without one).
 //!
 //! An unmanaged pod that wakes is still protected by the kernel: its
 //! `cpu.shares`/`cpu.weight` gives it its request's share of a busy node,
