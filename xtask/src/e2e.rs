@@ -496,6 +496,7 @@ fn scenario(c: &dyn Cluster) -> anyhow::Result<Report> {
     check_limitless(c, &mut report)?;
     // 5. Faults: nothing lost, no limit changed by a restart alone.
     faults(c, &mut report, &burner.node, &burner.dir)?;
+    try_adding_a_limit(c, &mut report)?;
     check_restore(c, &mut report)?;
     check_helm(c, &mut report)?;
     // Leave MBCAS deployed, as found.
@@ -822,7 +823,7 @@ fn check_duo(c: &dyn Cluster, report: &mut Report) -> anyhow::Result<()> {
 }
 
 /// A pod without a CPU limit: MBCAS leaves it alone (it counts what it
-/// uses); whether the API lets a limit be added in place is reported.
+/// uses).
 fn check_limitless(c: &dyn Cluster, report: &mut Report) -> anyhow::Result<()> {
     let p = pod_view(c, NAMESPACE, LIMITLESS)?;
     let ctr = first(&p)?;
@@ -840,7 +841,20 @@ fn check_limitless(c: &dyn Cluster, report: &mut Report) -> anyhow::Result<()> {
     {
         bail!("MBCAS wrote a PodAllocation for {LIMITLESS}, which has no CPU limit");
     }
-    let patch = json!({"spec": {"containers": [{"name": ctr.name, "resources": {"limits": {"cpu": "300m"}}}]}});
+    report.ok(format!(
+        "{LIMITLESS} (no CPU limit) left alone, no PodAllocation"
+    ));
+    Ok(())
+}
+
+/// Whether the API lets a CPU limit be added in place to a container without
+/// one (reported); the pod is deleted afterwards either way, since with a
+/// limit it would be MBCAS's to manage.
+fn try_adding_a_limit(c: &dyn Cluster, report: &mut Report) -> anyhow::Result<()> {
+    let p = pod_view(c, NAMESPACE, LIMITLESS)?;
+    let name = first(&p)?.name.clone();
+    let patch =
+        json!({"spec": {"containers": [{"name": name, "resources": {"limits": {"cpu": "300m"}}}]}});
     let answer = kubectl(
         c,
         &[
@@ -865,13 +879,12 @@ fn check_limitless(c: &dyn Cluster, report: &mut Report) -> anyhow::Result<()> {
             e.to_string().lines().last().unwrap_or_default().trim()
         ),
     };
-    // Accepted or not, the pod is not part of what follows.
-    let _ = kubectl(
+    kubectl(
         c,
-        &["-n", NAMESPACE, "delete", "pod", LIMITLESS, "--wait=false"],
-    );
+        &["-n", NAMESPACE, "delete", "pod", LIMITLESS, "--wait=true"],
+    )?;
     report.ok(format!(
-        "{LIMITLESS} (no CPU limit) left alone, no PodAllocation; adding a CPU limit in place through pods/resize: {answer}"
+        "adding a CPU limit in place through pods/resize to a container without one: {answer}"
     ));
     Ok(())
 }
