@@ -44,20 +44,15 @@ impl Default for EngineConfig {
 /// What the caller knows about the node this round.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct NodeInput {
-    /// What the managed consumers may use between them (allocatable minus what
-    /// unmanaged pods may use).
+    /// What the consumers may use between them (Kubernetes mode: allocatable
+    /// less what the unmanaged pods use). The market's total weight is the
+    /// consumers' own: whoever is not among them is out of the capacity too.
     pub capacity: MilliCpu,
-    /// Weight of the pods on the node that are not among the inputs (unmanaged
-    /// pods the caller left out); the inputs' own weights are counted anyway.
-    pub other_weight: f64,
 }
 
 impl NodeInput {
     pub fn new(capacity: MilliCpu) -> Self {
-        Self {
-            capacity,
-            other_weight: 0.0,
-        }
+        Self { capacity }
     }
 }
 
@@ -264,8 +259,7 @@ impl Engine {
             .iter()
             .filter(|i| i.weight.is_finite() && i.weight > 0.0)
             .map(|i| i.weight)
-            .sum::<f64>()
-            + node.other_weight.max(0.0);
+            .sum::<f64>();
         let outcome = market::clear(&MarketInput {
             capacity,
             total_weight: Some(total_weight),
