@@ -1339,7 +1339,7 @@ mod tests {
     #[test]
     fn workload_has_the_documented_shapes() {
         let pods = workload("img");
-        assert_eq!(pods.len(), 5);
+        assert_eq!(pods.len(), 6);
         let g = &pods[2]["spec"]["containers"][0]["resources"];
         assert_eq!(g["requests"]["cpu"], g["limits"]["cpu"]);
         assert_eq!(g["requests"]["memory"], g["limits"]["memory"]);
@@ -1352,5 +1352,14 @@ mod tests {
             pods[1]["spec"]["containers"].as_array().map(Vec::len),
             Some(2)
         );
+        // The limitless pod: a request, no CPU limit (a memory limit only).
+        let l = &pods[5]["spec"]["containers"][0]["resources"];
+        assert_eq!(l["requests"]["cpu"], "50m");
+        assert!(l["limits"]["cpu"].is_null() && !l["limits"]["memory"].is_null());
+        // The holder: Guaranteed, on the node it is given.
+        let h = holder("img", "n1", 1300);
+        let r = &h["spec"]["containers"][0]["resources"];
+        assert_eq!(r["requests"], r["limits"]);
+        assert_eq!(h["spec"]["nodeName"], "n1");
     }
 }
