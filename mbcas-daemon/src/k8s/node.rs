@@ -82,7 +82,7 @@ pub struct NodePods {
     /// The quota each pod's cgroup had at the last round (millicores), by pod
     /// cgroup id: with the one read now, what the kernel enforced in between.
     last_quota: HashMap<u64, MilliCpu>,
-    /// Each managed pod's cgroup, by pod UID, resolved once (resolving is path
+    /// Each pod's cgroup (managed or not), by pod UID, resolved once (resolving is path
     /// lookups in the cgroup filesystems: a quarter of the daemon's CPU on a
     /// 110-pod node when it was done every round). Dropped when its counters
     /// cannot be read or the pod is no longer on the node.

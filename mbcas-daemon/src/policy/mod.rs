@@ -56,7 +56,7 @@
 //! daemon, local mode and the simulator run the same rules.
 //!
 //! Also here: [`node_capacity`], the capacity the market may hand out (allocatable
-//! minus the limits of excluded pods), and [`lendable_idle`], the idle CPU it may
+//! minus what the unmanaged pods use), and [`lendable_idle`], the idle CPU it may
 //! lend (what the managed pods leave unused, less the soft node reserve).
 
 use std::time::Duration;
@@ -608,9 +608,10 @@ fn round_up(x: f64) -> u64 {
     ((x / QUANTUM as f64).ceil().max(0.0) as u64) * QUANTUM
 }
 
-/// The capacity the market may hand out: allocatable CPU minus the limits of pods
-/// MBCAS does not manage (they may use up to their limits). The node reserve is
-/// not taken from it: see [`lendable_idle`].
+/// The capacity the market may hand out: allocatable CPU minus what the pods
+/// MBCAS does not manage take (Kubernetes mode: their measured use, see
+/// `k8s::unmanaged`). The node reserve is not taken from it: see
+/// [`lendable_idle`].
 pub fn node_capacity(allocatable: MilliCpu, excluded_limits: MilliCpu) -> MilliCpu {
     allocatable.saturating_sub(excluded_limits)
 }
