@@ -329,7 +329,8 @@ impl<M: Mode> DecisionLoop<M> {
         let usage_ns = own.usage_ns.ok_or(Unreadable::NoUsage)?;
         let mut parts = Vec::with_capacity(c.parts.len());
         for part in &mut c.parts {
-            let counters = match self.sensor.read(&part.dir) {
+            // Its wait is already in the consumer's (summed over the subtree).
+            let counters = match self.sensor.read_cpu(&part.dir) {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::debug!(cgroup = %part.dir.path.display(), error = %error_chain(&e), "container counters not read");
@@ -337,7 +338,7 @@ impl<M: Mode> DecisionLoop<M> {
                 }
             };
             // What a container's own quota decides: its use and the time it
-            // held it back. Its wait is left out: a container waits behind
+            // held it back. Its wait is not read: a container waits behind
             // other cgroups' threads whatever its quota (an idle sidecar
             // waking a hundred times a second waited ~200 m on the test
             // node's busy CPUs to use 10 m).

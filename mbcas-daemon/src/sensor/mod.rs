@@ -238,32 +238,23 @@ impl Sensor {
         &self,
         dir: &CgroupDir,
     ) -> Result<(CgroupCounters, Vec<CgroupId>), SensorError> {
-        match &self.source {
+        let mut c = self.read_cpu(dir)?;
+        let ids = match &self.source {
             Source::Fake(state) => {
-                let (c, wait) = state
-                    .lock()
-                    .ok()
-                    .map(|s| {
-                        (
-                            s.counters.get(&dir.id).copied().unwrap_or_default(),
-                            s.wait.get(&dir.id).copied(),
-                        )
-                    })
-                    .unwrap_or_default();
-                Ok((counters(dir.id, c, wait), Vec::new()))
+                c.wait_ns = state.lock().ok().and_then(|s| s.wait.get(&dir.id).copied());
+                Vec::new()
             }
             Source::Poll => {
-                let c = dir.read()?;
                 // Usage and throttling stand without the wait: a thread list
                 // that cannot be read costs this round's wait only.
-                let wait = match runq::schedstat_wait_ns(&dir.path, dir.id, dir.hierarchy) {
+                c.wait_ns = match runq::schedstat_wait_ns(&dir.path, dir.id, dir.hierarchy) {
                     Ok(w) => Some(w),
                     Err(e) => {
                         tracing::debug!(cgroup = %dir.path.display(), error = %crate::error::error_chain(&e), "run-queue wait not read");
                         None
                     }
                 };
-                Ok((counters(dir.id, c, wait), Vec::new()))
+                Vec::new()
             }
             Source::Ebpf(s) => {
                 let ids = if s.has_runq() {
@@ -271,20 +262,38 @@ impl Sensor {
                 } else {
                     Vec::new()
                 };
-                let wait = self.wait_of(&ids);
-                let c = match s.bandwidth(dir.id) {
-                    Some(b) => CgroupCounters {
-                        id: dir.id,
-                        nr_periods: b.nr_periods,
-                        nr_throttled: b.nr_throttled,
-                        throttled_ns: b.throttled_ns,
-                        usage_ns: dir.read_usage()?,
-                        wait_ns: wait,
-                    },
-                    None => counters(dir.id, dir.read()?, wait),
-                };
-                Ok((c, ids))
+                c.wait_ns = self.wait_of(&ids);
+                ids
             }
+        };
+        Ok((c, ids))
+    }
+
+    /// The cgroup's usage and bandwidth counters without its run-queue wait
+    /// (`wait_ns` is `None`): no thread's schedstat read, no descendant
+    /// listed. For a container cgroup whose wait its pod's already holds.
+    pub fn read_cpu(&self, dir: &CgroupDir) -> Result<CgroupCounters, SensorError> {
+        match &self.source {
+            Source::Fake(state) => {
+                let c = state
+                    .lock()
+                    .ok()
+                    .and_then(|s| s.counters.get(&dir.id).copied())
+                    .unwrap_or_default();
+                Ok(counters(dir.id, c, None))
+            }
+            Source::Poll => Ok(counters(dir.id, dir.read()?, None)),
+            Source::Ebpf(s) => Ok(match s.bandwidth(dir.id) {
+                Some(b) => CgroupCounters {
+                    id: dir.id,
+                    nr_periods: b.nr_periods,
+                    nr_throttled: b.nr_throttled,
+                    throttled_ns: b.throttled_ns,
+                    usage_ns: dir.read_usage()?,
+                    wait_ns: None,
+                },
+                None => counters(dir.id, dir.read()?, None),
+            }),
         }
     }
 
