@@ -746,13 +746,14 @@ fn check_steady(
             report.limit_changes_in_steady_window
         );
     }
-    if at_raise.0 == 0 {
-        // Raised before it ran a period under its first limit (the node's
-        // idle CPU lent at once): there is no "before"; it must simply not
-        // be throttled now.
+    if at_raise.1 == 0 {
+        // Raised before it was throttled under its first limit (alone on the
+        // node, a pod's entitlement is the whole capacity, so MBCAS raises it
+        // on its first round): there is no "before"; it must simply not be
+        // throttled now.
         if report.throttled_after > 0.05 {
             bail!(
-                "{BURNER}, raised before its first period, is throttled in {:.3} of its periods after the raise",
+                "{BURNER}, raised before it was throttled, is throttled in {:.3} of its periods after the raise",
                 report.throttled_after
             );
         }

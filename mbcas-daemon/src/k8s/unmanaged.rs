@@ -12,7 +12,8 @@
 //! counted for a while. In the round it is first seen it counts for nothing
 //! (one reading is no rate; counting its limit instead shrank the capacity for
 //! that round and set off the contention rule); while its cgroup cannot be
-//! read, it counts at its limit (its request without one).
+//! read, it counts for nothing for 15 s (a new pod's cgroup is found within
+//! one rescan of the tree) and then at its limit (its request without one).
 //!
 //! An unmanaged pod that wakes is still protected by the kernel: its
 //! `cpu.shares`/`cpu.weight` gives it its request's share of a busy node,

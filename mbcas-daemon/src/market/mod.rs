@@ -42,7 +42,8 @@
 //!    max-min fair share `yᵢ = clamp(ν·wᵢ, 0, min(rᵢ, Mᵢ))`. A pod that wants
 //!    clearly more (`rᵢ > 1.05·yᵢ + 10 m`) *and takes it* — it used clearly
 //!    more (`uᵢ > 1.25·yᵢ + 10 m`), or it is held already (quota lever: its
-//!    limit `ℓᵢ ≤ 1.05·yᵢ + 10 m`, a capped pod uses what its cap lets it;
+//!    limit `ℓᵢ ≤ 1.05·yᵢ + 10 m` and it used at least 80 % of it: a capped
+//!    pod uses what its cap lets it, one far below its limit is not held by it;
 //!    weight lever: its weight is lowered) — is held to its share: with
 //!    the quota lever (Kubernetes mode) it gets `max(yᵢ, Eᵢ, fᵢ)` as its
 //!    ceiling and base: no headroom, no lent idle CPU, no budget level
@@ -291,6 +292,13 @@ pub const CONTENTION_SLACK_M: f64 = 10.0;
 /// holding it (its weight lowered to the minimum) cost the demo's steady
 /// `api` half its CPU for two seconds.
 pub const TAKING_MARGIN: f64 = 0.25;
+/// A pod counts as held at its share by its own limit only when it used at
+/// least this fraction of that limit: one that leaves much of its limit unused
+/// is not held by it, and what it lacks is waiting, not quota (on the real
+/// node a two-container pod using 310 m of a 550 m limit was "held" at its
+/// share whenever the node was busy and released when it was not, so a
+/// kubelet restart moved its limit 550 → 660 m).
+pub const HELD_USE: f64 = 0.8;
 
 /// Rule 0: each pod's fair share of what is wanted now, and whether it is
 /// capped at it; `None` when the node is not contended now.
@@ -330,7 +338,7 @@ fn contention(bids: &[Bid], weights: &[f64], caps: &[f64], c: f64) -> Option<Con
                 let (by_weight, demoted) = b
                     .recent
                     .map_or((false, false), |x| (x.lever == Lever::Weight, x.demoted));
-                let capped = !by_weight && !above(limit, y);
+                let capped = !by_weight && !above(limit, y) && usage >= HELD_USE * limit;
                 let taking =
                     usage > y * (1.0 + TAKING_MARGIN) + CONTENTION_SLACK_M || capped || demoted;
                 (y, above(r, y) && taking)

@@ -346,6 +346,25 @@ fn a_neighbour_that_wants_more_than_its_share_is_capped_at_it_now() {
         noisy_capped_at_270(1000),
         (Bound::Contention, MilliCpu(270))
     );
+    // A pod whose limit is at its share but which uses far less of it is not
+    // held by it: what it lacks is waiting. Its limit stays at least its share.
+    let mut bids = demo_bids(1000);
+    bids[1].recent = Some(Recent {
+        demand: MilliCpu(900),
+        usage: MilliCpu(300),
+        limit: MilliCpu(540),
+        lever: Lever::Quota,
+        demoted: false,
+    });
+    let o = clear_ok(&MarketInput { bids, ..i.clone() });
+    let api = o
+        .allocations
+        .iter()
+        .find(|a| a.key.as_str() == "api")
+        .unwrap();
+    assert_ne!(api.bound, Bound::Contention, "{api:?}");
+    assert!(api.contended.is_none(), "{api:?}");
+    assert!(api.amount >= MilliCpu(540), "{api:?}");
 }
 
 #[test]
@@ -519,7 +538,7 @@ proptest! {
                 let x = b.recent.map_or(Recent { demand: b.demand, usage: b.demand, limit: b.cap, lever: Lever::Quota, demoted: false }, |x| x);
                 let r = (x.demand.0 as f64).min(b.cap.0 as f64);
                 prop_assert!(r > *y, "capped a pod that wants no more than its share: {:?}", a);
-                prop_assert!(x.usage.0 as f64 > y * (1.0 + TAKING_MARGIN) || (x.lever == Lever::Quota && x.limit.0 as f64 <= y * 1.05 + 10.0 + 1e-6) || x.demoted,
+                prop_assert!(x.usage.0 as f64 > y * (1.0 + TAKING_MARGIN) || (x.lever == Lever::Quota && x.limit.0 as f64 <= y * 1.05 + 10.0 + 1e-6 && x.usage.0 as f64 >= HELD_USE * x.limit.0 as f64) || x.demoted,
                     "capped a victim (used {}, limit {}, share {}): {:?}", x.usage, x.limit, y, a);
             }
         }
