@@ -17,7 +17,10 @@
 //! 3. **Fair share first.** A throttled pod below its base (the market's
 //!    `max(entitlement, fair level)`: where its quota would bind before
 //!    `cpu.weight` does) is raised to its proposal up to that base at once: no
-//!    hysteresis, no cooldown, no step limit.
+//!    hysteresis, no cooldown, no step limit — unless the market holds it at
+//!    its share under contention (rule 7): such a pod is throttled by design
+//!    and its share moves a little every round, so its increases go through
+//!    the hysteresis.
 //! 4. **Hysteresis.** Otherwise no change under `hysteresis` (10 %) relative to
 //!    the current limit for a throttled pod's increase, and under twice that for
 //!    any other change — except to lift a limit below the pod's floor.
@@ -432,7 +435,11 @@ impl Policy {
         }
         // Its quota binds before cpu.weight would: no hysteresis, and the step
         // limit below lets it reach its base at once.
-        let fair_first = throttled && v.current < v.base && v.proposed > v.current;
+        // A pod held at its share is throttled by design, and its share moves
+        // a little every round: its increases go through the hysteresis (on
+        // a 6.1 kernel two held pods were raised 10 m at a time, 5 writes in
+        // 60 s).
+        let fair_first = throttled && !v.contended && v.current < v.base && v.proposed > v.current;
         // Only a throttled pod's increase passes the plain band; the others need
         // twice the gap: a ceiling above what a pod uses costs nothing while
         // cpu.weight arbitrates, a limit that follows every swing of the demand

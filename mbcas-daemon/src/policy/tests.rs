@@ -565,6 +565,17 @@ fn a_contention_cap_goes_through_at_once_and_comes_back_at_once() {
         (d.to, d.reason),
         (MilliCpu(1200), Reason::IncreaseThrottled)
     );
+    // Held at its share, throttled by design: a share that moved up 10 m
+    // is no reason to write (the hysteresis), one that moved 20 % is.
+    let mut held = view("noisy", 600, 610, 0.9, 5);
+    held.base = MilliCpu(610);
+    held.contended = true;
+    let d = one(&mut p, s(3), held.clone());
+    assert_eq!((d.to, d.reason), (MilliCpu(600), Reason::Hysteresis));
+    held.proposed = MilliCpu(720);
+    held.base = MilliCpu(720);
+    let d = one(&mut p, s(3), held);
+    assert_eq!((d.to, d.reason), (MilliCpu(720), Reason::IncreaseThrottled));
     // A cap is no decrease on the pod's own demand: never rolled back.
     let d = one(&mut p, s(4), view("noisy", 1200, 1200, 0.9, 4));
     assert_ne!(d.reason, Reason::Rollback);

@@ -253,7 +253,7 @@ impl EbpfSensor {
             && kbtf.has_member("task_struct", "sched_task_group");
         if !with_switch {
             tracing::info!(
-                "kernel has no task_struct.throttled (task-based throttling, 6.18+): period-timer hook only"
+                "kernel has no task_struct.throttled (the sched_switch hook needs task-based throttling, Linux 6.18+): period-timer hook only"
             );
         }
         let with_runq = kbtf.has_member("task_struct", "sched_info")
