@@ -26,6 +26,7 @@ fn consumer(
     burn: &[&str],
 ) -> (PathBuf, Option<PathBuf>, Child) {
     let dir = root.path.join(name);
+    root.delegate_cpu();
     std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
     let acct = root.acct.as_ref().map(|a| a.join(name));
     if let Some(a) = &acct {
@@ -352,7 +353,21 @@ fn removed_consumer_and_foreign_quota_change() {
     );
     let keep_dir = keep.0.clone();
     let mut run = Run::start(&root, &["--capacity-millicores", "1500"], vec![keep]);
-    std::thread::sleep(Duration::from_secs(4));
+    // Both consumers in a round (loading the eBPF programs takes seconds in
+    // an emulated VM), then a few more rounds.
+    let t0 = std::time::Instant::now();
+    while !run
+        .rounds()
+        .last()
+        .is_some_and(|r| consumer_at(r, "gone").is_some() && consumer_at(r, "keep").is_some())
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no round with both consumers in 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(3));
     // Remove one consumer: kill its burner and delete its cgroup.
     let _ = gone.2.kill();
     let _ = gone.2.wait();

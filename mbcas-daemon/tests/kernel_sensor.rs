@@ -195,7 +195,7 @@ fn sense_reports_vanished_and_missing_cgroups() {
     keep.spin();
     let mut gone = TestCgroup::new("sense-gone");
     gone.set_limit(Some(100));
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_mbcas"))
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mbcas"))
         .args([
             "sense",
             "--json",
@@ -213,8 +213,26 @@ fn sense_reports_vanished_and_missing_cgroups() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    // Remove one cgroup mid-window: once `sense` has opened them all and
+    // started its window (loading the eBPF programs takes seconds in an
+    // emulated VM), half-way through it.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
+        assert!(n > 0, "sense ended before its window began: {seen}");
+        seen.push_str(&line);
+        if line.contains("mbcas sense: watching") {
+            break;
+        }
+    }
+    let rest = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
     std::thread::sleep(Duration::from_millis(1500));
-    // Remove one cgroup mid-window.
     gone.kill_burners();
     std::fs::remove_dir(&gone.path).unwrap_or_else(|e| panic!("rmdir: {e}"));
     if let Some(a) = &gone.acct {
@@ -222,11 +240,8 @@ fn sense_reports_vanished_and_missing_cgroups() {
     }
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "sense failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    seen.push_str(&rest.join().unwrap_or_default());
+    assert!(out.status.success(), "sense failed: {seen}");
     let v: serde_json::Value =
         serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
     assert_eq!(v["sensor"], "ebpf");

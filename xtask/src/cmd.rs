@@ -1,6 +1,9 @@
 //! Running the programs xtask drives (cargo, apt-get, kubectl, …).
 
-use std::process::Command;
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, bail};
 
@@ -30,4 +33,38 @@ pub fn signal(child: &std::process::Child, signal: nix::sys::signal::Signal) -> 
         .with_context(|| format!("pid {} does not fit a pid_t", child.id()))?;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
         .with_context(|| format!("cannot send {signal} to pid {pid}"))
+}
+
+/// The shared libraries `ldd` says `exe` loads, with the dynamic loader.
+pub fn shared_libraries(exe: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let out = output_of(Command::new("ldd").arg(exe))
+        .with_context(|| format!("ldd {}", exe.display()))?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let path = match l.split_once("=>") {
+                Some((_, rest)) => rest.split_whitespace().next()?,
+                None => l.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ldd_output_is_parsed() {
+        // What ldd prints, fed through the parser via a fake executable is not
+        // possible; check the real one on a binary every machine has.
+        let libs = shared_libraries(Path::new("/bin/sh")).unwrap_or_default();
+        assert!(
+            libs.iter().any(|l| l.to_string_lossy().contains("libc.so")),
+            "{libs:?}"
+        );
+        assert!(libs.iter().all(|l| l.is_absolute()));
+    }
 }

@@ -22,6 +22,7 @@ mod sim_charts;
 mod soak;
 mod test;
 mod testenv;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -78,6 +79,9 @@ enum Command {
     /// A real etcd + kube-apiserver on loopback, and with `up --with-node` a real node:
     /// build | up | down | status | kubectl | kill | start.
     Testenv(testenv::Options),
+    /// The kernel tier on Debian's 6.1 and 6.12 kernels with cgroup v2, in QEMU VMs
+    /// (KVM when a guest boots under it, else emulated); kernels fetched into the cache (root).
+    VmTest(vm::Options),
     /// Draw the PNG charts of a `mbcas simulate --out DIR` directory.
     SimCharts(sim_charts::ChartOptions),
     /// Simulate every shipped scenario under every policy; write docs/compare/ and the
@@ -108,6 +112,7 @@ fn main() -> anyhow::Result<()> {
         Command::KindDown(opts) => kind::down(&opts),
         Command::NodeE2e => test::node_e2e().map(|_| ()),
         Command::Testenv(opts) => testenv::run(&opts),
+        Command::VmTest(opts) => vm::run(&opts),
         Command::SimCharts(opts) => sim_charts::run_charts(&opts),
         Command::Compare(opts) => sim_charts::run_compare(&opts),
         Command::Evaluate(opts) => evaluate::run(&opts),

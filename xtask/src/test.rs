@@ -8,6 +8,8 @@
 //!    burners, measuring CPU time on a small machine; they fail rather than skip
 //!    in CI), first, while nothing else runs: a control plane cleaning up after
 //!    the Kubernetes tests takes enough CPU to disturb their measurements;
+//!    Then the VM tier: the same tests on Debian's 6.1 and 6.12 kernels with
+//!    cgroup v2, in QEMU virtual machines (`cargo xtask vm-test`);
 //! 2. everything else: unit, property and golden tests, and the control-plane
 //!    tier, against a `cargo xtask testenv` control plane started here (its
 //!    kubeconfig in `MBCAS_TESTENV_KUBECONFIG`) and stopped afterwards;
@@ -90,6 +92,33 @@ fn cargo_test(tests: &[String]) -> Command {
     cmd
 }
 
+/// The VM tier: the kernel tier again on Debian's 6.1 and 6.12 kernels with
+/// cgroup v2, in QEMU (`cargo xtask vm-test`), while the machine is quiet.
+fn vm_tier(kernel: &[String]) -> anyhow::Result<()> {
+    if kernel.iter().map(String::as_str).ne(crate::vm::TESTS.iter().copied()) {
+        bail!(
+            "the kernel tier is {kernel:?} but the VM tier runs {:?}: update vm::TESTS",
+            crate::vm::TESTS
+        );
+    }
+    if !crate::procs::is_root() {
+        if std::env::var_os("CI").is_some() {
+            bail!("the VM tier needs root (QEMU, busybox and kernels from apt) and CI must run it");
+        }
+        eprintln!("SKIP (VM tier): not running as root");
+        return Ok(());
+    }
+    eprintln!("test: VM tier: the kernel tier on other kernels with cgroup v2");
+    let t0 = std::time::Instant::now();
+    crate::vm::run(&crate::vm::Options {
+        kernels: crate::vm::MATRIX.iter().map(|s| (*s).to_owned()).collect(),
+        filter: None,
+        timeout: 900,
+    })?;
+    eprintln!("test: VM tier took {:.0} s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
 /// The node tier: adds the real node to the running test environment and
 /// runs the end-to-end scenario on it.
 fn node_tier() -> anyhow::Result<()> {
@@ -145,6 +174,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         kernel.join(", ")
     );
     run_cmd(&mut cargo_test(&kernel))?;
+    vm_tier(&kernel)?;
     let (kubeconfig, started) = testenv::up(true, false)?;
     // What `--all-targets` covers, less the kernel tier that already ran.
     let tests = run_cmd(

@@ -110,6 +110,15 @@ impl TestCgroup {
         }
     }
 
+    /// On cgroup v2, hands the `cpu` controller to this cgroup's children
+    /// (`+cpu` in `cgroup.subtree_control`): without it a child has no
+    /// `cpu.max` or `cpu.weight`. Nothing to do on v1.
+    pub fn delegate_cpu(&self) {
+        if self.v2 {
+            write(&self.path.join("cgroup.subtree_control"), "+cpu");
+        }
+    }
+
     /// Sets the CPU limit in millicores (`None`: unlimited), period 100 ms.
     pub fn set_limit(&self, millicores: Option<u64>) {
         if self.v2 {

@@ -462,23 +462,6 @@ fn oci_archive(
     Ok(archive)
 }
 
-/// The shared libraries `ldd` says `exe` loads, with the dynamic loader.
-fn shared_libraries(exe: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let out = output_of(Command::new("ldd").arg(exe))
-        .with_context(|| format!("ldd {}", exe.display()))?;
-    Ok(out
-        .lines()
-        .filter_map(|l| {
-            let l = l.trim();
-            let path = match l.split_once("=>") {
-                Some((_, rest)) => rest.split_whitespace().next()?,
-                None => l.split_whitespace().next()?,
-            };
-            path.starts_with('/').then(|| PathBuf::from(path))
-        })
-        .collect())
-}
-
 fn build_images(node: &NodeDir, nbins: &NodeBinaries) -> anyhow::Result<Vec<PathBuf>> {
     let work = node.root.join("images");
     let pause = oci_archive(
@@ -489,7 +472,7 @@ fn build_images(node: &NodeDir, nbins: &NodeBinaries) -> anyhow::Result<Vec<Path
     )?;
     let exe = crate::e2e::build_mbcas()?;
     let mut files = vec![(exe.clone(), PathBuf::from("/usr/local/bin/mbcas"))];
-    for lib in shared_libraries(&exe)? {
+    for lib in crate::cmd::shared_libraries(&exe)? {
         // The path as the loader looks it up, and where the file really is.
         let real = fs::canonicalize(&lib).unwrap_or_else(|_| lib.clone());
         files.push((real, lib));
@@ -1266,18 +1249,6 @@ mod tests {
             relative(Path::new("/a"), Path::new("/a/b")),
             PathBuf::from("b")
         );
-    }
-
-    #[test]
-    fn ldd_output_is_parsed() {
-        // What ldd prints, fed through the parser via a fake executable is not
-        // possible; check the real one on a binary every machine has.
-        let libs = shared_libraries(Path::new("/bin/sh")).unwrap_or_default();
-        assert!(
-            libs.iter().any(|l| l.to_string_lossy().contains("libc.so")),
-            "{libs:?}"
-        );
-        assert!(libs.iter().all(|l| l.is_absolute()));
     }
 
     #[test]
