@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::{TestCgroup, close, kernel_lock, kernel_tier_available};
 use mbcas::{
-    cgroup::CgroupDir,
+    cgroup::{CgroupDir, files},
     sensor::{
         EVENT_PERIOD_THROTTLED, EVENT_PERIOD_UNTHROTTLED, Sensor, SensorKind, SensorMode,
         ThrottleEvent,
@@ -23,6 +23,16 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap_or_else(|e| panic!("tokio runtime: {e}"))
+}
+
+/// The running kernel's (major, minor) version.
+fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut it = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
 }
 
 fn drain(rx: &mut Receiver<ThrottleEvent>, id: u64) -> usize {
@@ -67,6 +77,20 @@ async fn compare(tag: &str, limit: u64, burners: usize) {
     let mut ebpf = Sensor::start(SensorMode::Ebpf, false)
         .unwrap_or_else(|e| panic!("eBPF sensor must load here: {e:#?}"));
     assert_eq!(ebpf.kind(), SensorKind::Ebpf);
+    // Which programs attach depends on the kernel, never silently: the
+    // period timer and run-queue wait everywhere (6.1+); sched_switch only
+    // with task-based throttling (6.18+, where `task_struct.throttled` is).
+    let programs = ebpf.programs();
+    let task_based = kernel_version() >= (6, 18);
+    for p in ["mbcas_period_timer", "mbcas_runq_wait"] {
+        assert!(programs.contains(&p), "{p} not attached: {programs:?}");
+    }
+    assert_eq!(
+        programs.contains(&"mbcas_sched_switch"),
+        task_based,
+        "sched_switch attached on kernel {:?}: {programs:?}",
+        kernel_version()
+    );
     let poll = Sensor::start(SensorMode::Poll, false).unwrap();
     let mut rx = ebpf.take_events().expect("eBPF sensor has events");
     let dir = CgroupDir::open(&cg.path).unwrap();
@@ -95,12 +119,36 @@ async fn compare(tag: &str, limit: u64, burners: usize) {
     let e0 = ebpf.read(&dir).unwrap();
     let p0 = poll.read(&dir).unwrap();
     let s0 = cg.cpu_stat();
+    let psi0 = files::read_pressure_some_ns(&cg.path).unwrap();
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(6)).await;
     let e1 = ebpf.read(&dir).unwrap();
     let p1 = poll.read(&dir).unwrap();
     let s1 = cg.cpu_stat();
+    let psi1 = files::read_pressure_some_ns(&cg.path).unwrap();
     let window = t0.elapsed();
+    // Per-cgroup PSI: cgroup v2 only (`cpu.pressure`; the kernel booted with
+    // PSI on). A group throttled in most periods has runnable tasks that do
+    // not run for much of the window: its `some` stall grows by at least a
+    // tenth of it.
+    if cg.v2 {
+        let (a, b) = (
+            psi0.expect("cpu.pressure on v2"),
+            psi1.expect("cpu.pressure on v2"),
+        );
+        let stalled = b.saturating_sub(a);
+        eprintln!("{tag}: cpu.pressure some grew {stalled} ns in {window:?}");
+        assert!(
+            stalled as f64 >= window.as_nanos() as f64 * 0.1,
+            "{tag}: cpu.pressure some grew {stalled} ns in {window:?} of throttling"
+        );
+    } else {
+        assert_eq!(
+            (psi0, psi1),
+            (None, None),
+            "{tag}: cpu.pressure on cgroup v1?"
+        );
+    }
     let events = drain(&mut rx, dir.id.0);
 
     let (ep, et, etime) = (

@@ -95,7 +95,11 @@ fn cargo_test(tests: &[String]) -> Command {
 /// The VM tier: the kernel tier again on Debian's 6.1 and 6.12 kernels with
 /// cgroup v2, in QEMU (`cargo xtask vm-test`), while the machine is quiet.
 fn vm_tier(kernel: &[String]) -> anyhow::Result<()> {
-    if kernel.iter().map(String::as_str).ne(crate::vm::TESTS.iter().copied()) {
+    if kernel
+        .iter()
+        .map(String::as_str)
+        .ne(crate::vm::TESTS.iter().copied())
+    {
         bail!(
             "the kernel tier is {kernel:?} but the VM tier runs {:?}: update vm::TESTS",
             crate::vm::TESTS

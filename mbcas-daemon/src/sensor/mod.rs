@@ -341,6 +341,14 @@ impl Sensor {
         }
     }
 
+    /// The eBPF programs attached (none for the poll and fake sources).
+    pub fn programs(&self) -> Vec<&'static str> {
+        match &self.source {
+            Source::Ebpf(s) => s.programs.clone(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Per-program run time, with eBPF (needs `kernel.bpf_stats_enabled=1`).
     pub fn program_costs(&self) -> Vec<ebpf::ProgramCost> {
         match &self.source {
