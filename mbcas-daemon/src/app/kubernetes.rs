@@ -209,9 +209,6 @@ pub async fn run_with_client(
     let synced = tasks.follow_readiness(&watches, &readiness);
     let mut ccfg = ControllerConfig::new(node.clone());
     ccfg.excluded_namespaces = cfg.excluded_namespaces.clone();
-    ccfg.cooldown = cfg.policy.cooldown;
-    ccfg.max_step_up = cfg.policy.max_step_up;
-    ccfg.max_step_down = cfg.policy.max_step_down;
     let ctx = Arc::new(resize::Context::new(
         client.clone(),
         watches.pods.clone(),

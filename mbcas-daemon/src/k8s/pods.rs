@@ -35,6 +35,10 @@ pub struct ContainerFacts {
     pub restart_on_resize: bool,
     /// Runtime container id without its `runtime://` prefix, once running.
     pub container_id: Option<String>,
+    /// Its memory is as a Guaranteed pod's must be: a memory limit, and a
+    /// request equal to it or absent. With every container so, CPU limits at
+    /// the requests would make the pod Guaranteed, which a resize may not do.
+    pub memory_pinned: bool,
 }
 
 /// The kubelet's view of an in-place resize, from the pod's conditions.
@@ -193,6 +197,18 @@ impl PodFacts {
             let container_id = cs
                 .and_then(|s| s.container_id.as_deref())
                 .map(|s| s.split_once("://").map_or(s, |(_, id)| id).to_owned());
+            let memory = |m: Option<
+                &std::collections::BTreeMap<
+                    String,
+                    k8s_openapi::apimachinery::pkg::api::resource::Quantity,
+                >,
+            >| { m.and_then(|m| m.get("memory")).map(|q| q.0.clone()) };
+            let mem_limit = memory(res.and_then(|r| r.limits.as_ref()));
+            let mem_request = memory(res.and_then(|r| r.requests.as_ref()));
+            let memory_pinned = mem_limit.is_some()
+                && mem_request
+                    .as_ref()
+                    .is_none_or(|r| Some(r) == mem_limit.as_ref());
             containers.push(ContainerFacts {
                 name: c.name.clone(),
                 request,
@@ -200,6 +216,7 @@ impl PodFacts {
                 status_limit,
                 restart_on_resize,
                 container_id,
+                memory_pinned,
             });
         }
         let qos = match status.and_then(|s| s.qos_class.as_deref()) {
@@ -398,6 +415,7 @@ impl ContainerFacts {
             status_limit: Some(MilliCpu(limit)),
             restart_on_resize: false,
             container_id: None,
+            memory_pinned: false,
         }
     }
 }

@@ -11,8 +11,13 @@
 //! 2. a strategic-merge patch of `spec.containers[].resources.limits.cpu` only
 //!    (never requests, never below a container's request, never on Guaranteed
 //!    pods, `RestartContainer` CPU resize policies, excluded namespaces or pods
-//!    labelled `mbcas.io/ignore=true`; max step and cooldown are enforced again
-//!    here as defence in depth);
+//!    labelled `mbcas.io/ignore=true`). How fast limits move (steps, cooldowns)
+//!    is the policy's alone: it lets some decisions through at once (a
+//!    throttled pod raised to its fair share, a neighbour capped to its share
+//!    under contention), and a second pacer here with plain step limits turned
+//!    each of them into a train of patches (on the real node 300 → 450 → 675
+//!    → 1012 → 1518 → 1972 m for one decision, and a cap to 100 m applied as
+//!    987 m);
 //! 3. the status, only when it differs from what is stored (no wall-clock
 //!    churn, so the controller does not wake itself up) and is not a transition
 //!    the kubelet is expected to end within [`ControllerConfig::kubelet_grace`];
@@ -73,12 +78,6 @@ use crate::{metrics::Metrics, policy::Exclusion, units::MilliCpu};
 pub struct ControllerConfig {
     pub node_name: String,
     pub excluded_namespaces: BTreeSet<String>,
-    /// No decrease sooner than this after the pod's last change.
-    pub cooldown: Duration,
-    /// Largest factor of one increase (per container).
-    pub max_step_up: f64,
-    /// Smallest factor of one decrease (per container).
-    pub max_step_down: f64,
     /// First wait after a failure; doubles per failure up to `max_failure_backoff`.
     pub failure_backoff: Duration,
     pub max_failure_backoff: Duration,
@@ -98,9 +97,6 @@ impl ControllerConfig {
         Self {
             node_name: node_name.into(),
             excluded_namespaces: BTreeSet::from(["kube-system".to_owned()]),
-            cooldown: Duration::from_secs(30),
-            max_step_up: 1.5,
-            max_step_down: 0.5,
             failure_backoff: Duration::from_secs(60),
             max_failure_backoff: Duration::from_secs(600),
             pending_recheck: Duration::from_secs(30),
@@ -117,11 +113,13 @@ impl ControllerConfig {
     }
 }
 
-/// What the controller remembers about one PodAllocation (in memory only: a
-/// restart forgets cooldowns and backoffs, which is safe — the policy's own
-/// cooldown still applies).
+/// What the controller remembers about one pod's PodAllocation (in memory
+/// only: a restart forgets backoffs).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Memory {
+    /// The pod this is about: a pod recreated under the same name (a
+    /// StatefulSet's) is another pod, and inherits none of it.
+    pub pod_uid: String,
     /// When the controller last patched this pod.
     pub last_change: Option<Duration>,
     /// What that patch set (container, limit).
@@ -214,7 +212,7 @@ struct Desired {
 type Refusal = (Phase, &'static str, String);
 
 /// Decides what to do about one PodAllocation. Pure: the controller's clock
-/// (`now`, for cooldowns and backoffs) and the wall clock (`wall`, for the
+/// (`now`, for backoffs and its own patch settling) and the wall clock (`wall`, for the
 /// condition's transition time) come in.
 pub fn plan(
     pa: &PodAllocation,
@@ -239,12 +237,37 @@ pub fn plan(
         status.message = Some(message);
         done(status, None, None, None, false)
     };
+    let facts = pod.as_ref().and_then(|r| r.as_ref().ok().copied());
     let pod = match admit(pa, pod, cfg) {
         Ok(pod) => pod,
-        Err(refusal) => return refused(status, refusal),
+        Err(refusal) => {
+            // Opted out after MBCAS changed it: the limits it had before go
+            // back (once; the label is the owner taking the pod back).
+            if let Some(changes) = facts.and_then(|f| opted_out_restore(pa, f, cfg, mem, now)) {
+                let back = changes
+                    .iter()
+                    .map(|(n, l)| format!("{n}={l}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let (phase, reason, message) = refusal;
+                status.phase = phase;
+                status.reason = Some(reason.to_owned());
+                status.message = Some(format!(
+                    "{message}: its original CPU limits put back ({back})"
+                ));
+                return done(
+                    status,
+                    Some(changes),
+                    None,
+                    Some(cfg.pending_recheck),
+                    false,
+                );
+            }
+            return refused(status, refusal);
+        }
     };
     let mut notes: Vec<String> = Vec::new();
-    let desired = match safe_limits(pa, pod, cfg, &mut notes) {
+    let desired = match safe_limits(pa, pod, &mut notes) {
         Ok(d) => d,
         Err(refusal) => return refused(status, refusal),
     };
@@ -253,8 +276,7 @@ pub fn plan(
     // The change this controller patched a moment ago, on a copy of the pod
     // the watch has not updated yet (the allocation's own status write can
     // wake the controller first): wait for the watch — neither patch again
-    // nor judge the old limits (a decrease would look held for the cooldown
-    // the patch itself started, and the old limits reported as applied).
+    // nor judge the old limits (they would be reported as applied).
     let wanted: Vec<(String, MilliCpu)> = desired
         .iter()
         .filter(|d| d.desired != d.current)
@@ -275,11 +297,7 @@ pub fn plan(
             quiet: false,
         };
     }
-    let cooling = mem
-        .last_change
-        .map(|t| t + cfg.cooldown)
-        .filter(|&until| until > now);
-    let (changes, held_until) = changes_to_make(&desired, cooling, &mut notes);
+    let changes = wanted;
     let note = (!notes.is_empty()).then(|| notes.join("; "));
     let total_desired = MilliCpu(desired.iter().map(|d| d.desired.get()).sum());
     if !changes.is_empty() {
@@ -294,8 +312,7 @@ pub fn plan(
         let recheck = cfg.kubelet_grace.min(cfg.pending_recheck);
         return done(status, Some(changes), None, Some(recheck), true);
     }
-    // The spec holds what we want (or a decrease is held): what does the kubelet say?
-    let requeue_held = held_until.map(|t| t.saturating_sub(now));
+    // The spec holds what we want: what does the kubelet say?
     // Within the grace period after this controller's own resize, waiting for
     // the kubelet is not news: look again when it ends.
     let grace = mem
@@ -309,11 +326,44 @@ pub fn plan(
         &desired,
         note.as_deref(),
         total_desired,
-        requeue_held,
         grace.map_or(cfg.pending_recheck, |g| g.min(cfg.pending_recheck)),
     );
     let quiet = verdict.waiting && grace.is_some();
     done(status, None, verdict.event, verdict.requeue, quiet)
+}
+
+/// The original limits to put back on a pod its owner opted out
+/// (`mbcas.io/ignore=true`) after MBCAS changed it; `None` when there is
+/// nothing to put back, the originals are not on record, a refusal's backoff
+/// runs, or the same patch was just made.
+fn opted_out_restore(
+    pa: &PodAllocation,
+    pod: &PodFacts,
+    cfg: &ControllerConfig,
+    mem: &Memory,
+    now: Duration,
+) -> Option<Vec<(String, MilliCpu)>> {
+    if pod.uid != pa.spec.pod_uid
+        || pod.exclusion(&cfg.excluded_namespaces) != Some(Exclusion::OptedOut)
+        || mem.retry_at.is_some_and(|t| t > now)
+    {
+        return None;
+    }
+    let changes: Vec<(String, MilliCpu)> = pa
+        .originals()
+        .iter()
+        .filter_map(|o| {
+            let c = pod.containers.iter().find(|c| c.name == o.name)?;
+            let original = o.cpu_limit?.millis();
+            (c.limit.is_some() && c.limit != Some(original) && original >= c.request)
+                .then(|| (c.name.clone(), original))
+        })
+        .collect();
+    let just_patched = mem.patched.as_ref() == Some(&changes)
+        && mem
+            .last_change
+            .is_some_and(|t| t + cfg.own_patch_settle > now);
+    (!changes.is_empty() && !just_patched).then_some(changes)
 }
 
 /// The pod this allocation is for, or why it cannot be acted on.
@@ -356,11 +406,10 @@ fn admit<'a>(
 }
 
 /// The desired limit of each container, made safe: never below the request,
-/// never 0, within the step limits. What was changed goes into `notes`.
+/// never 0. What was changed goes into `notes`.
 fn safe_limits(
     pa: &PodAllocation,
     pod: &PodFacts,
-    cfg: &ControllerConfig,
     notes: &mut Vec<String>,
 ) -> Result<Vec<Desired>, Refusal> {
     let mut desired = Vec::with_capacity(pa.spec.containers.len());
@@ -391,26 +440,31 @@ fn safe_limits(
             notes.push(format!("{}: a CPU limit of 0 is never written", c.name));
             d = current;
         }
-        let hi = MilliCpu((current.get() as f64 * cfg.max_step_up).floor() as u64);
-        let lo = MilliCpu((current.get() as f64 * cfg.max_step_down).ceil() as u64);
-        if d > hi && hi > current {
-            // The step limit never takes a limit below the request (a limit
-            // under the request, which no valid pod has, stays at the request).
-            let to = hi.max(c.request);
-            notes.push(format!("{}: {} limited to {} (max step up)", c.name, d, to));
-            d = to;
-        } else if d < lo && lo < current {
-            notes.push(format!(
-                "{}: {} limited to {} (max step down)",
-                c.name, d, lo
-            ));
-            d = lo.max(c.request);
-        }
         desired.push(Desired {
             name: c.name.clone(),
             current,
             desired: d,
         });
+    }
+    // Every container at its request with its memory pinned would make the
+    // pod Guaranteed, which the API refuses on a resize (the QoS class may
+    // not change): one container stays a quantum above its request.
+    let at_requests = desired.iter().all(|d| {
+        pod.containers
+            .iter()
+            .find(|c| c.name == d.name)
+            .is_some_and(|c| c.memory_pinned && d.desired == c.request)
+    });
+    if at_requests
+        && desired.len() == pod.containers.len()
+        && let Some(first) = desired.first_mut()
+    {
+        let to = MilliCpu(first.desired.get() + crate::market::QUANTUM);
+        notes.push(format!(
+            "{}: {} kept at {to}: at every request the pod would turn Guaranteed, which a resize may not do",
+            first.name, first.desired
+        ));
+        first.desired = to;
     }
     Ok(desired)
 }
@@ -462,30 +516,6 @@ fn record_applied(status: &mut PodAllocationStatus, pod: &PodFacts) {
     }
 }
 
-/// The containers to patch, and until when a decrease is held for the cooldown.
-fn changes_to_make(
-    desired: &[Desired],
-    cooling: Option<Duration>,
-    notes: &mut Vec<String>,
-) -> (Vec<(String, MilliCpu)>, Option<Duration>) {
-    let mut changes = Vec::new();
-    let mut held_until = None;
-    for d in desired {
-        if d.desired == d.current {
-            continue;
-        }
-        if d.desired < d.current
-            && let Some(until) = cooling
-        {
-            notes.push(format!("{}: decrease held for the cooldown", d.name));
-            held_until = Some(until);
-            continue;
-        }
-        changes.push((d.name.clone(), d.desired));
-    }
-    (changes, held_until)
-}
-
 /// The status of a resize about to be requested.
 fn request(
     status: &mut PodAllocationStatus,
@@ -528,7 +558,6 @@ fn kubelet_verdict(
     desired: &[Desired],
     note: Option<&str>,
     total_desired: MilliCpu,
-    requeue_held: Option<Duration>,
     pending_recheck: Duration,
 ) -> Verdict {
     let reported_all = desired.iter().all(|d| {
@@ -596,7 +625,7 @@ fn kubelet_verdict(
             // No event: the kubelet posts ResizeCompleted with the limits.
             Verdict {
                 event: None,
-                requeue: requeue_held,
+                requeue: None,
                 waiting: false,
             }
         }
@@ -608,10 +637,9 @@ fn kubelet_verdict(
                     "the pod's spec has CPU limit {total_desired}; the kubelet has not reported it yet"
                 ),
             );
-            let recheck = requeue_held.map_or(pending_recheck, |h| h.min(pending_recheck));
             Verdict {
                 event: None,
-                requeue: Some(recheck),
+                requeue: Some(pending_recheck),
                 waiting: true,
             }
         }
@@ -706,11 +734,17 @@ impl Context {
         self.started.elapsed()
     }
 
-    fn memory(&self, key: &ObjectRef<PodAllocation>) -> Memory {
+    /// What is remembered of the allocation `key` for the pod `pod_uid`
+    /// (nothing when it was another pod of the same name).
+    fn memory(&self, key: &ObjectRef<PodAllocation>, pod_uid: &str) -> Memory {
         self.memory
             .lock()
-            .map(|m| m.get(key).cloned().unwrap_or_default())
-            .unwrap_or_default()
+            .ok()
+            .and_then(|m| m.get(key).filter(|mem| mem.pod_uid == pod_uid).cloned())
+            .unwrap_or_else(|| Memory {
+                pod_uid: pod_uid.to_owned(),
+                ..Memory::default()
+            })
     }
 
     fn remember(&self, key: ObjectRef<PodAllocation>, mem: Memory) {
@@ -854,7 +888,7 @@ pub async fn reconcile(pa: Arc<PodAllocation>, ctx: Arc<Context>) -> Result<Acti
     let facts = pod_obj
         .as_deref()
         .map(|p| PodFacts::from_pod(p).map_err(|e| e.to_string()));
-    let mut mem = ctx.memory(&key);
+    let mut mem = ctx.memory(&key, &pa.spec.pod_uid);
     let now = ctx.now();
     let plan = plan(
         &pa,
@@ -1000,7 +1034,7 @@ async fn record(
 /// Transient failures wait at least the configured failure backoff (1 min).
 pub fn error_policy(pa: Arc<PodAllocation>, err: &ResizeError, ctx: Arc<Context>) -> Action {
     let key = ObjectRef::from_obj(pa.as_ref());
-    let mem = ctx.memory(&key);
+    let mem = ctx.memory(&key, &pa.spec.pod_uid);
     let wait = ctx.cfg.backoff(mem.failures.max(1));
     tracing::warn!(allocation = %key, error = %crate::error::error_chain(err), retry_in = ?wait, "reconcile failed");
     Action::requeue(wait)

@@ -188,3 +188,31 @@ fn prune_keeps_what_the_facts_need() {
     prune(&mut p);
     assert_eq!(PodFacts::from_pod(&p), Ok(before));
 }
+
+#[test]
+fn memory_pinned_when_a_memory_limit_has_no_other_request() {
+    let mut p = burstable("default", serde_json::json!({}));
+    if let Some(spec) = p.spec.as_mut() {
+        let res = |v| serde_json::from_value(v).unwrap();
+        // A memory limit alone (the request defaults to it) and one with an
+        // equal request: pinned; a smaller request: free to burst.
+        spec.containers[0].resources = Some(res(serde_json::json!({
+            "requests": {"cpu": "250m"}, "limits": {"cpu": "500m", "memory": "64Mi"}})));
+        spec.containers[1].resources = Some(res(serde_json::json!({
+            "requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"cpu": "1", "memory": "64Mi"}})));
+    }
+    let f = PodFacts::from_pod(&p).unwrap();
+    assert!(f.containers.iter().all(|c| c.memory_pinned), "{f:?}");
+    if let Some(spec) = p.spec.as_mut() {
+        spec.containers[1].resources = Some(serde_json::from_value(serde_json::json!({
+            "requests": {"cpu": "100m", "memory": "16Mi"}, "limits": {"cpu": "1", "memory": "64Mi"}})).unwrap());
+    }
+    let f = PodFacts::from_pod(&p).unwrap();
+    assert!(
+        f.containers[0].memory_pinned && !f.containers[1].memory_pinned,
+        "{f:?}"
+    );
+    // No memory limit: never pinned.
+    let f = PodFacts::from_pod(&burstable("default", serde_json::json!({}))).unwrap();
+    assert!(f.containers.iter().all(|c| !c.memory_pinned));
+}

@@ -129,9 +129,9 @@ fn the_original_is_never_overwritten() {
 }
 
 #[test]
-fn never_below_the_request_and_max_step_is_enforced_again() {
+fn never_below_the_request_and_the_policys_decision_in_one_patch() {
     let f = facts(500, 300, Some(500));
-    // 100m asked: max step down (0.5) gives 250m, the request (300m) wins.
+    // 100m asked: the request (300m) wins.
     let p = plan(
         &pa(100, None),
         Some(Ok(&f)),
@@ -150,7 +150,8 @@ fn never_below_the_request_and_max_step_is_enforced_again() {
         "{:?}",
         p.status.message
     );
-    // 5 cores asked from 500m: at most ×1.5.
+    // 5 cores asked from 500m (a throttled pod raised to its fair share at
+    // once): one patch, not a train of ×1.5 steps.
     let p = plan(
         &pa(5000, None),
         Some(Ok(&f)),
@@ -159,23 +160,101 @@ fn never_below_the_request_and_max_step_is_enforced_again() {
         at(0),
         wall(),
     );
-    assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(750))]));
+    assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(5000))]));
 }
 
 #[test]
-fn decreases_wait_for_the_cooldown_increases_do_not() {
-    let f = facts(800, 100, Some(800));
+fn a_resize_never_turns_a_burstable_pod_guaranteed() {
+    // Memory limit = request: at its CPU request the pod would be Guaranteed,
+    // which the API refuses on a resize.
+    let mut app = ContainerFacts::limited("app", 100, 500);
+    app.memory_pinned = true;
+    let f = PodFacts::burstable("uid-1", "default", vec![app.clone()]);
+    let p = plan(
+        &pa(100, None),
+        Some(Ok(&f)),
+        &cfg(),
+        &Memory::default(),
+        at(0),
+        wall(),
+    );
+    assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(110))]));
+    assert!(
+        p.status
+            .message
+            .as_deref()
+            .unwrap_or("")
+            .contains("Guaranteed"),
+        "{:?}",
+        p.status.message
+    );
+    // Memory free to burst: the request is a fine limit.
+    app.memory_pinned = false;
+    let f = PodFacts::burstable("uid-1", "default", vec![app]);
+    let p = plan(
+        &pa(100, None),
+        Some(Ok(&f)),
+        &cfg(),
+        &Memory::default(),
+        at(0),
+        wall(),
+    );
+    assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(100))]));
+}
+
+#[test]
+fn opting_out_puts_the_original_limits_back_once() {
+    // MBCAS raised it 500m → 800m; its owner labels it mbcas.io/ignore=true.
+    let mut f = facts(800, 250, Some(800));
+    f.ignored = true;
+    let mut a = pa(800, None);
+    a.spec.original = vec![OriginalLimit {
+        name: "app".into(),
+        cpu_limit: Some(CpuQuantity(MilliCpu(500))),
+    }];
+    let p = plan(&a, Some(Ok(&f)), &cfg(), &Memory::default(), at(0), wall());
+    assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(500))]));
+    assert_eq!(p.status.phase, Phase::Skipped);
+    assert_eq!(p.status.reason.as_deref(), Some("OptedOut"));
+    // Just patched, the watch not caught up: not again.
+    let mem = Memory {
+        last_change: Some(at(0)),
+        patched: Some(vec![("app".into(), MilliCpu(500))]),
+        ..Default::default()
+    };
+    let p = plan(&a, Some(Ok(&f)), &cfg(), &mem, at(2), wall());
+    assert_eq!(p.resize, None);
+    // Back at its original: left alone.
+    let mut back = facts(500, 250, Some(500));
+    back.ignored = true;
+    let p = plan(&a, Some(Ok(&back)), &cfg(), &mem, at(30), wall());
+    assert_eq!((p.resize, p.status.phase), (None, Phase::Skipped));
+    // No originals on record: nothing to put back.
+    let p = plan(
+        &pa(800, None),
+        Some(Ok(&f)),
+        &cfg(),
+        &Memory::default(),
+        at(0),
+        wall(),
+    );
+    assert_eq!(p.resize, None);
+}
+
+#[test]
+fn the_policy_paces_changes_not_the_controller() {
+    // Patched 10 s ago; a neighbour capped to its share under contention is
+    // lowered at once, and so is a raise: the policy's cooldown and steps
+    // already decided when.
+    let f = facts(2000, 100, Some(2000));
     let mem = Memory {
         last_change: Some(at(100)),
         ..Default::default()
     };
-    let p = plan(&pa(600, None), Some(Ok(&f)), &cfg(), &mem, at(110), wall());
-    assert_eq!(p.resize, None);
-    assert_eq!(p.requeue, Some(at(20)));
-    let p = plan(&pa(600, None), Some(Ok(&f)), &cfg(), &mem, at(131), wall());
-    assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(600))]));
-    let p = plan(&pa(1000, None), Some(Ok(&f)), &cfg(), &mem, at(110), wall());
-    assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(1000))]));
+    let p = plan(&pa(150, None), Some(Ok(&f)), &cfg(), &mem, at(110), wall());
+    assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(150))]));
+    let p = plan(&pa(3000, None), Some(Ok(&f)), &cfg(), &mem, at(110), wall());
+    assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(3000))]));
 }
 
 #[test]
@@ -213,7 +292,7 @@ fn its_own_patch_is_not_repeated_while_the_pod_watch_catches_up() {
         at(101),
         wall(),
     );
-    assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(750))]));
+    assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(800))]));
     // Still not seen after the settle time (someone put it back): patched again.
     let p = plan(
         &pa(700, Some(requested)),
@@ -230,7 +309,7 @@ fn its_own_patch_is_not_repeated_while_the_pod_watch_catches_up() {
 fn its_own_decrease_is_not_judged_on_a_pod_copy_from_before_it() {
     // Patched 200m → 100m at t=100; the allocation's own status write wakes
     // the controller before the pod watch shows the patch. Seen by bench-k8s:
-    // the decrease looked held for the cooldown the patch itself started, and
+    // the decrease looked held for a cooldown the patch itself started, and
     // the old 200m reported by the kubelet was written as `Applied`.
     let stale = facts(200, 100, Some(200));
     let requested = PodAllocationStatus {
@@ -745,7 +824,7 @@ mod mocked {
         for r in &c[1..4] {
             assert_resize(r, 700);
         }
-        let mem = ctx.memory(&ObjectRef::new("web").within("default"));
+        let mem = ctx.memory(&ObjectRef::new("web").within("default"), "uid-1");
         assert_eq!(mem.failures, 0);
         assert!(mem.last_change.is_some());
     }
@@ -850,8 +929,13 @@ mod mocked {
             c[2]
         );
         assert_event(&c[3], "Warning", "ResizeFailed");
-        let mem = ctx.memory(&ObjectRef::new("web").within("default"));
+        let mem = ctx.memory(&ObjectRef::new("web").within("default"), "uid-1");
         assert_eq!(mem.failures, 1);
+        // A pod recreated under the same name (a StatefulSet's) is another
+        // pod: it inherits neither the failure nor the backoff.
+        let other = ctx.memory(&ObjectRef::new("web").within("default"), "uid-2");
+        assert_eq!((other.failures, other.retry_at), (0, None));
+        assert_eq!(other.pod_uid, "uid-2");
         // Within the backoff the next reconcile does not patch again.
         let failed = PodAllocationStatus {
             phase: Phase::Failed,
