@@ -192,8 +192,13 @@ impl Engine {
                     // limit, and raise after raise run to the cap (seen on a
                     // real node: 800m → 1520m → 2280m → 3420m for 450m of use).
                     let limit = inp.window_limit.map_or(inp.current, |w| w.min(inp.current));
-                    mem.throttling
-                        .update(limit, e.throttled_ratio, target, sample.window_secs());
+                    mem.throttling.update(
+                        limit,
+                        sample.nr_periods,
+                        sample.nr_throttled,
+                        target,
+                        sample.window_secs(),
+                    );
                     Some(e)
                 }
                 Some(Err(e)) => {

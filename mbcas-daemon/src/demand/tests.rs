@@ -153,23 +153,52 @@ fn variable_demand_carries_its_deviation_and_peak_as_headroom() {
 fn throttling_raises_the_need_above_the_limit_and_is_remembered() {
     let mut m = ThrottleMemory::default();
     // 15 % of periods throttled under 400 m: at least 400 × 1.3 = 520 m.
-    m.update(MilliCpu(400), 0.15, 0.05, 1.0);
+    m.update(MilliCpu(400), 100, 15, 0.05, 1.0);
     assert_eq!(m.need(MilliCpu(380)), MilliCpu(520));
     assert_eq!(m.need(MilliCpu(900)), MilliCpu(900), "a larger need stands");
     // Quiet windows: the level decays with a half-life of 30 minutes.
     for _ in 0..1800 {
-        m.update(MilliCpu(520), 0.0, 0.05, 1.0);
+        m.update(MilliCpu(520), 10, 0, 0.05, 1.0);
     }
     assert_eq!(m.need(MilliCpu(0)), MilliCpu(260));
     // Under the target, nothing is learnt; fully throttled: twice the limit.
     let mut m = ThrottleMemory::default();
-    m.update(MilliCpu(400), 0.04, 0.05, 1.0);
+    m.update(MilliCpu(400), 100, 4, 0.05, 1.0);
     assert_eq!(m.need(MilliCpu(10)), MilliCpu(10));
-    m.update(MilliCpu(400), 1.0, 0.05, 1.0);
+    m.update(MilliCpu(400), 10, 10, 0.05, 1.0);
     assert_eq!(m.need(MilliCpu(0)), MilliCpu(800));
+    // A window of no known length decays nothing; its periods still count.
     let mut m = ThrottleMemory::default();
-    m.update(MilliCpu(400), f64::NAN, 0.05, f64::NAN);
-    assert_eq!(m.need(MilliCpu(10)), MilliCpu(10));
+    m.update(MilliCpu(400), 10, 10, 0.05, f64::NAN);
+    assert_eq!(m.need(MilliCpu(10)), MilliCpu(800));
+    // More throttled periods than periods (a torn read) count as all.
+    let mut m = ThrottleMemory::default();
+    m.update(MilliCpu(400), 10, 50, 0.05, 1.0);
+    assert_eq!(m.need(MilliCpu(10)), MilliCpu(800));
+}
+
+#[test]
+fn one_throttled_period_in_a_short_window_is_judged_over_ten() {
+    // An idle pod's 200 ms window: 2 periods, 1 throttled. Alone it read as a
+    // ratio of 0.5 and doubled the need; judged over 10 periods it is 1 in 10.
+    let mut m = ThrottleMemory::default();
+    m.update(MilliCpu(100), 2, 1, 0.05, 0.2);
+    assert_eq!(m.need(MilliCpu(20)), MilliCpu(20), "not judged yet");
+    for _ in 0..4 {
+        m.update(MilliCpu(100), 2, 0, 0.05, 0.2);
+    }
+    assert_eq!(
+        m.need(MilliCpu(20)),
+        MilliCpu(120),
+        "1 of 10: 100 × 1.2, not × 2"
+    );
+    // A burst pattern spread over short windows counts, under the lowest
+    // limit of them: half of 10 periods throttled, 200 m at worst.
+    let mut m = ThrottleMemory::default();
+    for limit in [300, 200, 300, 300, 300] {
+        m.update(MilliCpu(limit), 2, 1, 0.05, 0.2);
+    }
+    assert_eq!(m.need(MilliCpu(20)), MilliCpu(400));
 }
 
 #[test]
