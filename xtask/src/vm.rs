@@ -171,14 +171,13 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds the kernel-tier test binaries; returns (name in the VM, path on the
-/// host, path in the VM) for them and for the `mbcas` binary they run.
+/// Builds the kernel-tier test binaries (as `cargo xtask test`'s kernel tier
+/// builds them, so CI reuses its build); returns (path on the host, path in
+/// the VM) for them and for the `mbcas` binary they run.
 fn build_tests() -> anyhow::Result<Vec<(PathBuf, PathBuf)>> {
     let mut cmd = Command::new("cargo");
     cmd.args([
         "test",
-        "-p",
-        "mbcas-daemon",
         "--no-run",
         "--message-format=json-render-diagnostics",
     ]);
