@@ -580,3 +580,24 @@ fn a_contention_cap_goes_through_at_once_and_comes_back_at_once() {
     let d = one(&mut p, s(4), view("noisy", 1200, 1200, 0.9, 4));
     assert_ne!(d.reason, Reason::Rollback);
 }
+
+#[test]
+fn a_limit_that_only_lends_waits_for_a_wide_band() {
+    // Uses 310 m, needs 340 m, not throttled; its entitlement moved with the
+    // capacity: 490 → 660 m and back is lent CPU only, not written.
+    let mut p = Policy::new(PolicyConfig::default());
+    let mut v = view("duo", 490, 660, 0.0, 20);
+    v.need = MilliCpu(340);
+    v.peak = MilliCpu(330);
+    v.base = MilliCpu(660);
+    assert_eq!(one(&mut p, s(100), v.clone()).reason, Reason::Hysteresis);
+    let mut down = view("duo", 660, 490, 0.0, 20);
+    down.need = MilliCpu(340);
+    assert_eq!(one(&mut p, s(200), down).reason, Reason::Hysteresis);
+    // Lent CPU that halves is given back; a need that rises is served.
+    let mut back = view("duo", 1980, 710, 0.0, 20);
+    back.need = MilliCpu(440);
+    assert!(one(&mut p, s(300), back).changed());
+    v.need = MilliCpu(600);
+    assert_eq!(one(&mut p, s(400), v).to, MilliCpu(660));
+}
