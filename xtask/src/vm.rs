@@ -636,13 +636,17 @@ fn run_vm(
     });
     let mut file = fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
     let mut lines = Vec::new();
-    let status = loop {
+    // Every line the readers hold now: to the log, to `each`, stamped.
+    let mut drain = || {
         while let Ok(line) = rx.try_recv() {
             let stamped = format!("{}|{line}", t0.elapsed().as_millis());
             let _ = writeln!(file, "{stamped}");
             each(&line);
             lines.push(stamped);
         }
+    };
+    let status = loop {
+        drain();
         if let Some(status) = child.try_wait()? {
             break Some(status);
         }
@@ -656,12 +660,7 @@ fn run_vm(
     };
     // What the readers still hold.
     std::thread::sleep(Duration::from_millis(100));
-    while let Ok(line) = rx.try_recv() {
-        let stamped = format!("{}|{line}", t0.elapsed().as_millis());
-        let _ = writeln!(file, "{stamped}");
-        each(&line);
-        lines.push(stamped);
-    }
+    drain();
     match status {
         None => {
             let _ = writeln!(file, "vm-test: killed after {} s", timeout.as_secs());
