@@ -367,6 +367,42 @@ fn a_neighbour_that_wants_more_than_its_share_is_capped_at_it_now() {
     assert!(api.amount >= MilliCpu(540), "{api:?}");
 }
 
+/// Under the weight lever a pod held by rule 0 keeps its limit: it is not
+/// raised in the round that lowers its weight (on a 6.1 kernel a held pod
+/// went 1410 → 2000 → 1210 m in two rounds).
+#[test]
+fn a_pod_held_by_its_weight_is_not_raised_in_the_same_round() {
+    let held_noisy = |limit: u64| {
+        let mut bids = demo_bids(1000);
+        for b in &mut bids {
+            if let Some(r) = b.recent.as_mut() {
+                r.lever = Lever::Weight;
+            }
+        }
+        if let Some(r) = bids[2].recent.as_mut() {
+            r.limit = MilliCpu(limit);
+            r.usage = MilliCpu(900);
+        }
+        let o = clear_ok(&input(2000, bids));
+        let noisy = o.allocations[2].clone();
+        assert!(noisy.contended.is_some(), "{noisy:?}");
+        assert_ne!(
+            noisy.bound,
+            Bound::Contention,
+            "one pod held: by its weight"
+        );
+        noisy.amount
+    };
+    // Rules 1–5 give it its fair level of the smoothed demands (water-fill of
+    // 700/600/2000/200 by 4:2:1:2 over 2000: 500 m) plus its headroom: 600 m.
+    // Under a 1600 m limit that is a decrease, and it goes through.
+    assert_eq!(held_noisy(1600), MilliCpu(600));
+    // Under a 300 m limit it would be a raise: it gets no more than its fair
+    // level (above its share now, 267 m, and its entitlement, 222 m).
+    assert_eq!(held_noisy(300), MilliCpu(500));
+    assert_eq!(held_noisy(100), MilliCpu(500));
+}
+
 #[test]
 fn no_contention_when_what_is_wanted_fits() {
     let mut bids = demo_bids(0);
