@@ -280,24 +280,32 @@ fn contention_is_weighted_fair_and_stable() {
     );
     let mut run = Run::start(&root, &["--node-reserve", "0"], vec![a, b, c]);
     std::thread::sleep(Duration::from_secs(20));
-    // Converged: no limit written for 5 rounds in a row (under emulation, in
-    // the VM tier, the contention cap can come later than 20 s).
+    // Converged: a and b, which each want both cores, are held at their
+    // shares (market rule 0), and no limit was written for 5 rounds in a row.
+    // Quiet rounds alone are not enough: under emulation, in the VM tier, the
+    // node read as contended only now and then for the first 20–50 s (a pod
+    // is held only once it takes more than its share), and the caps that
+    // followed counted as changes after convergence.
     let t0 = std::time::Instant::now();
+    let settled = |r: &Value| {
+        ["a", "b", "c"]
+            .iter()
+            .all(|n| consumer_at(r, n).is_some_and(|c| c["changed"] != true))
+            && ["a", "b"]
+                .iter()
+                .all(|n| consumer_at(r, n).is_some_and(|c| !c["contended_m"].is_null()))
+    };
     let converged = loop {
         let rounds = run.rounds();
-        let quiet = rounds.len() >= 5
-            && rounds[rounds.len() - 5..].iter().all(|r| {
-                ["a", "b", "c"]
-                    .iter()
-                    .all(|n| consumer_at(r, n).is_some_and(|c| c["changed"] != true))
-            });
-        if quiet {
+        if rounds.len() >= 5 && rounds[rounds.len() - 5..].iter().all(settled) {
             break rounds.len();
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "no 5 quiet rounds within 80 s of the start"
-        );
+        if t0.elapsed() > Duration::from_secs(80) {
+            let log = run.stop();
+            panic!(
+                "a and b not held and quiet for 5 rounds within 100 s of the start; log:\n{log}"
+            );
+        }
         std::thread::sleep(Duration::from_millis(500));
     };
     std::thread::sleep(Duration::from_secs(60));
