@@ -24,6 +24,7 @@
 //! | `mbcas_ebpf_program_run_time_seconds_total` | counter | `program` |
 //! | `mbcas_ebpf_program_runs_total` | counter | `program` |
 //! | `mbcas_sensor_mode` | gauge (1 for the active mode) | `mode` |
+//! | `mbcas_node_lease_held` | gauge (0/1: this daemon holds its node's lease and may write) | – |
 //! | `mbcas_loop_duration_seconds` | histogram | – |
 //!
 //! Per-pod series exist only for pods the daemon currently manages: call
@@ -143,6 +144,7 @@ pub struct Metrics {
     sensor_mode: Family<ModeLabels, Gauge>,
     /// Modes that have a series (to zero them when the mode changes).
     modes: Arc<Mutex<HashSet<&'static str>>>,
+    node_lease_held: Gauge,
     /// Pods that have series (Family has no key iterator).
     pods: Arc<Mutex<HashSet<PodLabels>>>,
     loop_duration: Histogram,
@@ -200,6 +202,7 @@ impl Metrics {
             ebpf_last: Arc::default(),
             sensor_mode: Family::default(),
             modes: Arc::default(),
+            node_lease_held: Gauge::default(),
             pods: Arc::default(),
             // 100 µs … ≈ 3.3 s: one decision pass over a node's pods.
             loop_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
@@ -293,6 +296,11 @@ impl Metrics {
             "sensor_mode",
             "1 for the sensor mode in use, 0 for modes used before",
             m.sensor_mode.clone(),
+        );
+        r.register(
+            "node_lease_held",
+            "1 while this daemon holds its node's lease (it may decide and write), 0 while it waits",
+            m.node_lease_held.clone(),
         );
         r.register_with_unit(
             "loop_duration",
@@ -485,6 +493,11 @@ impl Metrics {
         }
         modes.insert(mode);
         self.sensor_mode.get_or_create(&ModeLabels { mode }).set(1);
+    }
+
+    /// Whether this daemon holds its node's lease.
+    pub fn set_node_lease_held(&self, held: bool) {
+        self.node_lease_held.set(i64::from(held));
     }
 
     /// Starts timing one decision pass; the duration is recorded when the

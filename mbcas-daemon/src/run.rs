@@ -61,10 +61,45 @@ pub struct KubernetesArgs {
     #[arg(long, env = "MBCAS_GRACE_PERIOD", value_name = "DURATION", default_value = "10s",
           value_parser = crate::config::parse_duration, help_heading = "Kubernetes mode")]
     pub grace_period: std::time::Duration,
+    /// Kubernetes mode: hold the node's Lease (`mbcas-node-<node>`, in
+    /// `--daemon-namespace`) before
+    /// deciding or writing, so one daemon per node acts (a second copy watches
+    /// and takes over when the first stops or its lease expires); `off` for a
+    /// single copy that must act without it.
+    #[arg(
+        long,
+        value_enum,
+        env = "MBCAS_NODE_LEASE",
+        default_value_t,
+        help_heading = "Kubernetes mode"
+    )]
+    pub node_lease: NodeLeaseMode,
+    /// Kubernetes mode: how long a lease not renewed stays held (renewed every
+    /// quarter of it); a copy that died is replaced after at most this long.
+    #[arg(long, env = "MBCAS_LEASE_DURATION", value_name = "DURATION", default_value = "40s",
+          value_parser = crate::config::parse_duration, help_heading = "Kubernetes mode")]
+    pub lease_duration: std::time::Duration,
+    /// Kubernetes mode: this daemon's identity in the Lease (the DaemonSet
+    /// passes its pod's name; default: host name, process id and start time).
+    #[arg(
+        long,
+        env = "MBCAS_LEASE_IDENTITY",
+        value_name = "NAME",
+        help_heading = "Kubernetes mode"
+    )]
+    pub lease_identity: Option<String>,
     /// Testing only: JSON object mapping `namespace/name` to a cgroup directory
     /// that stands in for that pod's cgroup (control-plane-only test environments).
     #[arg(long, env = "MBCAS_TEST_POD_CGROUPS", value_name = "FILE", hide = true)]
     pub test_pod_cgroups: Option<std::path::PathBuf>,
+}
+
+/// Whether the daemon holds its node's Lease before acting.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum NodeLeaseMode {
+    #[default]
+    On,
+    Off,
 }
 
 #[derive(Debug, clap::Args)]

@@ -300,6 +300,7 @@ fn daemonset_environment_is_read_by_the_cli() {
             (None, Some(f)) if f.field_path == "metadata.namespace" => {
                 ds.metadata.namespace.clone().unwrap_or_default()
             }
+            (None, Some(f)) if f.field_path == "metadata.name" => "mbcas-x7k2p".into(),
             _ => panic!("env {}: unsupported source", e.name),
         };
         env.push((e.name.clone(), value));
@@ -404,6 +405,7 @@ fn helm_values_name_every_decision_flag() {
         "mode",
         "node-name",
         "daemon-namespace",
+        "lease-identity",
         "metrics-addr",
         "log-level",
         "log-format",

@@ -634,3 +634,199 @@ async fn restore_stops_the_daemonset_and_waits_for_its_pods() {
         other => panic!("expected the stray pod to be named, got {other:?}"),
     }
 }
+
+/// The node's holder of the lease, if any.
+async fn lease_holder(client: &kube::Client, node: &str) -> Option<String> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), "default");
+    leases
+        .get_opt(&mbcas::k8s::lease::lease_name(node))
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| l.spec?.holder_identity)
+}
+
+/// One daemon per node acts. A daemon that finds the node's lease held waits:
+/// it writes nothing, even with an allocation to apply; it takes the lease
+/// when its holder stops renewing it (a crash) and then acts; a clean stop
+/// releases it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_daemon_per_node_acts_and_a_second_takes_over() {
+    use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    let Some(env) = TestEnv::get() else { return };
+    let client = env.client().await;
+    install_crd(&client).await;
+    let ns = TestNamespace::new(env, &client, "lease").await;
+    let node = TestNode::new(env, &client, "lease", MilliCpu(4000)).await;
+    let pod = create_pod(
+        &client,
+        &ns.name,
+        &node.name,
+        &PodSpec::burstable("web", "250m", "500m"),
+    )
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+
+    // Another copy holds the lease (3 s) and renews it every second.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+    let name = mbcas::k8s::lease::lease_name(&node.name);
+    let renew = |leases: Api<Lease>, name: String| async move {
+        let mut l = leases
+            .get_opt(&name)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        l.metadata.name = Some(name.clone());
+        l.spec = Some(LeaseSpec {
+            holder_identity: Some("other-copy".to_owned()),
+            lease_duration_seconds: Some(3),
+            renew_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
+            ..LeaseSpec::default()
+        });
+        if l.metadata.resource_version.is_some() {
+            leases
+                .replace(&name, &PostParams::default(), &l)
+                .await
+                .map(drop)
+        } else {
+            leases.create(&PostParams::default(), &l).await.map(drop)
+        }
+    };
+    renew(leases.clone(), name.clone())
+        .await
+        .unwrap_or_else(|e| panic!("create the other copy's lease: {e}"));
+    let other = CancellationToken::new();
+    let renewing = {
+        let (o, l, n) = (other.clone(), leases.clone(), name.clone());
+        tokio::spawn(async move {
+            while !o.is_cancelled() {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let _ = renew(l.clone(), n.clone()).await;
+            }
+        })
+    };
+
+    let first = Daemon::start(
+        client.clone(),
+        &node.name,
+        &["--lease-duration", "3s", "--lease-identity", "first"],
+    );
+    write_allocation(&client, &pod, &node.name, MilliCpu(700)).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(first.is_running(), "a waiting daemon keeps running");
+    assert_eq!(
+        cpu_limit(&pods.get("web").await.unwrap()),
+        Some(MilliCpu(500)),
+        "a daemon without the lease resized a pod"
+    );
+    assert_eq!(
+        allocation(&client, &ns.name, "web")
+            .await
+            .and_then(|pa| pa.status),
+        None,
+        "a daemon without the lease wrote a PodAllocation's status"
+    );
+    assert_eq!(
+        lease_holder(&client, &node.name).await.as_deref(),
+        Some("other-copy")
+    );
+
+    // The other copy dies: the lease expires (3 s unchanged) and the waiting
+    // daemon takes it and acts.
+    other.cancel();
+    let _ = renewing.await;
+    let t = std::time::Instant::now();
+    eventually("the waiting daemon to take the lease", WAIT, || async {
+        (lease_holder(&client, &node.name).await.as_deref() == Some("first")).then_some(())
+    })
+    .await;
+    let took = t.elapsed();
+    assert!(
+        took <= Duration::from_secs(6),
+        "took over {took:?} after the holder stopped (lease 3 s, polled every 0.75 s)"
+    );
+    eventually("the pod to be resized by the new holder", WAIT, || async {
+        pods.get("web")
+            .await
+            .ok()
+            .filter(|p| cpu_limit(p) == Some(MilliCpu(700)))
+    })
+    .await;
+
+    // A second daemon waits while the first renews.
+    let second = Daemon::start(
+        client.clone(),
+        &node.name,
+        &["--lease-duration", "3s", "--lease-identity", "second"],
+    );
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        lease_holder(&client, &node.name).await.as_deref(),
+        Some("first")
+    );
+    // The first crashes (nothing released): the second takes over.
+    first.kill().await;
+    eventually("the second daemon to take the lease", WAIT, || async {
+        (lease_holder(&client, &node.name).await.as_deref() == Some("second")).then_some(())
+    })
+    .await;
+    // A clean stop releases it at once.
+    second.stop().await;
+    assert_eq!(
+        lease_holder(&client, &node.name).await,
+        None,
+        "released on stop"
+    );
+}
+
+/// A resize never changes a pod's QoS class: a Burstable pod whose memory
+/// limit equals its request would become Guaranteed at limit = request (the
+/// API server refuses that resize); MBCAS keeps it 10 m above its request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resize_never_makes_a_burstable_pod_guaranteed() {
+    let Some(env) = TestEnv::get() else { return };
+    let client = env.client().await;
+    install_crd(&client).await;
+    let ns = TestNamespace::new(env, &client, "qos").await;
+    let node = TestNode::new(env, &client, "qos", MilliCpu(4000)).await;
+    let spec = PodSpec {
+        memory_limit: true,
+        ..PodSpec::burstable("pinned", "250m", "500m")
+    };
+    let pod = create_pod(&client, &ns.name, &node.name, &spec).await;
+    assert_eq!(
+        pod.status.as_ref().and_then(|s| s.qos_class.as_deref()),
+        Some("Burstable")
+    );
+    let daemon = Daemon::start(client.clone(), &node.name, &[]);
+    // An idle pod: the decision is its request.
+    write_allocation(&client, &pod, &node.name, MilliCpu(250)).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let resized = eventually("pinned resized just above its request", WAIT, || async {
+        pods.get("pinned")
+            .await
+            .ok()
+            .filter(|p| cpu_limit(p) == Some(MilliCpu(260)))
+    })
+    .await;
+    assert_eq!(
+        resized.status.as_ref().and_then(|s| s.qos_class.as_deref()),
+        Some("Burstable")
+    );
+    kubelet_reports(&client, &ns.name, "pinned").await;
+    let pa = eventually("pinned's PodAllocation Applied", WAIT, || async {
+        phase_is(&client, &ns.name, "pinned", Phase::Applied).await
+    })
+    .await;
+    let st = pa.status.unwrap_or_default();
+    assert_eq!(st.applied.len(), 1, "{st:?}");
+    assert_eq!(
+        st.applied[0].cpu_limit,
+        CpuQuantity(MilliCpu(260)),
+        "{st:?}"
+    );
+    daemon.stop().await;
+}

@@ -90,7 +90,11 @@ async fn the_service_account_can_do_the_daemons_job() {
     .await;
 
     // The whole daemon, as the ServiceAccount: start-up checks, watches, controller.
-    let daemon = Daemon::start(sa.clone(), &node.name, &[]);
+    let daemon = Daemon::start(
+        sa.clone(),
+        &node.name,
+        &["--daemon-namespace", "mbcas-system"],
+    );
 
     // The writer, as the ServiceAccount: server-side apply of PodAllocations.
     let (store, w) = kube::runtime::reflector::store::<PodAllocation>();
@@ -215,7 +219,25 @@ async fn the_service_account_can_do_the_daemons_job() {
             .then_some(())
     })
     .await;
+    // The node's lease, taken and (on stop) released as the ServiceAccount.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(admin.clone(), "mbcas-system");
+    let lease_name = mbcas::k8s::lease::lease_name(&node.name);
+    let held = leases
+        .get(&lease_name)
+        .await
+        .unwrap_or_else(|e| panic!("the daemon's lease {lease_name}: {e}"));
+    assert!(
+        held.spec.and_then(|s| s.holder_identity).is_some(),
+        "the lease has a holder while the daemon runs"
+    );
     daemon.stop().await;
+    let released = leases.get(&lease_name).await.unwrap();
+    assert_eq!(
+        released.spec.and_then(|s| s.holder_identity),
+        None,
+        "released on stop"
+    );
     stop.cancel();
     let _ = reflect.await;
 }
@@ -279,6 +301,27 @@ async fn the_service_account_is_denied_everything_else() {
             .patch(&node.name, &PatchParams::default(), &Patch::Merge(&patch))
             .await,
     );
+    // Leases: only in its own namespace, and never deleted.
+    let foreign: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(sa.clone(), &ns.name);
+    let lease = k8s_openapi::api::coordination::v1::Lease {
+        metadata: kube::api::ObjectMeta {
+            name: Some("x".to_owned()),
+            ..Default::default()
+        },
+        spec: None,
+    };
+    forbidden(
+        "create a lease in another namespace",
+        foreign.create(&PostParams::default(), &lease).await,
+    );
+    let own: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(sa.clone(), "mbcas-system");
+    forbidden(
+        "delete a lease",
+        own.delete("anything", &Default::default()).await,
+    );
+    forbidden("list leases", own.list(&ListParams::default()).await);
     // And it cannot touch the CRD itself.
     let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
         Api::all(sa.clone());

@@ -5,7 +5,7 @@
 //! It applies `deploy/` with kustomize, waits for the DaemonSet to be ready,
 //! runs real workload pods (`mbcas burn` in the `mbcas` image) and checks, from
 //! the API and from the pods' real cgroups on the node:
-//! 1. a throttled Burstable pod's CPU limit is raised through `pods/resize`,
+//! 1. a throttled Burstable pod's CPU limit is raised in one resize through `pods/resize`,
 //!    the kubelet writes the new quota into the container's cgroup, the pod's
 //!    status reports it, its PodAllocation reaches `Applied`, the container
 //!    does not restart and its throttled-period ratio falls;
@@ -245,6 +245,8 @@ pub(crate) struct ContainerView {
 #[derive(Debug, Clone)]
 pub(crate) struct PodView {
     pub node: String,
+    /// `metadata.generation`: 1 at creation, +1 for each resize.
+    pub generation: u64,
     pub containers: Vec<ContainerView>,
 }
 
@@ -294,6 +296,7 @@ pub(crate) fn pod_view(c: &dyn Cluster, namespace: &str, name: &str) -> anyhow::
             .as_str()
             .unwrap_or_default()
             .to_owned(),
+        generation: v["metadata"]["generation"].as_u64().unwrap_or(0),
         containers,
     })
 }
@@ -697,10 +700,19 @@ fn check_raise(c: &dyn Cluster, report: &mut Report, b: &Burner) -> anyhow::Resu
                 && ctr.status_limit == ctr.spec_limit
                 && quota == ctr.spec_limit
                 && phase(c, BURNER) == "Applied";
-            Ok(done.then(|| (ctr.clone(), quota)))
+            Ok(done.then(|| (ctr.clone(), quota, p.generation)))
         },
     )?;
-    let (ctr, quota) = applied;
+    let (ctr, quota, generation) = applied;
+    // One patch per decision, and one decision for the raise: the pod's
+    // generation counts its resizes.
+    let resizes = generation.saturating_sub(1);
+    if resizes != 1 {
+        bail!(
+            "{BURNER} took {resizes} resizes to reach {:?}m (generation {generation}; goal: one)",
+            ctr.spec_limit
+        );
+    }
     if ctr.restarts != 0 {
         bail!(
             "{BURNER} restarted {} times during the resize",
@@ -709,7 +721,7 @@ fn check_raise(c: &dyn Cluster, report: &mut Report, b: &Burner) -> anyhow::Resu
     }
     report.raised_to = ctr.spec_limit.unwrap_or(raised);
     report.ok(format!(
-        "{BURNER}: limit {BURNER_LIMIT}m → {raised}m after {:.1} s through pods/resize; \
+        "{BURNER}: limit {BURNER_LIMIT}m → {raised}m after {:.1} s in one resize through pods/resize; \
              spec {:?}m = status {:?}m = cgroup quota {:?}m; PodAllocation Applied; 0 restarts",
         report.raise_seconds, ctr.spec_limit, ctr.status_limit, quota
     ));
@@ -1043,6 +1055,8 @@ fn check_helm(c: &dyn Cluster, report: &mut Report) -> anyhow::Result<()> {
             DAEMON_NAMESPACE,
             "delete",
             "serviceaccount/mbcas",
+            "role/mbcas-node-lease",
+            "rolebinding/mbcas-node-lease",
             "--ignore-not-found",
         ],
     )?;

@@ -11,7 +11,10 @@
 //! * the resize controller;
 //! * with `--decide on`, the decision loop, started once the pod and
 //!   allocation stores are synced (so nothing is deleted or decided from a
-//!   partial view).
+//!   partial view);
+//! * the node's Lease ([`crate::k8s::lease`]): the controller and the decision
+//!   loop start only once this daemon holds it, so a second copy on the node
+//!   watches and waits; it is released after the others drained.
 //!
 //! Each task ends with its name and, when it failed, why. A task that ends on
 //! its own (which none should) ends the process after the others drain, with
@@ -43,13 +46,14 @@ use crate::{
     http::{self, Component, Readiness},
     k8s::{
         crd::{GROUP, NODE_LABEL, PodAllocation, VERSION},
+        lease::{NodeLease, default_identity},
         node::{NodeLoopConfig, NodePods, read_pod_cgroups},
         pods,
         publish::Writer,
         resize::{self, ControllerConfig},
     },
     metrics::Metrics,
-    run::{Decide, RunArgs},
+    run::{Decide, NodeLeaseMode, RunArgs},
     sensor::Sensor,
 };
 
@@ -178,6 +182,12 @@ pub async fn run_with_client(
         Some(p) => read_pod_cgroups(p).map_err(AppError::Usage)?,
         None => Default::default(),
     };
+    if k.node_lease == NodeLeaseMode::On && k.lease_duration < std::time::Duration::from_secs(2) {
+        return Err(AppError::Usage(format!(
+            "--lease-duration must be at least 2s (got {:?})",
+            k.lease_duration
+        )));
+    }
     preflight(&client, &node).await?;
     tracing::info!(node = %node, decide = ?k.decide, "API server offers pods/resize; PodAllocation CRD installed");
 
@@ -197,6 +207,7 @@ pub async fn run_with_client(
     let mut tasks = Tasks {
         set: JoinSet::new(),
         shutdown,
+        lease: None,
     };
     {
         let (m, r, c) = (metrics.clone(), readiness.clone(), tasks.shutdown.clone());
@@ -207,6 +218,27 @@ pub async fn run_with_client(
     }
     let watches = tasks.watch(&client, &node)?;
     let synced = tasks.follow_readiness(&watches, &readiness);
+    let held = match k.node_lease {
+        NodeLeaseMode::On => {
+            let identity = k.lease_identity.clone().unwrap_or_else(default_identity);
+            let lease = NodeLease::new(
+                client.clone(),
+                &cfg.daemon_namespace,
+                &node,
+                identity,
+                k.lease_duration,
+            );
+            tasks.hold_lease(lease, metrics.clone())
+        }
+        NodeLeaseMode::Off => {
+            tracing::warn!(
+                "--node-lease off: this daemon acts without the node's lease; a second copy on this node would fight it"
+            );
+            let t = CancellationToken::new();
+            t.cancel();
+            t
+        }
+    };
     let mut ccfg = ControllerConfig::new(node.clone());
     ccfg.excluded_namespaces = cfg.excluded_namespaces.clone();
     let ctx = Arc::new(resize::Context::new(
@@ -215,7 +247,7 @@ pub async fn run_with_client(
         ccfg,
         Some(metrics.clone()),
     ));
-    tasks.controller(ctx, watches.pod_events, synced.pods.clone());
+    tasks.controller(ctx, watches.pod_events, synced.pods.clone(), held.clone());
     if let Some((cgroup_root, sensor)) = sensing {
         let writer = Writer::new(client.clone(), node.clone(), watches.allocations.clone());
         let (engine, pacing) = (cfg.engine(), cfg.pacing());
@@ -232,7 +264,7 @@ pub async fn run_with_client(
             writer,
         );
         let decisions = DecisionLoop::new(mode, sensor, engine, pacing, metrics);
-        tasks.decisions(decisions, readiness, synced.all);
+        tasks.decisions(decisions, readiness, synced.all, held);
     }
     tasks.join(k.grace_period).await
 }
@@ -275,6 +307,8 @@ struct Synced {
 struct Tasks {
     set: JoinSet<TaskEnd>,
     shutdown: CancellationToken,
+    /// The node's lease, released once the tasks drained.
+    lease: Option<NodeLease>,
 }
 
 impl Tasks {
@@ -350,19 +384,34 @@ impl Tasks {
         synced
     }
 
-    /// The resize controller, once the pod store is synced.
+    /// Takes and renews the node's lease; the returned token is cancelled
+    /// once this daemon holds it. Losing it ends the daemon (the DaemonSet
+    /// restarts it as a waiting copy).
+    fn hold_lease(&mut self, lease: NodeLease, metrics: Metrics) -> CancellationToken {
+        let held = CancellationToken::new();
+        self.lease = Some(lease.clone());
+        let (h, c) = (held.clone(), self.shutdown.clone());
+        self.set
+            .spawn(async move { ("lease", lease.hold(h, c, metrics).await) });
+        held
+    }
+
+    /// The resize controller, once the pod store is synced and this daemon
+    /// holds the node's lease.
     fn controller(
         &mut self,
         ctx: Arc<resize::Context>,
         pod_events: ReflectHandle<Pod>,
         synced: CancellationToken,
+        held: CancellationToken,
     ) {
         let c = self.shutdown.clone();
         self.set.spawn(async move {
-            // Reconcile only against a synced pod store.
+            // Reconcile only against a synced pod store, and only as the
+            // node's one acting daemon.
             tokio::select! {
                 () = c.cancelled() => return ("controller", Ok(())),
-                () = synced.cancelled() => {}
+                () = async { synced.cancelled().await; held.cancelled().await } => {}
             }
             tracing::info!(
                 pods = ctx.pods.state().len(),
@@ -374,12 +423,13 @@ impl Tasks {
     }
 
     /// The decision loop, once every store is synced (so nothing is deleted or
-    /// decided from a partial view).
+    /// decided from a partial view) and this daemon holds the node's lease.
     fn decisions(
         &mut self,
         decisions: DecisionLoop<NodePods>,
         readiness: Readiness,
         synced: CancellationToken,
+        held: CancellationToken,
     ) {
         let c = self.shutdown.clone();
         self.set.spawn(async move {
@@ -387,7 +437,13 @@ impl Tasks {
                 () = c.cancelled() => return ("decisions", Ok(())),
                 () = synced.cancelled() => {}
             }
+            // Ready while it waits for the lease: a surge update waits for the
+            // new copy to be ready before it stops the old one, which holds it.
             readiness.ready(Component::Sensor);
+            tokio::select! {
+                () = c.cancelled() => return ("decisions", Ok(())),
+                () = held.cancelled() => {}
+            }
             let decided = decisions.run(c).await;
             ("decisions", decided.map(drop).map_err(|e| match e {}))
         });
@@ -416,6 +472,18 @@ impl Tasks {
         if drained.is_err() {
             tracing::warn!(grace = ?grace, "tasks did not drain in time; exiting");
             self.set.abort_all();
+        }
+        // Nothing writes any more: a waiting copy may take over at once.
+        if let Some(lease) = self.lease {
+            match tokio::time::timeout(std::time::Duration::from_secs(5), lease.release()).await {
+                Ok(Ok(())) => tracing::info!("node lease released"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %error_chain(&e), "releasing the node lease failed; a waiting copy takes over when it expires")
+                }
+                Err(_) => tracing::warn!(
+                    "releasing the node lease timed out; a waiting copy takes over when it expires"
+                ),
+            }
         }
         match failed {
             Some((task, why)) => Err(AppError::TaskEnded { task, why }),

@@ -1,8 +1,10 @@
 //! Kubernetes mode: the PodAllocation resource, this node's pod index, the
-//! writer that publishes decisions and the in-process resize controller.
+//! writer that publishes decisions, the in-process resize controller and the
+//! node lease that lets one daemon per node write.
 
 pub mod client;
 pub mod crd;
+pub mod lease;
 pub mod node;
 pub mod pods;
 pub mod publish;

@@ -34,6 +34,7 @@ fn populated() -> Metrics {
     m.add_ebpf_drops(DROP_RINGBUF, 1);
     m.set_ebpf_program_stats("sched_switch", 2_000_000_000, 1000);
     m.set_sensor_mode("ebpf");
+    m.set_node_lease_held(true);
     drop(m.loop_timer());
     m
 }
@@ -61,6 +62,7 @@ fn encoded_output_is_strict_openmetrics_with_every_metric() {
         ("mbcas_ebpf_program_run_time_seconds", "counter"),
         ("mbcas_ebpf_program_runs", "counter"),
         ("mbcas_sensor_mode", "gauge"),
+        ("mbcas_node_lease_held", "gauge"),
         ("mbcas_loop_duration_seconds", "histogram"),
     ] {
         let f = e.family(name).unwrap_or_else(|| panic!("{name} missing"));
@@ -119,6 +121,7 @@ fn encoded_output_is_strict_openmetrics_with_every_metric() {
         Some(2.0)
     );
     assert_eq!(e.value("mbcas_sensor_mode", &[("mode", "ebpf")]), Some(1.0));
+    assert_eq!(e.value("mbcas_node_lease_held", &[]), Some(1.0));
     assert_eq!(e.value("mbcas_loop_duration_seconds_count", &[]), Some(1.0));
     assert_eq!(
         e.value(

@@ -462,6 +462,22 @@ impl Drop for TestNode {
             self.config.clone(),
             format!("node {name}"),
             |client| async move {
+                // The node's lease, wherever a test's daemons took it (the
+                // harness's `default`, the RBAC tests' `mbcas-system`).
+                for ns in ["default", "mbcas-system"] {
+                    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+                        Api::namespaced(client.clone(), ns);
+                    match leases
+                        .delete(
+                            &mbcas::k8s::lease::lease_name(&name),
+                            &DeleteParams::default(),
+                        )
+                        .await
+                    {
+                        Ok(_) | Err(kube::Error::Api(_)) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
                 Api::<Node>::all(client)
                     .delete(&name, &DeleteParams::default())
                     .await

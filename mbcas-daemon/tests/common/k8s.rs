@@ -214,6 +214,11 @@ impl Daemon {
         if !extra.contains(&"--metrics-addr") {
             argv.extend_from_slice(&["--metrics-addr", "127.0.0.1:0"]);
         }
+        // The node's lease goes where every API server has a namespace (the
+        // RBAC tests pass the ServiceAccount's).
+        if !extra.contains(&"--daemon-namespace") {
+            argv.extend_from_slice(&["--daemon-namespace", "default"]);
+        }
         argv.extend_from_slice(extra);
         let cli = Cli::try_parse_from_args(&argv);
         let Command::Run(args) = cli.command else {
@@ -232,6 +237,13 @@ impl Daemon {
     /// Whether the daemon is still running (it has not exited on its own).
     pub fn is_running(&self) -> bool {
         !self.task.is_finished()
+    }
+
+    /// Ends the daemon as a crash would: its tasks are dropped, nothing is
+    /// released.
+    pub async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
     }
 
     pub async fn stop(self) {
