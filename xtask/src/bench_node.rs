@@ -244,7 +244,7 @@ async fn patch_trials(
 }
 
 /// The daemon's pid on the host: the process in its container's cgroup.
-fn daemon_pid(node: &TestNode) -> anyhow::Result<u32> {
+pub(crate) fn daemon_pid(node: &TestNode) -> anyhow::Result<u32> {
     let name = e2e::kubectl(
         node,
         &[
@@ -301,15 +301,14 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     result
 }
 
-fn bench(opts: &Options) -> anyhow::Result<()> {
-    let node = TestNode::running()?;
-    let kubeconfig = node.kubeconfig().context("no kubeconfig")?;
+/// Applies `deploy/` (the node's overlay) and waits for the DaemonSet.
+pub(crate) fn deploy(node: &TestNode) -> anyhow::Result<()> {
     e2e::kubectl(
-        &node,
+        node,
         &["apply", "-k", &node.deploy_dir().display().to_string()],
     )?;
     e2e::kubectl(
-        &node,
+        node,
         &[
             "-n",
             "mbcas-system",
@@ -319,6 +318,13 @@ fn bench(opts: &Options) -> anyhow::Result<()> {
             "--timeout=180s",
         ],
     )?;
+    Ok(())
+}
+
+fn bench(opts: &Options) -> anyhow::Result<()> {
+    let node = TestNode::running()?;
+    let kubeconfig = node.kubeconfig().context("no kubeconfig")?;
+    deploy(&node)?;
     let _ = e2e::kubectl(&node, &["delete", "namespace", NS, "--wait=true"]);
     e2e::kubectl(&node, &["create", "namespace", NS])?;
     println!(

@@ -1,4 +1,5 @@
-//! `cargo xtask soak --minutes N`: local mode under churn, watched for leaks.
+//! `cargo xtask soak --minutes N`: local mode under churn, watched for leaks
+//! (`--node`: the DaemonSet on the test node under pod churn, [`node`]).
 //!
 //! `mbcas run --mode local` over a cgroup whose consumers come and go: every
 //! two seconds a consumer is created with a 200 m quota and a `mbcas burn`
@@ -25,11 +26,17 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+mod node;
+
 #[derive(Debug, clap::Args)]
 pub struct Options {
     /// How long the churn runs.
     #[arg(long, default_value_t = 10)]
     pub minutes: u64,
+    /// Churn pods on the test environment's real node next to the DaemonSet
+    /// (brought up when down) instead of consumers in local mode.
+    #[arg(long)]
+    pub node: bool,
 }
 
 /// Consumers alive at once.
@@ -108,6 +115,9 @@ fn allocation_series(text: &str) -> usize {
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
+    if opts.node {
+        return node::run(opts.minutes);
+    }
     if !crate::procs::is_root() {
         bail!("soak needs root (cgroups)");
     }

@@ -15,7 +15,9 @@
 //!    kubeconfig in `MBCAS_TESTENV_KUBECONFIG`) and stopped afterwards;
 //! 3. the node tier: a real node (containerd, kubelet, kube-scheduler) added
 //!    to that control plane, MBCAS deployed on it as its DaemonSet, and the
-//!    end-to-end scenario of [`crate::e2e`] (root; CI fails rather than skip);
+//!    end-to-end scenario of [`crate::e2e`], then three minutes of pod churn
+//!    next to the DaemonSet (`cargo xtask soak --node`) (root; CI fails rather
+//!    than skip);
 //! 4. a short bounded pass of every fuzz target (`cargo xtask fuzz`), then a
 //!    two-minute soak of local mode under churn (`cargo xtask soak`, root);
 //! 5. a short `cargo xtask demo` whose asserted checks must all pass: every
@@ -41,6 +43,9 @@ pub struct Options {
 
 /// How long CI soaks local mode (`cargo xtask soak` defaults to 10 min).
 const SOAK_MINUTES: u64 = 2;
+
+/// How long CI churns pods on the real node (`cargo xtask soak --node`).
+const NODE_SOAK_MINUTES: u64 = 3;
 
 /// How long CI fuzzes each target (`cargo xtask fuzz` defaults to 60 s).
 const FUZZ_SECONDS: u64 = 20;
@@ -147,7 +152,11 @@ fn node_tier() -> anyhow::Result<()> {
         report.throttled_before,
         report.throttled_after,
     );
-    Ok(())
+    eprintln!("test: node tier: {NODE_SOAK_MINUTES} minutes of pod churn next to the DaemonSet");
+    crate::soak::run(&crate::soak::Options {
+        minutes: NODE_SOAK_MINUTES,
+        node: true,
+    })
 }
 
 /// The end-to-end scenario on the test environment's node (it must be up).
@@ -200,6 +209,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         eprintln!("test: soak tier, {SOAK_MINUTES} minutes of consumer churn in local mode");
         crate::soak::run(&crate::soak::Options {
             minutes: SOAK_MINUTES,
+            node: false,
         })?;
     } else if std::env::var_os("CI").is_some() {
         bail!("the soak tier needs root (cgroups) and CI must run it");
