@@ -108,6 +108,48 @@ fn metrics(addr: std::net::SocketAddr) -> anyhow::Result<String> {
     Ok(body)
 }
 
+/// What the samples say about growth: the sample after the first minute, the
+/// last, the peak RSS, and the problems (a panic in `log`, RSS grown by more
+/// than 20 % + 4 MiB, file descriptors by more than 4).
+struct Growth {
+    warm: Sample,
+    last: Sample,
+    peak_kib: u64,
+    problems: Vec<String>,
+}
+
+fn growth(samples: &[Sample], log: &str) -> Growth {
+    let warm = samples
+        .iter()
+        .find(|s| s.at_s >= 60.0)
+        .or(samples.first())
+        .copied()
+        .unwrap_or_default();
+    let last = samples.last().copied().unwrap_or_default();
+    let mut problems = Vec::new();
+    if log.contains("panicked") {
+        problems.push("the daemon's log has a panic".to_owned());
+    }
+    if last.rss_kib as f64 > warm.rss_kib as f64 * 1.2 + 4096.0 {
+        problems.push(format!(
+            "RSS grew from {} KiB to {} KiB",
+            warm.rss_kib, last.rss_kib
+        ));
+    }
+    if last.fds > warm.fds + 4 {
+        problems.push(format!(
+            "file descriptors grew from {} to {}",
+            warm.fds, last.fds
+        ));
+    }
+    Growth {
+        warm,
+        last,
+        peak_kib: samples.iter().map(|s| s.rss_kib).max().unwrap_or(0),
+        problems,
+    }
+}
+
 fn allocation_series(text: &str) -> usize {
     text.lines()
         .filter(|l| l.starts_with("mbcas_pod_allocation_cores{"))
@@ -256,14 +298,12 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     crate::cmd::signal(&daemon, nix::sys::signal::Signal::SIGINT)?;
     let status = daemon.wait_with_output()?.status;
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-    let warm = samples
-        .iter()
-        .find(|s| s.at_s >= 60.0)
-        .or(samples.first())
-        .copied()
-        .unwrap_or_default();
-    let last = samples.last().copied().unwrap_or_default();
-    let peak = samples.iter().map(|s| s.rss_kib).max().unwrap_or(0);
+    let Growth {
+        warm,
+        last,
+        peak_kib: peak,
+        mut problems,
+    } = growth(&samples, &log);
     let ghost_writes = log
         .lines()
         .filter(|l| l.contains("cannot write quota"))
@@ -280,24 +320,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         last.series.map_or("-".to_owned(), |n| n.to_string()),
         last.alive
     );
-    let mut problems = Vec::new();
     if !status.success() {
         problems.push(format!("the daemon exited with {status} on SIGINT"));
-    }
-    if log.contains("panicked") {
-        problems.push("the daemon's log has a panic".to_owned());
-    }
-    if last.rss_kib as f64 > warm.rss_kib as f64 * 1.2 + 4096.0 {
-        problems.push(format!(
-            "RSS grew from {} KiB to {} KiB",
-            warm.rss_kib, last.rss_kib
-        ));
-    }
-    if last.fds > warm.fds + 4 {
-        problems.push(format!(
-            "file descriptors grew from {} to {}",
-            warm.fds, last.fds
-        ));
     }
     match last.series {
         None => problems.push("/metrics did not answer at the end".to_owned()),

@@ -22,7 +22,7 @@ use std::{
 
 use anyhow::bail;
 
-use super::{Sample, fds, metrics};
+use super::{Growth, Sample, fds, growth, metrics};
 use crate::{
     e2e::{self, Cluster as _},
     testenv::node::TestNode,
@@ -171,15 +171,12 @@ fn churn(node: &TestNode, minutes: u64) -> anyhow::Result<()> {
         sleep(Duration::from_secs(2));
     };
     let not_found = resize_not_found(node)? - not_found0;
-    let warm = samples
-        .iter()
-        .find(|s| s.at_s >= 60.0)
-        .or(samples.first())
-        .copied()
-        .unwrap_or_default();
-    let last = samples.last().copied().unwrap_or_default();
-    let peak = samples.iter().map(|s| s.rss_kib).max().unwrap_or(0);
-    let log = node.daemon_log();
+    let Growth {
+        warm,
+        last,
+        peak_kib: peak,
+        mut problems,
+    } = growth(&samples, &node.daemon_log());
     println!(
         "soak-node: {minutes} min, {created} pods created, {deleted} deleted; daemon RSS {:.1} MiB at {:.0} s → {:.1} MiB at the end (peak {:.1}); fds {} → {}; left after the pods went: {left_pa} PodAllocations, {} series; pods/resize answered 404: {not_found:.0}",
         warm.rss_kib as f64 / 1024.0,
@@ -190,22 +187,6 @@ fn churn(node: &TestNode, minutes: u64) -> anyhow::Result<()> {
         last.fds,
         left_series.map_or("-".to_owned(), |n| n.to_string()),
     );
-    let mut problems = Vec::new();
-    if log.contains("panicked") {
-        problems.push("the daemon's log has a panic".to_owned());
-    }
-    if last.rss_kib as f64 > warm.rss_kib as f64 * 1.2 + 4096.0 {
-        problems.push(format!(
-            "RSS grew from {} KiB to {} KiB",
-            warm.rss_kib, last.rss_kib
-        ));
-    }
-    if last.fds > warm.fds + 4 {
-        problems.push(format!(
-            "file descriptors grew from {} to {}",
-            warm.fds, last.fds
-        ));
-    }
     if left_pa > 0 {
         problems.push(format!(
             "{left_pa} PodAllocations outlived their pods by 30 s"
