@@ -291,12 +291,14 @@ fn check_values(kust: &[Value]) -> anyhow::Result<()> {
     got.sort();
     let ds = "DaemonSet mbcas-system/mbcas /spec/template";
     let c = format!("{ds}/spec/containers/0");
+    // Indices into the container's env: NODE_NAME, DAEMON_NAMESPACE,
+    // LEASE_IDENTITY, LOG_FORMAT, LOG_LEVEL, METRICS_ADDR, then the config.
     let mut want = vec![
         format!("{ds}/metadata/annotations/prometheus.io/port: \"9090\" → \"9100\""),
-        format!("{c}/env/4/value: \"0.0.0.0:9090\" → \"0.0.0.0:9100\""),
-        format!("{c}/env/5: null → {{\"name\":\"MBCAS_OVERCOMMIT\",\"value\":\"2\"}}"),
-        format!("{c}/env/6: null → {{\"name\":\"MBCAS_PRIORITY_WEIGHTING\",\"value\":\"true\"}}"),
-        format!("{c}/env/7: null → {{\"name\":\"MBCAS_TICK\",\"value\":\"2s\"}}"),
+        format!("{c}/env/5/value: \"0.0.0.0:9090\" → \"0.0.0.0:9100\""),
+        format!("{c}/env/6: null → {{\"name\":\"MBCAS_OVERCOMMIT\",\"value\":\"2\"}}"),
+        format!("{c}/env/7: null → {{\"name\":\"MBCAS_PRIORITY_WEIGHTING\",\"value\":\"true\"}}"),
+        format!("{c}/env/8: null → {{\"name\":\"MBCAS_TICK\",\"value\":\"2s\"}}"),
         format!("{c}/image: \"mbcas:dev\" → \"registry.example/mbcas:1.2.3\""),
         format!("{c}/ports/0/containerPort: 9090 → 9100"),
         format!("{c}/resources/limits/memory: \"256Mi\" → \"128Mi\""),
