@@ -42,7 +42,9 @@
 //! 7. **Contention** (checked before rules 3–6). A pod the market caps at its fair share because the node
 //!    is contended now (`Bound::Contention`: it wants more than its share while
 //!    others wait) is lowered to it at once, past rules 5 and 6's cooldown,
-//!    step limit and holds, unless the change is within the hysteresis. It is
+//!    step limit and holds, unless the change is within the hysteresis; a pod
+//!    held already in the last round is lowered further only when the lower
+//!    share is seen in two rounds in a row (one window's spike is no reason). It is
 //!    no decrease on account of its own demand, so it is never rolled back; it
 //!    is raised again by rule 3 (it is throttled below its base) as soon as
 //!    the contention eases.
@@ -314,10 +316,26 @@ impl Decision {
 #[derive(Clone, Debug, PartialEq)]
 struct PodState {
     last_change: Option<Duration>,
+    /// Held at its share under contention in the last round.
+    held: bool,
+    /// A lower share was seen once while held: the cap waits for a second.
+    cap_pending: bool,
     /// When the last decrease on account of the pod's own demand happened and
     /// the limit it replaced.
     last_decrease: Option<(Duration, MilliCpu)>,
     cooldown: Duration,
+}
+
+impl PodState {
+    fn new(cfg: PolicyConfig) -> Self {
+        Self {
+            last_change: None,
+            held: false,
+            cap_pending: false,
+            last_decrease: None,
+            cooldown: cfg.cooldown,
+        }
+    }
 }
 
 /// Per-pod memory of the stability rules.
@@ -356,16 +374,23 @@ impl Policy {
     pub fn decide(&mut self, now: Duration, budget: MilliCpu, views: &[PodView]) -> Vec<Decision> {
         let mut out: Vec<Decision> = views.iter().map(|v| self.decide_one(now, v)).collect();
         fit_budget(budget, self.cfg.hysteresis, views, &mut out);
+        for v in views {
+            if let Some(st) = self.pods.get_mut(&v.key) {
+                st.held = v.contended;
+                if !(v.contended && v.proposed < v.current) {
+                    st.cap_pending = false;
+                }
+            }
+        }
         for (v, d) in views.iter().zip(&out) {
             if !d.changed() {
                 continue;
             }
             let cfg = self.cfg;
-            let st = self.pods.entry(v.key.clone()).or_insert_with(|| PodState {
-                last_change: None,
-                last_decrease: None,
-                cooldown: cfg.cooldown,
-            });
+            let st = self
+                .pods
+                .entry(v.key.clone())
+                .or_insert_with(|| PodState::new(cfg));
             st.last_change = Some(now);
             if d.reason == Reason::Rollback {
                 // Doubled only when the rollback is carried out.
@@ -402,11 +427,10 @@ impl Policy {
         }
         let cfg = self.cfg;
         let throttled = v.throttled_ratio > cfg.throttled_threshold;
-        let st = self.pods.entry(v.key.clone()).or_insert_with(|| PodState {
-            last_change: None,
-            last_decrease: None,
-            cooldown: cfg.cooldown,
-        });
+        let st = self
+            .pods
+            .entry(v.key.clone())
+            .or_insert_with(|| PodState::new(cfg));
 
         if let Some((at, previous)) = st.last_decrease {
             let since = now.saturating_sub(at);
@@ -438,6 +462,16 @@ impl Policy {
             if cur - prop < cfg.hysteresis * cur {
                 return keep(Reason::Hysteresis);
             }
+            // Held already: a lower share must be seen in two rounds in a
+            // row. One window's spike of a neighbour's demand (under
+            // emulation, stolen time read as run-queue wait) capped two held
+            // pods 610 → 500 and 1220 → 1000 m and raised them back the round
+            // after. A first cap still goes at once.
+            if st.held && !st.cap_pending {
+                st.cap_pending = true;
+                return keep(Reason::Hysteresis);
+            }
+            st.cap_pending = false;
             return go(v.proposed.max(v.floor), Reason::ContentionCap);
         }
         // Its quota binds before cpu.weight would: no hysteresis, and the step

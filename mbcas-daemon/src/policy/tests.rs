@@ -537,6 +537,38 @@ fn contended_loop_shares_fairly_without_flapping() {
     no_flapping(&changes);
 }
 
+/// A pod held at its share already is capped further only when the lower
+/// share is seen in two rounds in a row: one window's spike of a neighbour's
+/// demand writes nothing (it capped two held pods and raised them back the
+/// round after on a 6.1 kernel).
+#[test]
+fn a_held_pod_is_capped_further_only_on_a_second_round() {
+    let mut p = Policy::new(PolicyConfig::default());
+    let held = |current: u64, proposed: u64| {
+        let mut v = view("a", current, proposed, 0.9, 10);
+        v.need = MilliCpu(2000);
+        v.base = MilliCpu(proposed);
+        v.contended = true;
+        v
+    };
+    // First cap: at once.
+    let d = one(&mut p, s(0), held(870, 610));
+    assert_eq!((d.to, d.reason), (MilliCpu(610), Reason::ContentionCap));
+    // Held at 610 m; one round's lower share (500 m): kept.
+    let d = one(&mut p, s(1), held(610, 610));
+    assert_eq!(d.to, MilliCpu(610));
+    let d = one(&mut p, s(2), held(610, 500));
+    assert_eq!((d.to, d.reason), (MilliCpu(610), Reason::Hysteresis));
+    // The share is back: nothing was written, nothing to undo.
+    let d = one(&mut p, s(3), held(610, 610));
+    assert_eq!(d.to, MilliCpu(610));
+    // Lower in two rounds in a row: capped on the second.
+    let d = one(&mut p, s(4), held(610, 500));
+    assert_eq!(d.to, MilliCpu(610));
+    let d = one(&mut p, s(5), held(610, 500));
+    assert_eq!((d.to, d.reason), (MilliCpu(500), Reason::ContentionCap));
+}
+
 #[test]
 fn a_contention_cap_goes_through_at_once_and_comes_back_at_once() {
     let mut p = Policy::new(PolicyConfig::default());
