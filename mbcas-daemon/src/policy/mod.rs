@@ -43,7 +43,7 @@
 //!    is contended now (`Bound::Contention`: it wants more than its share while
 //!    others wait) is lowered to it at once, past rules 5 and 6's cooldown,
 //!    step limit and holds, unless the change is within the hysteresis; a pod
-//!    held already in the last round is lowered further only when the lower
+//!    capped already (and held since) is lowered further only when the lower
 //!    share is seen in two rounds in a row (one window's spike is no reason). It is
 //!    no decrease on account of its own demand, so it is never rolled back; it
 //!    is raised again by rule 3 (it is throttled below its base) as soon as
@@ -316,8 +316,8 @@ impl Decision {
 #[derive(Clone, Debug, PartialEq)]
 struct PodState {
     last_change: Option<Duration>,
-    /// Held at its share under contention in the last round.
-    held: bool,
+    /// Capped at its share under contention (rule 7) and held since.
+    capped: bool,
     /// A lower share was seen once while held: the cap waits for a second.
     cap_pending: bool,
     /// When the last decrease on account of the pod's own demand happened and
@@ -330,7 +330,7 @@ impl PodState {
     fn new(cfg: PolicyConfig) -> Self {
         Self {
             last_change: None,
-            held: false,
+            capped: false,
             cap_pending: false,
             last_decrease: None,
             cooldown: cfg.cooldown,
@@ -374,9 +374,13 @@ impl Policy {
     pub fn decide(&mut self, now: Duration, budget: MilliCpu, views: &[PodView]) -> Vec<Decision> {
         let mut out: Vec<Decision> = views.iter().map(|v| self.decide_one(now, v)).collect();
         fit_budget(budget, self.cfg.hysteresis, views, &mut out);
-        for v in views {
+        for (v, d) in views.iter().zip(&out) {
             if let Some(st) = self.pods.get_mut(&v.key) {
-                st.held = v.contended;
+                if d.changed() && d.reason == Reason::ContentionCap {
+                    st.capped = true;
+                } else if !v.contended {
+                    st.capped = false;
+                }
                 if !(v.contended && v.proposed < v.current) {
                     st.cap_pending = false;
                 }
@@ -462,12 +466,14 @@ impl Policy {
             if cur - prop < cfg.hysteresis * cur {
                 return keep(Reason::Hysteresis);
             }
-            // Held already: a lower share must be seen in two rounds in a
+            // Capped already: a lower share must be seen in two rounds in a
             // row. One window's spike of a neighbour's demand (under
             // emulation, stolen time read as run-queue wait) capped two held
             // pods 610 → 500 and 1220 → 1000 m and raised them back the round
-            // after. A first cap still goes at once.
-            if st.held && !st.cap_pending {
+            // after. A first cap still goes at once (a pod held but never
+            // capped, its limit within the hysteresis of its share, is capped
+            // on the first round its share is clearly lower).
+            if st.capped && !st.cap_pending {
                 st.cap_pending = true;
                 return keep(Reason::Hysteresis);
             }

@@ -537,10 +537,11 @@ fn contended_loop_shares_fairly_without_flapping() {
     no_flapping(&changes);
 }
 
-/// A pod held at its share already is capped further only when the lower
+/// A pod capped at its share already is capped further only when the lower
 /// share is seen in two rounds in a row: one window's spike of a neighbour's
 /// demand writes nothing (it capped two held pods and raised them back the
-/// round after on a 6.1 kernel).
+/// round after on a 6.1 kernel). A pod held but never capped (its limit
+/// within the hysteresis of its share) is capped on the first clear drop.
 #[test]
 fn a_held_pod_is_capped_further_only_on_a_second_round() {
     let mut p = Policy::new(PolicyConfig::default());
@@ -567,6 +568,16 @@ fn a_held_pod_is_capped_further_only_on_a_second_round() {
     assert_eq!(d.to, MilliCpu(610));
     let d = one(&mut p, s(5), held(610, 500));
     assert_eq!((d.to, d.reason), (MilliCpu(500), Reason::ContentionCap));
+    // Held, never capped: 1350 m within the hysteresis of a 1224 m share,
+    // then a share of 1180 m: capped at once.
+    let mut b = held(1350, 1224);
+    b.key = "b".into();
+    let d = one(&mut p, s(0), b.clone());
+    assert_eq!((d.to, d.reason), (MilliCpu(1350), Reason::Hysteresis));
+    b.proposed = MilliCpu(1180);
+    b.base = MilliCpu(1180);
+    let d = one(&mut p, s(1), b);
+    assert_eq!((d.to, d.reason), (MilliCpu(1180), Reason::ContentionCap));
 }
 
 #[test]
