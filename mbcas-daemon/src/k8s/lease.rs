@@ -110,10 +110,6 @@ impl NodeLease {
         }
     }
 
-    pub fn identity(&self) -> &str {
-        &self.identity
-    }
-
     fn duration_seconds(&self) -> i32 {
         i32::try_from(self.duration.as_secs().max(1)).unwrap_or(i32::MAX)
     }
