@@ -37,7 +37,7 @@ use crate::{
     demand::Counters,
     engine::{ConsumerInput, Engine, EngineConfig, NodeInput, StepOutcome},
     error::error_chain,
-    metrics::{Metrics, PodLabels},
+    metrics::{Metrics, NodePressure, PodLabels},
     sensor::{CgroupCounters, Sensor, SensorError, ThrottleEvent},
     units::{CgroupId, MilliCpu, PodKey},
 };
@@ -132,6 +132,9 @@ pub trait Mode {
     fn finish(&mut self) {}
 }
 
+/// The node's CPU pressure (PSI), system-wide.
+const NODE_PSI: &str = "/proc/pressure/cpu";
+
 /// How often the consumers' run-queue wait is checked between rounds.
 pub const WAIT_WATCH_EVERY: Duration = Duration::from_millis(100);
 /// A jump of a consumer's wait rate (thread-millicores) over its last round's
@@ -194,6 +197,11 @@ pub struct DecisionLoop<M> {
     /// The consumers' wait, watched between rounds (eBPF run-queue program only).
     waits: Vec<WaitWatch>,
     counts: LoopCounts,
+    /// Where the engine's state is kept across restarts, and when it was
+    /// last saved.
+    state: Option<(std::path::PathBuf, Option<Instant>)>,
+    /// The node's PSI `some` total at the last round, ns.
+    node_psi: Option<u64>,
 }
 
 impl<M: Mode> DecisionLoop<M> {
@@ -218,6 +226,61 @@ impl<M: Mode> DecisionLoop<M> {
             throttled: HashSet::new(),
             waits: Vec::new(),
             counts: LoopCounts::default(),
+            state: None,
+            node_psi: None,
+        }
+    }
+
+    /// Keeps the engine's state in `path` across restarts: when the loop
+    /// starts it takes back what the file holds (see [`crate::state`]); it
+    /// saves it every [`crate::state::SAVE_EVERY`] and when it stops.
+    pub fn with_state_file(mut self, path: std::path::PathBuf) -> Self {
+        self.state = Some((path, None));
+        self
+    }
+
+    /// Takes back the saved state, if there is one to take.
+    fn restore_state(&mut self) {
+        let Some((path, _)) = &self.state else {
+            return;
+        };
+        let shown = path.display().to_string();
+        match crate::state::load(path, crate::state::unix_ms_now()) {
+            Ok(crate::state::Loaded::Fresh(saved, age)) => {
+                let n = saved.len();
+                let taken = self.engine.restore(saved, self.start.elapsed(), age);
+                self.metrics.set_state_restored(taken);
+                tracing::info!(file = %shown, consumers = n, restored = taken, age = ?age, "decision state restored");
+            }
+            Ok(crate::state::Loaded::Stale(age)) => {
+                tracing::info!(file = %shown, age = ?age, "saved decision state too old (or from the future): starting afresh");
+            }
+            Ok(crate::state::Loaded::Absent) => {
+                tracing::info!(file = %shown, "no saved decision state: starting afresh");
+            }
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "saved decision state not usable: starting afresh (it is overwritten)");
+            }
+        }
+    }
+
+    /// Saves the engine's state when it is due (`force`: now).
+    fn save_state(&mut self, force: bool) {
+        let Some((path, last)) = &mut self.state else {
+            return;
+        };
+        if !force && last.is_some_and(|t| t.elapsed() < crate::state::SAVE_EVERY) {
+            return;
+        }
+        *last = Some(Instant::now());
+        let saved = self.engine.save(self.start.elapsed());
+        let n = saved.len();
+        match crate::state::save(path, saved, crate::state::unix_ms_now()) {
+            Ok(()) => tracing::debug!(consumers = n, "decision state saved"),
+            Err(e) => {
+                self.metrics.inc_state_save_failures();
+                tracing::warn!(error = %error_chain(&e), "decision state not saved: a restart would start afresh");
+            }
         }
     }
 
@@ -366,12 +429,19 @@ impl<M: Mode> DecisionLoop<M> {
         Ok((counters, ids))
     }
 
-    fn export(&self, consumers: &[Consumer], outcome: &StepOutcome) {
+    fn export(&mut self, consumers: &[Consumer], outcome: &StepOutcome) {
         let m = &self.metrics;
         m.set_market(outcome.price, outcome.capacity, outcome.overcommitted);
         m.set_contention_level(outcome.contention_level);
+        let mut node = NodePressure {
+            capacity: outcome.capacity,
+            ..NodePressure::default()
+        };
         for (row, c) in outcome.rows.iter().zip(consumers) {
             if let Some(e) = row.estimate {
+                node.demand_m += e.raw.min(c.cap.get() as f64);
+                node.usage_m += e.usage;
+                node.wait_m += e.wait;
                 m.set_pod_demand(&c.labels, e.smoothed, row.need);
                 m.set_pod_throttled_ratio(&c.labels, e.throttled_ratio);
                 m.add_pod_runqueue_wait(&c.labels, e.wait / 1000.0 * e.window_s);
@@ -380,7 +450,22 @@ impl<M: Mode> DecisionLoop<M> {
             m.inc_decision(row.reason.as_str());
         }
         m.retain_pods(consumers.iter().map(|c| &c.labels));
+        m.set_node_pressure(&node);
+        self.export_node_psi();
         self.export_sensor_stats();
+    }
+
+    /// Adds what `/proc/pressure/cpu` grew by since the last round (nothing
+    /// without PSI, or at the first reading).
+    fn export_node_psi(&mut self) {
+        let now = std::fs::read_to_string(NODE_PSI)
+            .ok()
+            .and_then(|t| files::parse_pressure_some_ns(&t).ok());
+        if let (Some(before), Some(now)) = (self.node_psi, now) {
+            self.metrics
+                .add_node_cpu_pressure(now.saturating_sub(before) as f64 / 1e9);
+        }
+        self.node_psi = now;
     }
 
     fn export_sensor_stats(&self) {
@@ -394,7 +479,9 @@ impl<M: Mode> DecisionLoop<M> {
     /// Runs rounds every `tick`, and `debounce` after the onset of throttling,
     /// until `shutdown`; then lets the mode finish. Returns the mode.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<M, M::Error> {
+        self.restore_state();
         let result = self.pace(&shutdown).await;
+        self.save_state(true);
         self.mode.finish();
         tracing::info!(counts = ?self.counts, "decision loop stopped");
         result.map(|()| self.mode)
@@ -413,6 +500,7 @@ impl<M: Mode> DecisionLoop<M> {
                 self.export_sensor_stats();
             }
             round?;
+            self.save_state(false);
             let mut seen = 0;
             let woke = tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),

@@ -6,12 +6,14 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     demand::{Counters, DemandConfig, DemandEstimate, DemandEstimator, Sample, ThrottleMemory},
     market::{self, Bid, Bound, MarketInput, Recent},
-    policy::{Decision, Exclusion, PodView, Policy, PolicyConfig, Reason, lendable_idle},
+    policy::{
+        Decision, Exclusion, PodView, Policy, PolicyConfig, Reason, SavedPodState, lendable_idle,
+    },
     units::{KeyMap, KeySet, MilliCpu, PodKey},
 };
 
@@ -125,18 +127,39 @@ pub enum EngineError {
     Market(#[from] market::MarketError),
 }
 
+/// How long the engine remembers a consumer missing from its rounds: a pod
+/// whose counters could not be read for a round (or a few) keeps its demand
+/// history, throttle memory and the policy's state (cooldowns, holds), and
+/// is not taken for a new one when it is back.
+pub const FORGET_AFTER: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Default)]
 struct Memory {
     estimator: DemandEstimator,
     throttling: ThrottleMemory,
     last: Option<Counters>,
     last_estimate: Option<DemandEstimate>,
+    /// The last round it was listed in.
+    seen: Duration,
 }
 
 pub struct Engine {
     cfg: EngineConfig,
     policy: Policy,
     memory: KeyMap<Memory>,
+}
+
+/// One consumer's decision state as saved across daemon restarts (see
+/// [`Engine::save`]): its demand history, throttle memory and the policy's
+/// state. Its last counters are not kept: their timestamps are the old
+/// process's clock.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SavedConsumer {
+    pub key: String,
+    pub estimator: DemandEstimator,
+    pub throttling: ThrottleMemory,
+    pub last_estimate: Option<DemandEstimate>,
+    pub policy: Option<SavedPodState>,
 }
 
 impl Engine {
@@ -152,7 +175,60 @@ impl Engine {
         &self.cfg
     }
 
-    /// Runs one round. Consumers absent from `inputs` are forgotten.
+    /// Every remembered consumer's decision state at `now`, by key.
+    pub fn save(&self, now: Duration) -> Vec<SavedConsumer> {
+        let mut saved: Vec<SavedConsumer> = self
+            .memory
+            .iter()
+            .map(|(key, m)| SavedConsumer {
+                key: key.as_str().to_owned(),
+                estimator: m.estimator.clone(),
+                throttling: m.throttling,
+                last_estimate: m.last_estimate,
+                policy: self.policy.save_pod(key, now),
+            })
+            .collect();
+        saved.sort_by(|a, b| a.key.cmp(&b.key));
+        saved
+    }
+
+    /// Takes back the state of consumers it does not know yet, saved `age`
+    /// ago; returns how many. A consumer's first round after it is then a
+    /// round like any other: its last estimate stands until a window is
+    /// measured, and no warm-up holds it. Consumers that are not listed in
+    /// the rounds are forgotten after [`FORGET_AFTER`] as usual.
+    pub fn restore(&mut self, saved: Vec<SavedConsumer>, now: Duration, age: Duration) -> usize {
+        let mut n = 0;
+        for s in saved {
+            let key = PodKey::from(s.key.as_str());
+            if self.memory.contains_key(&key) {
+                continue;
+            }
+            let policy = s.policy.unwrap_or(SavedPodState {
+                since_change: None,
+                capped: false,
+                cap_pending: false,
+                since_decrease: None,
+                cooldown: Duration::ZERO,
+            });
+            self.policy.restore_pod(key.clone(), &policy, now, age);
+            self.memory.insert(
+                key,
+                Memory {
+                    estimator: s.estimator,
+                    throttling: s.throttling,
+                    last: None,
+                    last_estimate: s.last_estimate,
+                    seen: now,
+                },
+            );
+            n += 1;
+        }
+        n
+    }
+
+    /// Runs one round. Consumers absent from `inputs` for longer than
+    /// [`FORGET_AFTER`] are forgotten.
     pub fn step(
         &mut self,
         now: Duration,
@@ -160,26 +236,38 @@ impl Engine {
         inputs: &[ConsumerInput],
     ) -> Result<StepOutcome, EngineError> {
         let capacity = node.capacity;
-        // Forget consumers no longer listed. After the inserts below the memory
-        // holds every listed key, so it holds exactly those when the sizes match
-        // and no key was new: then (the common case) nothing needs pruning.
+        // Forget consumers not listed for a while. After the inserts below the
+        // memory holds every listed key, so it holds exactly those when the
+        // sizes match and no key was new: then (the common case) nothing needs
+        // pruning.
         let mut new_keys = false;
         for inp in inputs {
-            if !self.memory.contains_key(&inp.key) {
-                self.memory.insert(inp.key.clone(), Memory::default());
-                new_keys = true;
+            match self.memory.get_mut(&inp.key) {
+                Some(mem) => mem.seen = now,
+                None => {
+                    let mem = Memory {
+                        seen: now,
+                        ..Memory::default()
+                    };
+                    self.memory.insert(inp.key.clone(), mem);
+                    new_keys = true;
+                }
             }
         }
         if new_keys || self.memory.len() != inputs.len() {
-            let live: KeySet = inputs.iter().map(|i| &i.key).collect();
-            self.memory.retain(|k, _| live.contains(k));
-            self.policy.retain(live);
+            self.memory
+                .retain(|_, m| now.saturating_sub(m.seen) <= FORGET_AFTER);
+            let kept: KeySet = self.memory.keys().collect();
+            self.policy.retain(kept);
         }
         let mut estimates = Vec::with_capacity(inputs.len());
+        // Whether this round measured a window of the consumer.
+        let mut fresh = Vec::with_capacity(inputs.len());
         let mut throttling = Vec::with_capacity(inputs.len());
         let target = self.cfg.policy.throttled_threshold;
         for inp in inputs {
             let Some(mem) = self.memory.get_mut(&inp.key) else {
+                fresh.push(false);
                 estimates.push(None);
                 throttling.push(ThrottleMemory::default());
                 continue;
@@ -211,6 +299,7 @@ impl Engine {
             if est.is_some() {
                 mem.last_estimate = est;
             }
+            fresh.push(est.is_some());
             estimates.push(est.or(mem.last_estimate));
             throttling.push(mem.throttling);
         }
@@ -297,10 +386,15 @@ impl Engine {
                 exclusion: inp.exclusion,
             })
             .collect();
-        // Before the first full window nothing is known: hold.
+        // Before the first full window nothing is known: hold. Nor is a limit
+        // changed in a round that measured no window of the consumer (its
+        // first round after a restart, its state taken back; a counter
+        // reset): the mode's view of the node may be as new as the process
+        // (on the real node a restarted daemon counted the unmanaged pods it
+        // had not read twice yet at 0 m and lent their CPU: 720 → 1180 m).
         let mut decisions: Vec<Decision> = self.policy.decide(now, outcome.budget, &views);
         for (i, d) in decisions.iter_mut().enumerate() {
-            if estimates[i].is_none() && d.changed() && d.reason != Reason::BelowFloor {
+            if !fresh[i] && d.changed() && d.reason != Reason::BelowFloor {
                 d.to = d.from;
                 d.reason = Reason::WarmUp;
             }
@@ -469,7 +563,81 @@ mod tests {
     }
 
     #[test]
-    fn consumers_that_go_away_are_forgotten() {
+    fn saved_state_survives_a_restart() {
+        let node = NodeInput::new(MilliCpu(2000));
+        let mut a = Engine::new(EngineConfig::default());
+        // Throttled under 300 m for a few rounds: raised, with a throttle
+        // memory and a demand history.
+        let mut current = 300;
+        for t in 0..6 {
+            let c = counters(t, 300 * t, 700 * t, 10 * t, 10 * t);
+            let out = a
+                .step(Duration::from_secs(t), &node, &[input("a", c, current)])
+                .unwrap();
+            current = out.rows[0].to.get();
+        }
+        let saved = a.save(Duration::from_secs(5));
+        assert_eq!(saved.len(), 1);
+        let p = saved[0].policy.clone().unwrap();
+        assert!(p.since_change.is_some(), "{p:?}");
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: Vec<SavedConsumer> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, saved);
+        // A new process, 3 s later, its clock at 0: the consumer goes on
+        // where it was (the last estimate stands, no limit changes before a
+        // window is measured)…
+        let mut b = Engine::new(EngineConfig::default());
+        assert_eq!(
+            b.restore(back.clone(), Duration::ZERO, Duration::from_secs(3)),
+            1
+        );
+        let out = b
+            .step(
+                Duration::ZERO,
+                &node,
+                &[input("a", counters(100, 0, 0, 0, 0), current)],
+            )
+            .unwrap();
+        let r = &out.rows[0];
+        assert_eq!(r.estimate, saved[0].last_estimate, "{r:?}");
+        assert_eq!(
+            r.to,
+            MilliCpu(current),
+            "a restart alone changes no limit: {r:?}"
+        );
+        // The restart counts as a change with the longest cooldown: nothing
+        // is lowered for max_cooldown.
+        let cfg = EngineConfig::default().policy;
+        assert_eq!(b.policy.cooldown_of(&"a".into()), cfg.max_cooldown);
+        // The next window adds to the history.
+        let out = b
+            .step(
+                Duration::from_secs(1),
+                &node,
+                &[input("a", counters(101, 300, 700, 10, 10), current)],
+            )
+            .unwrap();
+        let samples = |e: Option<DemandEstimate>| e.map(|e| e.samples);
+        assert_eq!(
+            samples(out.rows[0].estimate),
+            samples(saved[0].last_estimate).map(|n| n + 1)
+        );
+        // …whereas without the state it would be a new consumer.
+        let mut fresh = Engine::new(EngineConfig::default());
+        let out = fresh
+            .step(
+                Duration::ZERO,
+                &node,
+                &[input("a", counters(100, 0, 0, 0, 0), current)],
+            )
+            .unwrap();
+        assert_eq!(out.rows[0].estimate, None);
+        // Known consumers are not overwritten.
+        assert_eq!(b.restore(back, Duration::ZERO, Duration::ZERO), 0);
+    }
+
+    #[test]
+    fn consumers_missing_a_round_are_kept_and_gone_ones_forgotten() {
         let mut e = Engine::new(EngineConfig::default());
         let step = |e: &mut Engine, t: u64, keys: &[&str]| {
             let inputs: Vec<ConsumerInput> = keys
@@ -486,18 +654,24 @@ mod tests {
         let _ = step(&mut e, 0, &["a", "b"]);
         let both = step(&mut e, 1, &["a", "b"]);
         assert!(both.rows.iter().all(|r| r.estimate.is_some()), "{both:?}");
-        // Same count, one key swapped: b is forgotten, c is new.
+        let samples = both.rows[1].estimate.map(|e| e.samples);
+        // b unreadable for a round (c is new): b is remembered, its history
+        // goes on over the longer window.
         let swapped = step(&mut e, 2, &["a", "c"]);
         assert!(swapped.rows[0].estimate.is_some() && swapped.rows[1].estimate.is_none());
         let back = step(&mut e, 3, &["a", "b", "c"]);
-        assert!(
-            back.rows[1].estimate.is_none(),
-            "b starts over: {:?}",
+        assert_eq!(
+            back.rows[1].estimate.map(|e| e.samples),
+            samples.map(|n| n + 1),
+            "b goes on: {:?}",
             back.rows[1]
         );
         assert!(back.rows[2].estimate.is_some());
-        let fewer = step(&mut e, 4, &["c"]);
-        let again = step(&mut e, 5, &["a", "c"]);
+        // Gone for longer than FORGET_AFTER: forgotten, a new one when back.
+        let t = 4 + FORGET_AFTER.as_secs();
+        let fewer = step(&mut e, t, &["c"]);
+        let again = step(&mut e, t + 1, &["a", "c"]);
         assert!(fewer.rows[0].estimate.is_some() && again.rows[0].estimate.is_none());
+        assert_eq!(e.memory.len(), 2, "b forgotten too");
     }
 }

@@ -25,5 +25,6 @@ pub mod sense;
 pub mod sensor;
 pub mod sim;
 pub mod solve;
+pub mod state;
 pub mod telemetry;
 pub mod units;

@@ -16,8 +16,14 @@
 //! | `mbcas_market_clearing_price` | gauge | – |
 //! | `mbcas_market_capacity_cores` | gauge | – |
 //! | `mbcas_market_overcommitted` | gauge (0/1) | – |
+//! | `mbcas_node_demand_cores` | gauge (Σ of the managed pods' demand in the last window: use + throttled + run-queue wait, each at most its cap; what the market's contention rule compares with the capacity) | – |
+//! | `mbcas_node_usage_cores` | gauge (Σ of the managed pods' use in the last window) | – |
+//! | `mbcas_node_unmet_demand_cores` | gauge (what the capacity could not give: demand − capacity, at least 0) | – |
+//! | `mbcas_node_pressure_ratio` | gauge (demand ÷ capacity; above 1 the pods want more than the node gives them) | – |
+//! | `mbcas_node_runqueue_wait_cores` | gauge (Σ of the managed pods' run-queue wait in the last window, thread-cores) | – |
+//! | `mbcas_node_cpu_pressure_seconds_total` | counter (the node's `/proc/pressure/cpu` `some` total: time some task waited for a CPU; stays 0 without PSI) | – |
 //! | `mbcas_decisions_total` | counter | `reason` (a [`crate::policy::Reason`] code) |
-//! | `mbcas_resizes_total` | counter | `result` (a fixed code) |
+//! | `mbcas_resizes_total` | counter | `result`: `requested`, `applied`, `rejected` (the API refused), `error` (API unreachable), `kubelet_deferred`, `kubelet_infeasible`, `kubelet_error` (the kubelet's verdicts, when first seen), `operator_change` (someone else's resize adopted), `early_quota` (an increase written into the cgroups before the kubelet's pass), `early_quota_failed`, `early_quota_reverted` (put back after the kubelet's refusal) |
 //! | `mbcas_resize_latency_seconds` | histogram | – |
 //! | `mbcas_ebpf_events_total` | counter | – |
 //! | `mbcas_ebpf_drops_total` | counter | `stage` (`ringbuf`: kernel side full, `channel`: reader's consumer too slow) |
@@ -25,6 +31,10 @@
 //! | `mbcas_ebpf_program_runs_total` | counter | `program` |
 //! | `mbcas_sensor_mode` | gauge (1 for the active mode) | `mode` |
 //! | `mbcas_node_lease_held` | gauge (0/1: this daemon holds its node's lease and may write) | – |
+//! | `mbcas_weight_writes_total` | counter (Kubernetes mode's weight lever: pod cgroup weights written) | `result`: `lowered`, `restored`, `relowered` (put back after the kubelet reset it in carrying out a resize), `failed` |
+//! | `mbcas_weight_lowered_pods` | gauge (Kubernetes mode: pods whose pod cgroup weight MBCAS holds lowered now) | – |
+//! | `mbcas_state_restored_consumers` | gauge (pods whose decision state was taken back from `--state-file` at the start) | – |
+//! | `mbcas_state_save_failures_total` | counter | – |
 //! | `mbcas_loop_duration_seconds` | histogram | – |
 //!
 //! Per-pod series exist only for pods the daemon currently manages: call
@@ -116,6 +126,29 @@ struct BuildLabels {
 type F64Gauge = Gauge<f64, AtomicU64>;
 type F64Counter = Counter<f64, AtomicU64>;
 
+/// What one round saw of the node as a whole (the managed pods' sums).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct NodePressure {
+    /// Σ demand in the last window (use + throttled + wait, each at most the
+    /// pod's cap), millicores.
+    pub demand_m: f64,
+    pub usage_m: f64,
+    /// Σ run-queue wait, thread-millicores.
+    pub wait_m: f64,
+    pub capacity: MilliCpu,
+}
+
+/// The node-level gauges (see the table above).
+#[derive(Clone, Default)]
+struct NodeGauges {
+    demand: F64Gauge,
+    usage: F64Gauge,
+    unmet: F64Gauge,
+    pressure: F64Gauge,
+    wait: F64Gauge,
+    psi: F64Counter,
+}
+
 /// Every metric of the daemon. Clone it freely: clones share the series.
 #[derive(Clone)]
 pub struct Metrics {
@@ -145,6 +178,11 @@ pub struct Metrics {
     /// Modes that have a series (to zero them when the mode changes).
     modes: Arc<Mutex<HashSet<&'static str>>>,
     node_lease_held: Gauge,
+    node: NodeGauges,
+    weight_writes: Family<ResultLabels, Counter>,
+    weight_lowered: Gauge,
+    state_restored: Gauge,
+    state_save_failures: Counter,
     /// Pods that have series (Family has no key iterator).
     pods: Arc<Mutex<HashSet<PodLabels>>>,
     loop_duration: Histogram,
@@ -203,6 +241,11 @@ impl Metrics {
             sensor_mode: Family::default(),
             modes: Arc::default(),
             node_lease_held: Gauge::default(),
+            node: NodeGauges::default(),
+            weight_writes: Family::default(),
+            weight_lowered: Gauge::default(),
+            state_restored: Gauge::default(),
+            state_save_failures: Counter::default(),
             pods: Arc::default(),
             // 100 µs … ≈ 3.3 s: one decision pass over a node's pods.
             loop_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
@@ -301,6 +344,61 @@ impl Metrics {
             "node_lease_held",
             "1 while this daemon holds its node's lease (it may decide and write), 0 while it waits",
             m.node_lease_held.clone(),
+        );
+        let n = &m.node;
+        for (name, help, g) in [
+            (
+                "node_demand_cores",
+                "Sum of the managed pods' demand in the last window (use + throttled + run-queue wait, each at most its cap)",
+                &n.demand,
+            ),
+            (
+                "node_usage_cores",
+                "Sum of the managed pods' CPU use in the last window",
+                &n.usage,
+            ),
+            (
+                "node_unmet_demand_cores",
+                "Demand the node's capacity could not give in the last window (demand - capacity, at least 0)",
+                &n.unmet,
+            ),
+            (
+                "node_pressure_ratio",
+                "The managed pods' demand divided by the capacity MBCAS shares between them",
+                &n.pressure,
+            ),
+            (
+                "node_runqueue_wait_cores",
+                "Sum of the managed pods' run-queue wait in the last window, in thread-cores",
+                &n.wait,
+            ),
+        ] {
+            r.register(name, help, g.clone());
+        }
+        r.register(
+            "node_cpu_pressure_seconds",
+            "The node's CPU pressure stall time (/proc/pressure/cpu, some): time some task waited for a CPU",
+            n.psi.clone(),
+        );
+        r.register(
+            "weight_writes",
+            "Pod cgroup CPU weights written by the weight lever (Kubernetes mode), by result",
+            m.weight_writes.clone(),
+        );
+        r.register(
+            "weight_lowered_pods",
+            "Pods whose pod cgroup CPU weight MBCAS holds lowered now (Kubernetes mode)",
+            m.weight_lowered.clone(),
+        );
+        r.register(
+            "state_restored_consumers",
+            "Pods whose decision state this daemon took back from --state-file when its loop started",
+            m.state_restored.clone(),
+        );
+        r.register(
+            "state_save_failures",
+            "Times the decision state could not be written to --state-file",
+            m.state_save_failures.clone(),
         );
         r.register_with_unit(
             "loop_duration",
@@ -495,9 +593,60 @@ impl Metrics {
         self.sensor_mode.get_or_create(&ModeLabels { mode }).set(1);
     }
 
+    /// How many pods' decision state was taken back at the loop's start.
+    pub fn set_state_restored(&self, n: usize) {
+        self.state_restored
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a failed save of the decision state.
+    pub fn inc_state_save_failures(&self) {
+        self.state_save_failures.inc();
+    }
+
     /// Whether this daemon holds its node's lease.
     pub fn set_node_lease_held(&self, held: bool) {
         self.node_lease_held.set(i64::from(held));
+    }
+
+    /// Records the node's pressure in the last round.
+    pub fn set_node_pressure(&self, p: &NodePressure) {
+        let n = &self.node;
+        n.demand.set(p.demand_m / 1000.0);
+        n.usage.set(p.usage_m / 1000.0);
+        n.wait.set(p.wait_m / 1000.0);
+        let capacity = p.capacity.get() as f64;
+        n.unmet.set((p.demand_m - capacity).max(0.0) / 1000.0);
+        n.pressure.set(p.demand_m / capacity.max(1.0));
+    }
+
+    /// Adds the node's CPU pressure stall time since the last reading.
+    pub fn add_node_cpu_pressure(&self, seconds: f64) {
+        if seconds > 0.0 {
+            self.node.psi.inc_by(seconds);
+        }
+    }
+
+    /// Creates the weight lever's series at zero (they exist from the start,
+    /// so rates and dashboards have them before the first write).
+    pub fn init_weight_writes(&self) {
+        for result in ["lowered", "restored", "relowered", "failed"] {
+            let _ = self.weight_writes.get_or_create(&ResultLabels { result });
+        }
+        self.weight_lowered.set(0);
+    }
+
+    /// Counts a pod cgroup weight written by the weight lever.
+    pub fn inc_weight_write(&self, result: &'static str) {
+        self.weight_writes
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    /// How many pods' weights the weight lever holds lowered now.
+    pub fn set_weight_lowered_pods(&self, n: usize) {
+        self.weight_lowered
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Starts timing one decision pass; the duration is recorded when the

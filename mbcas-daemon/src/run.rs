@@ -88,6 +88,42 @@ pub struct KubernetesArgs {
         help_heading = "Kubernetes mode"
     )]
     pub lease_identity: Option<String>,
+    /// Kubernetes mode: how long a pod whose CPU limits someone else resized
+    /// (`kubectl patch --subresource resize`, another controller) is left
+    /// alone; its limits become the original at once (what `mbcas restore`
+    /// puts back). `0s`: adopt them and carry on.
+    #[arg(long, env = "MBCAS_OPERATOR_HOLD", value_name = "DURATION", default_value = "30m",
+          value_parser = crate::config::parse_duration, help_heading = "Kubernetes mode")]
+    pub operator_hold: std::time::Duration,
+    /// Kubernetes mode: once the API server accepted a resize that raises a
+    /// pod's limits, write the new quotas into its cgroups at once (the pod's,
+    /// then its containers'), not a kubelet pass (about a second) later; the
+    /// kubelet then writes the same values. Decreases always wait for the
+    /// kubelet; a resize the kubelet does not carry out is put back.
+    #[arg(long, env = "MBCAS_EARLY_QUOTA", value_name = "BOOL", default_value_t = true,
+          action = clap::ArgAction::Set, help_heading = "Kubernetes mode")]
+    pub early_quota: bool,
+    /// Kubernetes mode: hold a pod that takes more than its share of a busy
+    /// node by lowering its pod cgroup's CPU weight (× 1/8), not its limit:
+    /// the other pods' waking threads preempt it at once, and it keeps what
+    /// they leave. Put back when the contention ends, when the daemon stops,
+    /// and by a restarted daemon. The kubelet writes that weight only when a
+    /// pod's CPU requests change. `false`: the quota lever (its limit lowered
+    /// through `pods/resize`).
+    #[arg(long, env = "MBCAS_WEIGHT_LEVER", value_name = "BOOL", default_value_t = true,
+          action = clap::ArgAction::Set, help_heading = "Kubernetes mode")]
+    pub weight_lever: bool,
+    /// Kubernetes mode: keep each pod's decision state (demand history,
+    /// throttle memory, cooldowns) in this file across restarts and upgrades
+    /// (the DaemonSet uses a hostPath directory); unset: a restart starts
+    /// every pod afresh.
+    #[arg(
+        long,
+        env = "MBCAS_STATE_FILE",
+        value_name = "FILE",
+        help_heading = "Kubernetes mode"
+    )]
+    pub state_file: Option<std::path::PathBuf>,
     /// Testing only: JSON object mapping `namespace/name` to a cgroup directory
     /// that stands in for that pod's cgroup (control-plane-only test environments).
     #[arg(long, env = "MBCAS_TEST_POD_CGROUPS", value_name = "FILE", hide = true)]

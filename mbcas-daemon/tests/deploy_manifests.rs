@@ -399,8 +399,8 @@ fn helm_chart_copies_match_deploy() {
 #[test]
 fn helm_values_name_every_decision_flag() {
     use clap::CommandFactory as _;
-    // Set by the chart otherwise (downward API, log and metrics values), or
-    // not for Kubernetes mode.
+    // Set by the chart otherwise (downward API, log, metrics and state
+    // values), or not for Kubernetes mode.
     const NOT_CONFIG: &[&str] = &[
         "mode",
         "node-name",
@@ -415,6 +415,8 @@ fn helm_values_name_every_decision_flag() {
         "on-exit",
         "report-jsonl",
         "test-pod-cgroups",
+        // The chart's `stateDir` (a hostPath it mounts).
+        "state-file",
         "help",
     ];
     let cmd = mbcas::cli::Cli::command();

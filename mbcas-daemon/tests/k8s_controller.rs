@@ -11,8 +11,9 @@ use std::time::Duration;
 use common::{
     apiserver::{TestEnv, TestNamespace, TestNode, eventually},
     k8s::{
-        Daemon, PodSpec, WAIT, allocation, cpu_limit, create_pod, install_crd, kubelet_refuses,
-        kubelet_reports, mbcas_event_reasons, phase_is, write_allocation,
+        Daemon, PodSpec, WAIT, allocation, cpu_limit, create_pod, free_addr, install_crd,
+        kubelet_refuses, kubelet_reports, mbcas_event_reasons, phase_is, resizes_total,
+        restore_node, write_allocation,
     },
 };
 use k8s_openapi::api::core::v1::Pod;
@@ -120,7 +121,8 @@ async fn controller_resizes_burstable_pods_and_reports_applied() {
         &PodSpec::burstable("low", "300m", "600m"),
     )
     .await;
-    let daemon = Daemon::start(client.clone(), &node.name, &[]);
+    let metrics = free_addr();
+    let daemon = Daemon::start(client.clone(), &node.name, &["--metrics-addr", &metrics]);
     write_allocation(&client, &pod, &node.name, MilliCpu(700)).await;
     // Below the request: the controller never goes under it.
     write_allocation(&client, &low, &node.name, MilliCpu(100)).await;
@@ -211,6 +213,13 @@ async fn controller_resizes_burstable_pods_and_reports_applied() {
     })
     .await;
     assert_eq!(reasons, ["ResizeFailed"]);
+    // The kubelet's verdict is counted once.
+    assert_eq!(resizes_total(&metrics, "kubelet_infeasible"), 1.0);
+    assert_eq!(
+        resizes_total(&metrics, "applied"),
+        1.0,
+        "web (the kubelet never reports low)"
+    );
     daemon.stop().await;
 }
 
@@ -542,17 +551,7 @@ async fn restore_puts_original_limits_back_and_removes_allocations() {
     })
     .await;
     daemon.stop().await;
-    let args = mbcas::k8s::restore::RestoreArgs {
-        node_name: Some(node.name.clone()),
-        all: false,
-        kubeconfig: None,
-        json: false,
-        stop_daemonset: None,
-        stop_timeout: Duration::from_secs(1),
-    };
-    let report = mbcas::k8s::restore::restore(client.clone(), &args)
-        .await
-        .unwrap();
+    let report = restore_node(&client, &node.name).await;
     assert_eq!(
         report.restored,
         vec![format!("{}/r", ns.name)],
@@ -829,4 +828,140 @@ async fn a_resize_never_makes_a_burstable_pod_guaranteed() {
         "{st:?}"
     );
     daemon.stop().await;
+}
+
+/// Someone else resizes a managed pod (as `kubectl patch --subresource
+/// resize` does): MBCAS adopts their limit as the original, says so (status,
+/// Event), leaves the pod alone though its allocation asks otherwise, keeps
+/// doing so across a restart, acts again once the hold is over, and `mbcas
+/// restore` returns the operator's limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_resize_is_adopted_and_left_alone() {
+    let Some(env) = TestEnv::get() else { return };
+    let client = env.client().await;
+    install_crd(&client).await;
+    let ns = TestNamespace::new(env, &client, "operator").await;
+    let node = TestNode::new(env, &client, "operator", MilliCpu(4000)).await;
+    let pod = create_pod(
+        &client,
+        &ns.name,
+        &node.name,
+        &PodSpec::burstable("web", "250m", "500m"),
+    )
+    .await;
+    let container = pod.spec.as_ref().unwrap().containers[0].name.clone();
+    const HOLD: &str = "25s";
+    let daemon = Daemon::start(client.clone(), &node.name, &["--operator-hold", HOLD]);
+    write_allocation(&client, &pod, &node.name, MilliCpu(700)).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let resized = eventually("web resized to 700m", WAIT, || async {
+        pods.get("web")
+            .await
+            .ok()
+            .filter(|p| cpu_limit(p) == Some(MilliCpu(700)))
+    })
+    .await;
+    // MBCAS's resizes carry its field manager (what tells them from others').
+    let managers: Vec<(String, Option<String>)> = resized
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .map(|e| (e.manager.clone().unwrap_or_default(), e.subresource.clone()))
+        .collect();
+    assert!(
+        managers.contains(&("mbcas-daemon".to_owned(), Some("resize".to_owned()))),
+        "{managers:?}"
+    );
+    kubelet_reports(&client, &ns.name, "web").await;
+    eventually("web's PodAllocation Applied", WAIT, || async {
+        phase_is(&client, &ns.name, "web", Phase::Applied).await
+    })
+    .await;
+    // The operator lowers it to 300m.
+    let patch = serde_json::json!({"spec": {"containers": [
+        {"name": container, "resources": {"limits": {"cpu": "300m"}}}
+    ]}});
+    pods.patch_resize(
+        "web",
+        &PatchParams {
+            field_manager: Some("kubectl-patch".to_owned()),
+            ..PatchParams::default()
+        },
+        &Patch::Strategic(&patch),
+    )
+    .await
+    .unwrap();
+    let adopted = eventually("the operator's change adopted", WAIT, || async {
+        allocation(&client, &ns.name, "web").await.filter(|pa| {
+            pa.status
+                .as_ref()
+                .is_some_and(|s| s.reason.as_deref() == Some("OperatorChange"))
+        })
+    })
+    .await;
+    let st = adopted.status.unwrap_or_default();
+    assert_eq!(st.phase, Phase::Skipped, "{st:?}");
+    assert_eq!(st.original.len(), 1, "{st:?}");
+    assert_eq!(
+        st.original[0].cpu_limit,
+        Some(CpuQuantity(MilliCpu(300))),
+        "the operator's limit is the original: {st:?}"
+    );
+    let change = st
+        .operator_change
+        .clone()
+        .expect("operatorChange on record");
+    assert_eq!(change.manager, "kubectl-patch");
+    assert!(change.hold_until.0 > change.changed_at.0, "{change:?}");
+    // A new decision is not applied while the hold lasts, nor after a restart.
+    write_allocation(
+        &client,
+        &pods.get("web").await.unwrap(),
+        &node.name,
+        MilliCpu(900),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    daemon.stop().await;
+    let daemon = Daemon::start(client.clone(), &node.name, &["--operator-hold", HOLD]);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let now = pods.get("web").await.unwrap();
+    assert_eq!(
+        cpu_limit(&now),
+        Some(MilliCpu(300)),
+        "the operator's limit was overridden"
+    );
+    let reasons = mbcas_event_reasons(&client, &ns.name, "web").await;
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| *r == "OperatorChangeAdopted")
+            .count(),
+        1,
+        "one Event for one change: {reasons:?}"
+    );
+    let st = allocation(&client, &ns.name, "web")
+        .await
+        .and_then(|pa| pa.status)
+        .unwrap_or_default();
+    assert_eq!(st.reason.as_deref(), Some("OperatorChange"), "{st:?}");
+    assert_eq!(st.operator_change, Some(change), "{st:?}");
+    // The hold over, MBCAS acts again; the operator's limit stays the original.
+    eventually("web resized to 900m after the hold", WAIT, || async {
+        pods.get("web")
+            .await
+            .ok()
+            .filter(|p| cpu_limit(p) == Some(MilliCpu(900)))
+    })
+    .await;
+    daemon.stop().await;
+    let report = restore_node(&client, &node.name).await;
+    assert!(report.failed.is_empty(), "{report:?}");
+    let p = pods.get("web").await.unwrap();
+    assert_eq!(
+        cpu_limit(&p),
+        Some(MilliCpu(300)),
+        "restore returns the operator's limit"
+    );
 }

@@ -35,6 +35,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 
+mod node;
+
 #[derive(Debug, clap::Args)]
 pub struct Options {
     /// Request rates (per second), comma-separated.
@@ -52,10 +54,16 @@ pub struct Options {
     /// Write the results as JSON here.
     #[arg(long, value_name = "FILE")]
     pub json_out: Option<PathBuf>,
-    /// Where the Markdown summary (`latency.md`) goes; `docs/evaluation`
-    /// puts it into the evaluation report.
+    /// Where the Markdown summary (`latency.md`, with `--node`
+    /// `latency-node.md`) goes; `docs/evaluation` puts it into the evaluation
+    /// report.
     #[arg(long, value_name = "DIR", default_value = "target/bench-latency")]
     pub report_dir: PathBuf,
+    /// Run the server and the neighbour as pods on the test environment's
+    /// real node (brought up when down), MBCAS as its DaemonSet, instead of
+    /// in a cgroup tree on this machine.
+    #[arg(long)]
+    pub node: bool,
 }
 
 const VEGETA_MODULE: &str = "github.com/tsenart/vegeta/v12";
@@ -84,6 +92,52 @@ fn vegeta() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// One group's counters: usage ns, nr_periods, nr_throttled, Σ run delay
+/// of its threads ns.
+type Counters = (u64, u64, u64, u64);
+
+/// Where the server and its neighbour run: a cgroup tree on this machine or
+/// pods on the test node.
+trait Stage {
+    /// Sets `phase` up (limits, the neighbour, MBCAS); the server answers
+    /// at [`Stage::url`] when it returns.
+    fn enter(&mut self, phase: &'static str) -> anyhow::Result<()>;
+    /// Stops what [`Stage::enter`] started.
+    fn leave(&mut self) -> anyhow::Result<()>;
+    /// The page the load generator asks for.
+    fn url(&self) -> String;
+    /// The server's and the neighbour's counters (zeros for a neighbour that
+    /// does not run).
+    fn counters(&self) -> anyhow::Result<(Counters, Counters)>;
+    /// A directory for the load generator's results.
+    fn work(&self) -> &Path;
+    /// Where it ran, for the report.
+    fn describe(&self) -> String;
+}
+
+/// The limits of a phase: (server, neighbour), `None` for no limit.
+fn phase_limits(phase: &str) -> (Option<u64>, Option<u64>) {
+    match phase {
+        "static" | "mbcas" => (Some(1000), Some(1000)),
+        _ => (None, None),
+    }
+}
+
+/// nginx's configuration: two workers, gzip 6, `listen`, pid and temporary
+/// files in `tmp`, the page in `html`.
+fn nginx_conf(listen: &str, tmp: &Path, html: &Path) -> String {
+    format!(
+        "worker_processes 2;\npid {tmp}/nginx.pid;\nerror_log stderr warn;\n\
+         events {{ worker_connections 1024; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n  \
+         fastcgi_temp_path {tmp};\n  uwsgi_temp_path {tmp};\n  scgi_temp_path {tmp};\n  \
+         gzip on;\n  gzip_comp_level 6;\n  gzip_types text/plain;\n  gzip_min_length 1;\n  \
+         server {{\n    listen {listen};\n    root {html};\n    default_type text/plain;\n  }}\n}}\n",
+        tmp = tmp.display(),
+        html = html.display()
+    )
+}
+
 /// A cgroup of the tree: its directory in the `cpu` hierarchy (v1) or the
 /// unified one (v2), and its `cpuacct` twin on a v1 hybrid.
 struct Group {
@@ -98,13 +152,15 @@ struct Bench {
     noisy: Group,
     v2: bool,
     work: PathBuf,
+    /// The `mbcas` binary (the neighbour's burner and the daemon).
+    bin: PathBuf,
     nginx: Option<Child>,
     neighbour: Option<Child>,
     daemon: Option<Child>,
 }
 
 impl Bench {
-    fn new(work: PathBuf) -> anyhow::Result<Self> {
+    fn new(work: PathBuf, bin: PathBuf) -> anyhow::Result<Self> {
         let roots = crate::host::CgroupRoots::detect()?;
         let name = format!("mbcas-latency-{}", std::process::id());
         let group = |rel: &str| Group {
@@ -117,6 +173,7 @@ impl Bench {
             noisy: group(&format!("{name}/noisy")),
             v2: roots.v2,
             work,
+            bin,
             nginx: None,
             neighbour: None,
             daemon: None,
@@ -177,22 +234,11 @@ impl Bench {
     fn start_nginx(&mut self) -> anyhow::Result<()> {
         let conf = self.work.join("nginx.conf");
         let html = self.work.join("html");
+        let tmp = self.work.join("tmp");
         std::fs::create_dir_all(&html)?;
+        std::fs::create_dir_all(&tmp)?;
         std::fs::write(html.join("page.txt"), page())?;
-        std::fs::write(
-            &conf,
-            format!(
-                "worker_processes 2;\npid {work}/nginx.pid;\nerror_log {work}/error.log warn;\n\
-                 events {{ worker_connections 1024; }}\n\
-                 http {{\n  access_log off;\n  client_body_temp_path {work}/tmp;\n  proxy_temp_path {work}/tmp;\n  \
-                 fastcgi_temp_path {work}/tmp;\n  uwsgi_temp_path {work}/tmp;\n  scgi_temp_path {work}/tmp;\n  \
-                 gzip on;\n  gzip_comp_level 6;\n  gzip_types text/plain;\n  gzip_min_length 1;\n  \
-                 server {{\n    listen 127.0.0.1:{PORT};\n    root {html};\n    default_type text/plain;\n  }}\n}}\n",
-                work = self.work.display(),
-                html = html.display()
-            ),
-        )?;
-        std::fs::create_dir_all(self.work.join("tmp"))?;
+        std::fs::write(&conf, nginx_conf(&format!("127.0.0.1:{PORT}"), &tmp, &html))?;
         let conf = conf.to_string_lossy().into_owned();
         self.nginx = Some(Self::spawn_in(
             &self.server,
@@ -203,10 +249,7 @@ impl Bench {
         let t0 = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", PORT)).is_err() {
             if t0.elapsed() > Duration::from_secs(10) {
-                bail!(
-                    "nginx did not listen on 127.0.0.1:{PORT} within 10 s (see {}/error.log)",
-                    self.work.display()
-                );
+                bail!("nginx did not listen on 127.0.0.1:{PORT} within 10 s");
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -243,6 +286,54 @@ impl Drop for Bench {
     }
 }
 
+impl Stage for Bench {
+    fn enter(&mut self, phase: &'static str) -> anyhow::Result<()> {
+        let (server, noisy) = phase_limits(phase);
+        self.limit(&self.server, server)?;
+        self.limit(&self.noisy, noisy)?;
+        if phase != "alone" {
+            self.neighbour = Some(Self::spawn_in(
+                &self.noisy,
+                &self.bin,
+                &["burn", "--threads", "2"],
+            )?);
+        }
+        if phase == "mbcas" {
+            let mut cmd = crate::host::local_daemon(&self.bin, &self.root.cpu, CAPACITY_M);
+            self.daemon = Some(cmd.spawn().context("start mbcas run --mode local")?);
+        }
+        Ok(())
+    }
+
+    fn leave(&mut self) -> anyhow::Result<()> {
+        Self::stop(&mut self.daemon, nix::sys::signal::Signal::SIGINT);
+        Self::stop(&mut self.neighbour, nix::sys::signal::Signal::SIGKILL);
+        Ok(())
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{PORT}/page.txt")
+    }
+
+    fn counters(&self) -> anyhow::Result<(Counters, Counters)> {
+        Ok((
+            counters(&self.server, self.v2)?,
+            counters(&self.noisy, self.v2)?,
+        ))
+    }
+
+    fn work(&self) -> &Path {
+        &self.work
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "a cgroup tree on this machine (cgroup {}), MBCAS in local mode",
+            if self.v2 { "v2" } else { "v1" }
+        )
+    }
+}
+
 /// A compressible but not trivial text page (gzip works for its ratio).
 fn page() -> String {
     let words = [
@@ -275,8 +366,8 @@ fn page() -> String {
     s
 }
 
-/// Counters of one group: (usage ns, nr_periods, nr_throttled, Σ thread run delay ns).
-fn counters(g: &Group, v2: bool) -> anyhow::Result<(u64, u64, u64, u64)> {
+/// Counters of one group.
+fn counters(g: &Group, v2: bool) -> anyhow::Result<Counters> {
     let r = crate::demo::read_counters(&g.cpu, g.acct.as_deref(), v2)?;
     Ok((r.usage_ns, r.nr_periods, r.nr_throttled, r.wait_ns))
 }
@@ -307,8 +398,13 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
 }
 
 /// Sends `rate` requests a second for `seconds` and measures.
-fn attack(b: &Bench, vegeta: &Path, rate: u32, seconds: u64) -> anyhow::Result<(Vec<f64>, usize)> {
-    let out = b.work.join("results.bin");
+fn attack(
+    b: &dyn Stage,
+    vegeta: &Path,
+    rate: u32,
+    seconds: u64,
+) -> anyhow::Result<(Vec<f64>, usize)> {
+    let out = b.work().join("results.bin");
     let mut child = Command::new(vegeta)
         .args([
             "attack",
@@ -326,7 +422,7 @@ fn attack(b: &Bench, vegeta: &Path, rate: u32, seconds: u64) -> anyhow::Result<(
     {
         use std::io::Write as _;
         let mut stdin = child.stdin.take().context("vegeta stdin")?;
-        writeln!(stdin, "GET http://127.0.0.1:{PORT}/page.txt")?;
+        writeln!(stdin, "GET {}", b.url())?;
     }
     let status = child.wait()?;
     if !status.success() {
@@ -361,17 +457,17 @@ fn attack(b: &Bench, vegeta: &Path, rate: u32, seconds: u64) -> anyhow::Result<(
 }
 
 fn measure(
-    b: &Bench,
+    b: &dyn Stage,
     vegeta: &Path,
     phase: &'static str,
     rate: u32,
     repeat: u32,
     seconds: u64,
 ) -> anyhow::Result<Run> {
-    let (s0, n0) = (counters(&b.server, b.v2)?, counters(&b.noisy, b.v2)?);
+    let (s0, n0) = b.counters()?;
     let t0 = Instant::now();
     let (lat, errors) = attack(b, vegeta, rate, seconds)?;
-    let (s1, n1) = (counters(&b.server, b.v2)?, counters(&b.noisy, b.v2)?);
+    let (s1, n1) = b.counters()?;
     let secs = t0.elapsed().as_secs_f64();
     let periods = s1.1.saturating_sub(s0.1);
     Ok(Run {
@@ -403,64 +499,73 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     }
     crate::setup::ensure_debian_packages(&["nginx"])?;
     let vegeta = vegeta()?;
-    let bin = crate::host::build_mbcas(true)?;
     std::fs::create_dir_all(&opts.report_dir)?;
     let work = std::env::temp_dir().join(format!("mbcas-latency-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
-    let mut b = Bench::new(work.clone())?;
-    b.start_nginx()?;
-    let mut runs = Vec::new();
-    for repeat in 1..=opts.repeats {
-        for phase in PHASES {
-            eprintln!("bench-latency: repetition {repeat}, phase {phase}");
-            let (server, noisy) = match phase {
-                "static" | "mbcas" => (Some(1000), Some(1000)),
-                _ => (None, None),
-            };
-            b.limit(&b.server, server)?;
-            b.limit(&b.noisy, noisy)?;
-            if phase != "alone" {
-                b.neighbour = Some(Bench::spawn_in(
-                    &b.noisy,
-                    &bin,
-                    &["burn", "--threads", "2"],
-                )?);
-            }
-            if phase == "mbcas" {
-                let mut cmd = crate::host::local_daemon(&bin, &b.root.cpu, CAPACITY_M);
-                b.daemon = Some(cmd.spawn().context("start mbcas run --mode local")?);
-            }
-            // Warm-up under the first rate's load.
-            let _ = attack(&b, &vegeta, opts.rates[0], opts.warmup)?;
-            for &rate in &opts.rates {
-                let r = measure(&b, &vegeta, phase, rate, repeat, opts.seconds)?;
-                eprintln!(
-                    "  {phase} {rate}/s: p50 {:.1} ms p99 {:.1} ms p999 {:.1} ms, errors {}, server throttled {:.3}, wait {:.0} m, noisy {:.0} m",
-                    r.p50_ms,
-                    r.p99_ms,
-                    r.p999_ms,
-                    r.errors,
-                    r.server_throttled_ratio,
-                    r.server_wait_m,
-                    r.noisy_cpu_m
-                );
-                runs.push(r);
-            }
-            Bench::stop(&mut b.daemon, nix::sys::signal::Signal::SIGINT);
-            Bench::stop(&mut b.neighbour, nix::sys::signal::Signal::SIGKILL);
-        }
-    }
+    let result = if opts.node {
+        node::run(work.clone(), |stage| phases(stage, &vegeta, opts))
+    } else {
+        let bin = crate::host::build_mbcas(true)?;
+        Bench::new(work.clone(), bin).and_then(|mut b| {
+            b.start_nginx()?;
+            phases(&mut b, &vegeta, opts)
+        })
+    };
+    let _ = std::fs::remove_dir_all(&work);
+    let (runs, place) = result?;
     let summary = summarise(&runs, &opts.rates);
-    let md = markdown(&summary, opts);
-    std::fs::write(opts.report_dir.join("latency.md"), &md)?;
+    let md = markdown(&summary, opts, &place);
+    let name = if opts.node {
+        "latency-node.md"
+    } else {
+        "latency.md"
+    };
+    std::fs::write(opts.report_dir.join(name), &md)?;
     println!("\n{md}");
     if let Some(out) = &opts.json_out {
         std::fs::write(out, serde_json::to_string_pretty(&(&runs, &summary))?)?;
     }
-    drop(b);
-    let _ = std::fs::remove_dir_all(&work);
     Ok(())
+}
+
+/// Every repetition of every phase at every rate on `stage`; returns the
+/// runs and where they ran.
+fn phases(
+    stage: &mut dyn Stage,
+    vegeta: &Path,
+    opts: &Options,
+) -> anyhow::Result<(Vec<Run>, String)> {
+    let mut runs = Vec::new();
+    for repeat in 1..=opts.repeats {
+        for phase in PHASES {
+            eprintln!("bench-latency: repetition {repeat}, phase {phase}");
+            stage.enter(phase)?;
+            let measured = (|| {
+                // Warm-up under the first rate's load.
+                let _ = attack(stage, vegeta, opts.rates[0], opts.warmup)?;
+                for &rate in &opts.rates {
+                    let r = measure(stage, vegeta, phase, rate, repeat, opts.seconds)?;
+                    eprintln!(
+                        "  {phase} {rate}/s: p50 {:.1} ms p99 {:.1} ms p999 {:.1} ms, errors {}, server throttled {:.3}, wait {:.0} m, noisy {:.0} m",
+                        r.p50_ms,
+                        r.p99_ms,
+                        r.p999_ms,
+                        r.errors,
+                        r.server_throttled_ratio,
+                        r.server_wait_m,
+                        r.noisy_cpu_m
+                    );
+                    runs.push(r);
+                }
+                anyhow::Ok(())
+            })();
+            let left = stage.leave();
+            measured?;
+            left?;
+        }
+    }
+    Ok((runs, stage.describe()))
 }
 
 /// Median and spread of one figure over the repetitions.
@@ -587,11 +692,11 @@ fn summarise(runs: &[Run], rates: &[u32]) -> Summary {
     }
 }
 
-fn markdown(s: &Summary, opts: &Options) -> String {
+fn markdown(s: &Summary, opts: &Options, place: &str) -> String {
     let cpus = std::thread::available_parallelism().map_or(0, usize::from);
     let mut out = format!(
         "nginx (gzip 6, 256 KiB page) under vegeta's open-loop load next to `mbcas burn --threads 2`, \
-         Linux {}, {cpus} CPUs; {} s per rate after a {} s warm-up, {} repetitions (median, min–max):\n\n\
+         in {place}; Linux {}, {cpus} CPUs; {} s per rate after a {} s warm-up, {} repetitions (median, min–max):\n\n\
          | rate | phase | p50 ms | p99 ms | p999 ms | errors | server throttled | server wait m | neighbour CPU m |\n\
          |---|---|---|---|---|---|---|---|---|\n",
         s.kernel, opts.seconds, opts.warmup, opts.repeats

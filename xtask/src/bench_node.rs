@@ -3,7 +3,11 @@
 //! again), deployed as its DaemonSet. Prints:
 //! 1. **onset → quota**: for `--trials` fresh Burstable pods (request 100m,
 //!    limit 300m, one spinning thread), the time from the container's first
-//!    throttled CFS period to the kubelet's new quota in its cgroup, p50/p99;
+//!    throttled CFS period to a new quota in its cgroup (the daemon's early
+//!    write or the kubelet's), p50/p99, and the part of it after the decision
+//!    (the daemon's log); whether the quota went lower again in the 3 s after
+//!    (an old value written back) and whether spec, status and cgroup agree
+//!    at their end;
 //! 2. **PATCH → status**: `pods/resize` PATCHes (300m ↔ 400m, on a pod in an
 //!    excluded namespace so MBCAS leaves it alone), the time until the
 //!    kubelet's quota is in the cgroup and until `status.containerStatuses[].
@@ -52,6 +56,10 @@ pub struct Options {
     /// Length of the steady-state part.
     #[arg(long, default_value_t = 300)]
     pub seconds: u64,
+    /// The daemon's `--early-quota` (`false`: every new quota waits for the
+    /// kubelet, the figure before it).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub early_quota: bool,
 }
 
 const NS: &str = "mbcas-bench-node";
@@ -123,11 +131,27 @@ fn container_dir(node: &TestNode, ns: &str, name: &str) -> anyhow::Result<PathBu
     )
 }
 
+/// Part 1: one trial's figures.
+struct Trial {
+    /// Throttling onset → a quota above the pod's limit in its cgroup, s.
+    onset_s: f64,
+    /// When that quota was first seen.
+    quota_at: std::time::SystemTime,
+    /// The lowest quota the cgroup had in the 3 s after that (millicores):
+    /// below the first new one when someone wrote an old value back.
+    lowest_after: Option<u64>,
+    first_new: u64,
+    /// Spec, status and the cgroup's quota agree 3 s after the new quota.
+    agree: bool,
+}
+
 /// Part 1: one trial. The burner is throttled from its first period on, so
 /// when its cgroup is first seen already throttled, the onset is `nr_periods`
 /// periods before that reading (each counted period is one 100 ms period in
-/// which it ran).
-fn onset_trial(node: &TestNode, i: usize) -> anyhow::Result<f64> {
+/// which it ran). Then 3 s more of the cgroup's quota: whether anyone (the
+/// kubelet after the daemon's early write) set a lower one, and whether the
+/// pod's spec, status and cgroup agree at the end.
+fn onset_trial(node: &TestNode, i: usize) -> anyhow::Result<Trial> {
     let name = format!("onset-{i}");
     let pod = e2e::pod(
         NS,
@@ -148,7 +172,12 @@ fn onset_trial(node: &TestNode, i: usize) -> anyhow::Result<f64> {
         if let (Some(q), Some(t0)) = (quota, onset)
             && q > 300
         {
-            break Ok(now.duration_since(t0).as_secs_f64());
+            break Ok((
+                now.duration_since(t0).as_secs_f64(),
+                q,
+                now,
+                std::time::SystemTime::now(),
+            ));
         }
         if now > deadline {
             break Err(anyhow::anyhow!(
@@ -157,8 +186,69 @@ fn onset_trial(node: &TestNode, i: usize) -> anyhow::Result<f64> {
         }
         sleep(Duration::from_millis(2));
     };
+    let result = result.and_then(|(onset_s, first_new, at, quota_at)| {
+        let mut lowest: Option<u64> = None;
+        let mut last = None;
+        while at.elapsed() < Duration::from_secs(3) {
+            let (q, _, _) = read_cgroup(&dir)?;
+            if let Some(q) = q {
+                lowest = Some(lowest.map_or(q, |l| l.min(q)));
+            }
+            last = q;
+            sleep(Duration::from_millis(5));
+        }
+        let view = e2e::pod_view(node, NS, &name)?;
+        let c = e2e::first(&view)?;
+        Ok(Trial {
+            onset_s,
+            quota_at,
+            lowest_after: lowest,
+            first_new,
+            agree: c.spec_limit.is_some() && c.spec_limit == c.status_limit && c.spec_limit == last,
+        })
+    });
     let _ = e2e::kubectl(node, &["-n", NS, "delete", "pod", &name, "--wait=true"]);
     result
+}
+
+/// For each `(namespace/pod, when its new quota was seen)`, the seconds
+/// since the daemon logged the allocation that raised it (the decision → the
+/// PATCH → the daemon's early write or the kubelet's pass).
+fn decision_to_quota(
+    node: &TestNode,
+    seen: &[(String, std::time::SystemTime)],
+) -> anyhow::Result<Vec<f64>> {
+    // CRI lines: `TIME STREAM F MESSAGE`.
+    let log: String = node
+        .daemon_log_files()
+        .iter()
+        .filter_map(|f| fs::read_to_string(f).ok())
+        .collect();
+    let log: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split_once(" F ").map(|(_, msg)| msg))
+        .collect();
+    let mut out = Vec::new();
+    for (pod, at) in seen {
+        let needle = format!("\"pod\":\"{pod}\"");
+        let published = log
+            .iter()
+            .filter(|l| l.contains("allocation published") && l.contains(&needle))
+            .find_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                v["timestamp"]
+                    .as_str()?
+                    .parse::<k8s_openapi::jiff::Timestamp>()
+                    .ok()
+            });
+        let Some(published) = published else {
+            continue;
+        };
+        let seen_at = k8s_openapi::jiff::Timestamp::try_from(*at)
+            .context("the quota's time is out of range")?;
+        out.push(seen_at.duration_since(published).as_secs_f64());
+    }
+    Ok(out)
 }
 
 async fn kube_client(kubeconfig: &Path) -> anyhow::Result<Client> {
@@ -325,8 +415,24 @@ fn bench(opts: &Options) -> anyhow::Result<()> {
     let node = TestNode::running()?;
     let kubeconfig = node.kubeconfig().context("no kubeconfig")?;
     deploy(&node)?;
+    e2e::kubectl(
+        &node,
+        &[
+            "-n",
+            "mbcas-system",
+            "set",
+            "env",
+            "daemonset/mbcas",
+            &format!("MBCAS_EARLY_QUOTA={}", opts.early_quota),
+        ],
+    )?;
+    deploy(&node)?;
     let _ = e2e::kubectl(&node, &["delete", "namespace", NS, "--wait=true"]);
     e2e::kubectl(&node, &["create", "namespace", NS])?;
+    println!(
+        "bench-node: the daemon's --early-quota {}",
+        opts.early_quota
+    );
     println!(
         "bench-node: MBCAS as its DaemonSet on the test node (containerd, kubelet v1.35.4, cgroup v1)"
     );
@@ -334,16 +440,37 @@ fn bench(opts: &Options) -> anyhow::Result<()> {
     // 1.
     let (before, events_before) = (requests(&node)?, mbcas_event_writes(&node)?);
     let mut onset = Vec::new();
+    let mut quota_at = Vec::new();
+    let (mut lowered, mut agreed) = (0, 0);
     for i in 0..opts.trials {
-        onset.push(onset_trial(&node, i)?);
+        let t = onset_trial(&node, i)?;
+        onset.push(t.onset_s);
+        quota_at.push((format!("{NS}/onset-{i}"), t.quota_at));
+        if t.lowest_after.is_some_and(|l| l < t.first_new) {
+            lowered += 1;
+            println!(
+                "  trial {i}: the quota went from {} m down to {:?} m within 3 s of the new quota",
+                t.first_new, t.lowest_after
+            );
+        }
+        agreed += usize::from(t.agree);
     }
     let d = before.delta(&requests(&node)?);
     let events = mbcas_event_writes(&node)? - events_before;
     let resizes = d.get(WRITE_VERBS, "pods", "resize");
     summary(
-        "throttling onset → new quota in the cgroup",
+        "throttling onset → new quota in the cgroup (fresh pod)",
         onset,
         "(goal p50 ≤ 2 s, p99 ≤ 5 s)",
+    );
+    summary(
+        "  of which the decision → new quota",
+        decision_to_quota(&node, &quota_at)?,
+        "(the daemon's log: `allocation published`)",
+    );
+    println!(
+        "  after the new quota: lowered again within 3 s in {lowered} of {} trials (goal 0); spec = status = cgroup 3 s after it in {agreed} of {}",
+        opts.trials, opts.trials
     );
     println!(
         "  API writes during part 1: {resizes:.0} resizes; MBCAS's writes (PodAllocation spec + status, \
@@ -382,18 +509,7 @@ fn bench(opts: &Options) -> anyhow::Result<()> {
         );
         e2e::apply(&node, &p)?;
     }
-    e2e::kubectl(
-        &node,
-        &[
-            "-n",
-            NS,
-            "wait",
-            "--for=condition=Ready",
-            "pod",
-            "--all",
-            "--timeout=300s",
-        ],
-    )?;
+    e2e::wait_pods_ready(&node, NS, "300s")?;
     // Let the daemon see the new pods and settle before measuring.
     sleep(Duration::from_secs(30));
     let pid = daemon_pid(&node)?;

@@ -64,6 +64,8 @@ const NAMESPACE: &str = "mbcas-e2e";
 const DAEMON_NAMESPACE: &str = "mbcas-system";
 const BURNER: &str = "burner";
 const BURNER_LIMIT: u64 = 300;
+/// What the e2e's operator resizes the throttled burner to by hand.
+const OPERATOR_LIMIT: u64 = 250;
 const DUO: &str = "duo";
 const DUO_LIMITS: [(&str, u64); 2] = [("app", 200), ("sidecar", 100)];
 const GUARANTEED: &str = "guaranteed";
@@ -72,6 +74,8 @@ const HOLDER: &str = "holder";
 /// A pod without a CPU limit, busy.
 const LIMITLESS: &str = "limitless";
 const RESTART: &str = "restart-on-resize";
+/// Two spinning threads on a small request: more than its share.
+const HOG: &str = "hog";
 const SYSTEM_POD: &str = "mbcas-e2e-system";
 const UNTOUCHED_LIMIT: u64 = 200;
 const RAISE_TIMEOUT: Duration = Duration::from_secs(180);
@@ -141,6 +145,28 @@ pub(crate) fn container(name: &str, image: &str, request: u64, limit: u64, burn:
             "limits": {"cpu": format!("{limit}m"), "memory": "64Mi"},
         },
     })
+}
+
+/// Waits until every pod in `namespace` is Ready (`timeout` in kubectl's
+/// syntax, e.g. `120s`).
+pub(crate) fn wait_pods_ready(
+    c: &dyn Cluster,
+    namespace: &str,
+    timeout: &str,
+) -> anyhow::Result<()> {
+    kubectl(
+        c,
+        &[
+            "-n",
+            namespace,
+            "wait",
+            "--for=condition=Ready",
+            "pod",
+            "--all",
+            &format!("--timeout={timeout}"),
+        ],
+    )
+    .map(|_| ())
 }
 
 pub(crate) fn pod(namespace: &str, name: &str, containers: Vec<Value>) -> Value {
@@ -491,11 +517,13 @@ fn scenario(c: &dyn Cluster) -> anyhow::Result<Report> {
     }
     check_duo(c, &mut report)?;
     check_lending(c, &mut report, &burner.node)?;
+    check_weight_lever(c, &mut report, &burner.node)?;
     user_view(c);
     check_untouched(c, &mut report)?;
     check_limitless(c, &mut report)?;
     // 5. Faults: nothing lost, no limit changed by a restart alone.
     faults(c, &mut report, &burner.node, &burner.dir)?;
+    check_operator_change(c, &mut report, &burner)?;
     try_adding_a_limit(c, &mut report)?;
     check_restore(c, &mut report)?;
     check_helm(c, &mut report)?;
@@ -658,6 +686,134 @@ fn check_lending(c: &dyn Cluster, report: &mut Report, node: &str) -> anyhow::Re
     Ok(())
 }
 
+/// The weight lever: a pod that uses far more than its entitlement gets its
+/// pod cgroup's `cpu.shares` lowered to 1/8 of the kubelet's; the kubelet
+/// leaves it lowered (also across a limits resize); opted out, it gets the
+/// kubelet's weight back.
+fn check_weight_lever(c: &dyn Cluster, report: &mut Report, node: &str) -> anyhow::Result<()> {
+    // The idle holder leaves 100 m of the node's requests.
+    const REQUEST: u64 = 50;
+    let image = c.image();
+    let mut hog = pod(
+        NAMESPACE,
+        HOG,
+        vec![container(
+            "burn",
+            image,
+            REQUEST,
+            800,
+            &["--threads", "2", "--percent", "100"],
+        )],
+    );
+    hog["spec"]["nodeName"] = json!(node);
+    apply(c, &hog)?;
+    let result = weight_lever_on(c, report, REQUEST);
+    let _ = kubectl(c, &["-n", NAMESPACE, "delete", "pod", HOG, "--wait=false"]);
+    result
+}
+
+fn weight_lever_on(c: &dyn Cluster, report: &mut Report, request: u64) -> anyhow::Result<()> {
+    // The kubelet's shares for the request, and what MBCAS lowers them to.
+    let kubelet = (request * 1024 / 1000).max(2);
+    let lowered = ((kubelet as f64) / 8.0).round().max(2.0) as u64;
+    let dir = wait_until(
+        "the hog's container cgroup",
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        || {
+            let v = pod_view(c, NAMESPACE, HOG)?;
+            let id = first(&v)?.id.clone();
+            if id.is_empty() {
+                return Ok(None);
+            }
+            cgroup_dir(c, &v.node, &id).map(|d| Some((v.node, d)))
+        },
+    )?;
+    let (node, pod_dir) = (
+        dir.0,
+        std::path::Path::new(&dir.1)
+            .parent()
+            .context("container cgroup without a parent")?
+            .display()
+            .to_string(),
+    );
+    let weight = |c: &dyn Cluster| -> anyhow::Result<u64> {
+        let out = c.on_node(
+            &node,
+            &format!(
+                "if [ -f {pod_dir}/cpu.weight ]; then echo v2; else cat {pod_dir}/cpu.shares; fi"
+            ),
+        )?;
+        let out = out.trim();
+        if out == "v2" {
+            bail!("the weight lever check reads cgroup v1's cpu.shares; {pod_dir} is v2");
+        }
+        out.parse()
+            .with_context(|| format!("{pod_dir}/cpu.shares: {out:?}"))
+    };
+    let t0 = Instant::now();
+    wait_until(
+        &format!("the hog's pod cgroup at {lowered} shares (the kubelet's {kubelet} / 8)"),
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        || Ok((weight(c)? == lowered).then_some(())),
+    )
+    .with_context(|| format!("shares now: {:?}", weight(c).ok()))?;
+    let lowered_in = t0.elapsed();
+    // Held for 10 s: the kubelet resets the weight when it carries out a
+    // resize; MBCAS puts it back within a second (the controller on seeing
+    // the resize applied, or the next round).
+    let generation = pod_view(c, NAMESPACE, HOG)?.generation;
+    let (mut off, mut off_since) = (0, None::<Instant>);
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(10) {
+        sleep(Duration::from_millis(250));
+        let now = weight(c)?;
+        if now == lowered {
+            off_since = None;
+            continue;
+        }
+        off += 1;
+        let since = *off_since.get_or_insert_with(Instant::now);
+        if since.elapsed() > Duration::from_secs(2) {
+            bail!("the held hog's pod cgroup at {now} shares, not {lowered}, for more than 2 s");
+        }
+    }
+    let resized = pod_view(c, NAMESPACE, HOG)?
+        .generation
+        .saturating_sub(generation);
+    kubectl(
+        c,
+        &[
+            "-n",
+            NAMESPACE,
+            "label",
+            "pod",
+            HOG,
+            "mbcas.io/ignore=true",
+            "--overwrite",
+        ],
+    )?;
+    let t1 = Instant::now();
+    wait_until(
+        &format!("the opted-out hog's pod cgroup back at the kubelet's {kubelet} shares"),
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+        || Ok((weight(c)? == kubelet).then_some(())),
+    )
+    .with_context(|| format!("shares now: {:?}", weight(c).ok()))?;
+    report.ok(format!(
+        "weight lever: the 2-thread {HOG} (request {request}m) lowered to {lowered} of {kubelet} shares in {:.1} s, \
+         held 10 s ({resized} resizes meanwhile; {off} samples in 10 s found the kubelet's reset, none for 2 s), opted out: back to {kubelet} in {:.1} s",
+        lowered_in.as_secs_f64(),
+        t1.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
+/// How long the raised quota is watched (the kubelet's pass comes within it).
+const EARLY_WATCH: Duration = Duration::from_secs(3);
+
 /// The raise, end to end; the burner's periods counters at the raise.
 fn check_raise(c: &dyn Cluster, report: &mut Report, b: &Burner) -> anyhow::Result<(u64, u64)> {
     let (node, burner_dir, started) = (&b.node, &b.dir, b.started);
@@ -674,6 +830,41 @@ fn check_raise(c: &dyn Cluster, report: &mut Report, b: &Burner) -> anyhow::Resu
         },
     )?;
     report.raise_seconds = started.elapsed().as_secs_f64();
+    // The daemon writes an accepted increase into the cgroup ahead of the
+    // kubelet (`--early-quota`): for 3 s the quota never goes back below the
+    // new one (the kubelet must not write the old value after it), and spec,
+    // status and the cgroup agree within them.
+    let t0 = Instant::now();
+    let (mut lowest, mut agreed_after) = (raised, None);
+    while t0.elapsed() < EARLY_WATCH {
+        let quota = cgroup_limit(c, node, burner_dir)?;
+        lowest = lowest.min(quota.unwrap_or(0));
+        if agreed_after.is_none() {
+            let p = pod_view(c, NAMESPACE, BURNER)?;
+            let ctr = first(&p)?;
+            if ctr.spec_limit.is_some()
+                && ctr.status_limit == ctr.spec_limit
+                && quota == ctr.spec_limit
+            {
+                agreed_after = Some(t0.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if lowest < raised {
+        bail!(
+            "{BURNER}'s quota went from {raised}m back down to {lowest}m within {EARLY_WATCH:?} of the raise (the kubelet wrote an old value after the daemon's?)"
+        );
+    }
+    let Some(agreed_after) = agreed_after else {
+        bail!(
+            "{BURNER}: spec, status and cgroup quota did not agree within {EARLY_WATCH:?} of the new quota"
+        );
+    };
+    report.ok(format!(
+        "{BURNER}: the new quota ({raised}m) never went lower in the {EARLY_WATCH:?} after it; spec = status = cgroup {:.2} s after it",
+        agreed_after.as_secs_f64()
+    ));
     for pods in [NAMESPACE, "kube-system"] {
         let what = if pods == NAMESPACE {
             vec!["pod", "--all"]
@@ -929,6 +1120,109 @@ fn check_untouched(c: &dyn Cluster, report: &mut Report) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An operator resizes the throttled burner by hand (`kubectl patch
+/// --subresource resize`): MBCAS adopts the operator's limit as the original
+/// (status, Event) and leaves the pod alone though it stays throttled.
+fn check_operator_change(c: &dyn Cluster, report: &mut Report, b: &Burner) -> anyhow::Result<()> {
+    let patch = json!({"spec": {"containers": [
+        {"name": "burn", "resources": {"limits": {"cpu": format!("{OPERATOR_LIMIT}m")}}}
+    ]}});
+    kubectl(
+        c,
+        &[
+            "-n",
+            NAMESPACE,
+            "patch",
+            "pod",
+            BURNER,
+            "--subresource",
+            "resize",
+            "-p",
+            &patch.to_string(),
+        ],
+    )?;
+    let patched = Instant::now();
+    let status = wait_until(
+        "MBCAS to adopt the operator's resize of the burner",
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+        || {
+            let pa: Value = serde_json::from_str(&kubectl(
+                c,
+                &[
+                    "-n",
+                    NAMESPACE,
+                    "get",
+                    "podallocation",
+                    BURNER,
+                    "-o",
+                    "json",
+                ],
+            )?)?;
+            let st = pa["status"].clone();
+            Ok((st["reason"] == "OperatorChange").then_some(st))
+        },
+    )?;
+    let adopted_in = patched.elapsed().as_secs_f64();
+    let original = &status["original"][0]["cpuLimit"];
+    if status["phase"] != "Skipped"
+        || *original != json!(format!("{OPERATOR_LIMIT}m"))
+        || status["operatorChange"]["manager"] != "kubectl-patch"
+    {
+        bail!("{BURNER}'s allocation after the operator's resize: {status}");
+    }
+    // Held: the burner wants 500 m and is throttled under 250 m, which MBCAS
+    // raised within seconds before; for 20 s nothing moves it.
+    let (quota, _) = wait_until(
+        "the kubelet to apply the operator's limit",
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+        || {
+            let q = cgroup_limit(c, &b.node, &b.dir)?;
+            Ok((q == Some(OPERATOR_LIMIT)).then_some((q, ())))
+        },
+    )?;
+    let at_hold = cgroup_periods(c, &b.node, &b.dir)?;
+    let hold = Duration::from_secs(20);
+    let start = Instant::now();
+    while start.elapsed() < hold {
+        let p = pod_view(c, NAMESPACE, BURNER)?;
+        let now = cgroup_limit(c, &b.node, &b.dir)?;
+        let spec = first(&p)?.spec_limit;
+        if spec != Some(OPERATOR_LIMIT) || now != quota {
+            bail!(
+                "{BURNER}: the operator's {OPERATOR_LIMIT}m was overridden {:.1} s later: spec {spec:?}m, cgroup {now:?}m",
+                patched.elapsed().as_secs_f64()
+            );
+        }
+        sleep(Duration::from_secs(2));
+    }
+    let throttled = ratio(at_hold, cgroup_periods(c, &b.node, &b.dir)?);
+    let events: Value = serde_json::from_str(&kubectl(
+        c,
+        &[
+            "-n",
+            NAMESPACE,
+            "get",
+            "events",
+            "--field-selector",
+            &format!("involvedObject.name={BURNER},reason=OperatorChangeAdopted"),
+            "-o",
+            "json",
+        ],
+    )?)?;
+    let n = events["items"].as_array().map_or(0, Vec::len);
+    if n != 1 {
+        bail!("{n} OperatorChangeAdopted events on {BURNER} for one resize by hand");
+    }
+    report.ok(format!(
+        "an operator's `kubectl patch --subresource resize` of {BURNER} to {OPERATOR_LIMIT}m: adopted as the original in {adopted_in:.1} s \
+         (status OperatorChange, one Event); left alone for {}s though throttled in {throttled:.2} of its periods",
+        hold.as_secs()
+    ));
+    Ok(())
+}
+
 /// Restore, with the daemon gone: the original limits back everywhere.
 fn check_restore(c: &dyn Cluster, report: &mut Report) -> anyhow::Result<()> {
     // 6. Restore, with the daemon gone.
@@ -976,8 +1270,8 @@ fn check_restore(c: &dyn Cluster, report: &mut Report) -> anyhow::Result<()> {
         bail!("PodAllocations left after restore: {left}");
     }
     report.ok(
-        "with the DaemonSet deleted, `mbcas restore --all` put 300m/200m/100m back \
-         (spec, status, cgroup) and deleted every PodAllocation"
+        "with the DaemonSet deleted, `mbcas restore --all` put the originals back (the burner's \
+         250m, the operator's; the duo's 200m/100m) in spec, status and cgroup and deleted every PodAllocation"
             .into(),
     );
     Ok(())
@@ -986,7 +1280,8 @@ fn check_restore(c: &dyn Cluster, report: &mut Report) -> anyhow::Result<()> {
 /// Waits until the burner and the duo have their original limits in spec,
 /// status and cgroup.
 fn wait_for_originals(c: &dyn Cluster) -> anyhow::Result<()> {
-    let expect: Vec<(&str, &str, u64)> = std::iter::once((BURNER, "burn", BURNER_LIMIT))
+    // The burner's original is the operator's (check_operator_change).
+    let expect: Vec<(&str, &str, u64)> = std::iter::once((BURNER, "burn", OPERATOR_LIMIT))
         .chain(DUO_LIMITS.iter().map(|(n, l)| (DUO, *n, *l)))
         .collect();
     wait_until(
@@ -1066,7 +1361,12 @@ fn check_helm(c: &dyn Cluster, report: &mut Report) -> anyhow::Result<()> {
             "--ignore-not-found",
         ],
     )?;
-    let values = crate::helm::values_file("e2e", &c.helm_values())?;
+    // The burner was resized by hand (check_operator_change) and the hold
+    // lasts 30 min: the chart's daemon is told to adopt it and carry on
+    // (the chart's `config.operatorHold`, checked on the way).
+    let mut values = c.helm_values();
+    values["config"]["operatorHold"] = json!("0s");
+    let values = crate::helm::values_file("e2e", &values)?;
     let chart = crate::helm::chart_dir().display().to_string();
     let values = values.display().to_string();
     // The raise is timed from the install: the daemon may resize before
@@ -1102,7 +1402,7 @@ fn check_helm(c: &dyn Cluster, report: &mut Report) -> anyhow::Result<()> {
             },
         )?;
         report.ok(format!(
-            "helm install: the chart's daemon raised {BURNER} {BURNER_LIMIT}m → {raised}m {:.1} s after `helm install` began",
+            "helm install: the chart's daemon (operatorHold 0s) adopted the operator's {OPERATOR_LIMIT}m and raised {BURNER} → {raised}m {:.1} s after `helm install` began",
             started.elapsed().as_secs_f64()
         ));
         Ok(())
@@ -1139,7 +1439,7 @@ fn check_helm(c: &dyn Cluster, report: &mut Report) -> anyhow::Result<()> {
         bail!("left after helm uninstall: {left}{daemons}");
     }
     report.ok(
-        "helm uninstall: the pre-delete hook stopped the daemon and put 300m/200m/100m back \
+        "helm uninstall: the pre-delete hook stopped the daemon and put 250m/200m/100m back \
          (spec, status, cgroup); no PodAllocation, DaemonSet or hook Job left"
             .into(),
     );
@@ -1246,8 +1546,19 @@ fn faults(
     // The daemon itself restarted: its pod deleted, the DaemonSet recreates it.
     // What must hold: nothing lost (allocations, pods), no container restart,
     // no limit below the pod's starting limit, the kernel enforcing the spec.
-    // Whether a restart alone leaves every limit as it was is measured and
-    // reported (the daemon's demand history starts empty).
+    // And a restart alone leaves every limit as it was: as it was when the
+    // old daemon went, with its last decisions carried out (a node-e2e run
+    // failed on a decision the old daemon made after the faults' checks).
+    let before = wait_until(
+        "the PodAllocations to be Applied before the daemon restart",
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        || {
+            let applied = [BURNER, DUO].iter().all(|n| phase(c, n) == "Applied");
+            Ok(if applied { Some(limits_now(c)?) } else { None })
+        },
+    )?;
+    let old_log = c.daemon_log();
     kubectl(
         c,
         &[
@@ -1261,6 +1572,29 @@ fn faults(
         ],
     )?;
     daemon_ready(c).context("MBCAS not ready after its pod was recreated")?;
+    // It went on from the decision state its predecessor saved
+    // (`--state-file` on a hostPath).
+    let restored = match c.metrics() {
+        Some(addr) => {
+            // Ready before its loop starts (it may wait for the node's lease).
+            let n = wait_until(
+                "the restarted daemon to take back the saved decision state of the burner and the duo",
+                Duration::from_secs(60),
+                Duration::from_secs(1),
+                || {
+                    let text = crate::soak::metrics(addr)?;
+                    let n = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("mbcas_state_restored_consumers "))
+                        .and_then(|v| v.trim().parse::<f64>().ok())
+                        .unwrap_or(0.0);
+                    Ok((n >= 2.0).then_some(n))
+                },
+            )?;
+            format!(", the decision state of {n} pods taken back from --state-file")
+        }
+        None => String::new(),
+    };
     let mut changed = Vec::new();
     let observe = Instant::now();
     while observe.elapsed() < Duration::from_secs(60) {
@@ -1314,16 +1648,20 @@ fn faults(
         .collect();
     // A restart alone changes no limit (the loads did not change).
     if !changes.is_empty() {
+        let decided: Vec<&str> = old_log
+            .lines()
+            .filter(|l| l.contains("allocation published"))
+            .collect();
         bail!(
-            "the daemon restart alone changed {} limits in 60 s: {}",
+            "the daemon restart alone changed {} limits in 60 s (from {before:?}): {}; the old daemon's last decisions:\n{}",
             changes.len(),
-            changes.join(", ")
+            changes.join(", "),
+            decided.join("\n")
         );
     }
-    report.ok(
-        "daemon restart: PodAllocations kept, 0 container restarts, no limit changed in the 60 s after it"
-            .to_owned(),
-    );
+    report.ok(format!(
+        "daemon restart: PodAllocations kept, 0 container restarts, no limit changed in the 60 s after it{restored}"
+    ));
     Ok(())
 }
 

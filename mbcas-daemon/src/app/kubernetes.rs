@@ -31,7 +31,7 @@ use kube::{
     Api, Client,
     runtime::{
         WatchStreamExt as _,
-        reflector::{self, ReflectHandle, Store},
+        reflector::{self, Store},
         watcher,
     },
 };
@@ -46,6 +46,7 @@ use crate::{
     http::{self, Component, Readiness},
     k8s::{
         crd::{GROUP, NODE_LABEL, PodAllocation, VERSION},
+        early::CgroupBook,
         lease::{NodeLease, default_identity},
         node::{NodeLoopConfig, NodePods, read_pod_cgroups},
         pods,
@@ -241,16 +242,28 @@ pub async fn run_with_client(
     };
     let mut ccfg = ControllerConfig::new(node.clone());
     ccfg.excluded_namespaces = cfg.excluded_namespaces.clone();
-    let ctx = Arc::new(resize::Context::new(
+    ccfg.operator_hold = k.operator_hold;
+    let cgroups = CgroupBook::default();
+    let mut ctx = resize::Context::new(
         client.clone(),
         watches.pods.clone(),
         ccfg,
         Some(metrics.clone()),
-    ));
+    );
+    if k.early_quota && sensing.is_some() {
+        ctx = ctx.with_early_quota(cgroups.clone());
+    }
+    if k.weight_lever && sensing.is_some() {
+        ctx = ctx.with_weight_lever(cgroups.clone());
+    }
+    let ctx = Arc::new(ctx);
     tasks.controller(ctx, watches.pod_events, synced.pods.clone(), held.clone());
     if let Some((cgroup_root, sensor)) = sensing {
         let writer = Writer::new(client.clone(), node.clone(), watches.allocations.clone());
-        let (engine, pacing) = (cfg.engine(), cfg.pacing());
+        let (mut engine, pacing) = (cfg.engine(), cfg.pacing());
+        if k.weight_lever {
+            engine.lever = crate::market::Lever::Weight;
+        }
         let mode = NodePods::new(
             NodeLoopConfig {
                 node: node.clone(),
@@ -262,8 +275,17 @@ pub async fn run_with_client(
             watches.pods.clone(),
             watches.node.clone(),
             writer,
-        );
-        let decisions = DecisionLoop::new(mode, sensor, engine, pacing, metrics);
+        )
+        .with_cgroup_book(cgroups);
+        let mode = if k.weight_lever {
+            mode.with_weight_lever(Some(metrics.clone()))
+        } else {
+            mode
+        };
+        let mut decisions = DecisionLoop::new(mode, sensor, engine, pacing, metrics);
+        if let Some(path) = &k.state_file {
+            decisions = decisions.with_state_file(path.clone());
+        }
         tasks.decisions(decisions, readiness, synced.all, held);
     }
     tasks.join(k.grace_period).await
@@ -292,7 +314,7 @@ fn start_sensor(
 struct Watches {
     /// This node's pods, shared by the decision loop and the controller.
     pods: Store<Pod>,
-    pod_events: ReflectHandle<Pod>,
+    pod_events: pods::PodTriggers,
     allocations: Store<PodAllocation>,
     node: Store<Node>,
 }
@@ -314,15 +336,10 @@ struct Tasks {
 impl Tasks {
     /// Starts the watches of this node's pods, PodAllocations and Node object.
     fn watch(&mut self, client: &Client, node: &str) -> Result<Watches, AppError> {
-        let (pods, pod_writer, pod_stream) = pods::pod_reflector(client.clone(), node);
-        let Some(pod_events) = pod_writer.subscribe() else {
-            return Err(AppError::Internal("the pod reflector offers no subscriber"));
-        };
+        let (pods, pod_stream, pod_events) = pods::pod_reflector(client.clone(), node);
         let c = self.shutdown.clone();
-        self.set.spawn(async move {
-            let s = pod_stream.reflect_shared(pod_writer).applied_objects();
-            drive(s, c, "pods").await
-        });
+        self.set
+            .spawn(async move { drive(pod_stream, c, "pods").await });
         let (allocations, pa_writer) = reflector::store::<PodAllocation>();
         let api: Api<PodAllocation> = Api::all(client.clone());
         let wc = watcher::Config::default().labels(&format!("{NODE_LABEL}={node}"));
@@ -401,7 +418,7 @@ impl Tasks {
     fn controller(
         &mut self,
         ctx: Arc<resize::Context>,
-        pod_events: ReflectHandle<Pod>,
+        pod_events: pods::PodTriggers,
         synced: CancellationToken,
         held: CancellationToken,
     ) {

@@ -305,7 +305,7 @@ pub struct DemandEstimate {
 }
 
 /// Per-consumer state of the demand model.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct DemandEstimator {
     smoothed: Option<f64>,
     deviation: f64,
@@ -476,7 +476,7 @@ const THROTTLE_HALF_LIFE_S: f64 = 1800.0;
 /// target), the simulator's bursty pods lost the memory of bursts throttled
 /// once every two seconds: limit changes per pod·hour rose from 16.9 to 24.4
 /// in `bursty-microservices`, and direction reversals from 2 to 34.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ThrottleMemory {
     level: f64,
     /// Periods and throttled periods of the windows not judged yet, and the

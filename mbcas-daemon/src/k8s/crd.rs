@@ -8,7 +8,7 @@
 
 use std::{borrow::Cow, fmt};
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -169,6 +169,24 @@ pub struct PodAllocationStatus {
     pub message: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// The last change of the pod's CPU limits by someone else (a person with
+    /// `kubectl patch --subresource resize`, another controller): its limits
+    /// then became the original, and MBCAS left the pod alone until `holdUntil`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator_change: Option<OperatorChange>,
+}
+
+/// A resize of a managed pod made by someone else, adopted by MBCAS.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OperatorChange {
+    /// The field manager of that resize (e.g. `kubectl-patch`).
+    #[schemars(length(min = 1, max = 128))]
+    pub manager: String,
+    /// When it was made (the pod's `managedFields` time, to the second).
+    pub changed_at: Time,
+    /// Until when MBCAS leaves the pod alone.
+    pub hold_until: Time,
 }
 
 /// A non-negative CPU quantity, held in millicores, written as `"<n>m"`.

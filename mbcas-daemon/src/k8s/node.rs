@@ -26,9 +26,11 @@ use tokio::time::Instant;
 
 use super::{
     crd::PodAllocation,
+    early::CgroupBook,
     pods::{PodFacts, node_allocatable},
     publish::{PublishError, Why, Writer, allocation_split},
     unmanaged::UseMeter,
+    weight::WeightLever,
 };
 use crate::{
     cgroup::{CgroupDir, Mounts, files, index::CgroupIndex},
@@ -99,6 +101,11 @@ pub struct NodePods {
     unmanaged: HashMap<PodKey, UseMeter>,
     /// Since when each running unmanaged pod's cgroup could not be read.
     unread: HashMap<PodKey, Duration>,
+    /// The managed pods' cgroups, shared with the controller's early quota
+    /// writes.
+    cgroups: CgroupBook,
+    /// The weight lever (`--weight-lever`); `None`: the quota lever.
+    weights: Option<WeightLever>,
     start: Instant,
 }
 
@@ -119,8 +126,32 @@ impl NodePods {
             parts: HashMap::new(),
             unmanaged: HashMap::new(),
             unread: HashMap::new(),
+            cgroups: CgroupBook::default(),
+            weights: None,
             start: Instant::now(),
         }
+    }
+
+    /// Keeps the managed pods' cgroups in `book` as this loop resolves them,
+    /// for the controller's early quota writes.
+    #[must_use]
+    pub fn with_cgroup_book(mut self, book: CgroupBook) -> Self {
+        if let Some(w) = &mut self.weights {
+            w.set_book(book.clone());
+        }
+        self.cgroups = book;
+        self
+    }
+
+    /// Holds a pod to its share by lowering its pod cgroup's weight, not its
+    /// limit (the engine must run [`crate::market::Lever::Weight`]); see
+    /// [`super::weight`].
+    #[must_use]
+    pub fn with_weight_lever(mut self, metrics: Option<crate::metrics::Metrics>) -> Self {
+        let mut lever = WeightLever::new(metrics);
+        lever.set_book(self.cgroups.clone());
+        self.weights = Some(lever);
+        self
     }
 
     /// Walks the cgroup tree again unless it was walked in the last
@@ -323,13 +354,19 @@ impl Mode for NodePods {
             .collect();
         self.dirs.retain(|k, _| live.contains(k));
         self.parts.retain(|k, _| live.contains(k));
+        let managed_uids: std::collections::HashSet<&str> =
+            managed.iter().map(|f| f.uid.as_str()).collect();
+        self.cgroups.retain(|uid| managed_uids.contains(uid));
+        if let Some(w) = &mut self.weights {
+            w.retain(|k| managed_uids.contains(k.as_str()));
+        }
         self.unmanaged.retain(|k, _| live.contains(k));
         self.unread.retain(|k, _| live.contains(k));
         let capacity = policy::node_capacity(allocatable, self.unmanaged_use(&unmanaged));
         let mut consumers = Vec::with_capacity(managed.len());
         let mut live_quota: HashMap<u64, MilliCpu> = HashMap::new();
         for facts in managed {
-            let Some(current) = facts.limit() else {
+            let Some(current) = facts.current_limit() else {
                 continue;
             };
             let key = PodKey::from(facts.uid.as_str());
@@ -358,11 +395,20 @@ impl Mode for NodePods {
                     .market
                     .cap(original, floor, capacity.max(floor)),
                 window_limit: self.window_limit(&dir, &mut live_quota),
-                // The kubelet owns the pod cgroup's weight: the quota lever.
-                demoted: false,
+                demoted: self
+                    .weights
+                    .as_mut()
+                    .is_some_and(|w| w.lowered(&key, &dir, facts.request())),
                 parts: self.pod_parts(&key, &facts),
                 dir,
             });
+            if let Some(c) = consumers.last() {
+                self.cgroups.record(
+                    &facts.uid,
+                    &c.dir,
+                    c.parts.iter().map(|p| (p.name.as_str(), &p.dir)),
+                );
+            }
             self.round.insert(key, (facts, weight));
         }
         self.last_quota = live_quota;
@@ -436,6 +482,12 @@ impl Mode for NodePods {
                 }
             }
         }
+        if let Some(w) = &mut self.weights {
+            for (row, consumer) in outcome.rows.iter().zip(consumers) {
+                w.apply(&row.key, &consumer.dir, row.contended.is_some());
+            }
+            w.export();
+        }
         // The loop starts once the pod and allocation stores are synced, so a
         // pod missing from the store is really gone.
         match self.writer.collect_garbage(&self.pods).await {
@@ -444,6 +496,12 @@ impl Mode for NodePods {
         }
         tracing::debug!(summary = ?self.summary, "round");
         Ok(())
+    }
+
+    fn finish(&mut self) {
+        if let Some(w) = &mut self.weights {
+            w.release_all();
+        }
     }
 }
 

@@ -5,9 +5,9 @@
 //! is reported as an error naming the field, never a panic, and the daemon
 //! leaves that pod alone.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, sync::Arc};
 
-use futures::{Stream, StreamExt as _};
+use futures::{Stream, StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::core::v1::{Container, Node, Pod};
 use kube::{
     Api, Client, ResourceExt as _,
@@ -18,7 +18,9 @@ use kube::{
     },
 };
 
-use super::crd::IGNORE_LABEL;
+use k8s_openapi::jiff::Timestamp;
+
+use super::crd::{FIELD_MANAGER, IGNORE_LABEL};
 use crate::{cgroup::kubernetes::QosClass, policy::Exclusion, units::MilliCpu};
 
 /// One container's CPU facts.
@@ -56,6 +58,75 @@ pub enum ResizeState {
     Error(String),
 }
 
+/// The last resize of a pod's CPU limits made by someone other than MBCAS,
+/// from the pod's `managedFields` (a pod's resources change only through the
+/// `resize` subresource, and the manager that set a field owns it until
+/// another sets it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForeignResize {
+    /// Its field manager (`kubectl-patch` for `kubectl patch --subresource resize`).
+    pub manager: String,
+    /// When that manager last changed the pod's fields (to the second).
+    pub at: Timestamp,
+    /// The containers whose CPU limit it set.
+    pub containers: Vec<String>,
+}
+
+/// Field managers of MBCAS's own resizes: its own, and `unknown`, under which
+/// the API server recorded the resizes of versions that sent no user agent.
+const OWN_RESIZE_MANAGERS: [&str; 2] = [FIELD_MANAGER, "unknown"];
+
+impl ForeignResize {
+    /// The latest resize of a CPU limit by a manager that is not MBCAS's, if any.
+    pub fn of(pod: &Pod) -> Option<Self> {
+        pod.metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .filter(|e| e.subresource.as_deref() == Some(RESIZE_SUBRESOURCE))
+            .filter_map(|e| {
+                let manager = e.manager.clone()?;
+                if OWN_RESIZE_MANAGERS.contains(&manager.as_str()) {
+                    return None;
+                }
+                let containers = cpu_limit_owners(&e.fields_v1.as_ref()?.0);
+                let at = e.time.as_ref()?.0;
+                (!containers.is_empty()).then_some(ForeignResize {
+                    manager,
+                    at,
+                    containers,
+                })
+            })
+            .max_by_key(|f| f.at)
+    }
+}
+
+const RESIZE_SUBRESOURCE: &str = "resize";
+
+/// The containers whose `resources.limits.cpu` a managed-fields set owns.
+fn cpu_limit_owners(fields: &serde_json::Value) -> Vec<String> {
+    let Some(containers) = fields
+        .get("f:spec")
+        .and_then(|s| s.get("f:containers"))
+        .and_then(|c| c.as_object())
+    else {
+        return Vec::new();
+    };
+    containers
+        .iter()
+        .filter(|(_, v)| {
+            v.get("f:resources")
+                .and_then(|r| r.get("f:limits"))
+                .and_then(|l| l.get("f:cpu"))
+                .is_some()
+        })
+        .filter_map(|(k, _)| {
+            let key: serde_json::Value = serde_json::from_str(k.strip_prefix("k:")?).ok()?;
+            Some(key.get("name")?.as_str()?.to_owned())
+        })
+        .collect()
+}
+
 /// What MBCAS knows about one pod.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PodFacts {
@@ -70,6 +141,8 @@ pub struct PodFacts {
     /// `status.phase == Running` and not being deleted.
     pub running: bool,
     pub resize: ResizeState,
+    /// The last resize of its CPU limits by someone else.
+    pub foreign_resize: Option<ForeignResize>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -260,6 +333,7 @@ impl PodFacts {
             running: status.and_then(|s| s.phase.as_deref()) == Some("Running")
                 && pod.metadata.deletion_timestamp.is_none(),
             resize,
+            foreign_resize: ForeignResize::of(pod),
         })
     }
 
@@ -284,6 +358,21 @@ impl PodFacts {
             .map(|c| c.status_limit.map(MilliCpu::get))
             .sum::<Option<u64>>()
             .map(MilliCpu)
+    }
+
+    /// The limit the engine counts as the pod's now: the spec's, unless the
+    /// kubelet refused to apply it (`Infeasible`, `Error`) — then the one it
+    /// reports applied, so that the engine neither believes a limit the pod
+    /// does not have nor raises further from it. A deferred or in-flight
+    /// resize counts at the spec's (the kubelet will apply it).
+    pub fn current_limit(&self) -> Option<MilliCpu> {
+        let spec = self.limit()?;
+        Some(match self.resize {
+            ResizeState::Infeasible(_) | ResizeState::Error(_) => {
+                self.status_limit().unwrap_or(spec)
+            }
+            _ => spec,
+        })
     }
 
     /// Why MBCAS must leave this pod alone, if it must (DESIGN.md §2, Resize).
@@ -315,9 +404,12 @@ impl PodFacts {
     }
 }
 
-/// Drops what MBCAS never reads, so a node's pods cost little memory.
+/// Drops what MBCAS never reads, so a node's pods cost little memory (of the
+/// managed fields, only the resizes are kept: a few hundred bytes).
 pub fn prune(pod: &mut Pod) {
-    pod.metadata.managed_fields = None;
+    if let Some(fields) = pod.metadata.managed_fields.as_mut() {
+        fields.retain(|e| e.subresource.as_deref() == Some(RESIZE_SUBRESOURCE));
+    }
     pod.metadata.annotations = None;
     if let Some(spec) = pod.spec.as_mut() {
         spec.volumes = None;
@@ -352,22 +444,64 @@ pub fn node_pods_config(node: &str) -> watcher::Config {
     watcher::Config::default().fields(&format!("spec.nodeName={node}"))
 }
 
-/// A shared reflector over this node's pods: the store, and a stream that must
-/// be polled to keep it current (it yields every applied pod, for subscribers).
+/// How many pod changes may wait for the resize controller; more are dropped
+/// (the controller looks at each pending allocation again within its
+/// `pending_recheck`, and the allocations' own watch wakes it too).
+pub const POD_TRIGGERS: usize = 1024;
+
+/// The resize controller's wake-ups: each pod the reflector applies.
+pub type PodTriggers = futures::channel::mpsc::Receiver<Arc<Pod>>;
+
+/// A reflector over this node's pods: the store, a stream that must be polled
+/// to keep it current, and the pods it applies, for the resize controller.
+///
+/// Not a kube shared reflector with a subscriber: in kube-runtime 5.0 a
+/// subscriber that reads the reference of a pod already gone from the store
+/// returns `Pending` without asking to be woken, so under pod churn the
+/// controller stopped reading, the reflector blocked on the subscriber's full
+/// buffer and the pod store went stale: on the real node, after six minutes
+/// of `cargo xtask soak --node`, the daemon managed no new pod. Here the
+/// store never waits for the controller: a wake-up that does not fit is
+/// dropped.
 pub fn pod_reflector(
     client: Client,
     node: &str,
 ) -> (
     Store<Pod>,
-    reflector::store::Writer<Pod>,
-    impl Stream<Item = Result<watcher::Event<Pod>, watcher::Error>> + Send + 'static,
+    impl Stream<Item = Result<(), watcher::Error>> + Send + 'static,
+    PodTriggers,
 ) {
-    let (store, writer) = reflector::store_shared::<Pod>(1024);
     let api: Api<Pod> = Api::all(client);
-    let stream = watcher(api, node_pods_config(node))
+    let events = watcher(api, node_pods_config(node))
         .default_backoff()
         .modify(prune);
-    (store, writer, stream)
+    reflect_pods(events)
+}
+
+/// [`pod_reflector`] over any stream of watch events.
+pub fn reflect_pods<S>(
+    events: S,
+) -> (
+    Store<Pod>,
+    impl Stream<Item = Result<(), watcher::Error>> + Send + 'static,
+    PodTriggers,
+)
+where
+    S: Stream<Item = Result<watcher::Event<Pod>, watcher::Error>> + Send + 'static,
+{
+    let (store, writer) = reflector::store::<Pod>();
+    let (mut tx, rx) = futures::channel::mpsc::channel(POD_TRIGGERS);
+    let stream = events
+        .reflect(writer)
+        .applied_objects()
+        .map_ok(move |pod: Pod| {
+            if let Err(e) = tx.try_send(Arc::new(pod))
+                && e.is_full()
+            {
+                tracing::debug!("resize controller behind: a pod change dropped from its wake-ups");
+            }
+        });
+    (store, stream, rx)
 }
 
 /// This node's allocatable CPU, kept current by a watch on the Node object.
@@ -435,6 +569,7 @@ impl PodFacts {
             priority: None,
             running: true,
             resize: ResizeState::Idle,
+            foreign_resize: None,
         }
     }
 }

@@ -48,7 +48,7 @@ use futures::StreamExt as _;
 use k8s_openapi::{
     api::core::v1::{ObjectReference, Pod},
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
-    jiff::Timestamp,
+    jiff::{self, Timestamp},
 };
 use kube::{
     Api, Client, Resource as _, ResourceExt as _,
@@ -67,11 +67,14 @@ use tokio_util::sync::CancellationToken;
 use super::{
     crd::{
         CONDITION_APPLIED, ContainerAllocation, CpuQuantity, FIELD_MANAGER, NODE_LABEL,
-        OriginalLimit, Phase, PodAllocation, PodAllocationStatus,
+        OperatorChange, OriginalLimit, Phase, PodAllocation, PodAllocationStatus,
     },
+    early,
     pods::{PodFacts, ResizeState},
 };
-use crate::{metrics::Metrics, policy::Exclusion, units::MilliCpu};
+use crate::{
+    cgroup::CgroupFsError, error::error_chain, metrics::Metrics, policy::Exclusion, units::MilliCpu,
+};
 
 /// What the controller enforces, whatever a PodAllocation asks.
 #[derive(Clone, Debug, PartialEq)]
@@ -90,6 +93,9 @@ pub struct ControllerConfig {
     /// the status says `Pending`: a resize the kubelet reports within it is
     /// written once, as `Applied`.
     pub kubelet_grace: Duration,
+    /// How long a pod whose CPU limits someone else resized is left alone
+    /// (its limits are adopted as the original at once).
+    pub operator_hold: Duration,
 }
 
 impl ControllerConfig {
@@ -102,6 +108,7 @@ impl ControllerConfig {
             pending_recheck: Duration::from_secs(30),
             own_patch_settle: Duration::from_secs(10),
             kubelet_grace: Duration::from_secs(10),
+            operator_hold: Duration::from_secs(30 * 60),
         }
     }
 
@@ -138,6 +145,9 @@ pub struct Memory {
     /// writes) plans the same status again, and writing it would be a wasted
     /// API write per resize.
     pub written: Option<PodAllocationStatus>,
+    /// The quotas written into the pod's cgroups ahead of the kubelet for the
+    /// last resize, until the kubelet applied or refused it.
+    pub early: Option<Vec<early::Written>>,
 }
 
 /// Whether two statuses record the same thing (the condition's transition time
@@ -225,6 +235,7 @@ pub fn plan(
     let old = pa.status.clone().unwrap_or_default();
     let mut status = PodAllocationStatus {
         original: old.original.clone(),
+        operator_change: old.operator_change.clone(),
         observed_generation: pa.metadata.generation,
         ..Default::default()
     };
@@ -266,6 +277,40 @@ pub fn plan(
             return refused(status, refusal);
         }
     };
+    // Someone else resized the pod: their limits are the original now, and
+    // the pod is theirs until the hold ends.
+    let mut adopted = None;
+    if let Some((change, new)) = operator_change(&old, pod, cfg) {
+        let held = change.hold_until.0 > wall;
+        let message = format!(
+            "CPU limits set by {} at {} ({}): adopted as the original; {}",
+            change.manager,
+            change.changed_at.0,
+            limits_text(pod),
+            if held {
+                format!("MBCAS leaves the pod alone until {}", change.hold_until.0)
+            } else {
+                "MBCAS manages the pod from them".to_owned()
+            }
+        );
+        if new {
+            status.original = current_limits(pod);
+            adopted = Some(PlannedEvent {
+                warning: false,
+                reason: EVENT_OPERATOR_CHANGE,
+                note: message.clone(),
+            });
+        }
+        status.operator_change = Some(change.clone());
+        if held {
+            record_applied(&mut status, pod);
+            status.phase = Phase::Skipped;
+            status.reason = Some(REASON_OPERATOR_CHANGE.to_owned());
+            status.message = Some(message);
+            let requeue = Duration::try_from(change.hold_until.0.duration_since(wall)).ok();
+            return done(status, None, adopted, requeue, false);
+        }
+    }
     let mut notes: Vec<String> = Vec::new();
     let desired = match safe_limits(pa, pod, &mut notes) {
         Ok(d) => d,
@@ -306,11 +351,12 @@ pub fn plan(
             status.phase = Phase::Failed;
             status.reason = old.reason.clone().or(Some("ResizeFailed".to_owned()));
             status.message = old.message.clone();
-            return done(status, None, None, Some(retry - now), false);
+            return done(status, None, adopted, Some(retry - now), false);
         }
         request(&mut status, &desired, &changes, note.as_deref());
         let recheck = cfg.kubelet_grace.min(cfg.pending_recheck);
-        return done(status, Some(changes), None, Some(recheck), true);
+        let quiet = adopted.is_none();
+        return done(status, Some(changes), adopted, Some(recheck), quiet);
     }
     // The spec holds what we want: what does the kubelet say?
     // Within the grace period after this controller's own resize, waiting for
@@ -328,8 +374,66 @@ pub fn plan(
         total_desired,
         grace.map_or(cfg.pending_recheck, |g| g.min(cfg.pending_recheck)),
     );
-    let quiet = verdict.waiting && grace.is_some();
-    done(status, None, verdict.event, verdict.requeue, quiet)
+    let quiet = verdict.waiting && grace.is_some() && adopted.is_none();
+    done(
+        status,
+        None,
+        verdict.event.or(adopted),
+        verdict.requeue,
+        quiet,
+    )
+}
+
+/// The reason of a status while an operator's change is held.
+pub const REASON_OPERATOR_CHANGE: &str = "OperatorChange";
+/// The reason of the Event that says an operator's change was adopted.
+pub const EVENT_OPERATOR_CHANGE: &str = "OperatorChangeAdopted";
+
+/// The last resize of the pod by someone else, and whether it is news: newer
+/// than the one on record (an older resize by another manager that still
+/// owns a container's limit is not).
+fn operator_change(
+    old: &PodAllocationStatus,
+    pod: &PodFacts,
+    cfg: &ControllerConfig,
+) -> Option<(OperatorChange, bool)> {
+    let seen = pod.foreign_resize.as_ref()?;
+    match &old.operator_change {
+        Some(r) if r.changed_at.0 >= seen.at => Some((r.clone(), false)),
+        _ => {
+            let hold = jiff::SignedDuration::try_from(cfg.operator_hold)
+                .unwrap_or(jiff::SignedDuration::MAX);
+            let change = OperatorChange {
+                manager: seen.manager.clone(),
+                changed_at: Time(seen.at),
+                hold_until: Time(seen.at.checked_add(hold).unwrap_or(Timestamp::MAX)),
+            };
+            Some((change, true))
+        }
+    }
+}
+
+/// The pod's CPU limits now, as originals.
+fn current_limits(pod: &PodFacts) -> Vec<OriginalLimit> {
+    pod.containers
+        .iter()
+        .map(|c| OriginalLimit {
+            name: c.name.clone(),
+            cpu_limit: c.limit.map(quantity),
+        })
+        .collect()
+}
+
+/// `name=limit, …` of the pod's containers.
+fn limits_text(pod: &PodFacts) -> String {
+    pod.containers
+        .iter()
+        .map(|c| match c.limit {
+            Some(l) => format!("{}={l}", c.name),
+            None => format!("{}=none", c.name),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The original limits to put back on a pod its owner opted out
@@ -487,13 +591,7 @@ fn originals(
     if let Some(o) = &mem.original {
         return o.clone();
     }
-    pod.containers
-        .iter()
-        .map(|c| OriginalLimit {
-            name: c.name.clone(),
-            cpu_limit: c.limit.map(quantity),
-        })
-        .collect()
+    current_limits(pod)
 }
 
 /// The limits the kubelet reports, when it reports one for every container.
@@ -703,6 +801,13 @@ pub struct Context {
     pub metrics: Option<Metrics>,
     /// Monotonic origin of the `now` handed to [`plan`].
     pub started: Instant,
+    /// The managed pods' cgroups, when increases go into them ahead of the
+    /// kubelet ([`early`]).
+    pub early: Option<early::CgroupBook>,
+    /// The managed pods' cgroups with the weights the weight lever lowered,
+    /// put back when the kubelet resets them in carrying out a resize
+    /// ([`early::CgroupBook::reassert_weight`]).
+    pub weights: Option<early::CgroupBook>,
 }
 
 impl Context {
@@ -727,7 +832,25 @@ impl Context {
             recorder,
             metrics,
             started: Instant::now(),
+            early: None,
+            weights: None,
         }
+    }
+
+    /// Puts a held pod's lowered weight back into its cgroup as soon as a
+    /// resize of it is applied (the kubelet resets the weight then).
+    #[must_use]
+    pub fn with_weight_lever(mut self, book: early::CgroupBook) -> Self {
+        self.weights = Some(book);
+        self
+    }
+
+    /// Increases also go into the pods' cgroups in `book` as soon as the API
+    /// server accepts them.
+    #[must_use]
+    pub fn with_early_quota(mut self, book: early::CgroupBook) -> Self {
+        self.early = Some(book);
+        self
     }
 
     fn now(&self) -> Duration {
@@ -778,6 +901,13 @@ pub enum ResizeError {
     },
 }
 
+impl ResizeError {
+    /// The PodAllocation whose status was written no longer exists.
+    pub fn gone(&self) -> bool {
+        matches!(self, Self::Status { source: kube::Error::Api(s), .. } if s.code == 404)
+    }
+}
+
 /// The strategic-merge patch of CPU limits only.
 pub fn resize_patch(changes: &[(String, MilliCpu)]) -> serde_json::Value {
     let containers: Vec<serde_json::Value> = changes
@@ -814,7 +944,14 @@ pub(crate) async fn patch_resize(
     loop {
         attempt += 1;
         match pods
-            .patch_resize(name, &PatchParams::default(), &Patch::Strategic(&patch))
+            .patch_resize(
+                name,
+                &PatchParams {
+                    field_manager: Some(FIELD_MANAGER.to_owned()),
+                    ..PatchParams::default()
+                },
+                &Patch::Strategic(&patch),
+            )
             .await
         {
             Err(e) if is_conflict(&e) && attempt < 3 => continue,
@@ -912,13 +1049,23 @@ pub async fn reconcile(pa: Arc<PodAllocation>, ctx: Arc<Context>) -> Result<Acti
     // What the server holds (updated below when this reconcile writes it).
     let mut old = pa.status.clone().unwrap_or_default();
     let mut status = plan.status.clone();
+    // This reconcile wrote the status before its resize (the event goes with
+    // the status, below).
+    let mut wrote_first = false;
     if let Some(changes) = &plan.resize {
-        if pa.originals().is_empty() && mem.original.is_none() {
+        let adopting = plan
+            .event
+            .as_ref()
+            .is_some_and(|e| e.reason == EVENT_OPERATOR_CHANGE);
+        if (pa.originals().is_empty() && mem.original.is_none()) || adopting {
             // The original limits are on record before anything changes (with
             // the request this status announces; a refusal overwrites it).
             // The node daemon puts them in the spec; an allocation written by
-            // anyone else may lack them.
+            // anyone else may lack them. An operator's limits adopted as the
+            // original are too: once this resize owns the limit, the pod's
+            // managed fields no longer show the operator's.
             write_status(&pas, &name, &status).await?;
+            wrote_first = true;
             old = status.clone();
             mem.original = Some(status.original.clone());
             mem.written = Some(status.clone());
@@ -934,6 +1081,7 @@ pub async fn reconcile(pa: Arc<PodAllocation>, ctx: Arc<Context>) -> Result<Acti
                 if let Some(m) = &ctx.metrics {
                     m.inc_resize("requested");
                 }
+                mem.early = write_early(&ctx, &pa, changes);
             }
             Err(e) if is_refusal(&e) => {
                 mem.failures += 1;
@@ -963,30 +1111,82 @@ pub async fn reconcile(pa: Arc<PodAllocation>, ctx: Arc<Context>) -> Result<Acti
         }
     }
     if status.phase == Phase::Applied {
-        if let (Some(at), Some(m)) = (mem.requested_at.take(), &ctx.metrics) {
+        // The kubelet wrote the same quotas.
+        mem.early = None;
+        let requested_at = mem.requested_at.take();
+        if let (Some(at), Some(m)) = (requested_at, &ctx.metrics) {
             m.observe_resize_latency(now.saturating_sub(at));
             m.inc_resize("applied");
+        }
+        if requested_at.is_some() {
+            reassert_weight(
+                &ctx,
+                &pa.spec.pod_uid,
+                &format!("{ns}/{}", pa.spec.pod_name),
+            );
         }
         mem.failures = 0;
         mem.retry_at = None;
     }
+    let mut event = plan.event.as_ref();
     if mem
         .written
         .as_ref()
         .is_some_and(|w| same_record(w, &status))
     {
         // Already on the server: this copy of the allocation is older than
-        // the controller's own last write.
+        // the controller's own last write (and its event was published with
+        // it, unless that write was this reconcile's own, before its resize).
         old = status.clone();
+        if !wrote_first {
+            event = None;
+        }
+    }
+    if let Some(m) = &ctx.metrics {
+        if event.is_some_and(|e| e.reason == EVENT_OPERATOR_CHANGE) {
+            m.inc_resize("operator_change");
+        }
+        // The kubelet's verdicts, counted when they are news.
+        if status.reason != old.reason
+            && let Some(verdict) = status.reason.as_deref().and_then(kubelet_verdict_code)
+        {
+            m.inc_resize(verdict);
+        }
+    }
+    if status
+        .reason
+        .as_deref()
+        .and_then(kubelet_verdict_code)
+        .is_some()
+        && let Some(written) = mem.early.take()
+    {
+        // The kubelet did not carry the resize out: the kernel gets back what
+        // the kubelet applied.
+        let n = early::revert(&written);
+        tracing::info!(pod = %format!("{ns}/{}", pa.spec.pod_name), reason = ?status.reason, cgroups = n, "early quota put back");
+        if let Some(m) = &ctx.metrics {
+            m.inc_resize("early_quota_reverted");
+        }
     }
     ctx.remember(key.clone(), mem.clone());
-    if !plan.quiet && record(&ctx, &pas, &pa, &old, &status, plan.event.as_ref()).await? {
+    if !plan.quiet && record(&ctx, &pas, &pa, &old, &status, event).await? {
         mem.written = Some(status);
         ctx.remember(key, mem);
     }
     Ok(plan
         .requeue
         .map_or_else(Action::await_change, Action::requeue))
+}
+
+/// The `mbcas_resizes_total` result of a status reason that is the kubelet's
+/// verdict on a resize.
+fn kubelet_verdict_code(reason: &str) -> Option<&'static str> {
+    match reason {
+        "Infeasible" => Some("kubelet_infeasible"),
+        "ResizeDeferred" => Some("kubelet_deferred"),
+        "ResizeError" => Some("kubelet_error"),
+        _ => None,
+    }
 }
 
 /// Marks the status of a resize the API server refused; the event to publish.
@@ -1031,9 +1231,65 @@ async fn record(
     Ok(write)
 }
 
-/// Transient failures wait at least the configured failure backoff (1 min).
+/// Writes the raised quotas of an accepted resize into the pod's cgroups
+/// Writes a held pod's lowered weight back after the kubelet reset it.
+fn reassert_weight(ctx: &Context, uid: &str, pod: &str) {
+    let Some(book) = &ctx.weights else {
+        return;
+    };
+    match book.reassert_weight(uid) {
+        Ok(Some(weight)) => {
+            tracing::debug!(%pod, weight, "lowered weight put back after the kubelet's resize");
+            if let Some(m) = &ctx.metrics {
+                m.inc_weight_write("relowered");
+            }
+        }
+        Ok(None) | Err(CgroupFsError::Vanished { .. }) => {}
+        Err(e) => {
+            tracing::warn!(%pod, error = %error_chain(&e), "cannot put the lowered weight back");
+            if let Some(m) = &ctx.metrics {
+                m.inc_weight_write("failed");
+            }
+        }
+    }
+}
+
+/// when the controller has them ([`early`]); what it wrote.
+fn write_early(
+    ctx: &Context,
+    pa: &PodAllocation,
+    changes: &[(String, MilliCpu)],
+) -> Option<Vec<early::Written>> {
+    let cgroups = ctx.early.as_ref()?.get(&pa.spec.pod_uid)?;
+    match early::raise(&cgroups, changes) {
+        Ok(written) if written.is_empty() => None,
+        Ok(written) => {
+            tracing::debug!(pod = %pa.spec.pod_name, cgroups = written.len(), "increase written ahead of the kubelet");
+            if let Some(m) = &ctx.metrics {
+                m.inc_resize("early_quota");
+            }
+            Some(written)
+        }
+        Err(e) => {
+            tracing::warn!(pod = %pa.spec.pod_name, error = %crate::error::error_chain(&e), "could not write the increase ahead of the kubelet; it waits for the kubelet");
+            if let Some(m) = &ctx.metrics {
+                m.inc_resize("early_quota_failed");
+            }
+            None
+        }
+    }
+}
+
+/// Transient failures wait at least the configured failure backoff (1 min);
+/// an allocation deleted meanwhile is not retried.
 pub fn error_policy(pa: Arc<PodAllocation>, err: &ResizeError, ctx: Arc<Context>) -> Action {
     let key = ObjectRef::from_obj(pa.as_ref());
+    if err.gone() {
+        // Deleted with its pod while the reconcile ran (the node's pod churn):
+        // nothing to retry, the deletion reaches the controller.
+        tracing::debug!(allocation = %key, error = %crate::error::error_chain(err), "allocation gone");
+        return Action::await_change();
+    }
     let mem = ctx.memory(&key, &pa.spec.pod_uid);
     let wait = ctx.cfg.backoff(mem.failures.max(1));
     tracing::warn!(allocation = %key, error = %crate::error::error_chain(err), retry_in = ?wait, "reconcile failed");

@@ -35,6 +35,15 @@ fn populated() -> Metrics {
     m.set_ebpf_program_stats("sched_switch", 2_000_000_000, 1000);
     m.set_sensor_mode("ebpf");
     m.set_node_lease_held(true);
+    m.inc_weight_write("lowered");
+    m.set_weight_lowered_pods(1);
+    m.set_node_pressure(&super::NodePressure {
+        demand_m: 2500.0,
+        usage_m: 1900.0,
+        wait_m: 600.0,
+        capacity: MilliCpu(2000),
+    });
+    m.add_node_cpu_pressure(0.4);
     drop(m.loop_timer());
     m
 }
@@ -346,4 +355,44 @@ fn sensor_stats_advance_counters_by_difference() {
     assert_eq!(runs(PROG_PERIOD_TIMER), Some(1000.0));
     assert_eq!(runs("other"), Some(20.0));
     assert_eq!(e.samples("mbcas_ebpf_program_runs_total").count(), 2);
+}
+
+#[test]
+fn node_pressure_is_demand_over_capacity_and_unmet_demand_never_negative() {
+    let m = Metrics::new();
+    let e = scrape(&populated());
+    assert_eq!(e.value("mbcas_node_demand_cores", &[]), Some(2.5));
+    assert_eq!(e.value("mbcas_node_usage_cores", &[]), Some(1.9));
+    assert_eq!(e.value("mbcas_node_runqueue_wait_cores", &[]), Some(0.6));
+    assert_eq!(e.value("mbcas_node_unmet_demand_cores", &[]), Some(0.5));
+    assert_eq!(e.value("mbcas_node_pressure_ratio", &[]), Some(1.25));
+    assert_eq!(
+        e.value("mbcas_node_cpu_pressure_seconds_total", &[]),
+        Some(0.4)
+    );
+    m.set_node_pressure(&super::NodePressure {
+        demand_m: 500.0,
+        usage_m: 500.0,
+        wait_m: 0.0,
+        capacity: MilliCpu(2000),
+    });
+    // A stall counter that went backwards (a reset) adds nothing.
+    m.add_node_cpu_pressure(-1.0);
+    let e = scrape(&m);
+    assert_eq!(e.value("mbcas_node_unmet_demand_cores", &[]), Some(0.0));
+    assert_eq!(e.value("mbcas_node_pressure_ratio", &[]), Some(0.25));
+    assert_eq!(
+        e.value("mbcas_node_cpu_pressure_seconds_total", &[]),
+        Some(0.0)
+    );
+    // No capacity at all: a finite ratio, the demand in millicores.
+    m.set_node_pressure(&super::NodePressure {
+        demand_m: 300.0,
+        capacity: MilliCpu(0),
+        ..super::NodePressure::default()
+    });
+    assert_eq!(
+        scrape(&m).value("mbcas_node_pressure_ratio", &[]),
+        Some(300.0)
+    );
 }

@@ -338,6 +338,17 @@ impl PodState {
     }
 }
 
+/// A pod's stability state saved across daemon restarts: its times as how
+/// long before the save they were.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SavedPodState {
+    pub since_change: Option<Duration>,
+    pub capped: bool,
+    pub cap_pending: bool,
+    pub since_decrease: Option<(Duration, MilliCpu)>,
+    pub cooldown: Duration,
+}
+
 /// Per-pod memory of the stability rules.
 #[derive(Clone, Debug)]
 pub struct Policy {
@@ -361,6 +372,45 @@ impl Policy {
     pub fn retain<'a>(&mut self, live: impl IntoIterator<Item = &'a PodKey>) {
         let live: KeySet = live.into_iter().collect();
         self.pods.retain(|k, _| live.contains(k));
+    }
+
+    /// The pod's state to save at `now`, if it has one.
+    pub fn save_pod(&self, key: &PodKey, now: Duration) -> Option<SavedPodState> {
+        let st = self.pods.get(key)?;
+        Some(SavedPodState {
+            since_change: st.last_change.map(|t| now.saturating_sub(t)),
+            capped: st.capped,
+            cap_pending: st.cap_pending,
+            since_decrease: st.last_decrease.map(|(t, l)| (now.saturating_sub(t), l)),
+            cooldown: st.cooldown,
+        })
+    }
+
+    /// Takes a saved state back at `now`, `age` after it was saved. The
+    /// restart counts as a change with the longest cooldown: the new
+    /// process's view of the node is new (the unmanaged pods' use, its own
+    /// start-up, the containers' needs), and on the real node a restored pod
+    /// was lowered 610 → 480 m 35 s after a restart that changed nothing
+    /// else. So no limit is lowered for `max_cooldown` after a restart; a
+    /// throttled pod is still raised at once.
+    pub fn restore_pod(
+        &mut self,
+        key: PodKey,
+        saved: &SavedPodState,
+        now: Duration,
+        age: Duration,
+    ) {
+        let at = |since: Duration| now.saturating_sub(since.saturating_add(age));
+        self.pods.insert(
+            key,
+            PodState {
+                last_change: Some(now),
+                capped: saved.capped,
+                cap_pending: saved.cap_pending,
+                last_decrease: saved.since_decrease.map(|(t, l)| (at(t), l)),
+                cooldown: self.cfg.max_cooldown.max(self.cfg.cooldown),
+            },
+        );
     }
 
     /// The current cooldown of a pod (doubled by rollbacks).

@@ -195,6 +195,41 @@ pub async fn write_allocation(client: &Client, pod: &Pod, node: &str, desired: M
     .unwrap_or_else(|e| panic!("write PodAllocation {}: {e}", facts.name));
 }
 
+/// `mbcas restore --node-name NODE` (stop the node's daemon first).
+pub async fn restore_node(client: &Client, node: &str) -> mbcas::k8s::restore::RestoreReport {
+    let args = mbcas::k8s::restore::RestoreArgs {
+        node_name: Some(node.to_owned()),
+        all: false,
+        kubeconfig: None,
+        json: false,
+        stop_daemonset: None,
+        stop_timeout: Duration::from_secs(1),
+    };
+    mbcas::k8s::restore::restore(client.clone(), &args)
+        .await
+        .unwrap_or_else(|e| panic!("restore node {node}: {e}"))
+}
+
+/// A free loopback address for a daemon's `--metrics-addr`.
+pub fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// The value of the `mbcas_resizes_total` series with `result` in the
+/// daemon's `/metrics` at `addr` (0 when it has no such series).
+pub fn resizes_total(addr: &str, result: &str) -> f64 {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let series = format!("mbcas_resizes_total{{result=\"{result}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
 /// Runs the real daemon (`mbcas run --mode kubernetes --decide off`) with `client`.
 pub struct Daemon {
     stop: CancellationToken,

@@ -115,18 +115,7 @@ fn start<'a>(node: &'a TestNode, limit: Option<u64>, mbcas: bool) -> anyhow::Res
     for s in &SPECS {
         e2e::apply(node, &pod(s.name, node.image(), s.shares, s.burn, limit))?;
     }
-    e2e::kubectl(
-        node,
-        &[
-            "-n",
-            NS,
-            "wait",
-            "--for=condition=Ready",
-            "pod",
-            "--all",
-            "--timeout=120s",
-        ],
-    )?;
+    e2e::wait_pods_ready(node, NS, "120s")?;
     let roots = CgroupRoots::detect()?;
     let mut dirs = Vec::new();
     for s in &SPECS {

@@ -12,7 +12,9 @@
 //!   or file descriptors by more than 4;
 //! * once every soak pod is gone, a PodAllocation or a per-pod series of one
 //!   is left (30 s for the daemon's garbage collection);
-//! * a `pods/resize` request was answered 404 (sent to a pod that was gone).
+//! * a `pods/resize` request was answered 404 (sent to a pod that was gone);
+//! * after the first minute, the daemon manages none of the soak pods for
+//!   60 s (four samples in a row): it stopped deciding.
 
 use std::{
     collections::VecDeque,
@@ -115,6 +117,7 @@ fn churn(node: &TestNode, minutes: u64) -> anyhow::Result<()> {
     let (mut created, mut deleted) = (0u64, 0u64);
     let mut samples: Vec<Sample> = Vec::new();
     let mut next_sample = t0;
+    let mut idle_samples = 0;
     let mut seed = 0x2545_f491_4f6c_dd1d_u64 ^ u64::from(pid);
     eprintln!(
         "soak-node: {minutes} min of pod churn on the test node ({ALIVE} pods alive, one created every 3 s); daemon pid {pid}"
@@ -149,7 +152,20 @@ fn churn(node: &TestNode, minutes: u64) -> anyhow::Result<()> {
                 s.series.map_or("-".to_owned(), |n| n.to_string()),
                 s.alive
             );
+            // Alive: the daemon manages some of the six pods (a Guaranteed
+            // one is left alone, a new one may not be measured yet); none
+            // for a minute is a daemon that stopped deciding.
+            idle_samples = if s.at_s > 60.0 && s.series == Some(0) {
+                idle_samples + 1
+            } else {
+                0
+            };
             samples.push(s);
+            if idle_samples >= 4 {
+                bail!(
+                    "soak-node: for 60 s the daemon managed none of the {ALIVE} soak pods alive (it stopped deciding)"
+                );
+            }
             next_sample += Duration::from_secs(15);
         }
         if crate::bench_node::daemon_pid(node).ok() != Some(pid) {

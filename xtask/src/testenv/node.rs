@@ -610,13 +610,15 @@ fn restore_sysctls(node: &NodeDir) -> Vec<String> {
 
 const CNI_RESULTS: &str = "/var/lib/cni/results";
 /// Paths compiled into containerd (shim sockets), libcni (its cache), the
-/// kubelet (container log links, device-plugin sockets): removed on `down`
-/// when `up` found them missing.
+/// kubelet (container log links, device-plugin sockets), and the MBCAS
+/// DaemonSet's state directory (a hostPath): removed on `down` when `up`
+/// found them missing.
 const HOST_DIRS: &[&str] = &[
     "/run/containerd",
     "/var/lib/cni",
     "/var/log/containers",
     "/var/lib/kubelet",
+    "/var/lib/mbcas",
 ];
 
 fn cni_results() -> Vec<String> {
@@ -1107,6 +1109,54 @@ impl TestNode {
     }
 }
 
+impl TestNode {
+    /// The log files of the DaemonSet's pods (the kubelet's, CRI format).
+    pub fn daemon_log_files(&self) -> Vec<PathBuf> {
+        let logs = NodeDir::new(&StateDir::new(None)).pod_logs();
+        let mut out = Vec::new();
+        for e in fs::read_dir(&logs).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().starts_with("mbcas-system_") {
+                out.extend(
+                    fs::read_dir(e.path().join("mbcas"))
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .map(|f| f.path()),
+                );
+            }
+        }
+        out
+    }
+
+    /// Builds an image of `files` (source on this machine → path in the
+    /// image) with `entrypoint`, named `name`, and imports it into the node's
+    /// containerd (pods use it with `imagePullPolicy: Never`).
+    pub fn import_image(
+        &self,
+        name: &str,
+        files: &[(PathBuf, PathBuf)],
+        entrypoint: &[&str],
+    ) -> anyhow::Result<()> {
+        let node = NodeDir::new(&StateDir::new(None));
+        let archive = oci_archive(&node.root.join("images"), name, files, entrypoint)?;
+        run_cmd(
+            Command::new(&NodeBinaries::cached().ctr)
+                .arg("--address")
+                .arg(node.socket())
+                .args([
+                    "-n",
+                    "k8s.io",
+                    "images",
+                    "import",
+                    "--snapshotter",
+                    "overlayfs",
+                ])
+                .arg(&archive),
+        )?;
+        Ok(())
+    }
+}
+
 impl crate::e2e::Cluster for TestNode {
     fn kubectl(&self) -> Command {
         let mut c = Command::new(&self.kubectl);
@@ -1148,26 +1198,15 @@ impl crate::e2e::Cluster for TestNode {
     fn daemon_log(&self) -> String {
         // The kubelet's API listens on loopback only, so `kubectl logs` cannot
         // reach it through the API server: read the log files it writes.
-        let logs = NodeDir::new(&StateDir::new(None)).pod_logs();
         let mut out = String::new();
-        for e in fs::read_dir(&logs).into_iter().flatten().flatten() {
-            if !e.file_name().to_string_lossy().starts_with("mbcas-system_") {
-                continue;
-            }
-            for f in fs::read_dir(e.path().join("mbcas"))
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                out.push_str(&format!(
-                    "{}:\n{}\n",
-                    f.path().display(),
-                    super::log_tail(&f.path(), 40)
-                ));
-            }
+        for f in self.daemon_log_files() {
+            out.push_str(&format!("{}:\n{}\n", f.display(), super::log_tail(&f, 40)));
         }
         if out.is_empty() {
-            format!("(no MBCAS pod logs under {})", logs.display())
+            format!(
+                "(no MBCAS pod logs under {})",
+                NodeDir::new(&StateDir::new(None)).pod_logs().display()
+            )
         } else {
             out
         }

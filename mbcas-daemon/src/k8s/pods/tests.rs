@@ -216,3 +216,154 @@ fn memory_pinned_when_a_memory_limit_has_no_other_request() {
     let f = PodFacts::from_pod(&burstable("default", serde_json::json!({}))).unwrap();
     assert!(f.containers.iter().all(|c| !c.memory_pinned));
 }
+
+/// A managed-fields entry of a resize of `containers`' CPU limits.
+fn resize_entry(manager: &str, time: &str, containers: &[&str]) -> serde_json::Value {
+    let owned: serde_json::Map<String, serde_json::Value> = containers
+        .iter()
+        .map(|c| {
+            (
+                format!("k:{{\"name\":\"{c}\"}}"),
+                serde_json::json!({"f:resources": {"f:limits": {"f:cpu": {}}}}),
+            )
+        })
+        .collect();
+    serde_json::json!({
+        "manager": manager, "operation": "Update", "subresource": "resize",
+        "apiVersion": "v1", "time": time, "fieldsType": "FieldsV1",
+        "fieldsV1": {"f:spec": {"f:containers": owned}}
+    })
+}
+
+#[test]
+fn the_last_resize_by_someone_else_is_read_from_the_managed_fields() {
+    let mut p = burstable("default", serde_json::json!({}));
+    let created = serde_json::json!({
+        "manager": "kubectl-client-side-apply", "operation": "Update", "apiVersion": "v1",
+        "time": "2026-12-07T05:00:00Z", "fieldsType": "FieldsV1",
+        "fieldsV1": {"f:spec": {"f:containers": {"k:{\"name\":\"app\"}": {"f:resources": {"f:limits": {"f:cpu": {}}}}}}}
+    });
+    let status = serde_json::json!({
+        "manager": "kubelet", "operation": "Update", "subresource": "status", "apiVersion": "v1",
+        "time": "2026-12-07T05:09:00Z", "fieldsType": "FieldsV1", "fieldsV1": {"f:status": {}}
+    });
+    let set = |p: &mut Pod, entries: Vec<serde_json::Value>| {
+        p.metadata.managed_fields = Some(serde_json::from_value(entries.into()).unwrap());
+    };
+    // The creator and the kubelet own limits and status: nobody resized it.
+    set(&mut p, vec![created.clone(), status.clone()]);
+    assert_eq!(PodFacts::from_pod(&p).unwrap().foreign_resize, None);
+    // MBCAS's own resizes (and those made before it named its field manager).
+    set(
+        &mut p,
+        vec![
+            created.clone(),
+            resize_entry(FIELD_MANAGER, "2026-12-07T05:01:00Z", &["app"]),
+            resize_entry("unknown", "2026-12-07T05:02:00Z", &["side"]),
+        ],
+    );
+    assert_eq!(PodFacts::from_pod(&p).unwrap().foreign_resize, None);
+    // Two other managers: the later one; an entry that owns no CPU limit
+    // any more (MBCAS set it since) is not a resize of it.
+    let mut no_cpu = resize_entry("vpa-updater", "2026-12-07T05:08:00Z", &[]);
+    no_cpu["fieldsV1"]["f:spec"]["f:containers"] = serde_json::json!({"k:{\"name\":\"app\"}": {"f:resources": {"f:limits": {"f:memory": {}}}}});
+    set(
+        &mut p,
+        vec![
+            created,
+            status,
+            resize_entry("kubectl-patch", "2026-12-07T05:03:00Z", &["app", "side"]),
+            resize_entry("other", "2026-12-07T05:04:00Z", &["side"]),
+            no_cpu,
+            resize_entry(FIELD_MANAGER, "2026-12-07T05:05:00Z", &["app"]),
+        ],
+    );
+    let seen = PodFacts::from_pod(&p).unwrap().foreign_resize.unwrap();
+    assert_eq!(seen.manager, "other");
+    assert_eq!(seen.at.to_string(), "2026-12-07T05:04:00Z");
+    assert_eq!(seen.containers, vec!["side".to_owned()]);
+    // The reflector keeps only the resizes' entries.
+    prune(&mut p);
+    let kept: Vec<_> = p
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|e| e.manager.clone())
+        .collect();
+    assert_eq!(
+        kept,
+        ["kubectl-patch", "other", "vpa-updater", FIELD_MANAGER]
+    );
+    assert_eq!(PodFacts::from_pod(&p).unwrap().foreign_resize, Some(seen));
+}
+
+#[test]
+fn the_current_limit_is_the_applied_one_when_the_kubelet_refused_the_spec() {
+    let mut f = PodFacts::from_pod(&burstable("default", serde_json::json!({}))).unwrap();
+    // MBCAS asked 900 m + 1 core; the kubelet still reports 500 m + 1 core.
+    f.containers[0].limit = Some(MilliCpu(900));
+    assert_eq!(
+        f.current_limit(),
+        Some(MilliCpu(1900)),
+        "in flight: the spec's"
+    );
+    f.resize = ResizeState::Deferred("later".into());
+    assert_eq!(
+        f.current_limit(),
+        Some(MilliCpu(1900)),
+        "deferred: the spec's"
+    );
+    for refused in [
+        ResizeState::Infeasible("no".into()),
+        ResizeState::Error("oops".into()),
+    ] {
+        f.resize = refused;
+        assert_eq!(f.current_limit(), Some(MilliCpu(1500)), "{:?}", f.resize);
+    }
+    f.containers[1].status_limit = None;
+    assert_eq!(
+        f.current_limit(),
+        Some(MilliCpu(1900)),
+        "nothing reported: the spec's"
+    );
+}
+
+/// Under churn a pod may be gone from the store before the controller reads
+/// its wake-up: the store goes on regardless, and every wake-up arrives
+/// (kube's shared-reflector subscriber hung on such a pod and, its buffer
+/// full, stopped the store).
+#[tokio::test]
+async fn the_pod_store_never_waits_for_the_controller() {
+    use kube::runtime::watcher::Event;
+    let named = |name: &str| {
+        let mut p = burstable("default", serde_json::json!({}));
+        p.metadata.name = Some(name.into());
+        p.metadata.uid = Some(format!("u-{name}"));
+        p
+    };
+    let mut events = vec![Ok(Event::Init), Ok(Event::InitDone)];
+    // More changes than the wake-up buffer holds, each pod deleted at once.
+    let n = POD_TRIGGERS + 10;
+    for i in 0..n {
+        events.push(Ok(Event::Apply(named(&format!("p{i}")))));
+        events.push(Ok(Event::Delete(named(&format!("p{i}")))));
+    }
+    events.push(Ok(Event::Apply(named("last"))));
+    let (store, stream, mut triggers) = reflect_pods(futures::stream::iter(events));
+    // Driven to its end with nobody reading the wake-ups: it does not block.
+    let driven = tokio::time::timeout(std::time::Duration::from_secs(5), stream.count()).await;
+    assert!(driven.is_ok(), "the pod stream blocked on unread wake-ups");
+    let names: Vec<String> = store.state().iter().map(|p| p.name_any()).collect();
+    assert_eq!(names, ["last"]);
+    // The wake-ups that fit are there, the deleted pods' included.
+    let mut woken = 0;
+    while triggers.try_recv().is_ok() {
+        woken += 1;
+    }
+    assert_eq!(
+        woken,
+        POD_TRIGGERS + 1,
+        "the buffer's worth (and the sender's slot)"
+    );
+}

@@ -52,6 +52,32 @@ fn wall() -> Timestamp {
 }
 
 #[test]
+fn only_a_status_write_answered_404_means_the_allocation_is_gone() {
+    let api = |code| {
+        kube::Error::Api(
+            kube::core::Status::failure("x", "y")
+                .with_code(code)
+                .boxed(),
+        )
+    };
+    let status = |code| ResizeError::Status {
+        name: "a".into(),
+        source: api(code),
+    };
+    assert!(status(404).gone());
+    assert!(!status(409).gone());
+    assert!(!status(500).gone());
+    // A resize answered 404 is the pod's, not the allocation's.
+    assert!(
+        !ResizeError::Resize {
+            name: "a".into(),
+            source: api(404),
+        }
+        .gone()
+    );
+}
+
+#[test]
 fn same_record_ignores_only_the_transition_time() {
     let f = facts(700, 250, Some(700));
     let mem = Memory::default();
@@ -602,6 +628,111 @@ fn a_stale_allocation_does_not_rerecord_the_original() {
 /// Found by `cargo xtask fuzz` (pod_allocation): with a limit under the
 /// request (which the API server never admits) the step-up limit asked for
 /// less than the request.
+/// A resize of the pod by `manager` at `second` (wall clock).
+fn resized_by(f: &mut PodFacts, manager: &str, second: i64) {
+    f.foreign_resize = Some(crate::k8s::pods::ForeignResize {
+        manager: manager.into(),
+        at: Timestamp::from_second(second).unwrap(),
+        containers: vec!["app".into()],
+    });
+}
+
+#[test]
+fn an_operators_resize_is_adopted_and_held() {
+    // MBCAS raised the pod 500 → 800 m; an operator resizes it to 2000 m
+    // 10 s before the plan; the allocation still asks 800 m.
+    let mut f = facts(2000, 250, Some(2000));
+    let changed = wall().as_second() - 10;
+    resized_by(&mut f, "kubectl-patch", changed);
+    let old = PodAllocationStatus {
+        original: vec![OriginalLimit {
+            name: "app".into(),
+            cpu_limit: Some(CpuQuantity(MilliCpu(500))),
+        }],
+        phase: Phase::Applied,
+        ..Default::default()
+    };
+    let a = pa(800, Some(old));
+    let mem = Memory::default();
+    let p = plan(&a, Some(Ok(&f)), &cfg(), &mem, at(100), wall());
+    assert_eq!(p.resize, None, "the operator's limit is not patched back");
+    assert_eq!(p.status.phase, Phase::Skipped);
+    assert_eq!(p.status.reason.as_deref(), Some(REASON_OPERATOR_CHANGE));
+    assert_eq!(
+        p.status.original,
+        vec![OriginalLimit {
+            name: "app".into(),
+            cpu_limit: Some(CpuQuantity(MilliCpu(2000))),
+        }],
+        "the operator's limit is the original now"
+    );
+    let change = p.status.operator_change.clone().unwrap();
+    assert_eq!(change.manager, "kubectl-patch");
+    assert_eq!(change.changed_at.0.as_second(), changed);
+    assert_eq!(change.hold_until.0.as_second(), changed + 30 * 60);
+    assert_eq!(
+        p.event.as_ref().map(|e| (e.warning, e.reason)),
+        Some((false, EVENT_OPERATOR_CHANGE))
+    );
+    assert_eq!(p.requeue, Some(Duration::from_secs(30 * 60 - 10)));
+    // Held: the same change on record is no news, and nothing is patched
+    // until the hold ends.
+    let a = pa(900, Some(p.status.clone()));
+    let later = Timestamp::from_second(changed + 29 * 60).unwrap();
+    let held = plan(&a, Some(Ok(&f)), &cfg(), &mem, at(1800), later);
+    assert_eq!((held.resize.clone(), held.event.clone()), (None, None));
+    assert!(same_record(&held.status, &p.status));
+    // Past the hold: managed again, from the adopted original.
+    let after = Timestamp::from_second(changed + 30 * 60).unwrap();
+    let resumed = plan(&a, Some(Ok(&f)), &cfg(), &mem, at(1900), after);
+    assert_eq!(resumed.resize, Some(vec![("app".into(), MilliCpu(900))]));
+    assert_eq!(resumed.status.original, p.status.original);
+    assert_eq!(resumed.status.operator_change, Some(change.clone()));
+    // A second change by the operator is adopted again; an older one by
+    // another manager that still owns a limit is not news.
+    let mut again = facts(300, 250, Some(300));
+    resized_by(&mut again, "kubectl-patch", changed + 3600);
+    let p2 = plan(
+        &a,
+        Some(Ok(&again)),
+        &cfg(),
+        &mem,
+        at(5000),
+        Timestamp::from_second(changed + 3601).unwrap(),
+    );
+    assert_eq!(p2.status.reason.as_deref(), Some(REASON_OPERATOR_CHANGE));
+    assert_eq!(
+        p2.status.original[0].cpu_limit,
+        Some(CpuQuantity(MilliCpu(300)))
+    );
+    let mut older = facts(900, 250, Some(900));
+    resized_by(&mut older, "vpa-updater", changed - 60);
+    let p3 = plan(&a, Some(Ok(&older)), &cfg(), &mem, at(1900), after);
+    assert_eq!(p3.status.phase, Phase::Applied, "{:?}", p3.status);
+}
+
+#[test]
+fn with_no_hold_an_operators_resize_is_adopted_and_managed_at_once() {
+    let mut f = facts(2000, 250, Some(2000));
+    resized_by(&mut f, "kubectl-patch", wall().as_second() - 1);
+    let mut c = cfg();
+    c.operator_hold = Duration::ZERO;
+    let p = plan(
+        &pa(800, None),
+        Some(Ok(&f)),
+        &c,
+        &Memory::default(),
+        at(0),
+        wall(),
+    );
+    assert_eq!(p.resize, Some(vec![("app".into(), MilliCpu(800))]));
+    assert_eq!(
+        p.status.original[0].cpu_limit,
+        Some(CpuQuantity(MilliCpu(2000)))
+    );
+    assert!(p.status.operator_change.is_some());
+}
+
 #[test]
 fn the_step_limit_never_goes_below_the_request() {
     let f = facts(50, 250, None);
@@ -904,6 +1035,49 @@ mod mocked {
             "{:?}",
             c[1]
         );
+    }
+
+    /// An operator's resize adopted with no hold: the status with the new
+    /// original goes first, then the resize, and the Event says so (once).
+    #[tokio::test]
+    async fn an_operators_resize_adopted_without_a_hold_is_told_once() {
+        let (client, calls) = server(vec![]);
+        let (store, mut writer) = reflector::store::<Pod>();
+        let mut pod = resized_pod(2000);
+        pod.metadata.managed_fields = Some(
+            serde_json::from_value(serde_json::json!([{
+                "manager": "kubectl-patch", "operation": "Update", "subresource": "resize",
+                "apiVersion": "v1", "time": "2026-12-07T05:00:00Z", "fieldsType": "FieldsV1",
+                "fieldsV1": {"f:spec": {"f:containers": {"k:{\"name\":\"app\"}":
+                    {"f:resources": {"f:limits": {"f:cpu": {}}}}}}}
+            }]))
+            .unwrap(),
+        );
+        writer.apply_watcher_event(&watcher::Event::Apply(pod));
+        let mut c = cfg();
+        c.operator_hold = Duration::ZERO;
+        let ctx = Arc::new(Context::new(client, store, c, None));
+        let mut pa = pa(700, None);
+        pa.spec.original = vec![OriginalLimit {
+            name: "app".into(),
+            cpu_limit: Some(CpuQuantity(MilliCpu(500))),
+        }];
+        let out = reconcile(Arc::new(pa), ctx).await;
+        assert!(out.is_ok(), "{out:?}");
+        let c = taken(&calls);
+        assert_eq!(lines(&c), [STATUS, RESIZE, EVENT]);
+        assert_eq!(
+            c[0].body["status"]["original"],
+            serde_json::json!([{"name": "app", "cpuLimit": "2000m"}]),
+            "the operator's limit is on record before the resize: {:?}",
+            c[0]
+        );
+        assert_eq!(
+            c[0].body["status"]["operatorChange"]["manager"],
+            "kubectl-patch"
+        );
+        assert_resize(&c[1], 700);
+        assert_event(&c[2], "Normal", EVENT_OPERATOR_CHANGE);
     }
 
     #[tokio::test]
