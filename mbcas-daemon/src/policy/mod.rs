@@ -324,6 +324,9 @@ struct PodState {
     /// the limit it replaced.
     last_decrease: Option<(Duration, MilliCpu)>,
     cooldown: Duration,
+    /// Restored from a saved state at this time: until a cooldown has passed
+    /// only a throttled pod is raised (see [`Policy::restore_pod`]).
+    restored: Option<Duration>,
 }
 
 impl PodState {
@@ -334,6 +337,7 @@ impl PodState {
             cap_pending: false,
             last_decrease: None,
             cooldown: cfg.cooldown,
+            restored: None,
         }
     }
 }
@@ -391,8 +395,14 @@ impl Policy {
     /// process's view of the node is new (the unmanaged pods' use, its own
     /// start-up, the containers' needs), and on the real node a restored pod
     /// was lowered 610 → 480 m 35 s after a restart that changed nothing
-    /// else. So no limit is lowered for `max_cooldown` after a restart; a
-    /// throttled pod is still raised at once.
+    /// else. So no limit is lowered for `max_cooldown` after a restart, and
+    /// none is raised that is not throttled: the new process lends from a
+    /// capacity it has measured for seconds (the unmanaged pods' decaying
+    /// peaks start again), and on the real node, next to a busy unmanaged
+    /// pod, a restored two-container pod was raised 490 → 620 m two seconds
+    /// after a restart (the old daemon had held it at 490 m for four
+    /// minutes). A throttled pod is still raised at once, and a pod above
+    /// its fair share under contention still capped.
     pub fn restore_pod(
         &mut self,
         key: PodKey,
@@ -409,6 +419,7 @@ impl Policy {
                 cap_pending: saved.cap_pending,
                 last_decrease: saved.since_decrease.map(|(t, l)| (at(t), l)),
                 cooldown: self.cfg.max_cooldown.max(self.cfg.cooldown),
+                restored: Some(now),
             },
         );
     }
@@ -502,6 +513,13 @@ impl Policy {
             .last_change
             .is_some_and(|t| now.saturating_sub(t) < st.cooldown);
         let in_cooldown_after_decrease = st.last_decrease.is_some();
+        if st
+            .restored
+            .is_some_and(|t| now.saturating_sub(t) >= st.cooldown)
+        {
+            st.restored = None;
+        }
+        let just_restored = st.restored.is_some();
 
         if v.current < v.floor {
             return go(v.proposed.max(v.floor), Reason::BelowFloor);
@@ -559,7 +577,7 @@ impl Policy {
             return keep(Reason::Hysteresis);
         }
         if v.proposed > v.current {
-            if !throttled && in_cooldown_after_decrease {
+            if !throttled && (in_cooldown_after_decrease || just_restored) {
                 return keep(Reason::Cooldown);
             }
             // Not throttled and its limit well above what it used lately: the

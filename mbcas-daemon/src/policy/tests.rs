@@ -644,3 +644,31 @@ fn a_limit_that_only_lends_waits_for_a_wide_band() {
     v.need = MilliCpu(600);
     assert_eq!(one(&mut p, s(400), v).to, MilliCpu(660));
 }
+
+#[test]
+fn a_restored_pod_is_raised_only_when_throttled_until_a_long_cooldown_passed() {
+    let cfg = PolicyConfig::default();
+    let saved = SavedPodState {
+        since_change: Some(s(200)),
+        capped: false,
+        cap_pending: false,
+        since_decrease: None,
+        cooldown: cfg.cooldown,
+    };
+    let mut p = Policy::new(cfg);
+    p.restore_pod("a".into(), &saved, s(0), s(2));
+    // More to lend two seconds after the restart: not raised, nor lowered.
+    let d = one(&mut p, s(2), view("a", 490, 620, 0.0, 10));
+    assert_eq!((d.changed(), d.reason), (false, Reason::Cooldown), "{d:?}");
+    let d = one(&mut p, s(2), view("a", 490, 300, 0.0, 10));
+    assert_eq!((d.changed(), d.reason), (false, Reason::Cooldown), "{d:?}");
+    // Throttled: raised at once.
+    let d = one(&mut p, s(3), view("a", 490, 620, 0.5, 10));
+    assert_eq!((d.to, d.reason), (MilliCpu(620), Reason::IncreaseThrottled));
+    // Once the longest cooldown has passed, an unthrottled raise goes.
+    let mut p = Policy::new(cfg);
+    p.restore_pod("a".into(), &saved, s(0), s(2));
+    let later = cfg.max_cooldown + s(1);
+    let d = one(&mut p, later, view("a", 490, 620, 0.0, 10));
+    assert_eq!((d.to, d.reason), (MilliCpu(620), Reason::Increase), "{d:?}");
+}
