@@ -38,6 +38,7 @@ use crate::{
     engine::{ConsumerInput, Engine, EngineConfig, NodeInput, StepOutcome},
     error::error_chain,
     metrics::{Metrics, NodePressure, PodLabels},
+    node_stats::NodeStats,
     sensor::{CgroupCounters, Sensor, SensorError, ThrottleEvent},
     units::{CgroupId, MilliCpu, PodKey},
 };
@@ -132,9 +133,6 @@ pub trait Mode {
     fn finish(&mut self) {}
 }
 
-/// The node's CPU pressure (PSI), system-wide.
-const NODE_PSI: &str = "/proc/pressure/cpu";
-
 /// How often the consumers' run-queue wait is checked between rounds.
 pub const WAIT_WATCH_EVERY: Duration = Duration::from_millis(100);
 /// A jump of a consumer's wait rate (thread-millicores) over its last round's
@@ -200,8 +198,8 @@ pub struct DecisionLoop<M> {
     /// Where the engine's state is kept across restarts, and when it was
     /// last saved.
     state: Option<(std::path::PathBuf, Option<Instant>)>,
-    /// The node's PSI `some` total at the last round, ns.
-    node_psi: Option<u64>,
+    /// The whole node's CPU, memory and pressure.
+    node_stats: NodeStats,
 }
 
 impl<M: Mode> DecisionLoop<M> {
@@ -227,7 +225,7 @@ impl<M: Mode> DecisionLoop<M> {
             waits: Vec::new(),
             counts: LoopCounts::default(),
             state: None,
-            node_psi: None,
+            node_stats: NodeStats::new(),
         }
     }
 
@@ -451,21 +449,8 @@ impl<M: Mode> DecisionLoop<M> {
         }
         m.retain_pods(consumers.iter().map(|c| &c.labels));
         m.set_node_pressure(&node);
-        self.export_node_psi();
+        self.node_stats.export(&self.metrics);
         self.export_sensor_stats();
-    }
-
-    /// Adds what `/proc/pressure/cpu` grew by since the last round (nothing
-    /// without PSI, or at the first reading).
-    fn export_node_psi(&mut self) {
-        let now = std::fs::read_to_string(NODE_PSI)
-            .ok()
-            .and_then(|t| files::parse_pressure_some_ns(&t).ok());
-        if let (Some(before), Some(now)) = (self.node_psi, now) {
-            self.metrics
-                .add_node_cpu_pressure(now.saturating_sub(before) as f64 / 1e9);
-        }
-        self.node_psi = now;
     }
 
     fn export_sensor_stats(&self) {

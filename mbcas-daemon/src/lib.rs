@@ -19,6 +19,7 @@ pub mod k8s;
 pub mod local;
 pub mod market;
 pub mod metrics;
+pub mod node_stats;
 pub mod policy;
 pub mod run;
 pub mod sense;

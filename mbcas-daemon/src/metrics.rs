@@ -22,6 +22,11 @@
 //! | `mbcas_node_pressure_ratio` | gauge (demand ÷ capacity; above 1 the pods want more than the node gives them) | – |
 //! | `mbcas_node_runqueue_wait_cores` | gauge (Σ of the managed pods' run-queue wait in the last window, thread-cores) | – |
 //! | `mbcas_node_cpu_pressure_seconds_total` | counter (the node's `/proc/pressure/cpu` `some` total: time some task waited for a CPU; stays 0 without PSI) | – |
+//! | `mbcas_node_cpu_busy_seconds_total` | counter (the node's busy CPU time, all CPUs, from `/proc/stat`; see [`crate::node_stats`]) | – |
+//! | `mbcas_node_cpus` | gauge (the node's CPUs) | – |
+//! | `mbcas_node_memory_usage_ratio` | gauge (1 − MemAvailable ÷ MemTotal) | – |
+//! | `mbcas_node_memory_pressure_seconds_total` | counter (`/proc/pressure/memory` `some` total) | – |
+//! | `mbcas_node_info` | gauge (1) | `node`: the node's name (Kubernetes mode) or host name (local mode); the node score rules join on it |
 //! | `mbcas_decisions_total` | counter | `reason` (a [`crate::policy::Reason`] code) |
 //! | `mbcas_resizes_total` | counter | `result`: `requested`, `applied`, `rejected` (the API refused), `error` (API unreachable), `kubelet_deferred`, `kubelet_infeasible`, `kubelet_error` (the kubelet's verdicts, when first seen), `operator_change` (someone else's resize adopted), `early_quota` (an increase written into the cgroups before the kubelet's pass), `early_quota_failed`, `early_quota_reverted` (put back after the kubelet's refusal) |
 //! | `mbcas_resize_latency_seconds` | histogram | – |
@@ -147,6 +152,16 @@ struct NodeGauges {
     pressure: F64Gauge,
     wait: F64Gauge,
     psi: F64Counter,
+    cpus: Gauge,
+    busy: F64Counter,
+    memory_usage: F64Gauge,
+    memory_psi: F64Counter,
+    info: Family<NodeLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabels {
+    node: String,
 }
 
 /// Every metric of the daemon. Clone it freely: clones share the series.
@@ -379,6 +394,27 @@ impl Metrics {
             "node_cpu_pressure_seconds",
             "The node's CPU pressure stall time (/proc/pressure/cpu, some): time some task waited for a CPU",
             n.psi.clone(),
+        );
+        r.register(
+            "node_cpu_busy_seconds",
+            "The node's CPU time spent busy, all CPUs (/proc/stat: all but idle and iowait)",
+            n.busy.clone(),
+        );
+        r.register("node_cpus", "The node's CPUs (/proc/stat)", n.cpus.clone());
+        r.register(
+            "node_memory_usage_ratio",
+            "The share of the node's memory in use (/proc/meminfo: 1 - MemAvailable / MemTotal)",
+            n.memory_usage.clone(),
+        );
+        r.register(
+            "node_memory_pressure_seconds",
+            "The node's memory pressure stall time (/proc/pressure/memory, some): time some task waited for memory",
+            n.memory_psi.clone(),
+        );
+        r.register(
+            "node_info",
+            "1, labelled with the name of the node this daemon runs on (its Kubernetes node, or the host name in local mode): node scores join on it",
+            n.info.clone(),
         );
         r.register(
             "weight_writes",
@@ -624,6 +660,41 @@ impl Metrics {
     pub fn add_node_cpu_pressure(&self, seconds: f64) {
         if seconds > 0.0 {
             self.node.psi.inc_by(seconds);
+        }
+    }
+
+    /// Names the node this daemon runs on (`mbcas_node_info{node}`).
+    pub fn set_node_name(&self, node: &str) {
+        self.node.info.clear();
+        self.node
+            .info
+            .get_or_create(&NodeLabels {
+                node: node.to_owned(),
+            })
+            .set(1);
+    }
+
+    /// The node's CPUs.
+    pub fn set_node_cpus(&self, cpus: usize) {
+        self.node.cpus.set(i64::try_from(cpus).unwrap_or(i64::MAX));
+    }
+
+    /// Adds the node's busy CPU time since the last reading.
+    pub fn add_node_cpu_busy(&self, seconds: f64) {
+        if seconds > 0.0 {
+            self.node.busy.inc_by(seconds);
+        }
+    }
+
+    /// The share of the node's memory in use.
+    pub fn set_node_memory_usage(&self, ratio: f64) {
+        self.node.memory_usage.set(ratio);
+    }
+
+    /// Adds the node's memory pressure stall time since the last reading.
+    pub fn add_node_memory_pressure(&self, seconds: f64) {
+        if seconds > 0.0 {
+            self.node.memory_psi.inc_by(seconds);
         }
     }
 

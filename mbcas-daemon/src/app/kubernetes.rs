@@ -193,6 +193,7 @@ pub async fn run_with_client(
     tracing::info!(node = %node, decide = ?k.decide, "API server offers pods/resize; PodAllocation CRD installed");
 
     let metrics = Metrics::new();
+    metrics.set_node_name(&node);
     let mut components = vec![Component::Pods, Component::Allocations, Component::Node];
     let sensing = match k.decide {
         Decide::On => {

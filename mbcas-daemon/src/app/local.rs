@@ -48,6 +48,10 @@ pub async fn run(
     }
     tracing::info!(sensor = sensor.kind().as_str(), "sensor started");
     let metrics = Metrics::new();
+    // No Kubernetes node: the host's name stands for it.
+    if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        metrics.set_node_name(host.trim());
+    }
     let readiness = Readiness::new(&[Component::Sensor]);
     readiness.ready(Component::Sensor);
     let server = match http::bind(addr).await {

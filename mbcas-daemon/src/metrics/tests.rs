@@ -35,6 +35,7 @@ fn populated() -> Metrics {
     m.set_ebpf_program_stats("sched_switch", 2_000_000_000, 1000);
     m.set_sensor_mode("ebpf");
     m.set_node_lease_held(true);
+    m.set_node_name("node-a");
     m.inc_weight_write("lowered");
     m.set_weight_lowered_pods(1);
     m.set_node_pressure(&super::NodePressure {
