@@ -22,10 +22,11 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
         if path.is_dir() {
             // Prometheus's rules and their tests, not Kubernetes manifests
             // (promtool checks them); the Helm chart's templates (helm lint
-            // and `cargo xtask helm-check` render and check them).
+            // and `cargo xtask helm-check` render and check them); the
+            // descheduler's policies (a_descheduler_policy_per_node_score).
             if path
                 .file_name()
-                .is_some_and(|n| n == "prometheus" || n == "helm")
+                .is_some_and(|n| n == "prometheus" || n == "helm" || n == "descheduler")
             {
                 continue;
             }
@@ -382,6 +383,10 @@ fn helm_chart_copies_match_deploy() {
             "crds/podallocations.allocation.mbcas.io.yaml",
         ),
         ("files/mbcas-rules.yaml", "prometheus/mbcas-rules.yaml"),
+        (
+            "files/mbcas-scoring-rules.yaml",
+            "prometheus/mbcas-scoring-rules.yaml",
+        ),
     ] {
         assert!(
             read(&chart_dir().join(copy)) == read(&deploy_dir().join(original)),
@@ -485,5 +490,82 @@ fn helm_values_name_every_decision_flag() {
             })
             .collect();
         assert_eq!(format!("MBCAS_{snake}"), *env, "config.{camel}");
+    }
+}
+
+/// deploy/descheduler holds one DeschedulerPolicy per node score of
+/// deploy/prometheus/mbcas-scoring-rules.yaml, and nothing else: each runs
+/// LowNodeUtilization on that score from Prometheus, with thresholds keyed by
+/// `MetricResource` alone (the only key the descheduler takes with a metrics
+/// source), DaemonSet and system namespaces left alone.
+#[test]
+fn a_descheduler_policy_per_node_score() {
+    let rules = read(&deploy_dir().join("prometheus/mbcas-scoring-rules.yaml"));
+    let scores: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- record: mbcas:node_score:"))
+        .collect();
+    assert!(scores.len() >= 18, "only {} node scores", scores.len());
+    let dir = deploy_dir().join("descheduler");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    let mut want: Vec<String> = scores
+        .iter()
+        .map(|s| format!("{}.yaml", s.replace('_', "-")))
+        .collect();
+    want.sort();
+    assert_eq!(
+        files, want,
+        "deploy/descheduler/ and the node scores differ"
+    );
+    for score in &scores {
+        let file = format!("{}.yaml", score.replace('_', "-"));
+        let p: Value = serde_saphyr::from_str(&read(&dir.join(&file))).unwrap();
+        assert_eq!(p["apiVersion"], "descheduler/v1alpha2", "{file}");
+        assert_eq!(p["kind"], "DeschedulerPolicy", "{file}");
+        assert_eq!(p["metricsProviders"][0]["source"], "Prometheus", "{file}");
+        let profiles = p["profiles"].as_array().unwrap();
+        assert_eq!(profiles.len(), 1, "{file}");
+        let profile = &profiles[0];
+        assert_eq!(
+            profile["plugins"]["balance"]["enabled"],
+            serde_json::json!(["LowNodeUtilization"]),
+            "{file}"
+        );
+        assert_eq!(
+            profile["plugins"]["filter"]["enabled"],
+            serde_json::json!(["DefaultEvictor"]),
+            "{file}"
+        );
+        let args = &profile["pluginConfig"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "LowNodeUtilization")
+            .unwrap_or_else(|| panic!("{file}: no LowNodeUtilization args"))["args"];
+        let m = &args["metricsUtilization"];
+        assert_eq!(m["source"], "Prometheus", "{file}");
+        assert_eq!(
+            m["prometheus"]["query"],
+            format!("mbcas:node_score:{score}"),
+            "{file}"
+        );
+        for key in ["thresholds", "targetThresholds"] {
+            let t = args[key].as_object().unwrap();
+            assert_eq!(
+                t.keys().collect::<Vec<_>>(),
+                ["MetricResource"],
+                "{file}: {key}"
+            );
+            let v = t["MetricResource"].as_f64().unwrap();
+            assert!((0.0..=100.0).contains(&v), "{file}: {key} {v}");
+        }
+        let excluded = args["evictableNamespaces"]["exclude"].as_array().unwrap();
+        for ns in ["kube-system", "mbcas-system"] {
+            assert!(excluded.iter().any(|e| e == ns), "{file}: {ns} evictable");
+        }
     }
 }

@@ -512,7 +512,7 @@ fn scenario(c: &dyn Cluster) -> anyhow::Result<Report> {
     if let Some(addr) = c.metrics() {
         let n = crate::prometheus::check_dashboard(addr, Duration::from_secs(20))?;
         report.ok(format!(
-            "a real Prometheus scraping the daemon answers all {n} queries of the Grafana dashboard (and `up`) with series"
+            "a real Prometheus scraping the daemon answers all {n} queries of the Grafana dashboard (and `up`) and the node scores (one series named by the node, in 0..1) with series"
         ));
     }
     check_duo(c, &mut report)?;

@@ -231,7 +231,52 @@ pub fn check() -> anyhow::Result<()> {
     );
     check_hook(&rendered)?;
     check_values(&kust)?;
-    println!("helm-check: 4 passed, 0 failed");
+    check_rule_objects()?;
+    println!("helm-check: 5 passed, 0 failed");
+    Ok(())
+}
+
+/// `prometheusRule.enabled` renders the alerting rules and the node scores
+/// as two PrometheusRules whose groups are deploy/prometheus's files;
+/// `nodeScores: false` leaves the scores out.
+fn check_rule_objects() -> anyhow::Result<()> {
+    let dir = crate::testenv::workspace_root().join("deploy/prometheus");
+    let groups = |file: &str| -> anyhow::Result<Value> {
+        let path = dir.join(file);
+        let text =
+            std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+        let doc: Value = serde_saphyr::from_str(&text)
+            .with_context(|| format!("{} is not YAML", path.display()))?;
+        Ok(doc["groups"].clone())
+    };
+    let rules = |values: &Value| -> anyhow::Result<Vec<Value>> {
+        Ok(render(values)?
+            .into_iter()
+            .filter(|o| o["kind"] == "PrometheusRule")
+            .map(|o| o["spec"]["groups"].clone())
+            .collect())
+    };
+    let want = vec![
+        groups("mbcas-rules.yaml")?,
+        groups("mbcas-scoring-rules.yaml")?,
+    ];
+    let got = rules(&json!({"prometheusRule": {"enabled": true}}))?;
+    if got != want {
+        bail!(
+            "prometheusRule.enabled rendered {} PrometheusRules, not deploy/prometheus's alerting rules and node scores",
+            got.len()
+        );
+    }
+    let without = rules(&json!({"prometheusRule": {"enabled": true, "nodeScores": false}}))?;
+    if without != want[..1] {
+        bail!(
+            "prometheusRule.nodeScores=false rendered {} PrometheusRules, not the alerting rules alone",
+            without.len()
+        );
+    }
+    eprintln!(
+        "helm-check: ok: prometheusRule renders the alerting rules and the node scores (nodeScores: false, the alerts alone)"
+    );
     Ok(())
 }
 

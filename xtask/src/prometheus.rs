@@ -76,7 +76,20 @@ pub fn check_rules() -> anyhow::Result<()> {
             .args(["test", "rules", "mbcas-rules.test.yaml"])
             .current_dir(&dir),
     )?;
-    println!("prometheus: alerting rules checked and unit-tested (promtool)");
+    run_cmd(
+        Command::new(&promtool)
+            .args(["check", "rules"])
+            .arg(dir.join(SCORING_RULES)),
+    )?;
+    run_cmd(
+        Command::new(&promtool)
+            .args(["test", "rules", "mbcas-scoring-rules.test.yaml"])
+            .current_dir(&dir),
+    )?;
+    println!(
+        "prometheus: alerting rules and {} node scores checked and unit-tested (promtool)",
+        score_records()?.len()
+    );
     Ok(())
 }
 
@@ -179,8 +192,9 @@ pub fn check_dashboard(
     std::fs::write(
         &config,
         format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: mbcas\n    static_configs:\n      - targets: ['{target}']\n",
-            monitoring_dir().join("mbcas-rules.yaml").display()
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n  - {}\nscrape_configs:\n  - job_name: mbcas\n    static_configs:\n      - targets: ['{target}']\n",
+            monitoring_dir().join("mbcas-rules.yaml").display(),
+            monitoring_dir().join(SCORING_RULES).display()
         ),
     )
     .with_context(|| format!("write {}", config.display()))?;
@@ -242,5 +256,63 @@ pub fn check_dashboard(
         "prometheus: {} queries (the dashboard's and `up`) answered with series",
         queries.len()
     );
-    Ok(queries.len())
+    // Every node score names this node (not the scrape address) and lies in 0..1.
+    let scores = score_records()?;
+    let mut wrong = Vec::new();
+    for record in &scores {
+        let body = get(srv.addr, &format!("/api/v1/query?query={}", encode(record)))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&body).with_context(|| format!("{record}: not JSON: {body}"))?;
+        let result = v["data"]["result"].as_array().cloned().unwrap_or_default();
+        let found: Vec<(String, f64)> = result
+            .iter()
+            .map(|r| {
+                let instance = r["metric"]["instance"].as_str().unwrap_or("").to_owned();
+                let value = r["value"][1]
+                    .as_str()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(f64::NAN);
+                (instance, value)
+            })
+            .collect();
+        eprintln!("prometheus: {record}: {found:?}");
+        let good = found.len() == 1
+            && found
+                .iter()
+                .all(|(i, v)| !i.is_empty() && !i.contains(':') && (0.0..=1.0).contains(v));
+        if !good {
+            wrong.push(format!("{record}: {found:?}"));
+        }
+    }
+    if !wrong.is_empty() {
+        bail!(
+            "node scores not one series per node, named by the node, in 0..1:\n  {}",
+            wrong.join("\n  ")
+        );
+    }
+    println!(
+        "prometheus: {} node scores, each one series named by the node, in 0..1",
+        scores.len()
+    );
+    Ok(queries.len() + scores.len())
+}
+
+/// The node scores' rule file in deploy/prometheus.
+const SCORING_RULES: &str = "mbcas-scoring-rules.yaml";
+
+/// The names of the node score records (`mbcas:node_score:*`).
+fn score_records() -> anyhow::Result<Vec<String>> {
+    let path = monitoring_dir().join(SCORING_RULES);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    let names: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- record: "))
+        .filter(|n| n.starts_with("mbcas:node_score:"))
+        .map(str::to_owned)
+        .collect();
+    if names.is_empty() {
+        bail!("{} records no mbcas:node_score:*", path.display());
+    }
+    Ok(names)
 }
