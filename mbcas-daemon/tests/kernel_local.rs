@@ -155,6 +155,26 @@ fn consumer_at<'a>(round: &'a Value, name: &str) -> Option<&'a Value> {
         .find(|c| c["name"] == name)
 }
 
+/// The cgroup's CPU usage counter, ns (`cpu.stat` usage_usec on v2, the
+/// cpuacct controller's `cpuacct.usage` on v1).
+fn usage_ns(dir: &Path, acct: Option<&Path>, v2: bool) -> u64 {
+    if v2 {
+        let t = std::fs::read_to_string(dir.join("cpu.stat")).unwrap();
+        t.lines()
+            .find_map(|l| l.strip_prefix("usage_usec "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap()
+            * 1000
+    } else {
+        let file = acct.unwrap_or(dir).join("cpuacct.usage");
+        std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+}
+
 fn quota_m(dir: &Path, v2: bool) -> u64 {
     if v2 {
         let t = std::fs::read_to_string(dir.join("cpu.max")).unwrap_or_default();
@@ -177,7 +197,7 @@ fn quota_m(dir: &Path, v2: bool) -> u64 {
 fn accuracy(tag: &str, burn: &[&str], demand_m: f64) {
     let root = TestCgroup::new(tag);
     let c = consumer(&root, "c", None, 200, burn);
-    let dir = c.0.clone();
+    let (dir, acct) = (c.0.clone(), c.1.clone());
     let mut run = Run::start(
         &root,
         &["--capacity-millicores", "2000", "--node-reserve", "0"],
@@ -185,12 +205,21 @@ fn accuracy(tag: &str, burn: &[&str], demand_m: f64) {
     );
     let t0 = Instant::now();
     let mut followed = None;
+    // What the burner used in the run's second half, unthrottled by then.
+    let mut used_from = None;
     while t0.elapsed() < Duration::from_secs(16) {
         std::thread::sleep(Duration::from_millis(250));
         if followed.is_none() && quota_m(&dir, root.v2) as f64 >= demand_m * 0.95 {
             followed = Some(t0.elapsed());
         }
+        if used_from.is_none() && t0.elapsed() >= Duration::from_secs(8) {
+            used_from = Some((Instant::now(), usage_ns(&dir, acct.as_deref(), root.v2)));
+        }
     }
+    let used_m = used_from.map(|(at, ns)| {
+        let delta = usage_ns(&dir, acct.as_deref(), root.v2).saturating_sub(ns);
+        delta as f64 / at.elapsed().as_nanos() as f64 * 1000.0
+    });
     let rounds = run.rounds();
     let log = run.stop();
     let last = rounds
@@ -199,13 +228,22 @@ fn accuracy(tag: &str, burn: &[&str], demand_m: f64) {
         .cloned()
         .unwrap_or_else(|| panic!("{tag}: no report; log:\n{log}"));
     let est = last["demand_m"].as_f64().unwrap_or(0.0);
+    let used = used_m.unwrap_or_else(|| panic!("{tag}: no usage measured; log:\n{log}"));
     eprintln!(
-        "{tag}: demand {demand_m} m, estimate {est:.0} m, need {} m, limit {} m, quota followed after {followed:?}",
+        "{tag}: demand {demand_m} m, used {used:.0} m in the last 8 s, estimate {est:.0} m, need {} m, limit {} m, quota followed after {followed:?}",
         last["need_m"], last["limit_m"]
     );
+    // The truth is what the burner used, unthrottled: under emulation its
+    // duty cycle drifts from the nominal (on a 6.1 guest under TCG the
+    // square wave's estimate read 580 m of a nominal 500 m). The nominal
+    // still bounds it, more loosely.
     assert!(
-        (est - demand_m).abs() <= demand_m * 0.15,
-        "{tag}: estimate {est:.0} m vs true demand {demand_m} m; log:\n{log}"
+        (est - used).abs() <= used * 0.15,
+        "{tag}: estimate {est:.0} m vs {used:.0} m used; log:\n{log}"
+    );
+    assert!(
+        (used - demand_m).abs() <= demand_m * 0.25,
+        "{tag}: the burner used {used:.0} m of a nominal {demand_m} m; log:\n{log}"
     );
     let after =
         followed.unwrap_or_else(|| panic!("{tag}: quota never reached the demand; log:\n{log}"));
