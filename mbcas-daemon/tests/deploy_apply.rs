@@ -45,9 +45,11 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in entries {
         let path = entry.unwrap().path();
         if path.is_dir() {
+            // Not API objects: Prometheus's rules, the chart, the
+            // descheduler's policies (files it reads, not objects it serves).
             if path
                 .file_name()
-                .is_some_and(|n| n == "prometheus" || n == "helm")
+                .is_some_and(|n| n == "prometheus" || n == "helm" || n == "descheduler")
             {
                 continue;
             }
