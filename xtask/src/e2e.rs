@@ -1507,7 +1507,7 @@ fn faults(
     )?;
     report.ok(format!("limits settled before the faults: {before:?}"));
     let burner_quota = cgroup_limit(c, node, burner_dir)?;
-    let check = |what: &str| -> anyhow::Result<()> {
+    let check = |what: &str| -> anyhow::Result<Vec<String>> {
         // The API answers again; give the daemon two rounds to act, if it would.
         wait_until(
             &format!("the API server after {what}"),
@@ -1519,32 +1519,62 @@ fn faults(
         sleep(Duration::from_secs(10));
         let after = limits_now(c)?;
         let quota = cgroup_limit(c, node, burner_dir)?;
-        if after != before {
+        // Never a restart, a lost or a lowered limit (a pod's total: its
+        // containers are sized by their use within it). A raise is reported,
+        // not failed: the fault also disturbs the load, and MBCAS keeps
+        // deciding (in one CI run, as the API server came back, the duo's
+        // peak rose and MBCAS raised it 420 → 540 m, `increase`).
+        let total = |v: &[(String, Option<u64>, u64)], pod: &str| -> Option<u64> {
+            v.iter()
+                .filter(|(n, _, _)| n.split('/').next() == Some(pod))
+                .map(|(_, l, _)| *l)
+                .sum()
+        };
+        let names = |v: &[(String, Option<u64>, u64)]| -> Vec<String> {
+            v.iter().map(|(n, _, _)| n.clone()).collect()
+        };
+        let restarted = after.iter().zip(&before).any(|(a, b)| a.2 != b.2);
+        if names(&after) != names(&before) || restarted {
             bail!(
-                "{what} changed limits or restarted containers: before {before:?}, after {after:?}"
+                "{what} changed the containers or restarted one: before {before:?}, after {after:?}"
             );
+        }
+        let mut raised = Vec::new();
+        for pod in [BURNER, DUO, GUARANTEED, RESTART] {
+            let (was, now) = (total(&before, pod), total(&after, pod));
+            if now.is_none() || now < was {
+                bail!("{what} lowered or lost {pod}'s limit: before {before:?}, after {after:?}");
+            }
+            if now != was {
+                raised.push(format!("{pod} {was:?} → {now:?}m"));
+            }
         }
         if quota < burner_quota {
             bail!("{what}: {BURNER}'s cgroup quota fell from {burner_quota:?}m to {quota:?}m");
         }
-        Ok(())
+        Ok(raised)
     };
     let mut done = Vec::new();
+    let mut raised = Vec::new();
     for (component, down) in [
         ("kubelet", Duration::from_secs(5)),
         ("containerd", Duration::from_secs(5)),
         ("kube-apiserver", Duration::from_secs(15)),
     ] {
         if c.restart(component, down)? {
-            check(&format!("{component} restarted"))?;
+            for r in check(&format!("{component} restarted"))? {
+                eprintln!("e2e: NOTE: after the {component} restart MBCAS raised {r}");
+                raised.push(format!("{r} after {component}"));
+            }
             done.push(component);
         } else {
             eprintln!("e2e: SKIP restarting {component}: this cluster cannot");
         }
     }
     report.ok(format!(
-        "faults ({}): no limit changed, no container restarted, {BURNER}'s quota held at {burner_quota:?}m",
-        if done.is_empty() { "none possible here".to_owned() } else { done.join(", ") }
+        "faults ({}): no limit lost or lowered, no container restarted, {BURNER}'s quota held at {burner_quota:?}m; raised: {}",
+        if done.is_empty() { "none possible here".to_owned() } else { done.join(", ") },
+        if raised.is_empty() { "none".to_owned() } else { raised.join(", ") }
     ));
 
     // The daemon itself restarted: its pod deleted, the DaemonSet recreates it.
