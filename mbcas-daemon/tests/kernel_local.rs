@@ -17,6 +17,10 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mbcas");
 
+/// How long `mbcas run` may take to exit after SIGINT (it finishes its round
+/// and detaches the eBPF programs; seconds under an emulated CPU).
+const STOP_GRACE: Duration = Duration::from_secs(30);
+
 /// A consumer: a child cgroup of the test's root with one `mbcas burn`.
 fn consumer(
     root: &TestCgroup,
@@ -113,16 +117,42 @@ impl Run {
             .collect()
     }
 
-    /// SIGINT the loop; returns its stderr.
+    /// SIGINT the loop; returns its stderr. A loop that has not exited
+    /// [`STOP_GRACE`] later is killed and the test fails (a hang here once
+    /// held a VM-tier guest silent until its timeout).
     fn stop(&mut self) -> String {
-        let Some(d) = self.daemon.take() else {
+        let Some(mut d) = self.daemon.take() else {
             return String::new();
         };
         let pid = nix::unistd::Pid::from_raw(i32::try_from(d.id()).expect("pid fits a pid_t"));
+        let mut stderr = d.stderr.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+            s
+        });
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
-        let out = d.wait_with_output().unwrap();
-        assert!(out.status.success(), "mbcas run exited with {}", out.status);
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(status) = d.try_wait().unwrap() {
+                break Some(status);
+            }
+            if t0.elapsed() > STOP_GRACE {
+                let _ = d.kill();
+                let _ = d.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let log = reader.join().unwrap_or_default();
+        match status {
+            None => panic!(
+                "mbcas run had not exited {} s after SIGINT (killed); log:\n{log}",
+                STOP_GRACE.as_secs()
+            ),
+            Some(s) => assert!(s.success(), "mbcas run exited with {s}; log:\n{log}"),
+        }
+        log
     }
 }
 

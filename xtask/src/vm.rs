@@ -53,6 +53,14 @@ pub const MATRIX: [&str; 2] = ["6.1", "6.12"];
 /// The test binaries run in each VM: the host's kernel tier.
 pub const TESTS: &[&str] = &["kernel_local", "kernel_sensor"];
 
+/// How long one test binary may run in the guest before its init reports it
+/// stalled, dumps what every task waits on and kills it.
+const TEST_STALL_S: u64 = 420;
+
+/// How long the serial console may stay silent before the guest is taken
+/// for hung and killed (longer than [`TEST_STALL_S`] and its dump).
+const SILENCE: Duration = Duration::from_secs(540);
+
 /// How long a probe guest may take to boot under KVM before TCG is used.
 const KVM_PROBE: Duration = Duration::from_secs(20);
 
@@ -87,17 +95,18 @@ struct Outcome {
     boot: Option<Duration>,
     total: Duration,
     results: Vec<(String, i32, Duration)>,
-    /// Boots of this kernel before the one reported that the guest kernel
-    /// crashed in (see [`guest_crash`]).
+    /// Boots of this kernel before the one reported that crashed or stalled
+    /// (see [`guest_trouble`]).
     crashed_boots: u32,
 }
 
 /// QEMU 7.2 (Debian 12's) races when one emulated CPU patches kernel text
-/// another is running (static keys, jump labels: at boot and when a
-/// tracepoint is enabled); the guest dies with `Oops: int3`. QEMU 8.1 fixed
-/// it ("accel/tcg: Always lock pages before translation"). A guest kernel
-/// that crashes under TCG is booted once more, and says so; a second crash
-/// fails the tier.
+/// another is running (static keys, jump labels: at boot, when a tracepoint
+/// is enabled, when the first CFS quota is set); the guest dies with
+/// `Oops: int3`, or hangs. QEMU 8.1 fixed it ("accel/tcg: Always lock pages
+/// before translation"). A guest that crashes or stalls under TCG is booted
+/// once more, and says so, keeping the first serial log; a second crash or
+/// stall fails the tier.
 const TCG_BOOTS: u32 = 2;
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
@@ -135,7 +144,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         let boots = if accel == "tcg" { TCG_BOOTS } else { 1 };
         let mut crashed_boots = 0;
         let outcome = loop {
-            let lines = run_vm(
+            let (lines, ending) = run_vm(
                 &kernel,
                 &initrd,
                 accel,
@@ -143,21 +152,21 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                 Duration::from_secs(opts.timeout),
                 |line| eprintln!("[{}] {line}", s.name),
             )?;
-            match guest_crash(&lines) {
-                Some(crash) if crashed_boots + 1 < boots => {
+            match guest_trouble(&lines, ending) {
+                Some(trouble) if crashed_boots + 1 < boots => {
                     crashed_boots += 1;
                     let kept = work.join(format!("{}.crash{crashed_boots}.log", s.name));
                     let _ = fs::copy(&log, &kept);
                     eprintln!(
-                        "vm-test: WARNING: the {} guest kernel crashed under TCG ({crash}); \
-                         QEMU 7.2 races on cross-CPU kernel text patching: booting it once \
-                         more (serial log kept in {})",
+                        "vm-test: WARNING: the {} guest {trouble} under TCG; QEMU 7.2 races \
+                         on cross-CPU kernel text patching: booting it once more (serial \
+                         log kept in {})",
                         s.name,
                         kept.display()
                     );
                 }
-                Some(crash) => bail!(
-                    "the {} guest kernel crashed ({crash}) in {} boot(s) (serial log: {})",
+                Some(trouble) => bail!(
+                    "the {} guest {trouble}, in {} boot(s) (serial log: {})",
                     s.name,
                     crashed_boots + 1,
                     log.display()
@@ -168,7 +177,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         outcomes.push(outcome);
     }
     let mut failed = Vec::new();
-    println!("vm-test: kernel | accel | boot | tests | wall | crashed boots");
+    println!("vm-test: kernel | accel | boot | tests | wall | crashed or stalled boots");
     for o in &outcomes {
         let tests: Vec<String> = o
             .results
@@ -258,7 +267,10 @@ fn build_tests() -> anyhow::Result<Vec<(PathBuf, PathBuf)>> {
 }
 
 /// The init the guest runs: mounts, cgroup v2 with `cpu` delegated, each
-/// test binary in turn, its exit code, power off.
+/// test binary in turn, its exit code, power off. A binary still running
+/// [`TEST_STALL_S`] after it started is reported stalled (`mbcas-vm: stall`),
+/// what each task waits on is printed (`wchan`, the kernel's blocked-task and
+/// per-CPU backtraces from sysrq), and every process but init is killed.
 fn init_script(filter: Option<&str>) -> String {
     let filter = filter.map_or(String::new(), |f| format!(" '{}'", f.replace('\'', "")));
     let mut s = format!(
@@ -280,7 +292,22 @@ echo "{MARK} kernel $(uname -r) cpus $(nproc) controllers $(cat /sys/fs/cgroup/c
     );
     for t in TESTS {
         s.push_str(&format!(
-            "echo \"{MARK} start {t}\"\n/t/{t} --test-threads=1{filter}\necho \"{MARK} result {t} $?\"\n"
+            r#"echo "{MARK} start {t}"
+/t/{t} --test-threads=1{filter} &
+p=$!
+(i=0; while kill -0 $p 2>/dev/null && [ $i -lt {TEST_STALL_S} ]; do sleep 1; i=$((i+1)); done
+ if kill -0 $p 2>/dev/null; then
+  echo "{MARK} stall {t} after {TEST_STALL_S} s"
+  for d in /proc/[0-9]*; do echo "task ${{d#/proc/}} $(cat $d/comm) $(cut -d' ' -f3 $d/stat) $(cat $d/wchan)"; done
+  echo 1 > /proc/sys/kernel/sysrq; echo w > /proc/sysrq-trigger; echo l > /proc/sysrq-trigger
+  dmesg | tail -n 300
+  kill -9 -1
+ fi) &
+w=$!
+wait $p
+echo "{MARK} result {t} $?"
+wait $w
+"#
         ));
     }
     s.push_str(&format!("echo \"{MARK} done\"\npoweroff -f\n"));
@@ -528,7 +555,7 @@ fn choose_accel(work: &Path) -> anyhow::Result<&'static str> {
     }
     let log = work.join("kvm-probe.log");
     let ok = run_vm(&kernel, &probe, "kvm", &log, KVM_PROBE, |_| {})
-        .map(|lines| lines.iter().any(|l| l.contains("probe ok")))
+        .map(|(lines, _)| lines.iter().any(|l| l.contains("probe ok")))
         .unwrap_or(false);
     if ok {
         eprintln!("vm-test: KVM works here");
@@ -543,13 +570,40 @@ fn choose_accel(work: &Path) -> anyhow::Result<&'static str> {
     }
 }
 
-/// The first line that says the guest kernel crashed, if one does.
-fn guest_crash(lines: &[String]) -> Option<&str> {
-    lines
-        .iter()
-        .filter_map(|l| stamped(l).map(|(_, text)| text))
+/// How a QEMU run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// QEMU exited (the guest powered off, or QEMU failed).
+    Exited,
+    /// Killed at the VM's timeout.
+    Timeout,
+    /// Killed after [`SILENCE`] without a serial line.
+    Silent,
+}
+
+/// What went wrong with the guest itself, if anything did: its kernel
+/// crashed (the first line that says so), a test binary stalled (the init's
+/// report), or its console fell silent.
+fn guest_trouble(lines: &[String], ending: Ending) -> Option<String> {
+    let texts = || {
+        lines
+            .iter()
+            .filter_map(|l| stamped(l).map(|(_, text)| text))
+    };
+    if let Some(crash) = texts()
         .find(|text| text.contains("Kernel panic - not syncing") || text.contains("] Oops: "))
-        .map(str::trim)
+    {
+        return Some(format!("kernel crashed ({})", crash.trim()));
+    }
+    if let Some(stall) = texts().find_map(|text| text.split_once(&format!("{MARK} stall "))) {
+        return Some(format!("test binary stalled ({})", stall.1.trim()));
+    }
+    (ending == Ending::Silent).then(|| {
+        format!(
+            "console fell silent for {} s (hung; killed)",
+            SILENCE.as_secs()
+        )
+    })
 }
 
 /// What one VM's serial lines say: when init started, each test's result.
@@ -620,9 +674,10 @@ fn stamped(line: &str) -> Option<(Duration, &str)> {
     Some((Duration::from_millis(ms.trim().parse().ok()?), text))
 }
 
-/// Runs QEMU until the guest powers off or `timeout` passes (then kills it);
-/// every serial line goes to `log` and to `each`. Returns the lines, each
-/// prefixed with the milliseconds since boot and `|`.
+/// Runs QEMU until the guest powers off, `timeout` passes or the console is
+/// silent for [`SILENCE`] (then kills it); every serial line goes to `log`
+/// and to `each`. Returns the lines, each prefixed with the milliseconds
+/// since boot and `|`, and how the run ended.
 fn run_vm(
     kernel: &Path,
     initrd: &Path,
@@ -630,7 +685,7 @@ fn run_vm(
     log: &Path,
     timeout: Duration,
     each: impl Fn(&str),
-) -> anyhow::Result<Vec<String>> {
+) -> anyhow::Result<(Vec<String>, Ending)> {
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([
         "-nodefaults",
@@ -681,41 +736,54 @@ fn run_vm(
     });
     let mut file = fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
     let mut lines = Vec::new();
+    let mut last_line = Instant::now();
     // Every line the readers hold now: to the log, to `each`, stamped.
-    let mut drain = || {
+    let mut drain = |last_line: &mut Instant| {
         while let Ok(line) = rx.try_recv() {
             let stamped = format!("{}|{line}", t0.elapsed().as_millis());
             let _ = writeln!(file, "{stamped}");
             each(&line);
             lines.push(stamped);
+            *last_line = Instant::now();
         }
     };
-    let status = loop {
-        drain();
+    let (status, ending) = loop {
+        drain(&mut last_line);
         if let Some(status) = child.try_wait()? {
-            break Some(status);
+            break (Some(status), Ending::Exited);
         }
-        if t0.elapsed() > timeout {
-            // Our own child: kill it.
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
+        let ending = if t0.elapsed() > timeout {
+            Ending::Timeout
+        } else if last_line.elapsed() > SILENCE {
+            Ending::Silent
+        } else {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        // Our own child: kill it.
+        let _ = child.kill();
+        let _ = child.wait();
+        break (None, ending);
     };
     // What the readers still hold.
     std::thread::sleep(Duration::from_millis(100));
-    drain();
-    match status {
-        None => {
-            let _ = writeln!(file, "vm-test: killed after {} s", timeout.as_secs());
-            each(&format!("killed after {} s", timeout.as_secs()));
-        }
-        Some(s) if !s.success() => each(&format!("qemu exited: {s}")),
-        Some(_) => {}
+    drain(&mut last_line);
+    let said = match (status, ending) {
+        (_, Ending::Timeout) => Some(format!("killed after {} s", timeout.as_secs())),
+        (_, Ending::Silent) => Some(format!(
+            "killed after {} s of silence, {:.0} s in",
+            SILENCE.as_secs(),
+            t0.elapsed().as_secs_f64()
+        )),
+        (Some(s), Ending::Exited) if !s.success() => Some(format!("qemu exited: {s}")),
+        _ => None,
+    };
+    if let Some(said) = said {
+        let _ = writeln!(file, "vm-test: {said}");
+        each(&said);
     }
     let _ = fs::set_permissions(log, fs::Permissions::from_mode(0o644));
-    Ok(lines)
+    Ok((lines, ending))
 }
 
 #[cfg(test)]
@@ -723,7 +791,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_guest_kernel_oops_or_panic_is_found_and_a_clean_boot_is_not() {
+    fn a_guest_crash_stall_or_silence_is_found_and_a_clean_boot_is_not() {
         let clean: Vec<String> = [
             "812|[    0.000000] Linux version 6.12.118+deb12-cloud-amd64",
             "3411|mbcas-vm: kernel 6.12.118 cgroup2 cpu",
@@ -731,7 +799,13 @@ mod tests {
         ]
         .map(String::from)
         .to_vec();
-        assert_eq!(guest_crash(&clean), None);
+        assert_eq!(guest_trouble(&clean, Ending::Exited), None);
+        // A timeout is the tests' own slowness, not the guest's trouble.
+        assert_eq!(guest_trouble(&clean, Ending::Timeout), None);
+        assert_eq!(
+            guest_trouble(&clean, Ending::Silent).as_deref(),
+            Some("console fell silent for 540 s (hung; killed)")
+        );
         let mut crashed = clean.clone();
         crashed.insert(
             1,
@@ -739,8 +813,14 @@ mod tests {
         );
         crashed.push("1500|[    1.488811] Kernel panic - not syncing: Fatal exception".into());
         assert_eq!(
-            guest_crash(&crashed),
-            Some("[    1.486277] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI")
+            guest_trouble(&crashed, Ending::Exited).as_deref(),
+            Some("kernel crashed ([    1.486277] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI)")
+        );
+        let mut stalled = clean.clone();
+        stalled.push("430000|mbcas-vm: stall kernel_local after 420 s".into());
+        assert_eq!(
+            guest_trouble(&stalled, Ending::Exited).as_deref(),
+            Some("test binary stalled (kernel_local after 420 s)")
         );
     }
 
@@ -770,10 +850,11 @@ mod tests {
         let s = init_script(Some("sense'"));
         for t in TESTS {
             assert!(
-                s.contains(&format!("/t/{t} --test-threads=1 'sense'")),
+                s.contains(&format!("/t/{t} --test-threads=1 'sense' &")),
                 "{s}"
             );
             assert!(s.contains(&format!("{MARK} result {t} $?")), "{s}");
+            assert!(s.contains(&format!("{MARK} stall {t} after")), "{s}");
         }
         assert!(s.contains("mount -t cgroup2"));
         assert!(s.contains("+cpu"));
