@@ -38,6 +38,9 @@ pub enum Command {
     Run(Box<crate::run::RunArgs>),
     /// Compare MBCAS with other policies on a scenario, in a closed-loop simulation.
     Simulate(crate::sim::SimulateArgs),
+    /// Simulate the loop across nodes: MBCAS on every node, the scheduler, the
+    /// descheduler evicting by each node score (scenarios/cluster/).
+    SimulateCluster(crate::sim::cluster::SimulateClusterArgs),
     /// Simulate every scenario of a directory under every policy, the HPA
     /// included, and write the evaluation report (`cargo xtask evaluate`
     /// turns it into docs/evaluation.md).

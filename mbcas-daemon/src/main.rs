@@ -41,6 +41,16 @@ fn main() -> ExitCode {
             }
             Err(e) => Err(e.into()),
         },
+        Command::SimulateCluster(args) => match mbcas::sim::cluster::cmd(&args) {
+            Ok(text) => {
+                println!("{text}");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                Ok(ExitCode::from(2))
+            }
+        },
         Command::Evaluate(args) => match mbcas::sim::evaluate::run(&args) {
             Ok(code) => Ok(code),
             Err(e @ mbcas::sim::cmd::SimulateError::Scenario(_)) => {

@@ -5,6 +5,11 @@
 //! simulated seconds to `target/bench-sim/scenario.json`, runs
 //! `mbcas simulate --policy mbcas` on it (release build) and prints the wall
 //! time and the peak RSS of that process.
+//!
+//! `--cluster` benches the loop across nodes instead: `--nodes` 4-core nodes
+//! with 6 pods each of two services, and a third stepping up on every tenth
+//! node at a third of the run, `mbcas simulate-cluster` with the descheduler
+//! evicting by `--algorithm` (`target/bench-sim/cluster.json`).
 
 use std::{
     path::PathBuf,
@@ -28,6 +33,38 @@ pub struct Options {
     /// Policy to run.
     #[arg(long, default_value = "mbcas")]
     pub policy: String,
+    /// The cluster case: the scheduler and the descheduler over `--nodes`
+    /// nodes running MBCAS (`--pods` and `--policy` do not apply).
+    #[arg(long)]
+    pub cluster: bool,
+    /// The node score the descheduler evicts by, in the cluster case.
+    #[arg(long, default_value = "linear_amplified_ippd_k3")]
+    pub algorithm: String,
+}
+
+/// `--nodes` 4-core nodes, 6 pods each (2.6 cores busy): `web` and `batch`
+/// spread by the scheduler, then `search`'s 3 replicas on every tenth node
+/// stepping up from 600 m to 3.6 cores there at a third of the run (one replica moved fits on any other node).
+fn cluster_scenario(o: &Options) -> serde_json::Value {
+    let n = o.nodes.max(1);
+    let hot: Vec<String> = (0..n).step_by(10).map(|i| format!("n-{i}")).collect();
+    let search = 3 * hot.len() as u32;
+    serde_json::json!({
+        "name": format!("bench-cluster-{}x{}s", n, o.seconds),
+        "duration_s": o.seconds,
+        "noise": 0.05,
+        "nodes": [{"name": "n", "count": n, "cpu_m": 4000, "memory_mi": 16384}],
+        "services": [
+            {"name": "web", "replicas": 4 * n, "request_m": 200, "memory_mi": 512,
+             "load": {"kind": "steady", "m": 1600 * n}},
+            {"name": "batch", "replicas": 2 * n, "request_m": 500, "memory_mi": 1024,
+             "load": {"kind": "steady", "m": 1000 * n}},
+            {"name": "search", "replicas": search, "request_m": 250, "memory_mi": 512,
+             "load": {"kind": "step", "from_m": 200 * search, "to_m": 1200 * search,
+                      "at_s": o.seconds / 3},
+             "on": hot}
+        ]
+    })
 }
 
 fn scenario(o: &Options) -> serde_json::Value {
@@ -50,19 +87,88 @@ fn scenario(o: &Options) -> serde_json::Value {
 }
 
 pub fn run(o: &Options) -> anyhow::Result<()> {
+    if o.cluster {
+        return run_cluster(o);
+    }
     if o.pods == 0 || !o.pods.is_multiple_of(11) {
         bail!("--pods must be a positive multiple of 11");
     }
+    let path = write_scenario("scenario.json", &scenario(o))?;
+    let (wall, peak_kib, stdout) = measure(&[
+        "simulate",
+        "--json",
+        "--policy",
+        &o.policy,
+        "--scenario",
+        &path.display().to_string(),
+    ])?;
+    let pod_periods = u64::from(o.nodes) * u64::from(o.pods) * u64::from(o.seconds) * 10;
+    println!(
+        "bench-sim: {} nodes × {} pods × {} s, policy {}",
+        o.nodes, o.pods, o.seconds, o.policy
+    );
+    println!("  wall time     {:.1} s", wall.as_secs_f64());
+    println!(
+        "  peak RSS      {:.1} MiB (VmHWM)",
+        peak_kib as f64 / 1024.0
+    );
+    println!(
+        "  throughput    {:.1} M pod-periods/s",
+        pod_periods as f64 / wall.as_secs_f64() / 1e6
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&stdout).context("parse the simulator's --json output")?;
+    println!("  result        {}", summary["policies"][&o.policy]);
+    Ok(())
+}
+
+fn run_cluster(o: &Options) -> anyhow::Result<()> {
+    let path = write_scenario("cluster.json", &cluster_scenario(o))?;
+    let (wall, peak_kib, stdout) = measure(&[
+        "simulate-cluster",
+        "--json",
+        "--algorithm",
+        &o.algorithm,
+        "--scenario",
+        &path.display().to_string(),
+    ])?;
+    let n = u64::from(o.nodes.max(1));
+    let pods = 6 * n + 3 * n.div_ceil(10);
+    println!(
+        "bench-sim: cluster of {} nodes, {pods} pods, {} s, descheduler by {}",
+        o.nodes, o.seconds, o.algorithm
+    );
+    println!("  wall time     {:.2} s", wall.as_secs_f64());
+    println!(
+        "  peak RSS      {:.1} MiB (VmHWM)",
+        peak_kib as f64 / 1024.0
+    );
+    println!(
+        "  throughput    {:.1} M pod-seconds/s",
+        (pods * u64::from(o.seconds)) as f64 / wall.as_secs_f64() / 1e6
+    );
+    let runs: serde_json::Value =
+        serde_json::from_slice(&stdout).context("parse the simulator's --json output")?;
+    println!("  result        {}", runs[0]);
+    Ok(())
+}
+
+fn write_scenario(name: &str, scenario: &serde_json::Value) -> anyhow::Result<PathBuf> {
     let dir = PathBuf::from("target/bench-sim");
     std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
-    let path = dir.join("scenario.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&scenario(o))?)
+    let path = dir.join(name);
+    std::fs::write(&path, serde_json::to_string_pretty(scenario)?)
         .with_context(|| format!("write {}", path.display()))?;
+    Ok(path)
+}
+
+/// Runs the release `mbcas` with `args`: wall time, peak RSS (KiB) and its
+/// standard output.
+fn measure(args: &[&str]) -> anyhow::Result<(Duration, u64, Vec<u8>)> {
     let bin = crate::host::build_mbcas(true)?;
     let t0 = Instant::now();
     let mut child = Command::new(&bin)
-        .args(["simulate", "--json", "--policy", &o.policy, "--scenario"])
-        .arg(&path)
+        .args(args)
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("run {}", bin.display()))?;
@@ -94,24 +200,7 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
         .join()
         .map_err(|_| anyhow::anyhow!("reader thread panicked"))?;
     if !status.success() {
-        bail!("mbcas simulate failed: {status}");
+        bail!("mbcas {} failed: {status}", args.first().unwrap_or(&""));
     }
-    let pod_periods = u64::from(o.nodes) * u64::from(o.pods) * u64::from(o.seconds) * 10;
-    println!(
-        "bench-sim: {} nodes × {} pods × {} s, policy {}",
-        o.nodes, o.pods, o.seconds, o.policy
-    );
-    println!("  wall time     {:.1} s", wall.as_secs_f64());
-    println!(
-        "  peak RSS      {:.1} MiB (VmHWM)",
-        peak_kib as f64 / 1024.0
-    );
-    println!(
-        "  throughput    {:.1} M pod-periods/s",
-        pod_periods as f64 / wall.as_secs_f64() / 1e6
-    );
-    let summary: serde_json::Value =
-        serde_json::from_slice(&stdout).context("parse the simulator's --json output")?;
-    println!("  result        {}", summary["policies"][&o.policy]);
-    Ok(())
+    Ok((wall, peak_kib, stdout))
 }

@@ -214,6 +214,20 @@ fn an_unthrottled_pod_whose_limit_covers_its_peak_is_not_raised() {
     let mut t = view("t", 1200, 1500, 0.5, 10);
     t.peak = MilliCpu(500);
     assert_eq!(one(&mut p, s(0), t).reason, Reason::IncreaseThrottled);
+    // Below its base, using a tenth of its limit, on an idle node: kept (rule
+    // 3 raises it to its base once it is throttled).
+    let mut idle = view("idle", 100, 400, 0.0, 10);
+    idle.base = MilliCpu(400);
+    idle.peak = MilliCpu(30);
+    idle.need = MilliCpu(30);
+    assert_eq!(one(&mut p, s(0), idle.clone()).reason, Reason::Covered);
+    idle.throttled_ratio = 0.2;
+    let d = one(&mut p, s(0), idle);
+    assert_eq!(
+        (d.to, d.reason),
+        (MilliCpu(400), Reason::IncreaseThrottled),
+        "{d:?}"
+    );
 }
 
 #[test]

@@ -462,7 +462,9 @@ pub fn run(args: &EvaluateArgs) -> Result<std::process::ExitCode, super::cmd::Si
         })?;
         write(format!("{}.services.json", r.scenario.name), &json)?;
     }
-    write("report.md".into(), &report(&runs, args.seed))?;
+    let cluster = super::cluster::load_dir(&args.scenarios.join("cluster"))?;
+    let text = report(&runs, args.seed) + &super::cluster::report(&cluster, args.seed);
+    write("report.md".into(), &text)?;
     let policies: usize = runs.iter().map(|r| r.summary.policies.len()).sum();
     println!(
         "evaluated {} scenarios ({policies} policy runs); wrote {}",

@@ -8,6 +8,7 @@
 //! SplitMix64 stream keyed by seed, node, pod and second).
 
 pub mod cfs;
+pub mod cluster;
 pub mod cmd;
 pub mod evaluate;
 mod node;

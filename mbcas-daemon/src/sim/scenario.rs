@@ -181,7 +181,7 @@ pub const MAX_DURATION_S: f64 = 30.0 * 86_400.0;
 
 impl Demand {
     /// Amounts finite, ≥ 0 and at most [`MAX_MILLICORES`]; times finite and ≥ 0.
-    fn validate(&self) -> Result<(), &'static str> {
+    pub(super) fn validate(&self) -> Result<(), &'static str> {
         let (amounts, times): (Vec<f64>, Vec<f64>) = match self {
             Self::Steady { m } => (vec![*m], vec![]),
             Self::Step { from_m, to_m, at_s } => (vec![*from_m, *to_m], vec![*at_s]),
