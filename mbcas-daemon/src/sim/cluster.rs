@@ -50,7 +50,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use super::{
-    scenario::{Demand, ScenarioError},
+    scenario::{Demand, ScenarioError, parse_json},
     splitmix,
 };
 
@@ -152,18 +152,7 @@ impl ClusterScenario {
 
     /// Parses and validates scenario text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ScenarioError> {
-        let de = &mut serde_json::Deserializer::from_str(text);
-        let s: Self = serde_path_to_error::deserialize(de).map_err(|e| {
-            let field = e.path().to_string();
-            let inner = e.into_inner();
-            ScenarioError::Parse {
-                path: origin.to_owned(),
-                line: inner.line(),
-                column: inner.column(),
-                field,
-                message: inner.to_string(),
-            }
-        })?;
+        let s: Self = parse_json(text, origin)?;
         let invalid = |field: &str, message: &str| ScenarioError::Invalid {
             path: origin.to_owned(),
             field: field.to_owned(),

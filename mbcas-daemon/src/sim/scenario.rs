@@ -402,6 +402,31 @@ pub enum ScenarioError {
     },
 }
 
+/// JSON text as `T`; an error names the field, line and column (`origin`
+/// names the text).
+pub(super) fn parse_json<T: serde::de::DeserializeOwned>(
+    text: &str,
+    origin: &str,
+) -> Result<T, ScenarioError> {
+    let de = &mut serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        ScenarioError::Parse {
+            path: origin.to_owned(),
+            line: inner.line(),
+            column: inner.column(),
+            field,
+            message: inner
+                .to_string()
+                .split(" at line")
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+        }
+    })
+}
+
 impl Scenario {
     pub fn from_file(path: &std::path::Path) -> Result<Self, ScenarioError> {
         let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read {
@@ -413,23 +438,7 @@ impl Scenario {
 
     /// Parses and validates scenario text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ScenarioError> {
-        let de = &mut serde_json::Deserializer::from_str(text);
-        let s: Self = serde_path_to_error::deserialize(de).map_err(|e| {
-            let field = e.path().to_string();
-            let inner = e.into_inner();
-            ScenarioError::Parse {
-                path: origin.to_owned(),
-                line: inner.line(),
-                column: inner.column(),
-                field,
-                message: inner
-                    .to_string()
-                    .split(" at line")
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned(),
-            }
-        })?;
+        let s: Self = parse_json(text, origin)?;
         s.validate(origin)?;
         Ok(s)
     }
