@@ -50,7 +50,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use super::{
-    scenario::{Demand, ScenarioError, parse_json},
+    scenario::{Demand, ScenarioError, json_files, parse_json},
     splitmix,
 };
 
@@ -745,8 +745,8 @@ pub fn markdown(runs: &[ClusterRun]) -> String {
 /// The cluster scenarios of `dir` (`*.json`, in file-name order); none when
 /// the directory does not exist.
 pub fn load_dir(dir: &Path) -> Result<Vec<ClusterScenario>, ScenarioError> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
+    let files = match json_files(dir) {
+        Ok(files) => files,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(source) => {
             return Err(ScenarioError::Read {
@@ -755,11 +755,6 @@ pub fn load_dir(dir: &Path) -> Result<Vec<ClusterScenario>, ScenarioError> {
             });
         }
     };
-    let mut files: Vec<std::path::PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    files.sort();
     files
         .iter()
         .map(|f| ClusterScenario::from_file(f))

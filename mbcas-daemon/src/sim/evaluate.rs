@@ -52,17 +52,14 @@ const ORDER: [&str; 8] = [
 
 /// The scenarios of `dir` (`*.json`), in file-name order.
 pub fn load_dir(dir: &Path) -> Result<Vec<Scenario>, ScenarioError> {
-    let read = |source| ScenarioError::Read {
-        path: dir.display().to_string(),
-        source,
-    };
-    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
-        .map_err(read)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    files.sort();
-    files.iter().map(|f| Scenario::from_file(f)).collect()
+    super::scenario::json_files(dir)
+        .map_err(|source| ScenarioError::Read {
+            path: dir.display().to_string(),
+            source,
+        })?
+        .iter()
+        .map(|f| Scenario::from_file(f))
+        .collect()
 }
 
 /// Runs every scenario under every policy it applies to.

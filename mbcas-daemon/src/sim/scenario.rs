@@ -402,6 +402,16 @@ pub enum ScenarioError {
     },
 }
 
+/// The `*.json` files of `dir`, in name order.
+pub(super) fn json_files(dir: &std::path::Path) -> std::io::Result<Vec<std::path::PathBuf>> {
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 /// JSON text as `T`; an error names the field, line and column (`origin`
 /// names the text).
 pub(super) fn parse_json<T: serde::de::DeserializeOwned>(
