@@ -88,6 +88,7 @@ fn bench_tick(c: &mut Criterion) {
                 base: MilliCpu(520),
                 need: MilliCpu(600),
                 peak: MilliCpu(500),
+                used: MilliCpu(480),
                 throttled_ratio: 0.2,
                 samples: 10,
                 saturated: false,

@@ -379,6 +379,9 @@ impl Engine {
                 peak: estimates[i].map_or(inp.current, |e| {
                     MilliCpu(e.peak.max(0.0).ceil().min(u64::MAX as f64) as u64)
                 }),
+                used: estimates[i].map_or(inp.current, |e| {
+                    MilliCpu(e.usage.max(0.0).ceil().min(u64::MAX as f64) as u64)
+                }),
                 throttled_ratio: estimates[i].map_or(0.0, |e| e.throttled_ratio),
                 samples: estimates[i].map_or(0, |e| e.samples),
                 saturated: idle == MilliCpu::ZERO,

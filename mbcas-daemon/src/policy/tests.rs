@@ -19,6 +19,7 @@ fn view(key: &str, current: u64, proposed: u64, throttled: f64, samples: u32) ->
         base: MilliCpu(100),
         need: MilliCpu(proposed),
         peak: MilliCpu(proposed),
+        used: MilliCpu(current.min(proposed)),
         throttled_ratio: throttled,
         samples,
         saturated: false,
@@ -471,6 +472,7 @@ fn closed_loop(demands: &[f64], capacity: u64, secs: u64) -> Vec<Vec<(u64, Milli
                 base: a.base,
                 need: needs[i],
                 peak: needs[i],
+                used: limits[i],
                 throttled_ratio: ratios[i],
                 samples: samples[i],
                 saturated: false,
@@ -592,6 +594,19 @@ fn a_held_pod_is_capped_further_only_on_a_second_round() {
     b.base = MilliCpu(1180);
     let d = one(&mut p, s(1), b);
     assert_eq!((d.to, d.reason), (MilliCpu(1180), Reason::ContentionCap));
+    // Held at 1350 m within the hysteresis of a 1233 m share, but using
+    // 1334 m of it (its neighbour waits): capped at once.
+    let mut c = held(1350, 1233);
+    c.key = "c".into();
+    c.used = MilliCpu(1334);
+    let d = one(&mut p, s(0), c.clone());
+    assert_eq!((d.to, d.reason), (MilliCpu(1233), Reason::ContentionCap));
+    // Using its share and a little (5 % and 10 m) more is no reason.
+    c.current = MilliCpu(1350);
+    c.key = "d".into();
+    c.used = MilliCpu(1304);
+    let d = one(&mut p, s(0), c);
+    assert_eq!((d.to, d.reason), (MilliCpu(1350), Reason::Hysteresis));
 }
 
 #[test]
