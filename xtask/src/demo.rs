@@ -463,11 +463,13 @@ fn checks(sum: &Summary) -> Vec<Check> {
 struct Phase {
     series: Vec<Vec<Point>>,
     /// What the hypervisor stole each second, millicores (`/proc/stat`'s
-    /// steal time). Reported, not subtracted from the capacity: on this
-    /// machine's host it stole 18–28 % of the CPU during some demos (then
-    /// every consumer got less than its share of 2 cores: web/api/noisy/batch
-    /// 84/73/87/79 %), and varied from 0 to 1 000 m from one second to the
-    /// next, faster than a per-second fair share can follow.
+    /// steal time). The fair shares are computed over the capacity less its
+    /// mean over the phase ([`delivered_m`]), not less each second's: on this
+    /// machine's host it stole 18–28 % of the CPU during some demos (every
+    /// consumer then got less than its share of 2 cores: web/api/noisy/batch
+    /// 84/73/87/79 %) and varied from 0 to 1 000 m from one second to the
+    /// next, faster than a per-second fair share can follow (subtracted per
+    /// second, `noisy` read 127 % of its share).
     stolen_m: Vec<f64>,
     periods: Vec<u64>,
     throttled: Vec<u64>,
@@ -894,10 +896,30 @@ fn settled_mean(p: &Phase, i: usize, f: fn(&Point) -> f64) -> f64 {
     sum / n.max(1) as f64
 }
 
+/// The CPU the node had over a phase's settled seconds: its cores less what
+/// the hypervisor stole, on average (per second it jumps from 0 to 1 000 m
+/// and back faster than the consumers' shares follow).
+fn delivered_m(p: &Phase) -> f64 {
+    let settled: Vec<f64> = p
+        .series
+        .first()
+        .into_iter()
+        .flatten()
+        .zip(&p.stolen_m)
+        .filter(|(pt, _)| pt.t >= SETTLE_S)
+        .map(|(_, &s)| s)
+        .collect();
+    let stolen = settled.iter().sum::<f64>() / settled.len().max(1) as f64;
+    (CAPACITY_M as f64 - stolen).max(0.0)
+}
+
 /// Each consumer's mean fair share over a phase (settled seconds): the
-/// water-fill of the nominal demands of each second it recorded.
+/// water-fill of the nominal demands of each second it recorded over the CPU
+/// the node had ([`delivered_m`]: on a host stealing 20 % every consumer of a
+/// busy 2-core node gets less than its share of 2 cores).
 fn fair_shares(p: &Phase) -> Vec<f64> {
     let weights: Vec<f64> = SPECS.iter().map(|s| s.shares as f64).collect();
+    let capacity = delivered_m(p);
     let n = p.series.iter().map(Vec::len).min().unwrap_or(0);
     let mut sum = vec![0.0; SPECS.len()];
     let mut counted = 0usize;
@@ -907,10 +929,7 @@ fn fair_shares(p: &Phase) -> Vec<f64> {
         }
         counted += 1;
         let d: Vec<f64> = p.series.iter().map(|s| s[k].demand_m).collect();
-        for (acc, x) in sum
-            .iter_mut()
-            .zip(water_fill(&d, &weights, CAPACITY_M as f64))
-        {
+        for (acc, x) in sum.iter_mut().zip(water_fill(&d, &weights, capacity)) {
             *acc += x;
         }
     }
