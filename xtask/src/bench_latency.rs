@@ -388,6 +388,9 @@ struct Run {
     server_wait_m: f64,
     server_cpu_m: f64,
     noisy_cpu_m: f64,
+    /// What the hypervisor stole from the machine meanwhile, millicores: a
+    /// latency taken while it is high is not the machine's own.
+    stolen_m: f64,
 }
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
@@ -465,6 +468,7 @@ fn measure(
     seconds: u64,
 ) -> anyhow::Result<Run> {
     let (s0, n0) = b.counters()?;
+    let steal0 = crate::procs::steal_ticks();
     let t0 = Instant::now();
     let (lat, errors) = attack(b, vegeta, rate, seconds)?;
     let (s1, n1) = b.counters()?;
@@ -487,6 +491,7 @@ fn measure(
         server_wait_m: s1.3.saturating_sub(s0.3) as f64 / 1e6 / secs,
         server_cpu_m: s1.0.saturating_sub(s0.0) as f64 / 1e6 / secs,
         noisy_cpu_m: n1.0.saturating_sub(n0.0) as f64 / 1e6 / secs,
+        stolen_m: crate::procs::stolen_m(steal0, secs),
     })
 }
 
@@ -547,14 +552,15 @@ fn phases(
                 for &rate in &opts.rates {
                     let r = measure(stage, vegeta, phase, rate, repeat, opts.seconds)?;
                     eprintln!(
-                        "  {phase} {rate}/s: p50 {:.1} ms p99 {:.1} ms p999 {:.1} ms, errors {}, server throttled {:.3}, wait {:.0} m, noisy {:.0} m",
+                        "  {phase} {rate}/s: p50 {:.1} ms p99 {:.1} ms p999 {:.1} ms, errors {}, server throttled {:.3}, wait {:.0} m, noisy {:.0} m, stolen {:.0} m",
                         r.p50_ms,
                         r.p99_ms,
                         r.p999_ms,
                         r.errors,
                         r.server_throttled_ratio,
                         r.server_wait_m,
-                        r.noisy_cpu_m
+                        r.noisy_cpu_m,
+                        r.stolen_m
                     );
                     runs.push(r);
                 }
@@ -596,6 +602,7 @@ struct Cell {
     server_throttled_ratio: f64,
     server_wait_m: f64,
     noisy_cpu_m: f64,
+    stolen_m: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -632,6 +639,7 @@ fn summarise(runs: &[Run], rates: &[u32]) -> Summary {
                 server_throttled_ratio: mean(|r| r.server_throttled_ratio),
                 server_wait_m: mean(|r| r.server_wait_m),
                 noisy_cpu_m: mean(|r| r.noisy_cpu_m),
+                stolen_m: mean(|r| r.stolen_m),
             });
         }
     }
@@ -697,14 +705,14 @@ fn markdown(s: &Summary, opts: &Options, place: &str) -> String {
     let mut out = format!(
         "nginx (gzip 6, 256 KiB page) under vegeta's open-loop load next to `mbcas burn --threads 2`, \
          in {place}; Linux {}, {cpus} CPUs; {} s per rate after a {} s warm-up, {} repetitions (median, min–max):\n\n\
-         | rate | phase | p50 ms | p99 ms | p999 ms | errors | server throttled | server wait m | neighbour CPU m |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
+         | rate | phase | p50 ms | p99 ms | p999 ms | errors | server throttled | server wait m | neighbour CPU m | stolen m |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
         s.kernel, opts.seconds, opts.warmup, opts.repeats
     );
     let f = |x: &Spread| format!("{:.1} ({:.1}–{:.1})", x.median, x.min, x.max);
     for c in &s.cells {
         out.push_str(&format!(
-            "| {}/s | {} | {} | {} | {} | {} | {:.3} | {:.0} | {:.0} |\n",
+            "| {}/s | {} | {} | {} | {} | {} | {:.3} | {:.0} | {:.0} | {:.0} |\n",
             c.rate,
             c.phase,
             f(&c.p50),
@@ -713,7 +721,8 @@ fn markdown(s: &Summary, opts: &Options, place: &str) -> String {
             c.errors,
             c.server_throttled_ratio,
             c.server_wait_m,
-            c.noisy_cpu_m
+            c.noisy_cpu_m,
+            c.stolen_m
         ));
     }
     out.push_str("\n| rate | claim | |\n|---|---|---|\n");

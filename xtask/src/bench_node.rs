@@ -439,6 +439,7 @@ fn bench(opts: &Options) -> anyhow::Result<()> {
 
     // 1.
     let (before, events_before) = (requests(&node)?, mbcas_event_writes(&node)?);
+    let (steal1, t1) = (procs::steal_ticks(), Instant::now());
     let mut onset = Vec::new();
     let mut quota_at = Vec::new();
     let (mut lowered, mut agreed) = (0, 0);
@@ -455,9 +456,13 @@ fn bench(opts: &Options) -> anyhow::Result<()> {
         }
         agreed += usize::from(t.agree);
     }
+    let stolen1 = procs::stolen_m(steal1, t1.elapsed().as_secs_f64());
     let d = before.delta(&requests(&node)?);
     let events = mbcas_event_writes(&node)? - events_before;
     let resizes = d.get(WRITE_VERBS, "pods", "resize");
+    println!(
+        "  CPU the hypervisor stole during part 1: {stolen1:.0} m on average (figures taken while it is high are not this machine's)"
+    );
     summary(
         "throttling onset → new quota in the cgroup (fresh pod)",
         onset,
@@ -514,6 +519,7 @@ fn bench(opts: &Options) -> anyhow::Result<()> {
     sleep(Duration::from_secs(30));
     let pid = daemon_pid(&node)?;
     let (cpu0, t0, req0) = (procs::cpu_seconds(pid), Instant::now(), requests(&node)?);
+    let steal0 = procs::steal_ticks();
     let events0 = mbcas_event_writes(&node)?;
     sleep(Duration::from_secs(opts.seconds));
     let (cpu1, secs, req1) = (
@@ -525,11 +531,13 @@ fn bench(opts: &Options) -> anyhow::Result<()> {
     let events = mbcas_event_writes(&node)? - events0;
     let minutes = secs / 60.0;
     println!(
-        "  daemon on a node of {} pods for {secs:.0} s: CPU {:.2} % of one core, RSS {:.1} MiB, peak RSS {:.1} MiB",
+        "  daemon on a node of {} pods for {secs:.0} s: CPU {:.2} % of one core, RSS {:.1} MiB, peak RSS {:.1} MiB; \
+         the hypervisor stole {:.0} m on average",
         opts.pods + 1,
         100.0 * (cpu1 - cpu0) / secs,
         procs::status_kib(pid, "VmRSS") as f64 / 1024.0,
         procs::status_kib(pid, "VmHWM") as f64 / 1024.0,
+        procs::stolen_m(steal0, secs),
     );
     println!(
         "  API writes in steady state: MBCAS {:.1}/min (goal 0); everything but leases {:.1}/min; by verb and resource:",

@@ -490,7 +490,7 @@ fn run_phase(
     let mut series = vec![Vec::new(); SPECS.len()];
     let mut changes = 0;
     let mut stolen = Vec::new();
-    let mut steal = steal_ticks();
+    let mut steal = crate::procs::steal_ticks();
     let t0 = Instant::now();
     let tty = std::io::stdout().is_terminal();
     for tick in 1..=secs {
@@ -506,7 +506,7 @@ fn run_phase(
             .map(|s| tree.read(s.name))
             .collect::<anyhow::Result<_>>()?;
         let t = t0.elapsed().as_secs_f64();
-        let now_steal = steal_ticks();
+        let now_steal = crate::procs::steal_ticks();
         // USER_HZ ticks of 10 ms over the one-second tick: × 10 is millicores.
         let stolen_m = now_steal.saturating_sub(steal) as f64 * 10.0;
         steal = now_steal;
@@ -653,20 +653,6 @@ fn summarise(p: &Phase) -> PhaseSummary {
         used_core_seconds: used,
         stolen_m: p.stolen_m.iter().sum::<f64>() / p.stolen_m.len().max(1) as f64,
     }
-}
-
-/// The host's steal time so far, USER_HZ ticks (`/proc/stat`'s eighth `cpu`
-/// field); 0 where it cannot be read.
-fn steal_ticks() -> u64 {
-    std::fs::read_to_string("/proc/stat")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("cpu "))
-                .and_then(|l| l.split_whitespace().nth(8))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 fn chart(path: &Path, title: &str, p: &Phase) -> anyhow::Result<()> {

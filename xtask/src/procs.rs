@@ -11,6 +11,31 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / 100.0
 }
 
+/// The host's steal time so far: `/proc/stat`'s eighth `cpu` field, USER_HZ
+/// ticks of 10 ms summed over the CPUs; 0 when unreadable.
+pub fn steal_ticks() -> u64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("cpu "))
+                .and_then(|l| l.split_whitespace().nth(8))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// What the hypervisor stole from this machine per second since `from` (a
+/// [`steal_ticks`] reading taken `secs` seconds ago), in millicores: CPU time
+/// the machine's busy CPUs waited for the host, which no figure measured
+/// meanwhile can tell from its own.
+pub fn stolen_m(from: u64, secs: f64) -> f64 {
+    if secs <= 0.0 {
+        return 0.0;
+    }
+    steal_ticks().saturating_sub(from) as f64 * 10.0 / secs
+}
+
 /// A `kB` field of `/proc/PID/status` (`VmRSS`, `VmHWM`, …); 0 when unreadable.
 pub fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
