@@ -35,6 +35,22 @@ fn kernel_version() -> (u32, u32) {
     (it.next().unwrap_or(0), it.next().unwrap_or(0))
 }
 
+/// The host's steal time so far (`/proc/stat`'s eighth `cpu` field), USER_HZ
+/// ticks of 10 ms; 0 where unreadable.
+fn steal_ticks() -> u64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("cpu "))?
+                .split_whitespace()
+                .nth(8)?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
 fn drain(rx: &mut Receiver<ThrottleEvent>, id: u64) -> usize {
     let mut n = 0;
     while let Ok(ev) = rx.try_recv() {
@@ -115,18 +131,38 @@ async fn compare(tag: &str, limit: u64, burners: usize) {
     );
 
     tokio::time::sleep(Duration::from_millis(500)).await;
-    drain(&mut rx, dir.id.0);
-    let e0 = ebpf.read(&dir).unwrap();
-    let p0 = poll.read(&dir).unwrap();
-    let s0 = cg.cpu_stat();
-    let psi0 = files::read_pressure_some_ns(&cg.path).unwrap();
-    let t0 = Instant::now();
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    let e1 = ebpf.read(&dir).unwrap();
-    let p1 = poll.read(&dir).unwrap();
-    let s1 = cg.cpu_stat();
-    let psi1 = files::read_pressure_some_ns(&cg.path).unwrap();
-    let window = t0.elapsed();
+    // The window compared: the group throttled in most of its periods. A
+    // host that steals the CPU (this machine's hypervisor, at times a fifth
+    // of it and more) can starve the group below its quota (CI: throttled in
+    // 21 of 60 periods, with eBPF and cpu.stat still agreeing); such a window
+    // is measured again, loudly, up to three times.
+    let mut attempt = 0;
+    let (e0, e1, p0, p1, s0, s1, psi0, psi1, window, events) = loop {
+        attempt += 1;
+        drain(&mut rx, dir.id.0);
+        let steal0 = steal_ticks();
+        let e0 = ebpf.read(&dir).unwrap();
+        let p0 = poll.read(&dir).unwrap();
+        let s0 = cg.cpu_stat();
+        let psi0 = files::read_pressure_some_ns(&cg.path).unwrap();
+        let t0 = Instant::now();
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let e1 = ebpf.read(&dir).unwrap();
+        let p1 = poll.read(&dir).unwrap();
+        let s1 = cg.cpu_stat();
+        let psi1 = files::read_pressure_some_ns(&cg.path).unwrap();
+        let window = t0.elapsed();
+        let events = drain(&mut rx, dir.id.0);
+        let (periods, throttled) = (s1.0 - s0.0, s1.1 - s0.1);
+        if throttled >= 50 || attempt == 3 {
+            break (e0, e1, p0, p1, s0, s1, psi0, psi1, window, events);
+        }
+        let stolen = steal_ticks().saturating_sub(steal0) as f64 * 10.0 / window.as_secs_f64();
+        eprintln!(
+            "{tag}: window {attempt}: throttled in {throttled} of {periods} periods only \
+             (the hypervisor stole {stolen:.0} m meanwhile); measuring again"
+        );
+    };
     // Per-cgroup PSI: cgroup v2 only (`cpu.pressure`; the kernel booted with
     // PSI on). A group throttled in most periods has runnable tasks that do
     // not run for much of the window: its `some` stall grows by at least a
@@ -149,7 +185,6 @@ async fn compare(tag: &str, limit: u64, burners: usize) {
             "{tag}: cpu.pressure on cgroup v1?"
         );
     }
-    let events = drain(&mut rx, dir.id.0);
 
     let (ep, et, etime) = (
         e1.nr_periods - e0.nr_periods,
