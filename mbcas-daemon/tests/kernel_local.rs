@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{TestCgroup, kernel_lock, kernel_tier_available, write};
+use common::{TestCgroup, kernel_lock, kernel_tier_available, steal_ticks, stolen_m, write};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mbcas");
@@ -260,20 +260,25 @@ fn accuracy(tag: &str, burn: &[&str], demand_m: f64) {
                 Instant::now(),
                 usage_ns(&dir, acct.as_deref(), root.v2),
                 run_delay_ns(pid),
+                steal_ticks(),
             ));
         }
     }
     // Per second of the run's second half: CPU used, and time its threads
     // were runnable but waited for a CPU (`/proc/<tid>/schedstat`).
-    let (used_m, waited_m) = used_from.map_or((None, 0.0), |(at, ns, delay)| {
-        let secs = at.elapsed().as_nanos() as f64;
-        let used = usage_ns(&dir, acct.as_deref(), root.v2).saturating_sub(ns);
-        let waited = run_delay_ns(pid).saturating_sub(delay);
-        (
-            Some(used as f64 / secs * 1000.0),
-            waited as f64 / secs * 1000.0,
-        )
-    });
+    // And what the hypervisor stole meanwhile: no figure here can tell it
+    // from its own.
+    let (used_m, waited_m, stolen) =
+        used_from.map_or((None, 0.0, 0.0), |(at, ns, delay, steal)| {
+            let secs = at.elapsed().as_nanos() as f64;
+            let used = usage_ns(&dir, acct.as_deref(), root.v2).saturating_sub(ns);
+            let waited = run_delay_ns(pid).saturating_sub(delay);
+            (
+                Some(used as f64 / secs * 1000.0),
+                waited as f64 / secs * 1000.0,
+                stolen_m(steal, secs / 1e9),
+            )
+        });
     let rounds = run.rounds();
     let log = run.stop();
     let last = rounds
@@ -295,7 +300,8 @@ fn accuracy(tag: &str, burn: &[&str], demand_m: f64) {
     // throttled nor waited for a CPU.
     let truth = used + waited_m;
     eprintln!(
-        "{tag}: demand {demand_m} m, used {used:.0} m and waited {waited_m:.0} m in the last 8 s, \
+        "{tag}: demand {demand_m} m, used {used:.0} m and waited {waited_m:.0} m in the last 8 s \
+         ({stolen:.0} m stolen by the hypervisor), \
          estimate {est:.0} m over them ({} rounds; the last {:.0} m), need {} m, limit {} m, quota followed after {followed:?}",
         late.len(),
         last["demand_m"].as_f64().unwrap_or(f64::NAN),
@@ -313,7 +319,8 @@ fn accuracy(tag: &str, burn: &[&str], demand_m: f64) {
     );
     assert!(
         (used - demand_m).abs() <= demand_m * 0.25,
-        "{tag}: the burner used {used:.0} m of a nominal {demand_m} m; log:\n{log}"
+        "{tag}: the burner used {used:.0} m of a nominal {demand_m} m \
+         ({stolen:.0} m stolen by the hypervisor meanwhile); log:\n{log}"
     );
     let after =
         followed.unwrap_or_else(|| panic!("{tag}: quota never reached the demand; log:\n{log}"));
@@ -416,7 +423,9 @@ fn contention_is_weighted_fair_and_stable() {
         }
         std::thread::sleep(Duration::from_millis(500));
     };
+    let (steal0, t1) = (steal_ticks(), std::time::Instant::now());
     std::thread::sleep(Duration::from_secs(60));
+    let stolen = stolen_m(steal0, t1.elapsed().as_secs_f64());
     let rounds = run.rounds();
     let log = run.stop();
     let late = &rounds[converged.min(rounds.len())..];
@@ -433,14 +442,16 @@ fn contention_is_weighted_fair_and_stable() {
         mean("b", "usage_m"),
         mean("c", "usage_m"),
     );
-    eprintln!("usage a {ua:.0} m, b {ub:.0} m, c {uc:.0} m");
+    eprintln!(
+        "usage a {ua:.0} m, b {ub:.0} m, c {uc:.0} m; {stolen:.0} m stolen by the hypervisor"
+    );
     // c needs ~150 m and gets it; a and b share what is left 1:2 (what is left
     // is the machine less c and whatever else runs: measured, not assumed).
     assert!(uc >= 100.0, "the small consumer is served: {uc:.0} m");
     let rest = ua + ub;
     assert!(
         rest >= 1500.0,
-        "a and b use the rest of the machine: {rest:.0} m; log:\n{log}"
+        "a and b use the rest of the machine: {rest:.0} m ({stolen:.0} m stolen by the hypervisor); log:\n{log}"
     );
     let (fa, fb) = (rest / 3.0, rest * 2.0 / 3.0);
     assert!(

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{TestCgroup, close, kernel_lock, kernel_tier_available};
+use common::{TestCgroup, close, kernel_lock, kernel_tier_available, steal_ticks, stolen_m};
 use mbcas::{
     cgroup::{CgroupDir, files},
     sensor::{
@@ -33,22 +33,6 @@ fn kernel_version() -> (u32, u32) {
         .split(|c: char| !c.is_ascii_digit())
         .map(|n| n.parse::<u32>().unwrap_or(0));
     (it.next().unwrap_or(0), it.next().unwrap_or(0))
-}
-
-/// The host's steal time so far (`/proc/stat`'s eighth `cpu` field), USER_HZ
-/// ticks of 10 ms; 0 where unreadable.
-fn steal_ticks() -> u64 {
-    std::fs::read_to_string("/proc/stat")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("cpu "))?
-                .split_whitespace()
-                .nth(8)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
 }
 
 fn drain(rx: &mut Receiver<ThrottleEvent>, id: u64) -> usize {
@@ -157,7 +141,7 @@ async fn compare(tag: &str, limit: u64, burners: usize) {
         if throttled >= 50 || attempt == 3 {
             break (e0, e1, p0, p1, s0, s1, psi0, psi1, window, events);
         }
-        let stolen = steal_ticks().saturating_sub(steal0) as f64 * 10.0 / window.as_secs_f64();
+        let stolen = stolen_m(steal0, window.as_secs_f64());
         eprintln!(
             "{tag}: window {attempt}: throttled in {throttled} of {periods} periods only \
              (the hypervisor stole {stolen:.0} m meanwhile); measuring again"

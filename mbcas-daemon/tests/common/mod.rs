@@ -207,6 +207,29 @@ impl Drop for TestCgroup {
     }
 }
 
+/// The host's steal time so far (`/proc/stat`'s eighth `cpu` field), USER_HZ
+/// ticks of 10 ms; 0 where unreadable.
+pub fn steal_ticks() -> u64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("cpu "))?
+                .split_whitespace()
+                .nth(8)?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// What the hypervisor stole per second since `from` (a [`steal_ticks`]
+/// reading `secs` seconds ago), millicores: a timing measured while it is
+/// high is not the machine's.
+pub fn stolen_m(from: u64, secs: f64) -> f64 {
+    steal_ticks().saturating_sub(from) as f64 * 10.0 / secs.max(1e-9)
+}
+
 pub fn write(path: &Path, value: &str) {
     std::fs::write(path, value)
         .unwrap_or_else(|e| panic!("write {value:?} to {}: {e}", path.display()));
