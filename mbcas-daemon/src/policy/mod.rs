@@ -84,6 +84,10 @@ const IDLE_SHARE: f64 = 0.5;
 /// throttled; its need is clearly exceeded before and after) is not written.
 pub const LENDING_BAND: f64 = 0.5;
 
+/// How long a pod capped at its share under contention must see a clearly
+/// lower share, in every round, before it is capped further.
+pub const CAP_CONFIRM: Duration = Duration::from_secs(2);
+
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PolicyConfig {
     /// Relative change below which nothing is written, in [0, 1).
@@ -325,8 +329,9 @@ struct PodState {
     last_change: Option<Duration>,
     /// Capped at its share under contention (rule 7) and held since.
     capped: bool,
-    /// A lower share was seen once while held: the cap waits for a second.
-    cap_pending: bool,
+    /// A lower share was first seen at this time while held, and in every
+    /// round since: the cap waits until it has been for [`CAP_CONFIRM`].
+    cap_pending: Option<Duration>,
     /// When the last decrease on account of the pod's own demand happened and
     /// the limit it replaced.
     last_decrease: Option<(Duration, MilliCpu)>,
@@ -341,7 +346,7 @@ impl PodState {
         Self {
             last_change: None,
             capped: false,
-            cap_pending: false,
+            cap_pending: None,
             last_decrease: None,
             cooldown: cfg.cooldown,
             restored: None,
@@ -391,7 +396,7 @@ impl Policy {
         Some(SavedPodState {
             since_change: st.last_change.map(|t| now.saturating_sub(t)),
             capped: st.capped,
-            cap_pending: st.cap_pending,
+            cap_pending: st.cap_pending.is_some(),
             since_decrease: st.last_decrease.map(|(t, l)| (now.saturating_sub(t), l)),
             cooldown: st.cooldown,
         })
@@ -423,7 +428,7 @@ impl Policy {
             PodState {
                 last_change: Some(now),
                 capped: saved.capped,
-                cap_pending: saved.cap_pending,
+                cap_pending: saved.cap_pending.then_some(now),
                 last_decrease: saved.since_decrease.map(|(t, l)| (at(t), l)),
                 cooldown: self.cfg.max_cooldown.max(self.cfg.cooldown),
                 restored: Some(now),
@@ -450,7 +455,7 @@ impl Policy {
                     st.capped = false;
                 }
                 if !(v.contended && v.proposed < v.current) {
-                    st.cap_pending = false;
+                    st.cap_pending = None;
                 }
             }
         }
@@ -548,18 +553,22 @@ impl Policy {
             if cur - prop < cfg.hysteresis * cur && !taking {
                 return keep(Reason::Hysteresis);
             }
-            // Capped already: a lower share must be seen in two rounds in a
-            // row. One window's spike of a neighbour's demand (under
+            // Capped already: a lower share must be seen in every round for
+            // CAP_CONFIRM. One window's spike of a neighbour's demand (under
             // emulation, stolen time read as run-queue wait) capped two held
             // pods 610 → 500 and 1220 → 1000 m and raised them back the round
-            // after. A first cap still goes at once (a pod held but never
+            // after; with rounds woken early by events, two rounds in a row
+            // were not enough (6.1 under TCG: 610 → 530 and 530 → 590 m 0.4 s
+            // apart). A first cap still goes at once (a pod held but never
             // capped, its limit within the hysteresis of its share, is capped
             // on the first round its share is clearly lower).
-            if st.capped && !st.cap_pending {
-                st.cap_pending = true;
-                return keep(Reason::Hysteresis);
+            if st.capped {
+                let since = *st.cap_pending.get_or_insert(now);
+                if now.saturating_sub(since) < CAP_CONFIRM {
+                    return keep(Reason::Hysteresis);
+                }
             }
-            st.cap_pending = false;
+            st.cap_pending = None;
             return go(v.proposed.max(v.floor), Reason::ContentionCap);
         }
         // Its quota binds before cpu.weight would: no hysteresis, and the step

@@ -554,9 +554,9 @@ fn contended_loop_shares_fairly_without_flapping() {
 }
 
 /// A pod capped at its share already is capped further only when the lower
-/// share is seen in two rounds in a row: one window's spike of a neighbour's
-/// demand writes nothing (it capped two held pods and raised them back the
-/// round after on a 6.1 kernel). A pod held but never capped (its limit
+/// share is seen in every round for CAP_CONFIRM (2 s): one window's spike of
+/// a neighbour's demand writes nothing (it capped two held pods and raised
+/// them back the round after on a 6.1 kernel). A pod held but never capped (its limit
 /// within the hysteresis of its share) is capped on the first clear drop.
 #[test]
 fn a_held_pod_is_capped_further_only_on_a_second_round() {
@@ -579,10 +579,17 @@ fn a_held_pod_is_capped_further_only_on_a_second_round() {
     // The share is back: nothing was written, nothing to undo.
     let d = one(&mut p, s(3), held(610, 610));
     assert_eq!(d.to, MilliCpu(610));
-    // Lower in two rounds in a row: capped on the second.
-    let d = one(&mut p, s(4), held(610, 500));
-    assert_eq!(d.to, MilliCpu(610));
-    let d = one(&mut p, s(5), held(610, 500));
+    // Lower in rounds 0.4 s apart: kept until it has been lower for 2 s.
+    let ms = Duration::from_millis;
+    for t in [4000, 4400, 5000, 5900] {
+        let d = one(&mut p, ms(t), held(610, 500));
+        assert_eq!(
+            (d.to, d.reason),
+            (MilliCpu(610), Reason::Hysteresis),
+            "{t} ms"
+        );
+    }
+    let d = one(&mut p, ms(6000), held(610, 500));
     assert_eq!((d.to, d.reason), (MilliCpu(500), Reason::ContentionCap));
     // Held, never capped: 1350 m within the hysteresis of a 1224 m share,
     // then a share of 1180 m: capped at once.
