@@ -434,7 +434,8 @@ fn bench(opts: &Options) -> anyhow::Result<()> {
         opts.early_quota
     );
     println!(
-        "bench-node: MBCAS as its DaemonSet on the test node (containerd, kubelet v1.35.4, cgroup v1)"
+        "bench-node: MBCAS as its DaemonSet on the test node (containerd, kubelet {}, cgroup v1)",
+        crate::testenv::kubernetes_version()
     );
 
     // 1.

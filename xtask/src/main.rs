@@ -93,6 +93,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    testenv::check_kubernetes_version()?;
     match Cli::parse().command {
         Command::Setup(opts) => setup::run(&opts),
         Command::BuildEbpf(opts) => build_ebpf::run(&opts),

@@ -159,6 +159,62 @@ fn node_tier() -> anyhow::Result<()> {
     })
 }
 
+/// The control-plane tests CI runs again on [`testenv::KUBERNETES_OLDEST`]:
+/// resizes, refusals, restore, faults, RBAC and the manifests, against the
+/// API server alone.
+const CONTROL_PLANE_TESTS: &[&str] = &[
+    "apiserver_env",
+    "deploy_apply",
+    "k8s_controller",
+    "k8s_daemon",
+    "k8s_faults",
+    "k8s_rbac",
+];
+
+/// [`CONTROL_PLANE_TESTS`], each of which must exist (a renamed test would
+/// otherwise drop out of the tier silently).
+fn control_plane_tests(rest: &[String]) -> anyhow::Result<Vec<String>> {
+    CONTROL_PLANE_TESTS
+        .iter()
+        .map(|t| {
+            if rest.iter().any(|r| r == t) {
+                Ok((*t).to_owned())
+            } else {
+                bail!("the control-plane tier names `{t}`, which is no integration test: update CONTROL_PLANE_TESTS")
+            }
+        })
+        .collect()
+}
+
+/// The control-plane tests again on the oldest Kubernetes release still proven
+/// (its API server, controller manager and kubectl only: the node tier runs
+/// on the newest). Leaves the default release selected for what follows.
+fn oldest_release_tier(tests: &[String]) -> anyhow::Result<()> {
+    let oldest = testenv::KUBERNETES_OLDEST;
+    eprintln!(
+        "test: control-plane tier again on Kubernetes {oldest}, the oldest release proven: {}",
+        tests.join(", ")
+    );
+    let t0 = std::time::Instant::now();
+    testenv::set_kubernetes_version(Some(oldest));
+    let result = testenv::up(true, false).and_then(|(kubeconfig, started)| {
+        let tests = run_cmd(
+            cargo_test(tests)
+                .env(testenv::KUBECONFIG_ENV, &kubeconfig)
+                .env(testenv::KUBERNETES_VERSION_ENV, oldest),
+        );
+        let stopped = if started { testenv::down() } else { Ok(()) };
+        tests.and(stopped)
+    });
+    testenv::set_kubernetes_version(None);
+    result?;
+    eprintln!(
+        "test: control-plane tier on {oldest} took {:.0} s",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 /// The end-to-end scenario on the test environment's node (it must be up).
 pub fn node_e2e() -> anyhow::Result<crate::e2e::Report> {
     let node = testenv::node::TestNode::running()?;
@@ -185,12 +241,17 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     );
     run_cmd(&mut cargo_test(&kernel))?;
     vm_tier(&kernel)?;
+    let oldest = control_plane_tests(&rest)?;
     let (kubeconfig, started) = testenv::up(true, false)?;
     // What `--all-targets` covers, less the kernel tier that already ran.
     let tests = run_cmd(
         cargo_test(&rest)
             .args(["--lib", "--bins", "--benches", "--examples"])
-            .env(testenv::KUBECONFIG_ENV, &kubeconfig),
+            .env(testenv::KUBECONFIG_ENV, &kubeconfig)
+            .env(
+                testenv::KUBERNETES_VERSION_ENV,
+                testenv::kubernetes_version(),
+            ),
     );
     let node = if tests.is_ok() { node_tier() } else { Ok(()) };
     // Stop the control plane (and the node) even when tests failed, unless it
@@ -199,6 +260,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     tests?;
     node?;
     stopped?;
+    oldest_release_tier(&oldest)?;
     eprintln!("test: fuzz tier, a short bounded pass of every target");
     crate::fuzz::run(&crate::fuzz::Options {
         seconds: FUZZ_SECONDS,

@@ -31,8 +31,60 @@ use anyhow::{Context as _, bail};
 
 pub mod node;
 
-/// The Kubernetes release (kube-apiserver, kube-controller-manager, kubectl).
-pub const KUBERNETES_VERSION: &str = "v1.35.4";
+/// The Kubernetes release the test environment builds and runs by default
+/// (kube-apiserver, kube-controller-manager, kubectl, kubelet, kube-scheduler).
+pub const KUBERNETES_VERSION: &str = "v1.37.2";
+/// The oldest release still proven (in-place resize GA): CI runs the
+/// control-plane tier on it too.
+pub const KUBERNETES_OLDEST: &str = "v1.35.4";
+/// Picks another release for every command: `MBCAS_KUBERNETES_VERSION=v1.35.4`
+/// (`testenv --kubernetes` for the testenv commands alone).
+pub const KUBERNETES_VERSION_ENV: &str = "MBCAS_KUBERNETES_VERSION";
+
+static KUBERNETES_OVERRIDE: std::sync::RwLock<Option<String>> = std::sync::RwLock::new(None);
+
+/// Makes every later build and start in this process use `version` (`None`:
+/// back to `$MBCAS_KUBERNETES_VERSION` or the default).
+pub fn set_kubernetes_version(version: Option<&str>) {
+    if let Ok(mut v) = KUBERNETES_OVERRIDE.write() {
+        *v = version.map(str::to_owned);
+    }
+}
+
+/// The Kubernetes release this command builds and runs: `testenv --kubernetes`,
+/// else `$MBCAS_KUBERNETES_VERSION`, else [`KUBERNETES_VERSION`]. An invalid
+/// one was refused at start-up ([`check_kubernetes_version`]).
+pub fn kubernetes_version() -> String {
+    KUBERNETES_OVERRIDE
+        .read()
+        .ok()
+        .and_then(|v| v.clone())
+        .or_else(|| std::env::var(KUBERNETES_VERSION_ENV).ok())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| KUBERNETES_VERSION.to_owned())
+}
+
+/// `v1.MINOR.PATCH`, as the Go module proxy names `k8s.io/kubernetes`.
+fn valid_kubernetes_version(v: &str) -> bool {
+    v.strip_prefix("v1.").is_some_and(|rest| {
+        let parts: Vec<&str> = rest.split('.').collect();
+        parts.len() == 2
+            && parts
+                .iter()
+                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    })
+}
+
+/// Refuses a malformed `$MBCAS_KUBERNETES_VERSION` before anything is built.
+pub fn check_kubernetes_version() -> anyhow::Result<()> {
+    match std::env::var(KUBERNETES_VERSION_ENV) {
+        Ok(v) if !v.is_empty() && !valid_kubernetes_version(&v) => bail!(
+            "{KUBERNETES_VERSION_ENV}={v}: not a Kubernetes release (v1.MINOR.PATCH, e.g. \
+             {KUBERNETES_VERSION} or {KUBERNETES_OLDEST})"
+        ),
+        _ => Ok(()),
+    }
+}
 /// The etcd release (server module `go.etcd.io/etcd/server/v3`).
 pub const ETCD_VERSION: &str = "v3.6.16";
 /// The environment variable through which tests receive the kubeconfig.
@@ -54,6 +106,10 @@ pub struct Options {
     /// second directory gives a second, independent control plane.
     #[arg(long, global = true, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// The Kubernetes release to build and run (v1.MINOR.PATCH; default the
+    /// newest tested, also `$MBCAS_KUBERNETES_VERSION`). Each is cached apart.
+    #[arg(long, global = true, value_name = "VERSION", value_parser = parse_kubernetes_version)]
+    pub kubernetes: Option<String>,
     #[command(subcommand)]
     pub command: Sub,
 }
@@ -98,7 +154,20 @@ pub enum Sub {
     },
 }
 
+fn parse_kubernetes_version(v: &str) -> Result<String, String> {
+    if valid_kubernetes_version(v) {
+        Ok(v.to_owned())
+    } else {
+        Err(format!(
+            "not a Kubernetes release (v1.MINOR.PATCH, e.g. {KUBERNETES_VERSION} or {KUBERNETES_OLDEST})"
+        ))
+    }
+}
+
 pub fn run(opts: &Options) -> anyhow::Result<()> {
+    if let Some(v) = &opts.kubernetes {
+        set_kubernetes_version(Some(v));
+    }
     let state = StateDir::new(opts.state_dir.as_deref());
     match &opts.command {
         Sub::Build => ensure_built().map(|_| ()),
@@ -155,7 +224,7 @@ mod faults;
 mod pki;
 mod process;
 
-pub use self::build::{Binaries, ensure_built};
+pub use self::build::{Binaries, ensure_built, ensure_built_for};
 pub(crate) use self::build::{build_go_tool, cache_dir, workspace_root};
 use self::{build::*, faults::*, pki::*, process::*};
 
@@ -180,10 +249,15 @@ pub fn up(build: bool, with_node: bool) -> anyhow::Result<(PathBuf, bool)> {
 
 fn up_in(state: &StateDir, build: bool, with_node: bool) -> anyhow::Result<(PathBuf, bool)> {
     let bins = if build {
-        ensure_built()?
+        ensure_built_for(with_node)?
     } else {
         let bins = Binaries::cached();
-        if !bins.kube_present() || !bins.etcd.is_file() {
+        let kube = if with_node {
+            bins.kube_present()
+        } else {
+            bins.control_plane_present()
+        };
+        if !kube || !bins.etcd.is_file() {
             bail!(
                 "the control-plane binaries are not cached under {}: run `cargo xtask testenv build` \
                  (or `cargo xtask setup`) first",
@@ -359,6 +433,25 @@ mod tests {
         require (\n\tk8s.io/api v0.0.0\n)\n\nreplace (\n\tk8s.io/api => ./staging/src/k8s.io/api\n\
         \tk8s.io/kubectl => ./staging/src/k8s.io/kubectl\n\tfoo.io/bar => foo.io/bar v1.0.0\n)\n\
         replace k8s.io/kms => ./staging/src/k8s.io/kms\n";
+
+    #[test]
+    fn kubernetes_versions_are_checked() {
+        for ok in ["v1.35.4", "v1.37.2", "v1.40.10"] {
+            assert!(valid_kubernetes_version(ok), "{ok}");
+        }
+        for bad in [
+            "1.35.4",
+            "v1.35",
+            "v1.35.4-rc.1",
+            "v2.0.0",
+            "v1..4",
+            "latest",
+            "",
+        ] {
+            assert!(!valid_kubernetes_version(bad), "{bad}");
+        }
+        assert!(parse_kubernetes_version("v1.35").is_err());
+    }
 
     #[test]
     fn staging_replaces_become_published_versions() {

@@ -285,7 +285,7 @@ impl Stage for NodeStage {
     fn describe(&self) -> String {
         format!(
             "pods on the test node (kubelet {}, containerd, cgroup {}), MBCAS as its DaemonSet",
-            crate::testenv::KUBERNETES_VERSION,
+            crate::testenv::kubernetes_version(),
             if self.roots.v2 { "v2" } else { "v1" }
         )
     }

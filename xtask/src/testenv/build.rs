@@ -44,47 +44,66 @@ pub struct Binaries {
 impl Binaries {
     pub fn cached() -> Self {
         let bin = cache_dir().join("bin");
+        let v = kubernetes_version();
         Self {
             etcd: bin.join(format!("etcd-{ETCD_VERSION}")),
-            apiserver: bin.join(format!("kube-apiserver-{KUBERNETES_VERSION}")),
-            controller_manager: bin.join(format!("kube-controller-manager-{KUBERNETES_VERSION}")),
-            kubectl: bin.join(format!("kubectl-{KUBERNETES_VERSION}")),
-            kubelet: bin.join(format!("kubelet-{KUBERNETES_VERSION}")),
-            scheduler: bin.join(format!("kube-scheduler-{KUBERNETES_VERSION}")),
+            apiserver: bin.join(format!("kube-apiserver-{v}")),
+            controller_manager: bin.join(format!("kube-controller-manager-{v}")),
+            kubectl: bin.join(format!("kubectl-{v}")),
+            kubelet: bin.join(format!("kubelet-{v}")),
+            scheduler: bin.join(format!("kube-scheduler-{v}")),
         }
     }
 
+    /// kube-apiserver, kube-controller-manager and kubectl: the control plane.
+    pub(super) fn control_plane_present(&self) -> bool {
+        [&self.apiserver, &self.controller_manager, &self.kubectl]
+            .iter()
+            .all(|p| p.is_file())
+    }
+
+    /// The control plane, the kubelet and the scheduler.
     pub(super) fn kube_present(&self) -> bool {
-        [
-            &self.apiserver,
-            &self.controller_manager,
-            &self.kubectl,
-            &self.kubelet,
-            &self.scheduler,
-        ]
-        .iter()
-        .all(|p| p.is_file())
+        self.control_plane_present() && self.kubelet.is_file() && self.scheduler.is_file()
     }
 }
 
-/// Builds whatever is not cached yet; returns the binaries.
+/// Builds whatever is not cached yet (the node's binaries too); returns the
+/// binaries.
 pub fn ensure_built() -> anyhow::Result<Binaries> {
+    ensure_built_for(true)
+}
+
+/// Builds whatever is not cached yet: the control plane and etcd, and with
+/// `with_node` the kubelet, the scheduler and containerd too (the control
+/// plane alone builds in about two thirds of the time).
+pub fn ensure_built_for(with_node: bool) -> anyhow::Result<Binaries> {
     let bins = Binaries::cached();
-    if bins.kube_present() {
-        eprintln!("testenv: Kubernetes {KUBERNETES_VERSION} binaries cached");
+    let present = if with_node {
+        bins.kube_present()
     } else {
-        build_kubernetes(&bins)?;
+        bins.control_plane_present()
+    };
+    if present {
+        eprintln!(
+            "testenv: Kubernetes {} binaries cached",
+            kubernetes_version()
+        );
+    } else {
+        build_kubernetes(&bins, with_node)?;
     }
     if bins.etcd.is_file() {
         eprintln!("testenv: etcd {ETCD_VERSION} cached");
     } else {
         build_etcd(&bins)?;
     }
-    let nbins = node::NodeBinaries::cached();
-    if nbins.present() {
-        eprintln!("testenv: containerd {} cached", node::CONTAINERD_VERSION);
-    } else {
-        node::build(&nbins)?;
+    if with_node {
+        let nbins = node::NodeBinaries::cached();
+        if nbins.present() {
+            eprintln!("testenv: containerd {} cached", node::CONTAINERD_VERSION);
+        } else {
+            node::build(&nbins)?;
+        }
     }
     Ok(bins)
 }
@@ -203,30 +222,33 @@ pub(super) fn install(built: &Path, dest: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("move {} to {}", built.display(), dest.display()))
 }
 
-pub(super) fn build_kubernetes(bins: &Binaries) -> anyhow::Result<()> {
+pub(super) fn build_kubernetes(bins: &Binaries, with_node: bool) -> anyhow::Result<()> {
     let started = Instant::now();
-    let dir = cache_dir().join(format!("build/kubernetes-{KUBERNETES_VERSION}"));
+    let version = kubernetes_version();
+    let dir = cache_dir().join(format!("build/kubernetes-{version}"));
     fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+    // kube-apiserver, kube-controller-manager and kubectl come first.
+    let commands = &KUBE_COMMANDS[..if with_node { KUBE_COMMANDS.len() } else { 3 }];
     eprintln!(
-        "testenv: building kube-apiserver, kube-controller-manager, kubectl, kubelet and \
-         kube-scheduler {KUBERNETES_VERSION} in {} (first time only; about 10-15 minutes on 2 cores)",
+        "testenv: building {} {version} in {} (first time only; about 10-15 minutes on 2 cores)",
+        commands.join(", "),
         dir.display()
     );
-    let go_mod_path = download_go_mod(&dir, "k8s.io/kubernetes", KUBERNETES_VERSION)?;
+    let go_mod_path = download_go_mod(&dir, "k8s.io/kubernetes", &version)?;
     let upstream = fs::read_to_string(&go_mod_path)
         .with_context(|| format!("read {}", go_mod_path.display()))?;
-    let wrapper = kubernetes_wrapper_go_mod(&upstream, KUBERNETES_VERSION)?;
+    let wrapper = kubernetes_wrapper_go_mod(&upstream, &version)?;
     fs::write(dir.join("go.mod"), wrapper).context("write wrapper go.mod")?;
-    let imports: Vec<String> = KUBE_COMMANDS
+    let imports: Vec<String> = commands
         .iter()
         .map(|c| format!("k8s.io/kubernetes/cmd/{c}"))
         .collect();
     fs::write(dir.join("tools.go"), tools_go(&imports)).context("write tools.go")?;
     run_cmd(go(&dir)?.args(["mod", "tidy"]))?;
-    let staging_version = staging_version(KUBERNETES_VERSION)?;
-    let minor = KUBERNETES_VERSION.split('.').nth(1).unwrap_or("0");
+    let staging_version = staging_version(&version)?;
+    let minor = version.split('.').nth(1).unwrap_or("0");
     let ldflags = format!(
-        "-X k8s.io/component-base/version.gitVersion={KUBERNETES_VERSION} \
+        "-X k8s.io/component-base/version.gitVersion={version} \
          -X k8s.io/component-base/version.gitMajor=1 \
          -X k8s.io/component-base/version.gitMinor={minor} \
          -X k8s.io/client-go/pkg/version.gitVersion={staging_version}"
@@ -238,16 +260,18 @@ pub(super) fn build_kubernetes(bins: &Binaries) -> anyhow::Result<()> {
             .arg(format!("{}/", out.display()))
             .args(&imports),
     )?;
-    install(&out.join("kube-apiserver"), &bins.apiserver)?;
-    install(
-        &out.join("kube-controller-manager"),
+    let dests = [
+        &bins.apiserver,
         &bins.controller_manager,
-    )?;
-    install(&out.join("kubectl"), &bins.kubectl)?;
-    install(&out.join("kubelet"), &bins.kubelet)?;
-    install(&out.join("kube-scheduler"), &bins.scheduler)?;
+        &bins.kubectl,
+        &bins.kubelet,
+        &bins.scheduler,
+    ];
+    for (c, dest) in commands.iter().zip(dests) {
+        install(&out.join(c), dest)?;
+    }
     eprintln!(
-        "testenv: Kubernetes {KUBERNETES_VERSION} built in {:.0?}",
+        "testenv: Kubernetes {version} built in {:.0?}",
         started.elapsed()
     );
     Ok(())
