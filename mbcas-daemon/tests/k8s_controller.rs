@@ -268,10 +268,28 @@ async fn pods_mbcas_must_not_touch_are_skipped_and_untouched() {
         labels: serde_json::json!({"mbcas.io/ignore": "true"}),
         ..PodSpec::burstable("ignored", "250m", "500m")
     };
+    // A CPU budget at pod level (KEP-2837, on by default since 1.34): the
+    // API server keeps it, and MBCAS leaves the pod alone with its reason.
+    let pod_level = PodSpec {
+        pod_limit: Some("800m"),
+        ..PodSpec::burstable("podlevel", "250m", "500m")
+    };
     let mut pods = Vec::new();
-    for spec in [&guaranteed, &restart, &ignored] {
+    for spec in [&guaranteed, &restart, &ignored, &pod_level] {
         pods.push(create_pod(&client, &ns.name, &node.name, spec).await);
     }
+    let kept = pods[3]
+        .spec
+        .as_ref()
+        .and_then(|s| s.resources.as_ref())
+        .and_then(|r| r.limits.as_ref())
+        .and_then(|l| l.get("cpu"))
+        .map(|q| q.0.clone());
+    assert_eq!(
+        kept.as_deref(),
+        Some("800m"),
+        "the API server dropped the pod-level limit"
+    );
     // Excluded namespaces: kube-system itself (the default), and a test namespace
     // added with --excluded-namespaces. The kube-system pod is unique to this
     // run, bound to the test node, and deleted by a guard.
@@ -309,6 +327,7 @@ async fn pods_mbcas_must_not_touch_are_skipped_and_untouched() {
         (&ns.name, "guaranteed", "Guaranteed"),
         (&ns.name, "restart", "RestartContainerPolicy"),
         (&ns.name, "ignored", "OptedOut"),
+        (&ns.name, "podlevel", "PodLevelResources"),
         (&ns2.name, "sys", "ExcludedNamespace"),
         (&ks_ns, ks_name.as_str(), "ExcludedNamespace"),
     ] {

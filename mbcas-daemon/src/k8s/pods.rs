@@ -136,6 +136,10 @@ pub struct PodFacts {
     pub node: Option<String>,
     pub qos: QosClass,
     pub containers: Vec<ContainerFacts>,
+    /// `spec.resources.limits.cpu`, `spec.resources.requests.cpu`: a CPU
+    /// budget set at pod level (KEP-2837), which the pod's containers share.
+    pub pod_limit: Option<MilliCpu>,
+    pub pod_request: Option<MilliCpu>,
     pub ignored: bool,
     pub priority: Option<i32>,
     /// `status.phase == Running` and not being deleted.
@@ -292,6 +296,13 @@ impl PodFacts {
                 memory_pinned,
             });
         }
+        let pod_res = spec.resources.as_ref();
+        let pod_limit = cpu_of(pod_res.and_then(|r| r.limits.as_ref()), &id, || {
+            "spec.resources.limits.cpu".to_owned()
+        })?;
+        let pod_request = cpu_of(pod_res.and_then(|r| r.requests.as_ref()), &id, || {
+            "spec.resources.requests.cpu".to_owned()
+        })?;
         let qos = match status.and_then(|s| s.qos_class.as_deref()) {
             Some("Guaranteed") => QosClass::Guaranteed,
             Some("Burstable") => QosClass::Burstable,
@@ -329,6 +340,8 @@ impl PodFacts {
             node: spec.node_name.clone(),
             qos,
             containers,
+            pod_limit,
+            pod_request,
             priority: spec.priority,
             running: status.and_then(|s| s.phase.as_deref()) == Some("Running")
                 && pod.metadata.deletion_timestamp.is_none(),
@@ -385,6 +398,11 @@ impl PodFacts {
             Some(Exclusion::Guaranteed)
         } else if self.containers.iter().any(|c| c.restart_on_resize) {
             Some(Exclusion::RestartPolicy)
+        } else if self.pod_limit.is_some() || self.pod_request.is_some() {
+            // The pod's cgroup quota is the pod-level limit: container limits
+            // raised under it change nothing the kernel enforces, and the
+            // pod-level request is the pod's weight.
+            Some(Exclusion::PodLevel)
         } else if self.limit().is_none() {
             Some(Exclusion::NoLimit)
         } else {
@@ -565,6 +583,8 @@ impl PodFacts {
             node: Some("n1".into()),
             qos: QosClass::Burstable,
             containers,
+            pod_limit: None,
+            pod_request: None,
             ignored: false,
             priority: None,
             running: true,

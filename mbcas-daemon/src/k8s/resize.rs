@@ -203,6 +203,11 @@ fn exclusion_reason(e: Exclusion) -> (&'static str, &'static str) {
             "RestartContainerPolicy",
             "a container's CPU resizePolicy is RestartContainer: a resize would restart it",
         ),
+        Exclusion::PodLevel => (
+            "PodLevelResources",
+            "the pod's CPU is set at pod level (spec.resources), which MBCAS does not resize: \
+             it resizes container limits only",
+        ),
     }
 }
 

@@ -174,6 +174,9 @@ pub enum Exclusion {
     NoLimit,
     /// A container's CPU `resizePolicy` is `RestartContainer`: a resize would restart it.
     RestartPolicy,
+    /// The pod's CPU is set at pod level (`spec.resources`): MBCAS resizes
+    /// container limits only.
+    PodLevel,
 }
 
 /// Why a decision came out as it did. `as_str()` gives the stable code.
@@ -202,10 +205,11 @@ pub enum Reason {
     ExcludedNamespace,
     ExcludedNoLimit,
     ExcludedRestartPolicy,
+    ExcludedPodLevel,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 22] = [
+    pub const ALL: [Reason; 23] = [
         Self::Unchanged,
         Self::Hysteresis,
         Self::Increase,
@@ -228,6 +232,7 @@ impl Reason {
         Self::ExcludedNamespace,
         Self::ExcludedNoLimit,
         Self::ExcludedRestartPolicy,
+        Self::ExcludedPodLevel,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -254,6 +259,7 @@ impl Reason {
             Self::ExcludedNamespace => "excluded_namespace",
             Self::ExcludedNoLimit => "excluded_no_limit",
             Self::ExcludedRestartPolicy => "excluded_restart_policy",
+            Self::ExcludedPodLevel => "excluded_pod_level",
         }
     }
 
@@ -264,6 +270,7 @@ impl Reason {
             Exclusion::Namespace => Self::ExcludedNamespace,
             Exclusion::NoLimit => Self::ExcludedNoLimit,
             Exclusion::RestartPolicy => Self::ExcludedRestartPolicy,
+            Exclusion::PodLevel => Self::ExcludedPodLevel,
         }
     }
 }

@@ -276,6 +276,7 @@ fn exclusions_are_never_changed() {
         (Exclusion::Namespace, Reason::ExcludedNamespace),
         (Exclusion::NoLimit, Reason::ExcludedNoLimit),
         (Exclusion::RestartPolicy, Reason::ExcludedRestartPolicy),
+        (Exclusion::PodLevel, Reason::ExcludedPodLevel),
     ] {
         let mut v = view("x", 500, 2000, 1.0, 10);
         v.exclusion = Some(e);

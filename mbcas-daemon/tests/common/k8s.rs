@@ -66,6 +66,8 @@ pub struct PodSpec<'a> {
     pub memory_limit: bool,
     pub restart_policy: Option<&'a str>,
     pub labels: serde_json::Value,
+    /// A pod-level CPU limit (`spec.resources.limits.cpu`).
+    pub pod_limit: Option<&'a str>,
 }
 
 impl<'a> PodSpec<'a> {
@@ -77,6 +79,7 @@ impl<'a> PodSpec<'a> {
             memory_limit: false,
             restart_policy: None,
             labels: serde_json::json!({}),
+            pod_limit: None,
         }
     }
 }
@@ -96,9 +99,13 @@ pub async fn create_pod(client: &Client, ns: &str, node: &str, p: &PodSpec<'_>) 
         container["resizePolicy"] =
             serde_json::json!([{"resourceName": "cpu", "restartPolicy": rp}]);
     }
+    let mut spec = serde_json::json!({"nodeName": node, "containers": [container]});
+    if let Some(l) = p.pod_limit {
+        spec["resources"] = serde_json::json!({"limits": {"cpu": l}});
+    }
     let pod: Pod = serde_json::from_value(serde_json::json!({
         "metadata": {"name": p.name, "labels": p.labels},
-        "spec": {"nodeName": node, "containers": [container]}
+        "spec": spec
     }))
     .unwrap();
     Api::<Pod>::namespaced(client.clone(), ns)

@@ -367,3 +367,52 @@ async fn the_pod_store_never_waits_for_the_controller() {
         "the buffer's worth (and the sender's slot)"
     );
 }
+
+/// A CPU budget at pod level (`spec.resources`, KEP-2837): read, and the pod
+/// left alone with its own reason, with or without container limits; a
+/// malformed one is an error naming the field.
+#[test]
+fn pod_level_cpu_is_read_and_left_alone() {
+    let mut p = burstable("default", serde_json::json!({}));
+    if let Some(spec) = p.spec.as_mut() {
+        spec.resources = serde_json::from_value(serde_json::json!({
+            "requests": {"cpu": "400m"}, "limits": {"cpu": "2"}}))
+        .unwrap();
+    }
+    let f = PodFacts::from_pod(&p).unwrap();
+    assert_eq!(
+        (f.pod_limit, f.pod_request),
+        (Some(MilliCpu(2000)), Some(MilliCpu(400)))
+    );
+    assert_eq!(f.exclusion(&excluded()), Some(Exclusion::PodLevel));
+    // Containers without limits, a pod-level limit only: still its reason,
+    // not "no CPU limit".
+    if let Some(spec) = p.spec.as_mut() {
+        for c in &mut spec.containers {
+            c.resources = None;
+        }
+        spec.resources =
+            serde_json::from_value(serde_json::json!({"limits": {"cpu": "1"}})).unwrap();
+    }
+    let f = PodFacts::from_pod(&p).unwrap();
+    assert_eq!(f.exclusion(&excluded()), Some(Exclusion::PodLevel));
+    // A pod-level memory budget alone says nothing about CPU.
+    if let Some(spec) = p.spec.as_mut() {
+        spec.resources =
+            serde_json::from_value(serde_json::json!({"limits": {"memory": "1Gi"}})).unwrap();
+    }
+    let f = PodFacts::from_pod(&p).unwrap();
+    assert_eq!(f.exclusion(&excluded()), Some(Exclusion::NoLimit));
+    if let Some(spec) = p.spec.as_mut() {
+        spec.resources =
+            serde_json::from_value(serde_json::json!({"limits": {"cpu": "lots"}})).unwrap();
+    }
+    assert_eq!(
+        PodFacts::from_pod(&p).err(),
+        Some(PodError::Quantity {
+            pod: "default/web".into(),
+            field: "spec.resources.limits.cpu".into(),
+            value: "lots".into(),
+        })
+    );
+}

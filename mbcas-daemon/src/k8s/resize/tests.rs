@@ -527,6 +527,14 @@ fn missing_replaced_and_unmanaged_pods_are_never_patched() {
             Box::new(|f: &mut PodFacts| f.containers[0].limit = None),
             "NoCpuLimit",
         ),
+        (
+            Box::new(|f: &mut PodFacts| f.pod_limit = Some(MilliCpu(800))),
+            "PodLevelResources",
+        ),
+        (
+            Box::new(|f: &mut PodFacts| f.pod_request = Some(MilliCpu(300))),
+            "PodLevelResources",
+        ),
     ] {
         let mut f = facts(500, 250, Some(500));
         mutate(&mut f);
