@@ -82,8 +82,8 @@ async fn discovery_lists_pods_resize() {
         .await
         .unwrap_or_else(|e| panic!("/version: {e}"));
     // The release the runner started (`cargo xtask test` says which through
-    // MBCAS_KUBERNETES_VERSION); else any from 1.35 (in-place resize GA).
-    match std::env::var("MBCAS_KUBERNETES_VERSION") {
+    // MBCAS_TESTENV_KUBERNETES); else any from 1.35 (in-place resize GA).
+    match std::env::var("MBCAS_TESTENV_KUBERNETES") {
         Ok(want) if !want.is_empty() => assert_eq!(
             version.git_version, want,
             "the test environment runs another release than the runner started"

@@ -37,14 +37,14 @@ pub const KUBERNETES_VERSION: &str = "v1.37.2";
 /// The oldest release still proven (in-place resize GA): CI runs the
 /// control-plane tier on it too.
 pub const KUBERNETES_OLDEST: &str = "v1.35.4";
-/// Picks another release for every command: `MBCAS_KUBERNETES_VERSION=v1.35.4`
+/// Picks another release for every command: `MBCAS_TESTENV_KUBERNETES=v1.35.4`
 /// (`testenv --kubernetes` for the testenv commands alone).
-pub const KUBERNETES_VERSION_ENV: &str = "MBCAS_KUBERNETES_VERSION";
+pub const KUBERNETES_VERSION_ENV: &str = "MBCAS_TESTENV_KUBERNETES";
 
 static KUBERNETES_OVERRIDE: std::sync::RwLock<Option<String>> = std::sync::RwLock::new(None);
 
 /// Makes every later build and start in this process use `version` (`None`:
-/// back to `$MBCAS_KUBERNETES_VERSION` or the default).
+/// back to `$MBCAS_TESTENV_KUBERNETES` or the default).
 pub fn set_kubernetes_version(version: Option<&str>) {
     if let Ok(mut v) = KUBERNETES_OVERRIDE.write() {
         *v = version.map(str::to_owned);
@@ -52,7 +52,7 @@ pub fn set_kubernetes_version(version: Option<&str>) {
 }
 
 /// The Kubernetes release this command builds and runs: `testenv --kubernetes`,
-/// else `$MBCAS_KUBERNETES_VERSION`, else [`KUBERNETES_VERSION`]. An invalid
+/// else `$MBCAS_TESTENV_KUBERNETES`, else [`KUBERNETES_VERSION`]. An invalid
 /// one was refused at start-up ([`check_kubernetes_version`]).
 pub fn kubernetes_version() -> String {
     KUBERNETES_OVERRIDE
@@ -75,7 +75,7 @@ fn valid_kubernetes_version(v: &str) -> bool {
     })
 }
 
-/// Refuses a malformed `$MBCAS_KUBERNETES_VERSION` before anything is built.
+/// Refuses a malformed `$MBCAS_TESTENV_KUBERNETES` before anything is built.
 pub fn check_kubernetes_version() -> anyhow::Result<()> {
     match std::env::var(KUBERNETES_VERSION_ENV) {
         Ok(v) if !v.is_empty() && !valid_kubernetes_version(&v) => bail!(
@@ -107,7 +107,7 @@ pub struct Options {
     #[arg(long, global = true, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// The Kubernetes release to build and run (v1.MINOR.PATCH; default the
-    /// newest tested, also `$MBCAS_KUBERNETES_VERSION`). Each is cached apart.
+    /// newest tested, also `$MBCAS_TESTENV_KUBERNETES`). Each is cached apart.
     #[arg(long, global = true, value_name = "VERSION", value_parser = parse_kubernetes_version)]
     pub kubernetes: Option<String>,
     #[command(subcommand)]
