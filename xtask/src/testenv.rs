@@ -91,6 +91,7 @@ pub const ETCD_VERSION: &str = "v3.6.16";
 pub const KUBECONFIG_ENV: &str = "MBCAS_TESTENV_KUBECONFIG";
 
 const SERVICE_CIDR: &str = "10.0.0.0/24";
+/// The Kubernetes commands built, the control plane's first.
 const KUBE_COMMANDS: &[&str] = &[
     "kube-apiserver",
     "kube-controller-manager",
@@ -98,6 +99,8 @@ const KUBE_COMMANDS: &[&str] = &[
     "kubelet",
     "kube-scheduler",
 ];
+/// How many of [`KUBE_COMMANDS`] a control plane without a node needs.
+const CONTROL_PLANE_COMMANDS: usize = 3;
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
 
 #[derive(Debug, clap::Args)]
@@ -252,12 +255,7 @@ fn up_in(state: &StateDir, build: bool, with_node: bool) -> anyhow::Result<(Path
         ensure_built_for(with_node)?
     } else {
         let bins = Binaries::cached();
-        let kube = if with_node {
-            bins.kube_present()
-        } else {
-            bins.control_plane_present()
-        };
-        if !kube || !bins.etcd.is_file() {
+        if !bins.kube_present(with_node) || !bins.etcd.is_file() {
             bail!(
                 "the control-plane binaries are not cached under {}: run `cargo xtask testenv build` \
                  (or `cargo xtask setup`) first",

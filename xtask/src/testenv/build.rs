@@ -55,16 +55,32 @@ impl Binaries {
         }
     }
 
-    /// kube-apiserver, kube-controller-manager and kubectl: the control plane.
-    pub(super) fn control_plane_present(&self) -> bool {
-        [&self.apiserver, &self.controller_manager, &self.kubectl]
-            .iter()
-            .all(|p| p.is_file())
+    /// The Kubernetes binaries a control plane needs (kube-apiserver,
+    /// kube-controller-manager, kubectl), in [`KUBE_COMMANDS`]' order, and
+    /// with `with_node` the kubelet and the scheduler after them.
+    fn kube(&self, with_node: bool) -> Vec<&PathBuf> {
+        let all = [
+            &self.apiserver,
+            &self.controller_manager,
+            &self.kubectl,
+            &self.kubelet,
+            &self.scheduler,
+        ];
+        all[..kube_commands(with_node).len()].to_vec()
     }
 
-    /// The control plane, the kubelet and the scheduler.
-    pub(super) fn kube_present(&self) -> bool {
-        self.control_plane_present() && self.kubelet.is_file() && self.scheduler.is_file()
+    /// Whether [`Binaries::kube`] are all cached.
+    pub(super) fn kube_present(&self, with_node: bool) -> bool {
+        self.kube(with_node).iter().all(|p| p.is_file())
+    }
+}
+
+/// The commands to build: the control plane's, and with `with_node` the node's.
+fn kube_commands(with_node: bool) -> &'static [&'static str] {
+    if with_node {
+        KUBE_COMMANDS
+    } else {
+        &KUBE_COMMANDS[..CONTROL_PLANE_COMMANDS]
     }
 }
 
@@ -79,12 +95,7 @@ pub fn ensure_built() -> anyhow::Result<Binaries> {
 /// plane alone builds in about two thirds of the time).
 pub fn ensure_built_for(with_node: bool) -> anyhow::Result<Binaries> {
     let bins = Binaries::cached();
-    let present = if with_node {
-        bins.kube_present()
-    } else {
-        bins.control_plane_present()
-    };
-    if present {
+    if bins.kube_present(with_node) {
         eprintln!(
             "testenv: Kubernetes {} binaries cached",
             kubernetes_version()
@@ -227,8 +238,7 @@ pub(super) fn build_kubernetes(bins: &Binaries, with_node: bool) -> anyhow::Resu
     let version = kubernetes_version();
     let dir = cache_dir().join(format!("build/kubernetes-{version}"));
     fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
-    // kube-apiserver, kube-controller-manager and kubectl come first.
-    let commands = &KUBE_COMMANDS[..if with_node { KUBE_COMMANDS.len() } else { 3 }];
+    let commands = kube_commands(with_node);
     eprintln!(
         "testenv: building {} {version} in {} (first time only; about 10-15 minutes on 2 cores)",
         commands.join(", "),
@@ -260,14 +270,7 @@ pub(super) fn build_kubernetes(bins: &Binaries, with_node: bool) -> anyhow::Resu
             .arg(format!("{}/", out.display()))
             .args(&imports),
     )?;
-    let dests = [
-        &bins.apiserver,
-        &bins.controller_manager,
-        &bins.kubectl,
-        &bins.kubelet,
-        &bins.scheduler,
-    ];
-    for (c, dest) in commands.iter().zip(dests) {
+    for (c, dest) in commands.iter().zip(bins.kube(with_node)) {
         install(&out.join(c), dest)?;
     }
     eprintln!(
