@@ -214,7 +214,7 @@ fn run_delay_ns(pid: u32) -> u64 {
     tasks
         .flatten()
         .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .filter_map(|s| mbcas::cgroup::runq::parse_schedstat_run_delay(&s).ok())
         .sum()
 }
 
